@@ -1,0 +1,3 @@
+from lxd_daemon.cli import main
+
+raise SystemExit(main())

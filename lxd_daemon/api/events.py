@@ -1,0 +1,58 @@
+"""`/1.0/events`: the event stream (websocket)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketDisconnect
+
+from lxd_daemon.api.envelope import error
+from lxd_daemon.events.hub import EVENT_TYPES
+from lxd_daemon.services import get_services
+
+router = APIRouter()
+
+
+@router.websocket("/1.0/events")
+async def events(websocket: WebSocket) -> None:
+    hub = get_services(websocket).events
+    raw = websocket.query_params.get("type", "")
+    types = [t for t in raw.split(",") if t] if raw else list(EVENT_TYPES)
+    bad = [t for t in types if t not in EVENT_TYPES]
+    if bad:
+        await websocket.send_denial_response(error(400, f"{bad[0]!r} isn't a supported event type"))
+        return
+    all_projects = websocket.query_params.get("all-projects", "") in ("1", "true")
+    project = websocket.query_params.get("project", "default") or "default"
+    listener = hub.subscribe(types, project=project, all_projects=all_projects)
+    await websocket.accept()
+
+    async def drain_client() -> None:
+        # The client never sends anything useful; reading tells us when it goes away.
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            while True:
+                msg = await websocket.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+
+    reader = asyncio.create_task(drain_client())
+    try:
+        while not reader.done():
+            getter = asyncio.ensure_future(listener.queue.get())
+            done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break
+            data = getter.result()
+            if data is None:  # the listener fell too far behind
+                break
+            await websocket.send_text(data.decode())
+    except (WebSocketDisconnect, RuntimeError, OSError):
+        pass
+    finally:
+        hub.unsubscribe(listener)
+        reader.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(websocket.close(), 1.0)

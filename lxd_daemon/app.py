@@ -1,0 +1,89 @@
+"""create_app(services) -> the ASGI application.
+
+FastAPI routes every endpoint. Two small ASGI layers sit in front of it: every error leaves in
+LXD's envelope (including 404/405 and validation errors, never FastAPI's default body), and the
+hottest read, a trusted `GET /1.0`, is answered from a pre-rendered document.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+
+from lxd_daemon.api import events, internal, operations, projects, server
+from lxd_daemon.api.envelope import error
+from lxd_daemon.errors import LXDError
+from lxd_daemon.services import Services
+
+log = logging.getLogger("lxd.api")
+
+_REASONS = {404: "not found", 405: "method not allowed", 413: "request body too large"}
+
+
+def create_app(services: Services, routers=()) -> FastAPI:
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.services = services
+    for module in (server, operations, events, projects, internal):
+        app.include_router(module.router)
+    for router in routers:
+        app.include_router(router)
+
+    @app.exception_handler(LXDError)
+    async def lxd_error(request: Request, exc: LXDError):
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        detail = exc.detail if isinstance(exc.detail, str) and exc.detail else _REASONS.get(exc.status_code, "error")
+        if exc.status_code == 404:
+            detail = "not found"
+        elif exc.status_code == 405:
+            detail = "method not allowed"
+        return error(exc.status_code, detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path"))
+        return error(400, f"Invalid value for {where!r}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("unhandled error", extra={"path": request.url.path})
+        return error(500, f"Internal error: {exc.__class__.__name__}: {exc}")
+
+    return FastPath(app, services)
+
+
+class FastPath:
+    """Serve a trusted `GET /1.0` from the cached rendered document; pass the rest through."""
+
+    def __init__(self, app, services: Services):
+        self.app = app
+        self.services = services
+        self.state = app.state
+
+    def __getattr__(self, name):
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] == "http" and scope["path"] == "/1.0" and scope["method"] == "GET"
+                and scope.get("lxd_trusted", True)):
+            server = self.services.server
+            body = server.cached_body()
+            await send({
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"etag", server.etag().encode()),
+                ],
+            })
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)

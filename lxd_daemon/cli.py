@@ -1,0 +1,122 @@
+"""The `lxd` command: run the daemon, or talk to a running one (waitready, shutdown, init, sql)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from lxd_daemon import __version__
+from lxd_daemon.settings import Settings, lxd_dir_from_env
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lxd", description="LXD-compatible system container daemon")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument("--group", help="group that owns the unix socket")
+    p.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="informational logging")
+    p.add_argument("--logfile", help="also log to this file")
+    p.add_argument("--syslog", action="store_true", help="also log to syslog")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("LXD_WORKERS", "2")),
+                   help="number of liblxc worker processes (default 2)")
+    sub = p.add_subparsers(dest="cmd")
+    sub.add_parser("daemon", help="run the daemon (the default)")
+
+    w = sub.add_parser("waitready", help="wait until the daemon is ready")
+    w.add_argument("--timeout", type=int, default=0, help="seconds to wait (0: for ever)")
+
+    s = sub.add_parser("shutdown", help="stop the containers and the daemon")
+    s.add_argument("--timeout", type=int, default=0, help="seconds to wait (0: for ever)")
+
+    sub.add_parser("activateifneeded", help="start the daemon if there is work for it")
+
+    i = sub.add_parser("init", help="configure the daemon")
+    i.add_argument("--auto", action="store_true", help="non-interactive defaults")
+    i.add_argument("--preseed", action="store_true", help="read a YAML configuration from stdin")
+    i.add_argument("--dump", action="store_true", help="print the current configuration as preseed YAML")
+    i.add_argument("--storage-backend", default="dir", help="storage backend for --auto (dir)")
+    i.add_argument("--storage-pool", default="default", help="storage pool name for --auto")
+    i.add_argument("--network-address", help="address to listen on for --auto")
+    i.add_argument("--network-port", type=int, default=8443)
+    i.add_argument("--trust-password", help="trust password for --auto")
+
+    q = sub.add_parser("sql", help="run a SQL query against the database")
+    q.add_argument("database", choices=["local", "global"])
+    q.add_argument("query", help="the query, or - to read it from stdin")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        print(__version__)
+        return 0
+    lxd_dir = lxd_dir_from_env()
+    sock = lxd_dir / "unix.socket"
+    if args.cmd in (None, "daemon"):
+        from lxd_daemon.daemon import run
+
+        return run(Settings(lxd_dir=lxd_dir, group=args.group, debug=args.debug, verbose=args.verbose,
+                            logfile=Path(args.logfile) if args.logfile else None, syslog=args.syslog,
+                            workers=max(1, args.workers)))
+    if args.cmd == "waitready":
+        return waitready(sock, args.timeout)
+    if args.cmd == "shutdown":
+        return shutdown(sock, args.timeout)
+    if args.cmd == "activateifneeded":
+        from lxd_daemon.cli_tools import activateifneeded
+
+        return activateifneeded(lxd_dir)
+    if args.cmd == "init":
+        from lxd_daemon.cli_tools import init
+
+        return init(sock, args)
+    if args.cmd == "sql":
+        from lxd_daemon.cli_tools import sql
+
+        return sql(lxd_dir, args.database, args.query)
+    return 2
+
+
+def _ready(sock: Path) -> bool:
+    from lxd_daemon.client import APIError, Client
+
+    try:
+        Client(sock, timeout=5).request("GET", "/internal/ready")
+        return True
+    except (OSError, APIError):
+        return False
+
+
+def waitready(sock: Path, timeout: int) -> int:
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    while not _ready(sock):
+        if deadline is not None and time.monotonic() > deadline:
+            print("Error: Daemon still not running after timeout", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    return 0
+
+
+def shutdown(sock: Path, timeout: int) -> int:
+    from lxd_daemon.client import APIError, Client
+
+    try:
+        Client(sock, timeout=timeout or 600).request("PUT", "/internal/shutdown")
+    except (OSError, APIError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    while sock.exists() and _ready(sock):
+        if deadline is not None and time.monotonic() > deadline:
+            print("Error: Daemon still running after timeout", file=sys.stderr)
+            return 1
+        time.sleep(0.1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

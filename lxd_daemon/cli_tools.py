@@ -1,0 +1,192 @@
+"""`lxd init`, `lxd sql` and `lxd activateifneeded`: clients of a running daemon or of its files."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+from pathlib import Path
+
+from lxd_daemon.client import APIError, Client
+
+SECTIONS = ("config", "networks", "storage_pools", "profiles", "projects", "cluster")
+_ENDPOINT_NAMES = {"networks": "networks", "storage_pools": "storage pools", "profiles": "profiles"}
+
+
+class InitError(Exception):
+    pass
+
+
+def _exists(client: Client, path: str, what: str) -> bool:
+    try:
+        client.request("GET", path)
+        return True
+    except APIError as e:
+        if e.status == 404:
+            # Tell "no such object" from "no such endpoint".
+            try:
+                client.request("GET", path.rsplit("/", 1)[0])
+            except APIError as e2:
+                if e2.status == 404:
+                    raise InitError(f"This daemon does not support {what} yet") from None
+                raise
+            return False
+        raise
+
+
+def apply_preseed(client: Client, seed: dict) -> None:
+    if not isinstance(seed, dict):
+        raise InitError("Invalid preseed: expected a YAML mapping")
+    unknown = [k for k in seed if k not in SECTIONS]
+    if unknown:
+        raise InitError(f"Invalid preseed: unknown section {unknown[0]!r}")
+    if seed.get("cluster"):
+        raise InitError("Clustering is not supported by this daemon")
+    for project in seed.get("projects") or []:
+        if project.get("name") != "default":
+            raise InitError("Only the 'default' project is supported by this daemon")
+    if seed.get("config"):
+        client.request("PATCH", "/1.0", {"config": seed["config"]})
+    for section, base in (("storage_pools", "/1.0/storage-pools"), ("networks", "/1.0/networks")):
+        for item in seed.get(section) or []:
+            name = item.get("name")
+            if not name:
+                raise InitError(f"Invalid preseed: an entry in {section} has no name")
+            if _exists(client, f"{base}/{name}", _ENDPOINT_NAMES[section]):
+                put = {k: v for k, v in item.items() if k in ("config", "description")}
+                client.wait(client.request("PATCH", f"{base}/{name}", put))
+            else:
+                client.wait(client.request("POST", base, item))
+    for item in seed.get("profiles") or []:
+        name = item.get("name")
+        if not name:
+            raise InitError("Invalid preseed: a profile has no name")
+        if _exists(client, f"/1.0/profiles/{name}", "profiles"):
+            current = client.get(f"/1.0/profiles/{name}")
+            put = {
+                "description": item.get("description", current.get("description", "")),
+                "config": {**current.get("config", {}), **(item.get("config") or {})},
+                "devices": {**current.get("devices", {}), **(item.get("devices") or {})},
+            }
+            client.request("PUT", f"/1.0/profiles/{name}", put)
+        else:
+            client.request("POST", "/1.0/profiles", item)
+
+
+def auto_seed(args) -> dict:
+    seed: dict = {"config": {}}
+    if args.network_address:
+        seed["config"]["core.https_address"] = f"{args.network_address}:{args.network_port}"
+        if args.trust_password:
+            seed["config"]["core.trust_password"] = args.trust_password
+    elif args.trust_password:
+        raise InitError("--trust-password needs --network-address")
+    if args.storage_backend not in ("dir", "btrfs", "lvm", "zfs"):
+        raise InitError(f"Invalid storage backend {args.storage_backend!r}")
+    seed["storage_pools"] = [{"name": args.storage_pool, "driver": args.storage_backend, "config": {}}]
+    seed["profiles"] = [{"name": "default", "devices": {
+        "root": {"type": "disk", "path": "/", "pool": args.storage_pool}}}]
+    if not seed["config"]:
+        del seed["config"]
+    return seed
+
+
+def init(sock: Path, args) -> int:
+    import yaml
+
+    client = Client(sock, timeout=600)
+    try:
+        if args.dump:
+            server = client.get("/1.0")
+            out = {"config": server.get("config", {})}
+            print(yaml.safe_dump(out, sort_keys=False), end="")
+            return 0
+        if args.preseed:
+            try:
+                seed = yaml.safe_load(sys.stdin.read()) or {}
+            except yaml.YAMLError as e:
+                raise InitError(f"Failed to parse the preseed: {e}") from None
+        elif args.auto:
+            seed = auto_seed(args)
+        else:
+            raise InitError("Interactive init is not supported: use --auto or --preseed")
+        apply_preseed(client, seed)
+    except (InitError, APIError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"Error: can't reach the daemon on {sock}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _table(headers: list[str], rows: list[tuple]) -> str:
+    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, v in enumerate(row):
+            widths[i] = max(widths[i], len(v))
+    sep = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [sep, "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |", sep]
+    for row in cells:
+        out.append("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) + " |")
+    out.append(sep)
+    return "\n".join(out)
+
+
+def sql(lxd_dir: Path, database: str, query: str) -> int:
+    """Query the store. This daemon keeps one SQLite database; `local` and `global` both name it."""
+    if query == "-":
+        query = sys.stdin.read()
+    db = lxd_dir / "database" / "lxd.db"
+    if not db.exists():
+        print(f"Error: no database at {db}", file=sys.stderr)
+        return 1
+    con = sqlite3.connect(db, timeout=10)
+    try:
+        if query.strip() == ".dump":
+            print("\n".join(con.iterdump()))
+            return 0
+        if query.strip() == ".schema":
+            for (stmt,) in con.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL"):
+                print(stmt + ";")
+            return 0
+        with con:
+            cur = con.execute(query)
+            if cur.description is not None:
+                headers = [d[0] for d in cur.description]
+                print(_table(headers, cur.fetchall()))
+            else:
+                print(f"Rows affected: {cur.rowcount}")
+    except sqlite3.Error as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        con.close()
+    return 0
+
+
+def activateifneeded(lxd_dir: Path) -> int:
+    """Start a socket-activated daemon when it has work to do at boot (autostart, a listener)."""
+    db = lxd_dir / "database" / "lxd.db"
+    if not db.exists():
+        return 0
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        need = con.execute("SELECT 1 FROM config WHERE key='core.https_address' AND value != ''").fetchone()
+        if not need:
+            try:
+                need = con.execute(
+                    "SELECT 1 FROM instances_config WHERE key='boot.autostart' AND value IN ('true','1','yes','on')"
+                ).fetchone()
+            except sqlite3.OperationalError:
+                need = None
+    finally:
+        con.close()
+    if not need:
+        return 0
+    try:
+        Client(lxd_dir / "unix.socket", timeout=60).request("GET", "/1.0")
+    except (OSError, APIError) as e:
+        print(f"Error: failed to activate the daemon: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,267 @@
+"""The composition root: build the store, workers, services and app; serve; shut down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import grp
+import importlib
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+from pathlib import Path
+
+from lxd_daemon.settings import Settings
+
+log = logging.getLogger("lxd.daemon")
+
+SD_LISTEN_FDS_START = 3
+
+# Subsystems wired in this order. Each module has `async def setup(services) -> list[APIRouter]`:
+# it sets its service on `services`, registers hooks and API extensions, and returns its routers.
+SUBSYSTEMS: tuple[str, ...] = (
+)
+
+
+class StartupError(Exception):
+    pass
+
+
+class DirLock:
+    """An exclusive flock on $LXD_DIR/lxd.lock, so two daemons never share a directory."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                who = f" (pid {holder})" if holder else ""
+                raise StartupError(
+                    f"Another daemon is already running on {self.path.parent}{who}") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def systemd_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (LISTEN_FDS), if they are meant for us."""
+    try:
+        if int(os.environ.get("LISTEN_PID", "0")) != os.getpid():
+            return []
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            os.set_inheritable(fd, False)
+            socks.append(socket.socket(fileno=fd))
+    return socks
+
+
+def bind_unix_socket(path: Path, group: str | None) -> socket.socket:
+    """Bind $LXD_DIR/unix.socket (mode 0660, root:group), replacing a stale one."""
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # nobody listens: stale
+        else:
+            raise StartupError(f"Something is already listening on {path}")
+        finally:
+            probe.close()
+    gid = 0
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartupError(f"Group {group!r} does not exist") from None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chown(path, 0 if os.geteuid() == 0 else os.geteuid(), gid if os.geteuid() == 0 or group else -1)
+    os.chmod(path, 0o660)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def prepare_dirs(lxd_dir: Path) -> None:
+    lxd_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(lxd_dir, 0o711)
+    for sub, mode in (("database", 0o700), ("logs", 0o700), ("containers", 0o711), ("images", 0o700)):
+        p = lxd_dir / sub
+        p.mkdir(exist_ok=True)
+        os.chmod(p, mode)
+
+
+class Daemon:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.stop_reason: str | None = None
+        self.server = None
+        self.services = None
+        self._created_socket = False
+
+    def request_stop(self, reason: str) -> None:
+        """reason: 'exit' leaves containers running, 'shutdown' stops them first."""
+        if self.stop_reason != "shutdown":
+            self.stop_reason = reason
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def run(self) -> int:
+        s = self.settings
+        prepare_dirs(s.lxd_dir)
+        lock = DirLock(s.lock_path)
+        lock.acquire()
+        try:
+            from lxd_daemon.db import migrate
+            from lxd_daemon.runtime.pool import WorkerPool
+            from lxd_daemon.trust.certs import ensure_server_cert
+
+            cert_pem = ensure_server_cert(s.lxd_dir)
+            migrate.upgrade(s.db_path)
+            # Workers first: they must not inherit any listening socket.
+            pool = WorkerPool(s.workers)
+            pool.spawn()
+            try:
+                socks = systemd_sockets()
+                if not socks:
+                    socks = [bind_unix_socket(s.socket_path, s.group)]
+                    self._created_socket = True
+                try:
+                    self._run_loop(pool, cert_pem, socks)
+                finally:
+                    for sock in socks:
+                        sock.close()
+                    if self._created_socket:
+                        with contextlib.suppress(FileNotFoundError):
+                            s.socket_path.unlink()
+            finally:
+                pool.close()
+        finally:
+            lock.release()
+        log.info("daemon stopped", extra={"reason": self.stop_reason or "exit"})
+        return 0
+
+    def _run_loop(self, pool, cert_pem: str, socks: list[socket.socket]) -> None:
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(self._serve(pool, cert_pem, socks))
+        else:
+            uvloop.run(self._serve(pool, cert_pem, socks))
+
+    async def _serve(self, pool, cert_pem: str, socks: list[socket.socket]) -> None:
+        import uvicorn
+
+        from lxd_daemon.app import create_app
+        from lxd_daemon.db import Database
+        from lxd_daemon.events import EventHub, LoggingToEvents
+        from lxd_daemon.ops import OperationManager
+        from lxd_daemon.server.config import ServerConfig
+        from lxd_daemon.server.service import ServerService, load_config
+        from lxd_daemon.services import Services
+
+        loop = asyncio.get_running_loop()
+        pool.attach(loop)
+        s = self.settings
+        db = Database(s.db_path)
+        events = EventHub()
+        events.bind_loop(loop)
+        logging.getLogger("lxd").addHandler(LoggingToEvents(events))
+        ops = OperationManager(events)
+        config = ServerConfig(await db.run(load_config))
+        driver_version = await pool.call("version")
+        server = ServerService(db=db, events=events, config=config, certificate_pem=cert_pem,
+                               driver_version=driver_version)
+        services = Services(lxd_dir=s.lxd_dir, db=db, events=events, ops=ops, pool=pool, server=server,
+                            request_stop=self.request_stop)
+        self.services = services
+        routers = []
+        for name in SUBSYSTEMS:
+            module = importlib.import_module(name)
+            routers.extend(await module.setup(services))
+        app = create_app(services, routers)
+
+        uv_config = uvicorn.Config(app, lifespan="off", http="httptools", ws="websockets-sansio",
+                                   log_config=None, access_log=False, proxy_headers=False,
+                                   server_header=False, date_header=False, timeout_graceful_shutdown=5,
+                                   ws_ping_interval=10)
+        server_ = _Server(uv_config)
+        self.server = server_
+        for sig, reason in ((signal.SIGTERM, "exit"), (signal.SIGINT, "exit"), (signal.SIGPWR, "shutdown")):
+            loop.add_signal_handler(sig, self.request_stop, reason)
+        log.info("daemon started", extra={"path": str(s.socket_path), "pid": os.getpid()})
+        for hook in services.startup_hooks:
+            loop.create_task(_run_hook(hook, "startup"))
+        try:
+            await server_.serve(sockets=socks)
+        finally:
+            if self.stop_reason == "shutdown":
+                for hook in services.shutdown_hooks:
+                    await _run_hook(hook, "shutdown")
+            for hook in services.exit_hooks:
+                await _run_hook(hook, "exit")
+            await ops.shutdown()
+            db.close()
+
+
+async def _run_hook(hook, kind: str) -> None:
+    try:
+        await hook()
+    except Exception:
+        log.exception("hook failed", extra={"kind": kind})
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server without its own signal handling (the daemon installs its own)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            yield
+
+    return Server
+
+
+def _Server(config):
+    return _server_class()(config)
+
+
+def run(settings: Settings) -> int:
+    from lxd_daemon import logs
+
+    logs.setup(debug=settings.debug, verbose=settings.verbose, logfile=settings.logfile, syslog=settings.syslog)
+    try:
+        return Daemon(settings).run()
+    except StartupError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,137 @@
+"""The event hub: fan-out of `operation`, `logging` and `lifecycle` events to /1.0/events listeners.
+
+Every listener has a bounded queue. A listener that falls too far behind is cut off (its
+websocket is closed) instead of stalling the publisher: the daemon never waits on a consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Iterable
+
+from lxd_daemon.util.timefmt import rfc3339
+
+EVENT_TYPES = frozenset({"operation", "logging", "lifecycle"})
+QUEUE_LIMIT = 4096
+
+
+class Listener:
+    def __init__(self, types: frozenset[str], project: str | None, all_projects: bool):
+        self.types = types
+        self.project = project
+        self.all_projects = all_projects
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_LIMIT)
+        self.lagged = False
+
+    def wants(self, kind: str, project: str) -> bool:
+        if kind not in self.types:
+            return False
+        return self.all_projects or self.project is None or project == self.project
+
+    def offer(self, data: bytes) -> None:
+        if self.lagged:
+            return
+        try:
+            self.queue.put_nowait(data)
+        except asyncio.QueueFull:
+            # Too slow: drop the listener rather than buffer without bound.
+            self.lagged = True
+            self.queue = asyncio.Queue(1)
+            self.queue.put_nowait(None)
+
+
+class EventHub:
+    def __init__(self, location: str = "none"):
+        self.location = location
+        self._listeners: set[Listener] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def subscribe(self, types: Iterable[str] | None = None, *, project: str | None = "default",
+                  all_projects: bool = False) -> Listener:
+        wanted = frozenset(types) if types else EVENT_TYPES
+        listener = Listener(wanted, project, all_projects)
+        self._listeners.add(listener)
+        return listener
+
+    def unsubscribe(self, listener: Listener) -> None:
+        self._listeners.discard(listener)
+
+    @property
+    def listener_count(self) -> int:
+        return len(self._listeners)
+
+    def publish(self, kind: str, metadata: dict, *, project: str = "default") -> None:
+        """Send an event to every interested listener. Must run on the event loop thread."""
+        targets = [lis for lis in self._listeners if lis.wants(kind, project)]
+        if not targets:
+            return
+        data = json.dumps(
+            {
+                "type": kind,
+                "timestamp": rfc3339(),
+                "metadata": metadata,
+                "location": self.location,
+                "project": project,
+            },
+            separators=(",", ":"),
+        ).encode()
+        for lis in targets:
+            lis.offer(data)
+
+    def publish_threadsafe(self, kind: str, metadata: dict, *, project: str = "default") -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self.publish(kind, metadata, project=project)
+        else:
+            loop.call_soon_threadsafe(self.publish, kind, metadata, project)
+
+    def lifecycle(self, action: str, source: str, context: dict | None = None, *,
+                  requestor: dict | None = None, project: str = "default") -> None:
+        meta = {"action": action, "source": source, "context": context or {}}
+        if requestor:
+            meta["requestor"] = requestor
+        self.publish("lifecycle", meta, project=project)
+
+
+_LEVELS = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warning",
+    logging.ERROR: "error",
+    logging.CRITICAL: "crit",
+}
+
+_STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class LoggingToEvents(logging.Handler):
+    """Forwards every daemon log record as a `logging` event (LXD's `lxc monitor --type logging`)."""
+
+    def __init__(self, hub: EventHub):
+        super().__init__(logging.DEBUG)
+        self.hub = hub
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.hub._listeners:
+            return
+        try:
+            context = {k: str(v) for k, v in record.__dict__.items() if k not in _STD_ATTRS}
+            meta = {
+                "message": record.getMessage(),
+                "level": _LEVELS.get(record.levelno, "info"),
+                "context": context,
+            }
+            self.hub.publish_threadsafe("logging", meta)
+        except Exception:  # never let logging break the caller
+            pass

@@ -1,0 +1,1 @@
+"""Container methods run inside the liblxc worker (registered with @worker.method)."""

@@ -1,0 +1,53 @@
+"""The services the API routes call, built once by daemon.py (no module-level singletons)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import HTTPConnection
+
+from lxd_daemon.db import Database
+from lxd_daemon.events import EventHub
+from lxd_daemon.ops import OperationManager
+from lxd_daemon.runtime.pool import WorkerPool
+from lxd_daemon.server.service import ServerService
+
+
+@dataclass
+class Services:
+    lxd_dir: Path
+    db: Database
+    events: EventHub
+    ops: OperationManager
+    pool: WorkerPool
+    server: ServerService
+    # Called with the reason ("shutdown" stops containers, "exit" leaves them running).
+    request_stop: Callable[[str], None] = lambda reason: None
+    # Async callables returning URLs that use the default project (profiles, instances, ...).
+    project_used_by: list[Callable[[], Awaitable[list[str]]]] = field(default_factory=list)
+    # Run once the API is being served (autostart), at `lxd shutdown`/SIGPWR before exiting
+    # (stop containers), and at every exit (release resources; containers keep running).
+    startup_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    shutdown_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    exit_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # Subsystems, set by their setup() in daemon.SUBSYSTEMS order.
+    storage: Any = None
+    images: Any = None
+    profiles: Any = None
+    instances: Any = None
+
+
+def get_services(conn: HTTPConnection) -> Services:
+    return conn.app.state.services
+
+
+def requestor(conn: HTTPConnection) -> dict:
+    """Who made a request, for lifecycle events."""
+    client = conn.scope.get("client")
+    if conn.scope.get("lxd_protocol") == "tls" and client:
+        return {"username": conn.scope.get("lxd_fingerprint", ""), "protocol": "tls",
+                "address": f"{client[0]}:{client[1]}"}
+    return {"username": conn.scope.get("lxd_username", "root"), "protocol": "unix", "address": "@"}

@@ -1,0 +1,1 @@
+"""Server identity and the trust store."""

@@ -1,0 +1,1 @@
+"""Small helpers that import nothing from the rest of lxd_daemon."""

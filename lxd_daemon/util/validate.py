@@ -1,0 +1,84 @@
+"""Validators for config values. Each takes a string and raises ValueError with a reason."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+TRUE = frozenset({"true", "1", "yes", "on"})
+FALSE = frozenset({"false", "0", "no", "off"})
+
+
+def parse_bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in TRUE:
+        return True
+    if v in FALSE:
+        return False
+    raise ValueError(f"Invalid value for a boolean: {value!r}")
+
+
+def is_bool(value: str) -> None:
+    parse_bool(value)
+
+
+def is_any(value: str) -> None:
+    return None
+
+
+def is_int(value: str) -> None:
+    try:
+        int(value)
+    except ValueError:
+        raise ValueError(f"Invalid value for an integer: {value!r}") from None
+
+
+def is_uint(value: str) -> None:
+    is_int(value)
+    if int(value) < 0:
+        raise ValueError(f"Invalid value for a positive integer: {value!r}")
+
+
+def is_one_of(*choices: str):
+    def check(value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"Invalid value {value!r} (supported: {', '.join(choices)})")
+
+    return check
+
+
+_DURATION = re.compile(r"^(\d+(\.\d+)?(ns|us|µs|ms|s|m|h))+$")
+
+
+def is_duration(value: str) -> None:
+    """A Go-style duration ("1h30m", "10s") as LXD uses for core.remote_token_expiry."""
+    if not _DURATION.match(value):
+        raise ValueError(f"Invalid duration: {value!r}")
+
+
+def is_listen_address(value: str) -> None:
+    """host, host:port, [v6]:port or :port."""
+    v = value.strip()
+    if not v:
+        raise ValueError("Empty address")
+    host, port = v, None
+    if v.startswith("["):
+        end = v.find("]")
+        if end < 0:
+            raise ValueError(f"Invalid address: {value!r}")
+        host, rest = v[1:end], v[end + 1:]
+        if rest:
+            if not rest.startswith(":"):
+                raise ValueError(f"Invalid address: {value!r}")
+            port = rest[1:]
+    elif v.count(":") == 1:
+        host, port = v.split(":")
+    if port is not None:
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"Invalid port in address: {value!r}")
+    if host and host not in ("localhost",):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not re.match(r"^[A-Za-z0-9.-]+$", host):
+                raise ValueError(f"Invalid host in address: {value!r}") from None

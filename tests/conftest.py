@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers import Daemon
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.geteuid() != 0:
+        skip = pytest.mark.skip(reason="integration tests need root")
+        for item in items:
+            if "integration" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory):
+    """One daemon for the whole session (tests must not depend on each other's leftovers)."""
+    base = tmp_path_factory.mktemp("lxd")
+    d = Daemon(lxd_dir=base / "var", conf_dir=base / "conf")
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def fresh_daemon(tmp_path):
+    """A daemon of the test's own, for tests that restart, kill or reconfigure it."""
+    d = Daemon(lxd_dir=tmp_path / "var", conf_dir=tmp_path / "conf")
+    yield d
+    d.stop()
