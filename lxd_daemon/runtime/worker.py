@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         pass
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
-    import lxd_daemon.runtime.lxcops  # noqa: F401  (container methods register themselves)
+    import lxd_daemon.runtime.attach  # noqa: F401  (methods register themselves on import)
+    import lxd_daemon.runtime.lxcops  # noqa: F401
 
     Worker(sock).run()
     return 0
