@@ -1,0 +1,1 @@
+"""Instances: the service, config and device schemas, LXC configuration, id maps."""
