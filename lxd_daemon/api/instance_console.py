@@ -1,0 +1,50 @@
+"""`/1.0/instances/{name}/console` (and `/1.0/containers/...`): attach, read and clear the log."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from lxd_daemon.api.envelope import async_, sync
+from lxd_daemon.api.instance_exec import running_pid
+from lxd_daemon.api.instance_files import PREFIXES, get_instance
+from lxd_daemon.api.request import parse
+from lxd_daemon.instances import console
+from lxd_daemon.services import requestor
+from lxd_daemon.wire.exec import InstanceConsolePost
+
+router = APIRouter()
+
+
+async def console_post(request: Request, name: str) -> Response:
+    req = await parse(request, InstanceConsolePost)
+    services, inst = await get_instance(request, name)
+    await running_pid(services, inst.name)
+    op = console.console_operation(services, inst, req.width, req.height, req.type)
+    services.events.lifecycle("instance-console", f"/1.0/instances/{inst.name}", {"type": req.type or "console"},
+                              requestor=requestor(request))
+    return async_(op.render())
+
+
+async def console_get(request: Request, name: str) -> Response:
+    services, inst = await get_instance(request, name)
+    data = await asyncio.to_thread(console.read_log, inst)
+    services.events.lifecycle("instance-console-retrieved", f"/1.0/instances/{inst.name}", {},
+                              requestor=requestor(request))
+    return Response(data, media_type="application/octet-stream")
+
+
+async def console_delete(request: Request, name: str) -> Response:
+    services, inst = await get_instance(request, name)
+    await asyncio.to_thread(console.clear_log, inst)
+    services.events.lifecycle("instance-console-reset", f"/1.0/instances/{inst.name}", {},
+                              requestor=requestor(request))
+    return sync({})
+
+
+for _prefix in PREFIXES:
+    router.add_api_route(f"{_prefix}/{{name}}/console", console_post, methods=["POST"])
+    router.add_api_route(f"{_prefix}/{{name}}/console", console_get, methods=["GET"])
+    router.add_api_route(f"{_prefix}/{{name}}/console", console_delete, methods=["DELETE"])
