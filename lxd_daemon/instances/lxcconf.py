@@ -1,0 +1,614 @@
+"""Render the liblxc configuration of a container from its expanded config and devices.
+
+render(spec) returns LXC (key, value) pairs in order; to_text() turns them into the file the
+worker loads. The result is what LXD 5.0 generates for a container on a host without AppArmor
+or a network (no nic devices yet): id map, autodev, proc/sys/cgroup automounts, console and log
+files, dropped capabilities, a seccomp deny list, cgroup limits (v1 hierarchies or v2, detected
+once per process), bind mounts for disk and unix devices, environment, then raw.lxc last.
+
+render() touches the host only for what a start needs (spec.prepare_host): it writes the
+seccomp policy next to the log file and creates device nodes for unix-char/unix-block devices
+in the instance's devices directory. With prepare_host=False it is pure (for tests/previews).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import stat
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lxd_daemon.errors import BadRequest
+from lxd_daemon.instances import config as cfg
+from lxd_daemon.instances import devices as devs
+from lxd_daemon.instances.idmap import IdmapSet
+from lxd_daemon.util import validate as v
+
+Items = list[tuple[str, str]]
+
+# What LXD drops when AppArmor can't confine the container (mac_* are only kept for stacking).
+CAP_DROP = "sys_time sys_module sys_rawio mac_admin mac_override"
+
+SECCOMP_POLICY = """2
+denylist
+[all]
+kexec_load errno 38
+open_by_handle_at errno 38
+init_module errno 38
+finit_module errno 38
+delete_module errno 38
+"""
+SECCOMP_PRIVILEGED_EXTRA = "reject_force_umount  # umount -f would unmount the host's mounts\n"
+
+# Host paths LXD passes through to every container when they exist (a reduced, safe list).
+PASSTHROUGH = ("/dev/fuse", "/dev/net/tun", "/dev/mqueue", "/proc/sys/fs/binfmt_misc",
+               "/sys/fs/fuse/connections")
+
+# Device rules for privileged containers (unprivileged ones are confined by their user namespace).
+PRIVILEGED_DEVICES = ("b *:* m", "c *:* m", "c 136:* rwm", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm",
+                      "c 1:8 rwm", "c 1:9 rwm", "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm",
+                      "c 10:229 rwm", "c 10:200 rwm")
+
+# raw.lxc may not undo what the daemon manages: key (or key prefix ending in ".") -> reason.
+RAW_FORBIDDEN: dict[str, str] = {
+    "lxc.idmap": "the id map is managed through security.idmap.* and raw.idmap",
+    "lxc.id_map": "the id map is managed through security.idmap.* and raw.idmap",
+    "lxc.rootfs": "the root filesystem is managed by the daemon",
+    "lxc.rootfs.": "the root filesystem is managed by the daemon",
+    "lxc.uts.name": "the host name is the instance name",
+    "lxc.utsname": "the host name is the instance name",
+    "lxc.console.logfile": "the console log is managed by the daemon",
+    "lxc.console.path": "the console is managed by the daemon",
+    "lxc.log.": "the log file is managed by the daemon",
+    "lxc.logfile": "the log file is managed by the daemon",
+    "lxc.loglevel": "the log file is managed by the daemon",
+    "lxc.init.": "the init command is managed by the daemon",
+    "lxc.init_cmd": "the init command is managed by the daemon",
+    "lxc.include": "includes could change what the daemon manages",
+    "lxc.namespace.": "the namespaces are managed by the daemon",
+    "lxc.cgroup.dir": "the cgroup placement is managed by the daemon",
+    "lxc.cgroup.dir.": "the cgroup placement is managed by the daemon",
+    "lxc.cgroup.relative": "the cgroup placement is managed by the daemon",
+    "lxc.ephemeral": "ephemeral containers are managed by the daemon",
+    "lxc.prlimit.": "use limits.kernel.* instead",
+    "lxc.limit.": "use limits.kernel.* instead",
+    "lxc.network.": "legacy network keys are not supported (use lxc.net.N.*)",
+}
+
+
+# -- the spec -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LxcSpec:
+    name: str
+    lxcpath: Path
+    rootfs: Path
+    log_file: Path
+    console_log: Path
+    hostname: str
+    expanded_config: dict
+    expanded_devices: dict
+    idmap: IdmapSet
+    privileged: bool
+    rootfs_idmapped: bool = False
+    devlxd_dir: Path | None = None
+    extra: list[tuple[str, str]] = field(default_factory=list)
+    prepare_host: bool = True          # write the seccomp file and device nodes (False: pure)
+    devices_dir: Path | None = None    # host dir for unix device nodes (default lxcpath/name/devices)
+    log_level: str = "warn"
+
+    @property
+    def device_dir(self) -> Path:
+        return self.devices_dir or (Path(self.lxcpath) / self.name / "devices")
+
+
+# -- cgroups ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CgroupLayout:
+    """Which hierarchy serves each controller: {controller: 1 or 2}, plus v1 abilities."""
+
+    controllers: dict[str, int]
+    memsw: bool = False
+    swappiness: bool = False
+    online_cpus: tuple[int, ...] = ()
+
+    def version(self, controller: str) -> int | None:
+        return self.controllers.get(controller)
+
+    def prefix(self, controller: str) -> str:
+        return "lxc.cgroup2." if self.controllers.get(controller) == 2 else "lxc.cgroup."
+
+
+def _online_cpus() -> tuple[int, ...]:
+    try:
+        text = Path("/sys/devices/system/cpu/online").read_text().strip()
+        return tuple(cfg.parse_cpuset(text))
+    except (OSError, ValueError):
+        return tuple(range(os.cpu_count() or 1))
+
+
+def detect_layout(mounts_file: str = "/proc/self/mounts") -> CgroupLayout:
+    controllers: dict[str, int] = {}
+    v1_mounts: dict[str, str] = {}
+    v2_mount = None
+    with open(mounts_file) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) < 4:
+                continue
+            fstype, mnt, opts = parts[2], parts[1], parts[3].split(",")
+            if fstype == "cgroup":
+                for o in opts:
+                    if o in ("cpu", "cpuacct", "cpuset", "memory", "devices", "freezer", "blkio", "pids",
+                             "hugetlb", "net_cls", "net_prio", "perf_event", "rdma", "misc"):
+                        controllers[o] = 1
+                        v1_mounts[o] = mnt
+            elif fstype == "cgroup2" and v2_mount is None:
+                v2_mount = mnt
+    if v2_mount:
+        try:
+            for c in Path(v2_mount, "cgroup.controllers").read_text().split():
+                controllers.setdefault(c, 2)
+        except OSError:
+            pass
+        if controllers.get("cpu") == 2 or not v1_mounts:
+            # cgroup2 has no devices controller file: liblxc does it with BPF.
+            controllers.setdefault("devices", 2)
+    memsw = swappiness = False
+    if "memory" in v1_mounts:
+        memsw = Path(v1_mounts["memory"], "memory.memsw.limit_in_bytes").exists()
+        swappiness = Path(v1_mounts["memory"], "memory.swappiness").exists()
+    elif controllers.get("memory") == 2:
+        memsw = swappiness = True  # memory.swap.max exists below the root
+    return CgroupLayout(controllers, memsw=memsw, swappiness=swappiness, online_cpus=_online_cpus())
+
+
+@functools.cache
+def host_layout() -> CgroupLayout:
+    return detect_layout()
+
+
+@functools.cache
+def apparmor_enabled() -> bool:
+    """AppArmor confines containers only where the kernel enables it (not on this kind of host)."""
+    try:
+        return Path("/sys/module/apparmor/parameters/enabled").read_text().strip() == "Y"
+    except OSError:
+        return False
+
+
+def _cpus_text(cpus: list[int] | tuple[int, ...]) -> str:
+    out: list[str] = []
+    start = prev = None
+    for c in cpus:
+        if start is None:
+            start = prev = c
+        elif c == prev + 1:
+            prev = c
+        else:
+            out.append(f"{start}-{prev}" if start != prev else str(start))
+            start = prev = c
+    if start is not None:
+        out.append(f"{start}-{prev}" if start != prev else str(start))
+    return ",".join(out)
+
+
+def limit_items(config: dict[str, str], layout: CgroupLayout, *, resets: bool = False,
+                memory_total: int | None = None, name: str = "") -> list[tuple[int, str, str]]:
+    """Cgroup settings for the limits.* keys as (version, controller file, value).
+
+    With resets=True every managed file is listed, unset limits at their unlimited value (what a
+    live update writes when a key goes away); otherwise only what the config limits. A CPU count
+    pins the container to that many consecutive online CPUs starting at a place derived from its
+    name, so that containers spread over the CPUs."""
+    out: list[tuple[int, str, str]] = []
+
+    def add(controller: str, key: str, value: str, is_default: bool) -> None:
+        ver = layout.version(controller)
+        if ver is None:
+            return
+        if is_default and not resets:
+            return
+        out.append((ver, key, value))
+
+    # memory
+    mver = layout.version("memory")
+    mem = cfg.get(config, "limits.memory")
+    enforce = cfg.get(config, "limits.memory.enforce")
+    swap_val = config.get("limits.memory.swap", "")
+    swap_off = bool(swap_val) and not v.parse_bool(swap_val)
+    swap_prio = config.get("limits.memory.swap.priority", "")
+    limit = cfg.parse_memory(mem, memory_total) if mem else None
+    if mver == 1:
+        hard = limit if limit is not None and enforce != "soft" else None
+        soft = (limit if enforce == "soft" else int(limit * 0.9)) if limit is not None else None
+        add("memory", "memory.limit_in_bytes", str(hard) if hard else "-1", hard is None)
+        if layout.memsw:
+            memsw = hard if (hard is not None and swap_off) else None
+            add("memory", "memory.memsw.limit_in_bytes", str(memsw) if memsw else "-1", memsw is None)
+        add("memory", "memory.soft_limit_in_bytes", str(soft) if soft else "-1", soft is None)
+        if layout.swappiness:
+            if swap_off:
+                add("memory", "memory.swappiness", "0", False)
+            elif swap_prio:
+                add("memory", "memory.swappiness", str(60 - 10 + int(swap_prio)), False)
+            else:
+                add("memory", "memory.swappiness", "60", True)
+    elif mver == 2:
+        hard = limit if limit is not None and enforce != "soft" else None
+        high = limit if limit is not None and enforce == "soft" else None
+        add("memory", "memory.max", str(hard) if hard else "max", hard is None)
+        add("memory", "memory.high", str(high) if high else "max", high is None)
+        add("memory", "memory.swap.max", "0" if swap_off else "max", not swap_off)
+
+    # processes
+    procs = config.get("limits.processes", "")
+    add("pids", "pids.max", procs or "max", not procs)
+
+    # cpus
+    cpu_limit = config.get("limits.cpu", "")
+    online = list(layout.online_cpus) or list(range(os.cpu_count() or 1))
+    if cpu_limit:
+        count, cpus = cfg.parse_limits_cpu(cpu_limit)
+        if count is not None:
+            start = zlib.crc32(name.encode()) % len(online) if count < len(online) else 0
+            chosen = sorted((online * 2)[start:start + min(count, len(online))])
+        else:
+            chosen = [c for c in cpus if c in online]
+            if not chosen:
+                raise BadRequest(f"Invalid value for config key 'limits.cpu': none of the CPUs "
+                                 f"{cpu_limit!r} is online (online: {_cpus_text(online)})")
+        add("cpuset", "cpuset.cpus", _cpus_text(chosen), False)
+    else:
+        add("cpuset", "cpuset.cpus", _cpus_text(online), True)
+
+    allowance = config.get("limits.cpu.allowance", "")
+    priority = config.get("limits.cpu.priority", "")
+    shares, quota, period = 1024, -1, 100000
+    if allowance or priority:
+        shares = -(10 - int(priority or 10))
+        if allowance:
+            pct, slice_ = cfg.parse_cpu_allowance(allowance)
+            if pct is not None:
+                shares += 1024 * pct // 100
+            else:
+                quota, period = slice_
+                shares += 1024
+        else:
+            shares += 1024
+        shares = max(shares, 2)
+    cver = layout.version("cpu")
+    if cver == 1:
+        add("cpu", "cpu.shares", str(shares), shares == 1024)
+        add("cpu", "cpu.cfs_period_us", str(period), quota == -1)
+        add("cpu", "cpu.cfs_quota_us", str(quota), quota == -1)
+    elif cver == 2:
+        weight = max(1, min(10000, shares * 100 // 1024))
+        add("cpu", "cpu.weight", str(weight), shares == 1024)
+        add("cpu", "cpu.max", f"{quota if quota != -1 else 'max'} {period}", quota == -1)
+    return out
+
+
+# -- raw.lxc ------------------------------------------------------------------------------------
+
+
+def parse_raw_lxc(text: str) -> Items:
+    """raw.lxc lines -> (key, value); raises ValueError on a line that isn't "key = value"."""
+    items: Items = []
+    for n, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"line {n} is not of the form 'key = value': {line!r}")
+        if not key.startswith("lxc."):
+            raise ValueError(f"line {n}: {key!r} is not an LXC configuration key")
+        items.append((key, value.strip()))
+    return items
+
+
+def raw_lxc_problem(text: str) -> str | None:
+    try:
+        items = parse_raw_lxc(text)
+    except ValueError as e:
+        return f"Invalid raw.lxc: {e}"
+    for key, _ in items:
+        k = key.lower()
+        for forbidden, reason in RAW_FORBIDDEN.items():
+            if k == forbidden or (forbidden.endswith(".") and k.startswith(forbidden)):
+                return f"Invalid raw.lxc: {key} can't be set ({reason})"
+    return None
+
+
+def validate_raw_lxc(text: str) -> None:
+    """Raise BadRequest when raw.lxc is malformed or sets something the daemon manages."""
+    problem = raw_lxc_problem(text)
+    if problem:
+        raise BadRequest(problem)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def escape_fstab(path: str) -> str:
+    """A path as an lxc.mount.entry field (fstab escaping of whitespace and backslashes)."""
+    return (path.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+            .replace("\n", "\\012"))
+
+
+def _arch() -> str | None:
+    return {"x86_64": "linux64", "aarch64": "linux64", "i686": "linux32", "armv7l": "linux32",
+            "ppc64le": "linux64", "s390x": "linux64", "riscv64": "linux64"}.get(os.uname().machine)
+
+
+def disk_mount_options(dev: dict[str, str], *, source_is_dir: bool, shift: bool) -> list[str]:
+    opts = ["rbind" if dev_bool(dev, "recursive") else "bind", "create=dir" if source_is_dir else "create=file"]
+    if dev_bool(dev, "readonly"):
+        opts.append("ro")
+    prop = dev.get("propagation", "")
+    if prop:
+        opts.append(prop)
+    if shift:
+        opts.append("idmap=container")
+    return opts
+
+
+def dev_bool(dev: dict[str, str], key: str) -> bool:
+    val = dev.get(key, "")
+    return v.parse_bool(val) if val else False
+
+
+def unix_node_path(spec_dir: Path, name: str, dev: dict[str, str]) -> Path:
+    rel = devs.container_path(dev).strip("/").replace("/", "-")
+    return spec_dir / f"unix.{name}.{rel}"
+
+
+def unix_node_info(name: str, dev: dict[str, str]) -> tuple[int, int, int] | None:
+    """(type bits, major, minor) of a unix device, from the config or the host node.
+
+    None when the host node is missing and the device isn't required."""
+    kind = stat.S_IFCHR if dev["type"] == "unix-char" else stat.S_IFBLK
+    if dev.get("major") and dev.get("minor"):
+        return kind, int(dev["major"]), int(dev["minor"])
+    src = dev.get("source") or dev.get("path")
+    try:
+        st = os.stat(src)
+    except OSError:
+        if devs.unix_required(dev):
+            raise BadRequest(f"Missing source path {src!r} for device {name!r}") from None
+        return None
+    if stat.S_IFMT(st.st_mode) != kind:
+        raise BadRequest(f"Invalid device {name!r}: {src!r} is not a {dev['type'][5:]} device")
+    return kind, os.major(st.st_rdev), os.minor(st.st_rdev)
+
+
+def make_unix_node(path: Path, info: tuple[int, int, int], dev: dict[str, str], idmap: IdmapSet) -> None:
+    """Create (or re-create) the host node that is bind-mounted into the container."""
+    kind, major, minor = info
+    mode = int(dev.get("mode") or "0660", 8)
+    uid, gid = int(dev.get("uid") or 0), int(dev.get("gid") or 0)
+    huid, hgid = idmap.to_host(uid, gid)
+    if huid < 0 or hgid < 0:
+        raise BadRequest(f"Invalid device: uid {uid} / gid {gid} are not mapped in the container")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
+    tmp = path.with_name(path.name + ".new")
+    try:
+        tmp.unlink()
+    except FileNotFoundError:
+        pass
+    os.mknod(tmp, kind | mode, os.makedev(major, minor))
+    os.chown(tmp, huid, hgid)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def device_rule(info: tuple[int, int, int]) -> str:
+    kind, major, minor = info
+    return f"{'c' if kind == stat.S_IFCHR else 'b'} {major}:{minor} rwm"
+
+
+# -- render -------------------------------------------------------------------------------------
+
+
+def render(spec: LxcSpec, layout: CgroupLayout | None = None) -> Items:
+    """The LXC configuration for a start, as ordered (key, value) pairs."""
+    layout = layout or host_layout()
+    conf = spec.expanded_config
+    items: Items = []
+    add = items.append
+
+    add(("lxc.uts.name", spec.hostname))
+    arch = _arch()
+    if arch:
+        add(("lxc.arch", arch))
+    add(("lxc.log.file", str(spec.log_file)))
+    add(("lxc.log.level", spec.log_level))
+    add(("lxc.console.buffer.size", "auto"))
+    add(("lxc.console.size", "auto"))
+    add(("lxc.console.logfile", str(spec.console_log)))
+    add(("lxc.rootfs.path", f"dir:{spec.rootfs}"))
+    if spec.rootfs_idmapped and not spec.privileged:
+        add(("lxc.rootfs.options", "idmap=container"))
+
+    nesting = cfg.get_bool(conf, "security.nesting")
+    if spec.privileged:
+        add(("lxc.mount.auto", "proc:rw sys:rw cgroup:rw" if nesting else "proc:mixed sys:mixed cgroup:mixed"))
+    else:
+        add(("lxc.mount.auto", "proc:rw sys:rw cgroup:rw:force" if nesting else "proc:rw sys:rw cgroup:mixed"))
+    if nesting:
+        add(("lxc.mount.entry", "proc dev/.lxc/proc proc create=dir,optional 0 0"))
+        add(("lxc.mount.entry", "sys dev/.lxc/sys sysfs create=dir,optional 0 0"))
+    add(("lxc.autodev", "1"))
+    add(("lxc.pty.max", "1024"))
+    add(("lxc.tty.max", "0"))
+    add(("lxc.cap.drop", CAP_DROP))
+    if apparmor_enabled():
+        # liblxc generates and loads a per-container profile (needs apparmor_parser)
+        add(("lxc.apparmor.profile", "generated"))
+        if nesting:
+            add(("lxc.apparmor.allow_nesting", "1"))
+    add(("lxc.signal.halt", "SIGPWR"))
+    add(("lxc.signal.reboot", "SIGINT"))
+
+    if not spec.privileged:
+        if spec.idmap.empty:
+            raise BadRequest("An unprivileged container needs an id map")
+        for line in spec.idmap.lxc_lines():
+            add(("lxc.idmap", line))
+
+    seccomp = seccomp_path(spec)
+    if spec.prepare_host:
+        policy = SECCOMP_POLICY + (SECCOMP_PRIVILEGED_EXTRA if spec.privileged else "")
+        _write_once(seccomp, policy)
+    add(("lxc.seccomp.profile", str(seccomp)))
+
+    # pass-through host paths, as LXD does
+    for host in PASSTHROUGH:
+        if host == "/dev/mqueue" and spec.privileged:
+            add(("lxc.mount.entry", "mqueue dev/mqueue mqueue rw,relatime,create=dir,optional 0 0"))
+            continue
+        if not os.path.exists(host):
+            continue
+        if os.path.isdir(host):
+            add(("lxc.mount.entry", f"{host} {host[1:]} none rbind,create=dir,optional 0 0"))
+        else:
+            add(("lxc.mount.entry", f"{host} {host[1:]} none bind,create=file,optional 0 0"))
+
+    if spec.devlxd_dir is not None:
+        add(("lxc.mount.entry", f"{escape_fstab(str(spec.devlxd_dir))} dev/lxd none bind,create=dir 0 0"))
+
+    # device cgroup rules (privileged only; user namespaces confine the others)
+    dev_prefix = layout.prefix("devices")
+    if spec.privileged and layout.version("devices"):
+        add((dev_prefix + "devices.deny", "a"))
+        for rule in PRIVILEGED_DEVICES:
+            add((dev_prefix + "devices.allow", rule))
+
+    # limits
+    for ver, key, value in limit_items(conf, layout, name=spec.name):
+        add((("lxc.cgroup2." if ver == 2 else "lxc.cgroup.") + key, value))
+    for key in sorted(conf):
+        if key.startswith("limits.kernel.") and conf[key]:
+            soft, hard = cfg.parse_prlimit(conf[key])
+            add((f"lxc.prlimit.{key[len('limits.kernel.'):]}",
+                 soft if soft == hard else f"{soft}:{hard}"))
+
+    # devices: shallower mount paths first, then by name
+    for dname, dev in sorted(spec.expanded_devices.items(),
+                             key=lambda kv: (devs.container_path(kv[1]).count("/"), kv[0])):
+        kind = dev.get("type")
+        if kind == "disk" and not devs.is_root_disk(dev):
+            entry = disk_mount_entry(spec, dname, dev)
+            if entry:
+                add(("lxc.mount.entry", entry))
+        elif kind in ("unix-char", "unix-block"):
+            for key, value in unix_device_items(spec, dname, dev, layout):
+                add((key, value))
+
+    # environment
+    for key in sorted(conf):
+        if key.startswith("environment.") and conf[key] != "":
+            add(("lxc.environment", f"{key[len('environment.'):]}={conf[key]}"))
+
+    add(("lxc.net.0.type", "empty"))
+    items.extend(spec.extra)
+
+    raw = conf.get("raw.lxc", "")
+    if raw:
+        validate_raw_lxc(raw)
+        items.extend(parse_raw_lxc(raw))
+    return items
+
+
+def check_disk_source(name: str, dev: dict[str, str]) -> bool:
+    """True when a host-path disk's source can be bind-mounted; False when it is missing and
+    optional; BadRequest when it is missing and required, or is a block device (mounting a
+    filesystem from a block device is not supported)."""
+    source = dev["source"]
+    try:
+        st = os.stat(source)
+    except FileNotFoundError:
+        if devs.disk_required(dev):
+            raise BadRequest(f"Missing source path {source!r} for disk {name!r}") from None
+        return False
+    except OSError as e:
+        raise BadRequest(f"Invalid source path {source!r} for disk {name!r}: {e.strerror}") from None
+    if stat.S_ISBLK(st.st_mode):
+        raise BadRequest(f"Invalid device {name!r}: block device sources ({source}) are not supported, "
+                         f"only host paths")
+    return True
+
+
+def disk_mount_entry(spec: LxcSpec, name: str, dev: dict[str, str]) -> str | None:
+    """The lxc.mount.entry for a host-path disk, or None for an optional disk whose source is gone."""
+    source = dev["source"]
+    if not check_disk_source(name, dev):
+        return None
+    shift = dev_bool(dev, "shift") and not spec.privileged
+    if shift:
+        from lxd_daemon.runtime.hotplug import idmapped_mounts_supported
+
+        if not idmapped_mounts_supported(source):
+            raise BadRequest(f"Invalid device {name!r}: shift=true needs idmapped mounts, which "
+                             f"the filesystem of {source!r} doesn't support on this kernel")
+    target = devs.container_path(dev).lstrip("/")
+    opts = disk_mount_options(dev, source_is_dir=os.path.isdir(source), shift=shift)
+    return f"{escape_fstab(source)} {escape_fstab(target)} none {','.join(opts)} 0 0"
+
+
+def unix_device_items(spec: LxcSpec, name: str, dev: dict[str, str], layout: CgroupLayout) -> Items:
+    info = unix_node_info(name, dev)
+    if info is None:
+        return []
+    node = unix_node_path(spec.device_dir, name, dev)
+    if spec.prepare_host:
+        make_unix_node(node, info, dev, IdmapSet(()) if spec.privileged else spec.idmap)
+    out: Items = []
+    if spec.privileged and layout.version("devices"):
+        out.append((layout.prefix("devices") + "devices.allow", device_rule(info)))
+    target = devs.container_path(dev).lstrip("/")
+    out.append(("lxc.mount.entry", f"{escape_fstab(str(node))} {escape_fstab(target)} none bind,create=file 0 0"))
+    return out
+
+
+def seccomp_path(spec: LxcSpec) -> Path:
+    """One policy file per kind, shared by all containers: $LXD_DIR/security/seccomp/<kind>."""
+    kind = "privileged" if spec.privileged else "default"
+    return Path(spec.lxcpath).parent / "security" / "seccomp" / kind
+
+
+_WRITTEN: set[tuple[str, str]] = set()
+
+
+def _write_once(path: Path, text: str) -> None:
+    """Write a file if its content differs (checked once per process per path and content)."""
+    key = (str(path), text)
+    if key in _WRITTEN:
+        return
+    try:
+        same = path.read_text() == text
+    except OSError:
+        same = False
+    if not same:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    _WRITTEN.add(key)
+
+
+def to_text(items: Items) -> str:
+    """The configuration file text. A value holding a newline would inject keys: refused."""
+    lines = []
+    for key, value in items:
+        if "\n" in key or "\n" in value or "\r" in value or "\0" in value:
+            raise BadRequest(f"Invalid LXC configuration value for {key}")
+        lines.append(f"{key} = {value}")
+    return "\n".join(lines) + "\n"
