@@ -25,7 +25,9 @@ _REASONS = {404: "not found", 405: "method not allowed", 413: "request body too 
 
 
 def create_app(services: Services, routers=()) -> FastAPI:
-    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    # No trailing-slash redirects: LXD answers /1.0/instances/ with 404, and a redirect would
+    # leave the error envelope.
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.services = services
     for module in (server, operations, events, projects, internal):
         app.include_router(module.router)

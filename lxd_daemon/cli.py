@@ -101,20 +101,37 @@ def waitready(sock: Path, timeout: int) -> int:
     return 0
 
 
+def _alive(pid: int) -> bool:
+    """Whether pid runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
 def shutdown(sock: Path, timeout: int) -> int:
+    """Ask the daemon to stop its containers and exit, then wait until its process is gone.
+
+    Waiting on the pid rather than on the socket: with socket activation the socket outlives
+    the daemon, and probing it would start a new one.
+    """
     from lxd_daemon.client import APIError, Client
 
+    client = Client(sock, timeout=timeout or 600)
     try:
-        Client(sock, timeout=timeout or 600).request("PUT", "/internal/shutdown")
-    except (OSError, APIError) as e:
-        print(f"Error: {e}", file=sys.stderr)
+        pid = int(client.get("/1.0")["environment"]["server_pid"])
+        client.request("PUT", "/internal/shutdown")
+    except (OSError, APIError, KeyError, TypeError, ValueError) as e:
+        print(f"Error: failed to reach the daemon on {sock}: {e}", file=sys.stderr)
         return 1
     deadline = time.monotonic() + timeout if timeout > 0 else None
-    while sock.exists() and _ready(sock):
+    while _alive(pid):
         if deadline is not None and time.monotonic() > deadline:
             print("Error: Daemon still running after timeout", file=sys.stderr)
             return 1
-        time.sleep(0.1)
+        time.sleep(0.05)
     return 0
 
 

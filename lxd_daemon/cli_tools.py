@@ -72,6 +72,34 @@ def apply_preseed(client: Client, seed: dict) -> None:
             client.request("POST", "/1.0/profiles", item)
 
 
+# Sections of `lxd init --dump`: (section, collection, fields kept, keep an entry?).
+_DUMP = (
+    ("networks", "/1.0/networks", ("name", "description", "type", "config"), lambda n: n.get("managed", True)),
+    ("storage_pools", "/1.0/storage-pools", ("name", "description", "driver", "config"), None),
+    ("profiles", "/1.0/profiles", ("name", "description", "config", "devices"), None),
+    ("projects", "/1.0/projects", ("name", "description", "config"), None),
+)
+
+
+def dump(client: Client) -> dict:
+    """The current configuration as a preseed (what `lxd init --preseed` would recreate)."""
+    server = client.get("/1.0") or {}
+    out: dict = {"config": {k: v for k, v in (server.get("config") or {}).items()
+                            if k != "core.trust_password"}}
+    for section, path, fields, keep in _DUMP:
+        try:
+            items = client.get(f"{path}?recursion=1") or []
+        except APIError as e:
+            if e.status == 404:  # an endpoint this daemon does not serve yet
+                out[section] = []
+                continue
+            raise
+        out[section] = [{f: item.get(f) for f in fields if f in item}
+                        for item in items if isinstance(item, dict) and (keep is None or keep(item))]
+    out["cluster"] = None
+    return out
+
+
 def auto_seed(args) -> dict:
     seed: dict = {"config": {}}
     if args.network_address:
@@ -96,9 +124,7 @@ def init(sock: Path, args) -> int:
     client = Client(sock, timeout=600)
     try:
         if args.dump:
-            server = client.get("/1.0")
-            out = {"config": server.get("config", {})}
-            print(yaml.safe_dump(out, sort_keys=False), end="")
+            print(yaml.safe_dump(dump(client), sort_keys=False), end="")
             return 0
         if args.preseed:
             try:
@@ -165,21 +191,53 @@ def sql(lxd_dir: Path, database: str, query: str) -> int:
     return 0
 
 
+_TRUE = ("true", "1", "yes", "on")
+
+
+def _needs_autostart(con: sqlite3.Connection) -> bool:
+    """Whether an instance will be started at daemon start, by the instances subsystem's rule:
+    boot.autostart true in its expanded config, or unset and it was running when the daemon stopped."""
+    import json
+
+    try:
+        config: dict[int, dict[str, str]] = {}
+        for iid, key, value in con.execute("SELECT instance_id, key, value FROM instances_config"):
+            config.setdefault(iid, {})[key] = value
+        profiles: dict[int, list[dict]] = {}
+        for iid, raw in con.execute(
+                "SELECT ip.instance_id, p.config FROM instances_profiles ip JOIN profiles p "
+                "ON p.id = ip.profile_id ORDER BY ip.instance_id, ip.apply_order"):
+            profiles.setdefault(iid, []).append(json.loads(raw or "{}"))
+        ids = [row[0] for row in con.execute("SELECT id FROM instances")]
+    except (sqlite3.OperationalError, ValueError):
+        return False  # no instances schema yet
+    for iid in ids:
+        expanded: dict[str, str] = {}
+        for prof in profiles.get(iid, []):
+            expanded.update(prof)
+        expanded.update(config.get(iid, {}))
+        want = expanded.get("boot.autostart")
+        if want is not None and str(want).lower() in _TRUE:
+            return True
+        if want is None and expanded.get("volatile.last_state.power") == "RUNNING":
+            return True
+    return False
+
+
 def activateifneeded(lxd_dir: Path) -> int:
-    """Start a socket-activated daemon when it has work to do at boot (autostart, a listener)."""
+    """Wake a socket-activated daemon at boot when it has work: a network listener to open or
+    containers to autostart. Otherwise leave it asleep until a client connects."""
     db = lxd_dir / "database" / "lxd.db"
     if not db.exists():
         return 0
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
-        need = con.execute("SELECT 1 FROM config WHERE key='core.https_address' AND value != ''").fetchone()
-        if not need:
-            try:
-                need = con.execute(
-                    "SELECT 1 FROM instances_config WHERE key='boot.autostart' AND value IN ('true','1','yes','on')"
-                ).fetchone()
-            except sqlite3.OperationalError:
-                need = None
+        try:
+            need = con.execute(
+                "SELECT 1 FROM config WHERE key='core.https_address' AND value != ''").fetchone() is not None
+        except sqlite3.OperationalError:
+            need = False
+        need = need or _needs_autostart(con)
     finally:
         con.close()
     if not need:

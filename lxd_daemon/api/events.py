@@ -26,8 +26,14 @@ async def events(websocket: WebSocket) -> None:
         return
     all_projects = websocket.query_params.get("all-projects", "") in ("1", "true")
     project = websocket.query_params.get("project", "default") or "default"
+    # Subscribe before the handshake completes: a client sends its request once connected and
+    # must not miss that request's first events.
     listener = hub.subscribe(types, project=project, all_projects=all_projects)
-    await websocket.accept()
+    try:
+        await websocket.accept()
+    except BaseException:
+        hub.unsubscribe(listener)
+        raise
 
     async def drain_client() -> None:
         # The client never sends anything useful; reading tells us when it goes away.

@@ -10,7 +10,7 @@ from starlette.responses import Response
 from lxd_daemon.api.envelope import error, sync
 from lxd_daemon.api.request import recursion
 from lxd_daemon.errors import BadRequest, LXDError
-from lxd_daemon.services import get_services
+from lxd_daemon.services import get_services, requestor
 
 router = APIRouter()
 log = logging.getLogger("lxd.api")
@@ -36,7 +36,8 @@ async def get_operation(request: Request, op_id: str) -> Response:
 async def cancel_operation(request: Request, op_id: str) -> Response:
     op = get_services(request).ops.get(op_id)
     await op.cancel()
-    get_services(request).events.lifecycle("operation-cancelled", op.url, {"class": op.cls})
+    get_services(request).events.lifecycle("operation-cancelled", op.url, requestor=requestor(request),
+                                            project=op.project)
     return sync({})
 
 

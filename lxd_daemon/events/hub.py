@@ -98,7 +98,9 @@ class EventHub:
 
     def lifecycle(self, action: str, source: str, context: dict | None = None, *,
                   requestor: dict | None = None, project: str = "default") -> None:
-        meta = {"action": action, "source": source, "context": context or {}}
+        meta: dict = {"action": action, "source": source}
+        if context:  # LXD leaves an empty context out
+            meta["context"] = context
         if requestor:
             meta["requestor"] = requestor
         self.publish("lifecycle", meta, project=project)

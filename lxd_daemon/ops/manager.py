@@ -73,7 +73,8 @@ class Operation:
         self.err = ""
         self.created_at = rfc3339()
         self.updated_at = self.created_at
-        self.may_cancel = may_cancel
+        # A token operation can always be cancelled (that is how a token is revoked), as in LXD.
+        self.may_cancel = may_cancel or cls == CLASS_TOKEN
         self._run = run
         self._on_connect = on_connect
         self._on_cancel = on_cancel
@@ -93,7 +94,7 @@ class Operation:
             "updated_at": self.updated_at,
             "status": self.status.label,
             "status_code": self.status.code,
-            "resources": self.resources,
+            "resources": self.resources or None,  # LXD sends null when there are none
             "metadata": self.metadata,
             "may_cancel": self.may_cancel,
             "err": self.err,
@@ -149,8 +150,8 @@ class Operation:
             raise Forbidden("Invalid websocket secret")
 
     async def cancel(self) -> None:
-        if self.status.final:
-            raise BadRequest("Operation has already finished")
+        if self.status not in (Status.PENDING, Status.RUNNING):
+            raise BadRequest("Only running operations can be cancelled")
         if not self.may_cancel:
             raise BadRequest("This operation can't be cancelled")
         self.set_status(Status.CANCELLING)

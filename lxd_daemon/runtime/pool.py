@@ -22,6 +22,8 @@ from lxd_daemon.runtime import protocol
 
 log = logging.getLogger("lxd.runtime")
 
+_LISTEN_VARS = frozenset({"LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"})
+
 
 class WorkerError(Exception):
     """A worker method raised; kind is the exception class name inside the worker."""
@@ -61,7 +63,8 @@ class WorkerProcess:
     def spawn(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            env = dict(os.environ)
+            # Socket-activation variables are meant for the daemon alone.
+            env = {k: v for k, v in os.environ.items() if k not in _LISTEN_VARS}
             env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "lxd_daemon.runtime.worker", str(child.fileno())],

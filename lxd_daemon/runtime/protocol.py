@@ -74,8 +74,12 @@ def send_blocking(sock: socket.socket, obj: object, fds: Sequence[int] = ()) -> 
 
 
 def recv_into(sock: socket.socket, decoder: Decoder) -> bool:
-    """One recvmsg() into the decoder; returns False on EOF."""
-    data, ancdata, _flags, _addr = sock.recvmsg(RECV_SIZE, ANCILLARY)
+    """One recvmsg() into the decoder; returns False on EOF.
+
+    Received descriptors are close-on-exec, so they never leak into a process either side
+    starts later (dup2() onto 0/1/2 for an exec clears the flag where it must).
+    """
+    data, ancdata, _flags, _addr = sock.recvmsg(RECV_SIZE, ANCILLARY, socket.MSG_CMSG_CLOEXEC)
     fds = fds_from_ancdata(ancdata)
     if not data and not fds:
         return False

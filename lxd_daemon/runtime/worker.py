@@ -141,6 +141,29 @@ def pid(worker: Worker) -> int:
     return os.getpid()
 
 
+@method()
+def fstat(worker: Worker, *, fds: list[int] = ()) -> list[dict]:
+    """Describe the file descriptors the daemon passed in (type, device, inode, size).
+
+    The daemon uses it to check that a descriptor it hands to a worker (a pipe, a pty, an open
+    file) is the object it means, as the worker sees it.
+    """
+    out = []
+    for fd in fds:
+        st = os.fstat(fd)
+        out.append({"mode": st.st_mode, "dev": st.st_dev, "ino": st.st_ino, "size": st.st_size})
+    return out
+
+
+@method()
+def open_path(worker: Worker, path: str, flags: int = os.O_RDONLY, mode: int = 0o600) -> Reply:
+    """Open a path as the worker sees it (for example under /proc/<pid>/root of a container)
+    and pass the descriptor back to the daemon. O_CLOEXEC is always added.
+    """
+    fd = os.open(path, flags | os.O_CLOEXEC, mode)
+    return Reply({"path": path}, [fd])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     fd = int(argv[0])
@@ -154,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         pass
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
+    # Run as __main__: let `from lxd_daemon.runtime.worker import method` reach this registry.
+    sys.modules.setdefault("lxd_daemon.runtime.worker", sys.modules[__name__])
     import lxd_daemon.runtime.attach  # noqa: F401  (methods register themselves on import)
+    import lxd_daemon.runtime.hotplug  # noqa: F401
     import lxd_daemon.runtime.lxcops  # noqa: F401
 
     Worker(sock).run()
