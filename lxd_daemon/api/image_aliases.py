@@ -1,0 +1,84 @@
+"""`/1.0/images/aliases`: list, create, get, update, rename, delete. Names may contain `/`."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from lxd_daemon.api.envelope import sync
+from lxd_daemon.api.request import check_etag, parse, read_json, recursion, validate
+from lxd_daemon.errors import BadRequest
+from lxd_daemon.images.service import alias_etag
+from lxd_daemon.services import get_services, requestor
+from lxd_daemon.wire.images import ImageAliasesEntryPost, ImageAliasesEntryPut, ImageAliasesPost
+
+router = APIRouter()
+
+
+def _trusted(request: Request) -> bool:
+    return request.scope.get("lxd_trusted", True)
+
+
+def alias_url(name: str) -> str:
+    return "/1.0/images/aliases/" + quote(name, safe="/")
+
+
+@router.get("/1.0/images/aliases")
+async def list_aliases(request: Request) -> Response:
+    aliases = await get_services(request).images.list_aliases(public_only=not _trusted(request))
+    if recursion(request):
+        return sync(aliases)
+    return sync([alias_url(a["name"]) for a in aliases])
+
+
+@router.post("/1.0/images/aliases")
+async def create_alias(request: Request) -> Response:
+    body = await parse(request, ImageAliasesPost)
+    if not body.name or not body.target:
+        raise BadRequest("name and target are required")
+    await get_services(request).images.create_alias(body.name, body.target, body.description,
+                                                    requestor=requestor(request))
+    return sync(None, status=201, location=alias_url(body.name))
+
+
+@router.get("/1.0/images/aliases/{name:path}")
+async def get_alias(request: Request, name: str) -> Response:
+    alias = await get_services(request).images.get_alias(name, public_only=not _trusted(request))
+    return sync(alias, etag=alias_etag(alias))
+
+
+async def _update(request: Request, name: str, replace: bool) -> Response:
+    raw = await read_json(request, default={})
+    body = validate(ImageAliasesEntryPut, raw)
+    values = {k: getattr(body, k) for k in body.model_fields_set}
+    await get_services(request).images.update_alias(
+        name, values, replace=replace, if_match=lambda etag: check_etag(request, etag),
+        requestor=requestor(request))
+    return sync({})
+
+
+@router.put("/1.0/images/aliases/{name:path}")
+async def put_alias(request: Request, name: str) -> Response:
+    return await _update(request, name, True)
+
+
+@router.patch("/1.0/images/aliases/{name:path}")
+async def patch_alias(request: Request, name: str) -> Response:
+    return await _update(request, name, False)
+
+
+@router.post("/1.0/images/aliases/{name:path}")
+async def rename_alias(request: Request, name: str) -> Response:
+    body = await parse(request, ImageAliasesEntryPost)
+    if not body.name:
+        raise BadRequest("The new alias name is required")
+    await get_services(request).images.rename_alias(name, body.name, requestor=requestor(request))
+    return sync(None, status=201, location=alias_url(body.name))
+
+
+@router.delete("/1.0/images/aliases/{name:path}")
+async def delete_alias(request: Request, name: str) -> Response:
+    await get_services(request).images.delete_alias(name, requestor=requestor(request))
+    return sync({})

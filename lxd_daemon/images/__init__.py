@@ -1,0 +1,1 @@
+"""The local image store: formats, uploads, aliases, unpacking and publishing."""

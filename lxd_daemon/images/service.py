@@ -1,0 +1,711 @@
+"""The image service: the store's records, uploads, aliases, unpacking, publishing.
+
+Used by the API routers and by other subsystems (instances: resolve/get/unpack/mark_used; storage:
+path/rootfs_path and the on_delete hooks). Never imports fastapi.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from lxd_daemon.api.envelope import etag_of
+from lxd_daemon.errors import BadRequest, Conflict, NotFound
+from lxd_daemon.images import formats
+from lxd_daemon.images.models import Image, ImageAlias
+from lxd_daemon.images.multipart import MultipartParser, boundary_of
+from lxd_daemon.images.store import AsyncSink, HashingWriter, ImageStore
+from lxd_daemon.util.timefmt import ZERO_TIME, parse_rfc3339, rfc3339
+
+log = logging.getLogger("lxd.images")
+
+HEX = set("0123456789abcdef")
+SMALL_UPLOAD = 8 << 20  # uploads up to this size are gathered in memory before they are stored
+
+
+def ts(value: float | None) -> str:
+    return ZERO_TIME if not value else rfc3339(value)
+
+
+def parse_time(value: str | None) -> float | None:
+    if not value or value.startswith("0001-01-01"):
+        return None
+    try:
+        return parse_rfc3339(value)
+    except ValueError:
+        raise BadRequest(f"Invalid timestamp {value!r}") from None
+
+
+def check_alias_name(name: str) -> None:
+    if not name:
+        raise BadRequest("Alias name is required")
+    if len(name) > 255 or any(ord(c) < 32 or c == "\x7f" for c in name) or ":" in name:
+        raise BadRequest(f"Invalid alias name {name!r}")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise BadRequest(f"Invalid alias name {name!r}: empty, '.' or '..' path component")
+
+
+def render(row: Image, aliases: list[ImageAlias]) -> dict:
+    out = {
+        "auto_update": row.auto_update,
+        "properties": json.loads(row.properties),
+        "public": row.public,
+        "expires_at": ts(row.expires_at),
+        "profiles": json.loads(row.profiles),
+        "aliases": [{"name": a.name, "description": a.description} for a in sorted(aliases, key=lambda a: a.name)],
+        "architecture": row.architecture,
+        "cached": row.cached,
+        "filename": row.filename,
+        "fingerprint": row.fingerprint,
+        "size": row.size,
+        "type": row.type,
+        "created_at": ts(row.created_at),
+        "last_used_at": ts(row.last_used_at),
+        "uploaded_at": ts(row.uploaded_at),
+    }
+    if row.source_server:
+        out["update_source"] = {
+            "alias": row.source_alias or "", "certificate": row.source_certificate or "",
+            "protocol": row.source_protocol or "", "server": row.source_server,
+            "image_type": row.source_image_type or "",
+        }
+    return out
+
+
+def image_etag(img: dict) -> str:
+    return etag_of(img["public"], img["auto_update"], img["properties"])
+
+
+def alias_etag(alias: dict) -> str:
+    return etag_of(alias)
+
+
+@dataclass
+class Upload:
+    """An upload received into a work directory, not yet checked or stored."""
+
+    workdir: Path | None  # None: meta is a lone temp file in the store
+    meta: Path
+    rootfs: Path | None
+    fingerprint: str
+    size: int
+    compression: str = ""
+    rootfs_format: str = ""
+    part_filename: str = ""
+    scan: formats.ScanResult | None = None
+    metadata: dict = field(default_factory=dict)
+
+    def discard(self) -> None:
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            return
+        for p in (self.meta, self.rootfs):
+            if p is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+
+
+def _prefix_query(prefix: str, public_only: bool):
+    q = select(Image).where(Image.fingerprint.startswith(prefix))
+    if public_only:
+        q = q.where(Image.public.is_(True))
+    return q.limit(2)
+
+
+class ImageService:
+    def __init__(self, *, lxd_dir: Path, db, events, ops, server, services=None):
+        self.db = db
+        self.events = events
+        self.ops = ops
+        self.server = server
+        self.services = services
+        self.store = ImageStore(Path(lxd_dir) / "images")
+        self._finalize = asyncio.Lock()
+        self._publish = asyncio.Lock()
+        # Called with a fingerprint after an image is deleted (storage drops cached volumes).
+        self.on_delete: list[Callable[[str], Awaitable[None]]] = []
+        self._token_expiry: dict[str, asyncio.TimerHandle] = {}
+        self._background: set[asyncio.Future] = set()
+
+    # -- files -----------------------------------------------------------------------------
+    def path(self, fingerprint: str) -> Path:
+        return self.store.path(fingerprint)
+
+    async def files(self, fingerprint: str) -> tuple[str, bool, list[tuple[str, Path]]]:
+        """(fingerprint, public, [(export file name, path)]): one file, or a split image's metadata
+        and rootfs files."""
+        def load(session):
+            row = self._find(session, fingerprint)
+            return row.fingerprint, row.public, row.layout, row.compression, row.rootfs_format
+
+        fp, public, layout, compression, rootfs_format = await self.db.run(load)
+        ext = formats.EXTENSIONS.get(compression, "")
+        if layout != "split":
+            return fp, public, [(fp + ext, self.store.path(fp))]
+        return fp, public, [("meta-" + fp + ext, self.store.path(fp)),
+                            (fp + formats.EXTENSIONS.get(rootfs_format, ""), self.store.rootfs_path(fp))]
+
+    def rootfs_path(self, fingerprint: str) -> Path | None:
+        p = self.store.rootfs_path(fingerprint)
+        return p if p.exists() else None
+
+    async def cleanup(self) -> list[str]:
+        known = set(await self.db.run(lambda s: list(s.scalars(select(Image.fingerprint)))))
+        return await asyncio.to_thread(self.store.cleanup, known)
+
+    # -- reading ---------------------------------------------------------------------------
+    async def _load(self, fn):
+        return await self.db.run(fn)
+
+    @staticmethod
+    def _find(session, prefix: str, public_only: bool = False) -> Image:
+        prefix = prefix.lower()
+        if not prefix or len(prefix) > 64 or not set(prefix) <= HEX:
+            raise NotFound("Image not found")
+        rows = list(session.scalars(_prefix_query(prefix, public_only)))
+        if not rows:
+            raise NotFound("Image not found")
+        if len(rows) > 1:
+            exact = [r for r in rows if r.fingerprint == prefix]
+            if exact:
+                return exact[0]
+            raise BadRequest(f"More than one image matches the fingerprint prefix {prefix!r}")
+        return rows[0]
+
+    @staticmethod
+    def _aliases_of(session, image_id: int) -> list[ImageAlias]:
+        return list(session.scalars(select(ImageAlias).where(ImageAlias.image_id == image_id)))
+
+    async def get(self, fingerprint: str, *, public_only: bool = False) -> dict:
+        """The image with this fingerprint or unique prefix (NotFound, or BadRequest if ambiguous)."""
+        def load(session):
+            row = self._find(session, fingerprint, public_only)
+            return render(row, self._aliases_of(session, row.id))
+
+        return await self.db.run(load)
+
+    async def list(self, *, public_only: bool = False) -> list[dict]:
+        def load(session):
+            q = select(Image).order_by(Image.fingerprint)
+            if public_only:
+                q = q.where(Image.public.is_(True))
+            rows = list(session.scalars(q))
+            by_image: dict[int, list[ImageAlias]] = {}
+            for a in session.scalars(select(ImageAlias)):
+                by_image.setdefault(a.image_id, []).append(a)
+            return [render(r, by_image.get(r.id, [])) for r in rows]
+
+        return await self.db.run(load)
+
+    async def resolve(self, name: str) -> dict:
+        """An image by alias, full fingerprint or unique prefix (raises NotFound)."""
+        def load(session):
+            alias = session.scalars(select(ImageAlias).where(ImageAlias.name == name)).first()
+            if alias is not None:
+                row = session.get(Image, alias.image_id)
+            else:
+                row = self._find(session, name)
+            return render(row, self._aliases_of(session, row.id))
+
+        try:
+            return await self.db.run(load)
+        except BadRequest:
+            raise
+        except NotFound:
+            raise NotFound(f"Image {name!r} not found") from None
+
+    async def find_by_properties(self, properties: dict[str, str]) -> dict:
+        """The newest image whose properties include all of these (an instance source by properties)."""
+        if not properties:
+            raise BadRequest("No image properties given")
+        matches = [i for i in await self.list()
+                   if all(i["properties"].get(k) == v for k, v in properties.items())]
+        if not matches:
+            raise NotFound("No image matches the given properties")
+        return max(matches, key=lambda i: (i["created_at"], i["uploaded_at"]))
+
+    async def mark_used(self, fingerprint: str) -> None:
+        now = time.time()
+
+        def write(session):
+            row = session.scalars(select(Image).where(Image.fingerprint == fingerprint)).first()
+            if row is None:
+                raise NotFound("Image not found")
+            row.last_used_at = now
+
+        await self.db.run(write)
+
+    # -- receiving uploads --------------------------------------------------------------------
+    async def receive(self, chunks: AsyncIterator[bytes], content_type: str) -> Upload:
+        """Stream a request body to temp files under the store, hashing as it goes.
+
+        Bodies up to SMALL_UPLOAD are gathered in memory and stored with one thread hop; bigger ones
+        are written and hashed block by block while the rest arrives (AsyncSink)."""
+        if content_type.split(";")[0].strip().lower() == "multipart/form-data":
+            workdir = await asyncio.to_thread(self.store.new_workdir)
+            try:
+                return await self._receive_multipart(workdir, chunks, content_type)
+            except BaseException:
+                await asyncio.to_thread(shutil.rmtree, workdir, True)
+                raise
+        buf = bytearray()
+        temp: Path | None = None
+        sink: AsyncSink | None = None
+        try:
+            async for chunk in chunks:
+                if sink is not None:
+                    await sink.write(chunk)
+                    continue
+                buf += chunk
+                if len(buf) > SMALL_UPLOAD:
+                    temp = await asyncio.to_thread(self.store.new_tempfile)
+                    sink = AsyncSink(HashingWriter(temp))
+                    await sink.write(bytes(buf))
+                    buf = bytearray()
+            if sink is None:
+                if not buf:
+                    raise BadRequest("Empty image upload")
+                data = bytes(buf)
+                compression = formats.detect_compression(data[:512])
+                path, fp = await asyncio.to_thread(self._store_small, data)
+                return Upload(workdir=None, meta=path, rootfs=None, fingerprint=fp, size=len(data),
+                              compression=compression)
+            await sink.finish()
+            writer = sink.writer
+            return Upload(workdir=None, meta=writer.path, rootfs=None,
+                          fingerprint=writer.hasher.hexdigest(), size=writer.size,
+                          compression=formats.detect_compression(writer.head))
+        except BaseException:
+            if sink is not None:
+                await sink.abort()
+            if temp is not None:
+                await asyncio.to_thread(temp.unlink, True)
+            raise
+
+    def _store_small(self, data: bytes) -> tuple[Path, str]:
+        path = self.store.new_tempfile()
+        try:
+            path.write_bytes(data)
+            return path, hashlib.sha256(data).hexdigest()
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+    async def _receive_multipart(self, workdir: Path, chunks: AsyncIterator[bytes], content_type: str) -> Upload:
+        parser = MultipartParser(boundary_of(content_type))
+        hasher = hashlib.sha256()
+        writers: dict[str, HashingWriter] = {}
+        sink: AsyncSink | None = None
+        expected = ["metadata", "rootfs"]
+        rootfs_name = ""
+        try:
+            async for chunk in chunks:
+                for ev in parser.feed(chunk):
+                    if ev[0] == "begin":
+                        name = ev[1]
+                        if name == "rootfs.img":
+                            raise BadRequest("Virtual-machine images are not supported by this server")
+                        if not expected or name != expected[0]:
+                            raise BadRequest("Invalid multipart image: expected the parts 'metadata' "
+                                             f"then 'rootfs', got {name!r}")
+                        expected.pop(0)
+                        if name == "rootfs":
+                            rootfs_name = ev[2]
+                        writers[name] = HashingWriter(workdir / name, hasher)
+                        sink = AsyncSink(writers[name])
+                    elif ev[0] == "data":
+                        await sink.write(ev[1])
+                    else:
+                        await sink.finish()
+                        sink = None
+            parser.finish()
+            if expected:
+                raise BadRequest(f"Invalid multipart image: missing the {expected[0]!r} part")
+        except BaseException:
+            if sink is not None:
+                await sink.abort()
+            for w in writers.values():
+                w.close()
+            raise
+        meta, rootfs = writers["metadata"], writers["rootfs"]
+        if meta.size == 0 or rootfs.size == 0:
+            raise BadRequest("Invalid multipart image: empty part")
+        rootfs_format = formats.detect_compression(rootfs.head)
+        meta_comp = formats.detect_compression(meta.head)
+        if meta_comp == "squashfs":
+            raise BadRequest("Invalid multipart image: the metadata part must be a tarball")
+        return Upload(workdir=workdir, meta=meta.path, rootfs=rootfs.path, fingerprint=hasher.hexdigest(),
+                      size=meta.size + rootfs.size, compression=meta_comp, rootfs_format=rootfs_format,
+                      part_filename=rootfs_name)
+
+    async def check(self, upload: Upload, expected_fingerprint: str = "") -> None:
+        """Verify fingerprint, uniqueness and contents (raises, the caller discards)."""
+        if expected_fingerprint and expected_fingerprint.lower() != upload.fingerprint:
+            raise BadRequest(f"Fingerprint mismatch: got {upload.fingerprint}, expected {expected_fingerprint}")
+        if upload.compression == "squashfs" and upload.rootfs is None:
+            raise BadRequest("Unified squashfs images are not supported: upload a metadata tarball "
+                             "and a squashfs root filesystem")
+        # The duplicate check and the content scan run side by side; a duplicate is reported first.
+        scan = asyncio.ensure_future(asyncio.to_thread(self._scan, upload))
+        try:
+            await self._check_new(upload.fingerprint)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await scan
+            raise
+        upload.scan = await scan
+        upload.metadata = upload.scan.metadata or {}
+
+    @staticmethod
+    def _scan(upload: Upload) -> formats.ScanResult:
+        if upload.rootfs is None:
+            return formats.scan_tarball(upload.meta, upload.compression, "unified")
+        result = formats.scan_tarball(upload.meta, upload.compression, "meta")
+        if upload.rootfs_format == "squashfs":
+            formats.scan_squashfs(upload.rootfs)
+        else:
+            formats.scan_tarball(upload.rootfs, upload.rootfs_format, "rootfs")
+        return result
+
+    async def _check_new(self, fingerprint: str) -> None:
+        def exists(session):
+            return session.scalars(select(Image.id).where(Image.fingerprint == fingerprint)).first()
+
+        if await self.db.run(exists) is not None:
+            raise Conflict(f"Image with same fingerprint already exists: {fingerprint}")
+
+    async def add(self, upload: Upload, *, filename: str = "", public: bool = False,
+                  properties: dict[str, str] | None = None, aliases: list[dict] | None = None,
+                  profiles: list[str] | None = None, expires_at: float | None = None,
+                  auto_update: bool = False, cached: bool = False, source: dict | None = None,
+                  requestor: dict | None = None) -> dict:
+        """Store a checked upload and create its record and aliases, all or nothing."""
+        meta = upload.metadata
+        props = dict(meta.get("properties") or {})
+        props.update(properties or {})
+        for a in aliases or []:
+            check_alias_name(a.get("name", ""))
+        now = time.time()
+        row = Image(
+            fingerprint=upload.fingerprint, project="default", filename=filename, size=upload.size,
+            architecture=meta.get("architecture", ""), type="container",
+            layout="unified" if upload.rootfs is None else "split", rootfs_format=upload.rootfs_format,
+            compression=upload.compression,
+            properties=json.dumps(props), profiles=json.dumps(profiles if profiles is not None else ["default"]),
+            public=public, auto_update=auto_update, cached=cached,
+            created_at=float(meta.get("creation_date") or 0) or None,
+            expires_at=expires_at if expires_at is not None else (float(meta.get("expiry_date") or 0) or None),
+            uploaded_at=now, last_used_at=None,
+        )
+        if source:
+            row.source_server = source.get("server")
+            row.source_protocol = source.get("protocol")
+            row.source_certificate = source.get("certificate")
+            row.source_alias = source.get("alias")
+            row.source_image_type = source.get("image_type")
+
+        def insert(session):
+            # On the database thread, which serialises every import: check, move the files into
+            # place, write the rows. A failure removes the files again (the rows roll back).
+            try:
+                if session.scalars(select(Image.id).where(Image.fingerprint == upload.fingerprint)).first():
+                    raise Conflict(f"Image with same fingerprint already exists: {upload.fingerprint}")
+                self.store.install(upload.fingerprint, upload.meta, upload.rootfs)
+                try:
+                    session.add(row)
+                    session.flush()
+                    for a in aliases or []:
+                        if session.scalars(select(ImageAlias.id).where(ImageAlias.name == a["name"])).first():
+                            raise Conflict(f"Alias already exists: {a['name']}")
+                        session.add(ImageAlias(project="default", name=a["name"], image_id=row.id,
+                                               description=a.get("description", "")))
+                    session.flush()
+                    return render(row, self._aliases_of(session, row.id))
+                except BaseException:
+                    self.store.remove(upload.fingerprint)
+                    raise
+            finally:
+                upload.discard()
+
+        async with self._finalize:  # not between a delete's row removal and its file removal
+            img = await self.db.run(insert)
+        self.events.lifecycle("image-created", f"/1.0/images/{img['fingerprint']}", {"type": img["type"]},
+                              requestor=requestor)
+        for a in aliases or []:
+            self.events.lifecycle("image-alias-created", f"/1.0/images/aliases/{a['name']}",
+                                  {"target": img["fingerprint"]}, requestor=requestor)
+        log.info("image added", extra={"fingerprint": img["fingerprint"], "size": img["size"]})
+        return img
+
+    # -- updates ---------------------------------------------------------------------------
+    async def update(self, fingerprint: str, *, values: dict[str, Any], replace: bool,
+                     if_match: Callable[[str], None] | None = None, requestor: dict | None = None) -> None:
+        """PUT (replace=True: every field) or PATCH (only the given fields; properties merge)."""
+        def write(session):
+            row = self._find(session, fingerprint)
+            current = render(row, [])
+            if if_match is not None:
+                if_match(image_etag(current))
+            if replace or "public" in values:
+                row.public = bool(values.get("public", False))
+            if replace or "auto_update" in values:
+                row.auto_update = bool(values.get("auto_update", False))
+            if "properties" in values or replace:
+                props = values.get("properties") or {}
+                if not replace:
+                    props = {**current["properties"], **props}
+                row.properties = json.dumps(props)
+            expires = parse_time(values.get("expires_at"))
+            if expires is not None:  # LXD keeps the current expiry when given the zero time
+                row.expires_at = expires
+            if replace or "profiles" in values:
+                profiles = values.get("profiles")
+                row.profiles = json.dumps(profiles if profiles is not None else ["default"])
+            return row.fingerprint
+
+        fp = await self.db.run(write)
+        self.events.lifecycle("image-updated", f"/1.0/images/{fp}", requestor=requestor)
+
+    async def delete(self, fingerprint: str, *, requestor: dict | None = None) -> None:
+        def remove(session):
+            row = self._find(session, fingerprint)
+            fp = row.fingerprint
+            session.delete(row)
+            return fp
+
+        async with self._finalize:
+            fp = await self.db.run(remove)
+            retired = await asyncio.to_thread(self.store.retire, fp)
+        # Unlinking happens in the background: the image is gone once its row and names are.
+        task = asyncio.ensure_future(asyncio.to_thread(_unlink_all, retired))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        for hook in self.on_delete:
+            try:
+                await hook(fp)
+            except Exception:
+                log.exception("image delete hook failed", extra={"fingerprint": fp})
+        self.events.lifecycle("image-deleted", f"/1.0/images/{fp}", requestor=requestor)
+
+    async def drain(self) -> None:
+        """Wait for background file removals (at exit, and for tests)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    # -- aliases ---------------------------------------------------------------------------
+    @staticmethod
+    def _alias_dict(alias: ImageAlias, image: Image) -> dict:
+        return {"name": alias.name, "description": alias.description, "target": image.fingerprint,
+                "type": image.type}
+
+    async def list_aliases(self, *, public_only: bool = False) -> list[dict]:
+        def load(session):
+            q = select(ImageAlias, Image).join(Image, ImageAlias.image_id == Image.id).order_by(ImageAlias.name)
+            if public_only:
+                q = q.where(Image.public.is_(True))
+            return [self._alias_dict(a, i) for a, i in session.execute(q)]
+
+        return await self.db.run(load)
+
+    @staticmethod
+    def _get_alias(session, name: str, public_only: bool = False) -> tuple[ImageAlias, Image]:
+        row = session.execute(select(ImageAlias, Image).join(Image, ImageAlias.image_id == Image.id)
+                              .where(ImageAlias.name == name)).first()
+        if row is None or (public_only and not row[1].public):
+            raise NotFound("Image alias not found")
+        return row[0], row[1]
+
+    async def get_alias(self, name: str, *, public_only: bool = False) -> dict:
+        def load(session):
+            a, i = self._get_alias(session, name, public_only)
+            return self._alias_dict(a, i)
+
+        return await self.db.run(load)
+
+    async def create_alias(self, name: str, target: str, description: str = "", *,
+                           requestor: dict | None = None) -> dict:
+        check_alias_name(name)
+        if not target:
+            raise BadRequest("name and target are required")
+
+        def write(session):
+            if session.scalars(select(ImageAlias.id).where(ImageAlias.name == name)).first():
+                raise Conflict(f"Alias {name!r} already exists")
+            img = self._find(session, target)
+            a = ImageAlias(project="default", name=name, image_id=img.id, description=description)
+            session.add(a)
+            session.flush()
+            return self._alias_dict(a, img)
+
+        alias = await self.db.run(write)
+        self.events.lifecycle("image-alias-created", f"/1.0/images/aliases/{name}",
+                              {"target": alias["target"]}, requestor=requestor)
+        return alias
+
+    async def update_alias(self, name: str, values: dict[str, Any], *, replace: bool,
+                           if_match: Callable[[str], None] | None = None, requestor: dict | None = None) -> None:
+        if replace and not values.get("target"):
+            raise BadRequest("The target field is required")
+
+        def write(session):
+            a, img = self._get_alias(session, name)
+            if if_match is not None:
+                if_match(alias_etag(self._alias_dict(a, img)))
+            if values.get("target") is not None and (replace or "target" in values):
+                img = self._find(session, values["target"])
+                a.image_id = img.id
+            if replace or "description" in values:
+                a.description = values.get("description") or ""
+            return img.fingerprint
+
+        target = await self.db.run(write)
+        self.events.lifecycle("image-alias-updated", f"/1.0/images/aliases/{name}", {"target": target},
+                              requestor=requestor)
+
+    async def rename_alias(self, name: str, new_name: str, *, requestor: dict | None = None) -> None:
+        check_alias_name(new_name)
+
+        def write(session):
+            if session.scalars(select(ImageAlias.id).where(ImageAlias.name == new_name)).first():
+                raise Conflict(f"Alias {new_name!r} already exists")
+            a, _ = self._get_alias(session, name)
+            a.name = new_name
+
+        await self.db.run(write)
+        self.events.lifecycle("image-alias-renamed", f"/1.0/images/aliases/{new_name}", {"old_name": name},
+                              requestor=requestor)
+
+    async def delete_alias(self, name: str, *, requestor: dict | None = None) -> None:
+        def write(session):
+            a, _ = self._get_alias(session, name)
+            session.delete(a)
+
+        await self.db.run(write)
+        self.events.lifecycle("image-alias-deleted", f"/1.0/images/aliases/{name}", requestor=requestor)
+
+    # -- secrets (one-use download tokens) -----------------------------------------------------
+    def create_secret(self, fingerprint: str, *, requestor: dict | None = None):
+        import secrets as _secrets
+
+        from lxd_daemon.ops.manager import CLASS_TOKEN
+
+        secret = _secrets.token_hex(32)
+        op = self.ops.create(cls=CLASS_TOKEN, description="Image download token",
+                             resources={"images": [f"/1.0/images/{fingerprint}"]},
+                             metadata={"secret": secret, "fingerprint": fingerprint}, may_cancel=True)
+        self.events.lifecycle("image-secret-created", f"/1.0/images/{fingerprint}", requestor=requestor)
+        return op
+
+    def use_secret(self, fingerprint: str, secret: str | None) -> bool:
+        """True if secret is a live token for this image; it then expires 5 s after first use."""
+        if not secret:
+            return False
+        from lxd_daemon.ops.manager import CLASS_TOKEN
+
+        op = self.ops.find(lambda o: o.cls == CLASS_TOKEN and not o.status.final and o.metadata
+                           and o.metadata.get("secret") == secret
+                           and o.metadata.get("fingerprint") == fingerprint)
+        if op is None:
+            return False
+        if op.id not in self._token_expiry:
+            loop = asyncio.get_running_loop()
+
+            def expire():
+                self._token_expiry.pop(op.id, None)
+                if not op.status.final:
+                    from lxd_daemon.ops.manager import Status
+
+                    op.set_status(Status.CANCELLED, "Token used")
+
+            self._token_expiry[op.id] = loop.call_later(5.0, expire)
+        return True
+
+    # -- unpacking -------------------------------------------------------------------------
+    async def unpack(self, fingerprint: str, dest: Path, *, uid_shift: int = 0, gid_shift: int = 0) -> dict:
+        """Create dest/rootfs (ids shifted), dest/metadata.yaml and dest/templates from an image."""
+        from lxd_daemon.images.unpack import unpack
+
+        def load(session):
+            row = self._find(session, fingerprint)
+            return row.fingerprint, row.layout, row.rootfs_format
+
+        fp, layout, rootfs_format = await self.db.run(load)
+        rootfs = self.store.rootfs_path(fp) if layout == "split" else None
+        return await asyncio.to_thread(unpack, self.store.path(fp), rootfs, rootfs_format, Path(dest),
+                                       uid_shift=uid_shift, gid_shift=gid_shift)
+
+    # -- publishing ------------------------------------------------------------------------
+    def compression_default(self) -> str:
+        return self.server.config.get("images.compression_algorithm") or "gzip"
+
+    async def publish(self, op, *, source_type: str, name: str, compression: str, filename: str,
+                      public: bool, properties: dict[str, str] | None, aliases: list[dict],
+                      expires_at: float | None, profiles: list[str] | None,
+                      requestor: dict | None = None) -> dict:
+        from lxd_daemon.images.publish import build_image
+
+        instances = self.services.instances if self.services is not None else None
+        if instances is None:
+            raise BadRequest("instances are not available")
+        for a in aliases:
+            check_alias_name(a.get("name", ""))
+        async with self._publish:
+            workdir = await asyncio.to_thread(self.store.new_workdir)
+            try:
+                async with instances.frozen_rootfs(name) as src:
+                    def progress(done: int, total: int, speed: float) -> None:
+                        pct = int(done * 100 / total) if total else 0
+                        stage = "create_image_from_container_pack"
+                        meta = {"progress": {"stage": stage, "percent": str(pct), "processed": str(done),
+                                             "speed": str(int(speed))}}
+                        meta[f"{stage}_progress"] = f"Image pack: {pct}% ({_size(speed)}/s)"
+                        loop.call_soon_threadsafe(op.update_metadata, meta)
+
+                    loop = asyncio.get_running_loop()
+                    built = await asyncio.to_thread(build_image, src, workdir, compression=compression,
+                                                    properties=properties, progress=progress)
+                upload = Upload(workdir=workdir, meta=built.path, rootfs=None, fingerprint=built.fingerprint,
+                                size=built.size, compression=compression, metadata=built.metadata)
+                try:
+                    await self._check_new(upload.fingerprint)
+                except Conflict:
+                    raise Conflict(f"The image already exists: {upload.fingerprint}") from None
+                img = await self.add(upload, filename=filename, public=public, properties=None,
+                                     aliases=aliases, profiles=profiles, expires_at=expires_at,
+                                     requestor=requestor)
+            except BaseException:
+                await asyncio.to_thread(shutil.rmtree, workdir, True)
+                raise
+        return img
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except OSError:
+            log.warning("could not remove a deleted image file", extra={"path": str(p)})
+
+
+def _size(n: float) -> str:
+    if n < 1000:
+        return f"{int(n)}B"
+    for unit in ("kB", "MB", "GB", "TB", "PB", "EB"):
+        n /= 1000
+        if n < 1000:
+            return f"{n:.2f}{unit}"
+    return f"{n:.2f}EB"
+
+
+__all__ = ["ImageService", "Upload", "render", "image_etag", "alias_etag", "check_alias_name"]

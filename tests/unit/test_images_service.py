@@ -1,0 +1,176 @@
+"""The image service in process: real SQLite (migrated), real event hub and operations.
+
+Publishing needs an instance; the instances service is replaced by the smallest object with its
+`frozen_rootfs()` contract. The real end-to-end publish (`lxc publish`) is in the instances tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from lxd_daemon.db import Database, migrate
+from lxd_daemon.errors import BadRequest, Conflict, NotFound
+from lxd_daemon.events import EventHub
+from lxd_daemon.images.service import ImageService
+from lxd_daemon.ops import OperationManager
+from lxd_daemon.server.config import ServerConfig
+from tests.unit.test_images_formats import make_image
+
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown)")
+
+
+class FakeInstances:
+    def __init__(self, base: Path):
+        self.base = base
+
+    @contextlib.asynccontextmanager
+    async def frozen_rootfs(self, name: str):
+        if name != "c1":
+            raise NotFound("Instance not found")
+        yield SimpleNamespace(rootfs=self.base / "rootfs", metadata_dir=self.base, uid_shift=100000,
+                              gid_shift=100000)
+
+
+@pytest.fixture
+def env(tmp_path):
+    db_path = tmp_path / "lxd.db"
+    migrate.upgrade(db_path)
+    db = Database(db_path)
+    events = EventHub()
+    services = SimpleNamespace(instances=None)
+    svc = ImageService(lxd_dir=tmp_path, db=db, events=events, ops=OperationManager(events),
+                       server=SimpleNamespace(config=ServerConfig({"images.compression_algorithm": "xz"})),
+                       services=services)
+    yield SimpleNamespace(svc=svc, db=db, events=events, services=services, tmp=tmp_path)
+    db.close()
+
+
+async def _chunks(data: bytes, size: int = 65536):
+    for i in range(0, len(data), size):
+        yield data[i:i + size]
+
+
+async def _import(svc: ImageService, path: Path, **kw) -> dict:
+    upload = await svc.receive(_chunks(path.read_bytes()), "application/octet-stream")
+    try:
+        await svc.check(upload)
+    except BaseException:
+        upload.discard()
+        raise
+    return await svc.add(upload, **kw)
+
+
+def test_import_resolve_unpack_and_delete(env):
+    async def main():
+        svc = env.svc
+        listener = env.events.subscribe(["lifecycle"])
+        env.events.bind_loop(asyncio.get_running_loop())
+        path = make_image(env.tmp / "a.tar.gz")
+        img = await _import(svc, path, aliases=[{"name": "x/y"}],
+                            properties={"extra": "1"})
+        fp = img["fingerprint"]
+        assert img["properties"] == {"os": "busybox", "release": "1", "extra": "1"}
+        assert (await svc.resolve("x/y"))["fingerprint"] == fp
+        assert (await svc.resolve(fp[:10]))["fingerprint"] == fp
+        assert (await svc.find_by_properties({"os": "busybox"}))["fingerprint"] == fp
+        with pytest.raises(NotFound):
+            await svc.resolve("nope")
+        with pytest.raises(NotFound):
+            await svc.find_by_properties({"os": "other"})
+        await svc.mark_used(fp)
+        assert (await svc.get(fp))["last_used_at"] != "0001-01-01T00:00:00Z"
+        dest = env.tmp / "inst"
+        meta = await svc.unpack(fp, dest)
+        assert meta["architecture"] == "x86_64" and (dest / "rootfs" / "bin" / "hello").is_file()
+        with pytest.raises(Conflict, match=fp):
+            await _import(svc, path)
+        seen = []
+        svc.on_delete.append(lambda f: asyncio.sleep(0, seen.append(f)))
+        await svc.delete(fp[:12])
+        assert seen == [fp]
+        await svc.drain()
+        assert sorted(os.listdir(env.tmp / "images")) == []
+        with pytest.raises(NotFound):
+            await svc.get_alias("x/y")
+        actions = []
+        while not listener.queue.empty():
+            actions.append(__import__("json").loads(await listener.queue.get())["metadata"]["action"])
+        assert actions == ["image-created", "image-alias-created", "image-deleted"]
+
+    asyncio.run(main())
+
+
+def test_alias_rules(env):
+    async def main():
+        svc = env.svc
+        img = await _import(svc, make_image(env.tmp / "b.tar.gz"))
+        await svc.create_alias("one", img["fingerprint"][:8])
+        with pytest.raises(Conflict):
+            await svc.create_alias("one", img["fingerprint"])
+        for bad in ("", "a//b", "../x", "a:b", "x\n"):
+            with pytest.raises(BadRequest):
+                await svc.create_alias(bad, img["fingerprint"])
+        await svc.rename_alias("one", "two/three")
+        with pytest.raises(NotFound):
+            await svc.get_alias("one")
+        await svc.update_alias("two/three", {"description": "d"}, replace=False)
+        assert (await svc.get_alias("two/three"))["description"] == "d"
+        with pytest.raises(BadRequest, match="target"):
+            await svc.update_alias("two/three", {"description": "d"}, replace=True)
+
+    asyncio.run(main())
+
+
+@root_only
+def test_publish_through_the_frozen_rootfs_contract(env):
+    base = env.tmp / "c1"
+    (base / "rootfs" / "etc").mkdir(parents=True)
+    (base / "rootfs" / "etc" / "hostname").write_text("c1\n")
+    for p in (base / "rootfs", base / "rootfs" / "etc", base / "rootfs" / "etc" / "hostname"):
+        os.chown(p, 100000, 100000)
+
+    async def main():
+        svc = env.svc
+        op = SimpleNamespace(update_metadata=lambda m: None)
+        kw = dict(source_type="instance", name="c1", compression="gzip", filename="c1.tar.gz", public=True,
+                  properties={"os": "published"}, aliases=[{"name": "pub"}], expires_at=None, profiles=None)
+        with pytest.raises(BadRequest, match="instances are not available"):
+            await svc.publish(op, **kw)
+        env.services.instances = FakeInstances(base)
+        img = await svc.publish(op, **kw)
+        assert img["public"] and img["properties"] == {"os": "published"} and img["filename"] == "c1.tar.gz"
+        assert [a["name"] for a in img["aliases"]] == ["pub"]
+        with tarfile.open(svc.path(img["fingerprint"])) as tf:
+            assert tf.getmember("rootfs/etc/hostname").uid == 0
+        assert svc.compression_default() == "xz"
+        with pytest.raises(NotFound):
+            await svc.publish(op, **{**kw, "name": "c2", "aliases": []})
+        assert [n for n in os.listdir(env.tmp / "images") if n.startswith("tmp-")] == []
+
+    asyncio.run(main())
+
+
+def test_migration_matches_the_models(tmp_path):
+    """The migration is the schema's source of truth; the ORM models must agree with it."""
+    import sqlite3
+
+    from lxd_daemon.images.models import Image, ImageAlias
+
+    db_path = tmp_path / "schema.db"
+    migrate.upgrade(db_path)
+    con = sqlite3.connect(db_path)
+    try:
+        for model in (Image, ImageAlias):
+            cols = {r[1]: (r[3], r[5]) for r in con.execute(f"PRAGMA table_info({model.__tablename__})")}
+            assert set(cols) == {c.name for c in model.__table__.columns}, model.__tablename__
+            for c in model.__table__.columns:
+                assert bool(cols[c.name][0]) == (not c.nullable) or c.primary_key, (model.__tablename__, c.name)
+    finally:
+        con.close()
