@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +26,10 @@ SD_LISTEN_FDS_START = 3
 # Subsystems wired in this order. Each module has `async def setup(services) -> list[APIRouter]`:
 # it sets its service on `services`, registers hooks and API extensions, and returns its routers.
 SUBSYSTEMS: tuple[str, ...] = (
+    "lxd_daemon.storage.subsystem",
+    "lxd_daemon.images.subsystem",
+    "lxd_daemon.instances.subsystem",
+    "lxd_daemon.api.instance_exec",
 )
 
 
@@ -79,24 +84,38 @@ def systemd_sockets() -> list[socket.socket]:
     return socks
 
 
+def group_id(group: str | None) -> int:
+    if not group:
+        return 0
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise StartupError(f"Group {group!r} does not exist") from None
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Remove a socket file nobody listens on; refuse if something does."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: stale
+    else:
+        raise StartupError(f"Something is already listening on {path}")
+    finally:
+        probe.close()
+
+
+def socket_activated() -> bool:
+    return os.environ.get("LISTEN_PID") == str(os.getpid())
+
+
 def bind_unix_socket(path: Path, group: str | None) -> socket.socket:
     """Bind $LXD_DIR/unix.socket (mode 0660, root:group), replacing a stale one."""
-    if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except OSError:
-            path.unlink()  # nobody listens: stale
-        else:
-            raise StartupError(f"Something is already listening on {path}")
-        finally:
-            probe.close()
-    gid = 0
-    if group:
-        try:
-            gid = grp.getgrnam(group).gr_gid
-        except KeyError:
-            raise StartupError(f"Group {group!r} does not exist") from None
+    remove_stale_socket(path)
+    gid = group_id(group)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
@@ -119,6 +138,21 @@ def prepare_dirs(lxd_dir: Path) -> None:
         os.chmod(p, mode)
 
 
+def prepare_state(s: Settings) -> None:
+    """Create the key pair and migrate the schema, in a child process, when there is work to do."""
+    from lxd_daemon import prepare
+
+    if not prepare.needed(s.lxd_dir):
+        return
+    cmd = [sys.executable, "-m", "lxd_daemon.prepare", str(s.lxd_dir)]
+    if s.debug or s.verbose:
+        cmd.insert(3, "--verbose")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
+    rc = subprocess.run(cmd, stdin=subprocess.DEVNULL, env=env, close_fds=True).returncode
+    if rc != 0:
+        raise StartupError(f"Failed to prepare {s.lxd_dir} (key pair or database migration; exit status {rc})")
+
+
 class Daemon:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -126,6 +160,7 @@ class Daemon:
         self.server = None
         self.services = None
         self._created_socket = False
+        self._startup_tasks: list[asyncio.Task] = []
 
     def request_stop(self, reason: str) -> None:
         """reason: 'exit' leaves containers running, 'shutdown' stops them first."""
@@ -140,12 +175,14 @@ class Daemon:
         lock = DirLock(s.lock_path)
         lock.acquire()
         try:
-            from lxd_daemon.db import migrate
             from lxd_daemon.runtime.pool import WorkerPool
-            from lxd_daemon.trust.certs import ensure_server_cert
 
-            cert_pem = ensure_server_cert(s.lxd_dir)
-            migrate.upgrade(s.db_path)
+            # Cheap refusals first, before any slow start-up work.
+            group_id(s.group)
+            if not socket_activated():
+                remove_stale_socket(s.socket_path)
+            prepare_state(s)
+            cert_pem = (s.lxd_dir / "server.crt").read_text()
             # Workers first: they must not inherit any listening socket.
             pool = WorkerPool(s.workers)
             pool.spawn()
@@ -178,8 +215,6 @@ class Daemon:
             uvloop.run(self._serve(pool, cert_pem, socks))
 
     async def _serve(self, pool, cert_pem: str, socks: list[socket.socket]) -> None:
-        import uvicorn
-
         from lxd_daemon.app import create_app
         from lxd_daemon.db import Database
         from lxd_daemon.events import EventHub, LoggingToEvents
@@ -209,17 +244,13 @@ class Daemon:
             routers.extend(await module.setup(services))
         app = create_app(services, routers)
 
-        uv_config = uvicorn.Config(app, lifespan="off", http="httptools", ws="websockets-sansio",
-                                   log_config=None, access_log=False, proxy_headers=False,
-                                   server_header=False, date_header=False, timeout_graceful_shutdown=5,
-                                   ws_ping_interval=10)
-        server_ = _Server(uv_config)
+        server_ = make_server(app)
         self.server = server_
         for sig, reason in ((signal.SIGTERM, "exit"), (signal.SIGINT, "exit"), (signal.SIGPWR, "shutdown")):
             loop.add_signal_handler(sig, self.request_stop, reason)
         log.info("daemon started", extra={"path": str(s.socket_path), "pid": os.getpid()})
-        for hook in services.startup_hooks:
-            loop.create_task(_run_hook(hook, "startup"))
+        # Keep references: the loop only holds tasks weakly.
+        self._startup_tasks = [loop.create_task(_run_hook(hook, "startup")) for hook in services.startup_hooks]
         try:
             await server_.serve(sockets=socks)
         finally:
@@ -252,8 +283,19 @@ def _server_class():
     return Server
 
 
-def _Server(config):
-    return _server_class()(config)
+def uvicorn_config(app):
+    """How the daemon serves its ASGI app (also used by in-process API tests)."""
+    import uvicorn
+
+    return uvicorn.Config(app, lifespan="off", http="httptools", ws="websockets-sansio",
+                          log_config=None, access_log=False, proxy_headers=False,
+                          server_header=False, date_header=False, timeout_graceful_shutdown=5,
+                          ws_ping_interval=10)
+
+
+def make_server(app):
+    """A uvicorn server for app that leaves signal handling to the daemon."""
+    return _server_class()(uvicorn_config(app))
 
 
 def run(settings: Settings) -> int:

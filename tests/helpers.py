@@ -123,3 +123,189 @@ def wait_for(cond, timeout: float = 10, interval: float = 0.05):
             return v
         time.sleep(interval)
     raise AssertionError("condition not met in time")
+
+
+# -- containers (instances work) ------------------------------------------------------------
+_BUSYBOX_TARBALL: dict[str, Path] = {}
+
+
+def busybox_tarball() -> Path:
+    """The busybox test image, built once per test process."""
+    if "path" not in _BUSYBOX_TARBALL:
+        import tempfile
+
+        from lxd_daemon.imagebuilder.busybox import build_busybox
+
+        out = Path(tempfile.mkdtemp(prefix="busybox-img-"))
+        res = build_busybox(out, fmt="unified", compression="gzip")
+        _BUSYBOX_TARBALL["path"] = Path(res.paths[0])
+    return _BUSYBOX_TARBALL["path"]
+
+
+def ensure_containers_ready(d: Daemon, alias: str = "busybox") -> str:
+    """`lxd init --auto` (dir pool `default`, root disk in the default profile) and the busybox
+    image under `alias`, each only if missing. Returns the alias."""
+    if d.api("GET", "/1.0/storage-pools/default").status_code == 404:
+        d.lxd("init", "--auto")
+    if d.api("GET", f"/1.0/images/aliases/{alias}").status_code == 404:
+        r = d.lxc("image", "import", str(busybox_tarball()), "--alias", alias, check=False)
+        if r.returncode != 0 and "already exists" not in (r.stderr + r.stdout):
+            raise AssertionError(f"image import failed: {r.stderr}{r.stdout}")
+    return alias
+
+
+def wait_op(d: Daemon, resp: httpx.Response, timeout: int = 60) -> dict:
+    """Wait for the operation of an async response; returns the final operation."""
+    body = resp.json()
+    assert body["type"] == "async", body
+    w = d.api("GET", f"{body['operation']}/wait?timeout={timeout}").json()
+    return w["metadata"]
+
+
+def init_pid(d: Daemon, name: str) -> int:
+    return d.api("GET", f"/1.0/instances/{name}/state").json()["metadata"]["pid"]
+
+
+# -- raw containers: lxd_daemon.instances.lxcconf rendered, run by python-lxc in a subprocess ----
+
+VENV_PYTHON = str(REPO / ".venv" / "bin" / "python")
+
+_LXC_SCRIPT = r"""
+import json, sys, lxc
+op, name, lxcpath, conf = sys.argv[1:5]
+c = lxc.Container(name, lxcpath)
+if conf:
+    c.load_config(conf)
+if op == "start":
+    ok = c.start()
+    if ok:
+        ok = c.wait("RUNNING", 10)
+elif op == "stop":
+    ok = c.stop() if c.running else True
+    ok = ok and c.wait("STOPPED", 10)
+else:
+    ok = True
+print(json.dumps({"ok": bool(ok), "state": c.state, "pid": c.init_pid}))
+"""
+
+
+class RawContainer:
+    """A busybox container whose LXC config comes from lxd_daemon.instances.lxcconf.render(),
+    started and stopped by python-lxc in a subprocess (never in the pytest process)."""
+
+    def __init__(self, base: Path, name: str, *, config: dict | None = None, devices: dict | None = None,
+                 privileged: bool = False, rootfs_idmapped: bool = False):
+        from lxd_daemon.instances.idmap import IdmapSet, default_set
+
+        self.base = Path(base)
+        self.name = name
+        self.lxcpath = self.base / "containers"
+        self.rootfs = self.lxcpath / name / "rootfs"
+        self.logs = self.base / "logs" / name
+        self.conf_path = self.logs / "lxc.conf"
+        self.config = dict(config or {})
+        self.devices = dict(devices or {})
+        self.privileged = privileged
+        self.rootfs_idmapped = rootfs_idmapped
+        self.idmap = IdmapSet(()) if privileged else default_set()
+        self.pid = -1
+
+    @property
+    def root_ids(self) -> tuple[int, int]:
+        return self.idmap.root_ids()
+
+    def build(self) -> None:
+        from lxd_daemon.imagebuilder.busybox import make_rootfs
+
+        self.rootfs.mkdir(parents=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        make_rootfs(self.rootfs)
+        uid, gid = (0, 0) if (self.privileged or self.rootfs_idmapped) else self.root_ids
+        if uid or gid:
+            for dirpath, dirnames, filenames in os.walk(self.rootfs):
+                for n in dirnames + filenames:
+                    os.lchown(os.path.join(dirpath, n), uid, gid)
+            os.lchown(self.rootfs, uid, gid)
+
+    def spec(self):
+        from lxd_daemon.instances.lxcconf import LxcSpec
+
+        return LxcSpec(name=self.name, lxcpath=self.lxcpath, rootfs=self.rootfs,
+                       log_file=self.logs / "lxc.log", console_log=self.logs / "console.log",
+                       hostname=self.name, expanded_config=self.config, expanded_devices=self.devices,
+                       idmap=self.idmap, privileged=self.privileged, rootfs_idmapped=self.rootfs_idmapped)
+
+    def render(self) -> str:
+        from lxd_daemon.instances.lxcconf import render, to_text
+
+        text = to_text(render(self.spec()))
+        self.conf_path.write_text(text)
+        return text
+
+    def _lxc(self, op: str) -> dict:
+        r = subprocess.run([VENV_PYTHON, "-c", _LXC_SCRIPT, op, self.name, str(self.lxcpath),
+                            str(self.conf_path) if self.conf_path.exists() else ""],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise AssertionError(f"python-lxc {op} failed: {r.stderr}")
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    def start(self) -> int:
+        if not self.conf_path.exists():
+            self.render()
+        res = self._lxc("start")
+        if not res["ok"] or res["state"] != "RUNNING":
+            log = (self.logs / "lxc.log").read_text() if (self.logs / "lxc.log").exists() else ""
+            raise AssertionError(f"container {self.name} didn't start: {res}\n{log}")
+        self.pid = res["pid"]
+        return self.pid
+
+    def state(self) -> str:
+        return self._lxc("state")["state"]
+
+    def attach(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(["lxc-attach", "-P", str(self.lxcpath), "-n", self.name, "--clear-env", "--", *cmd],
+                           capture_output=True, text=True, timeout=30)
+        if check and r.returncode != 0:
+            raise AssertionError(f"lxc-attach {cmd} failed ({r.returncode}): {r.stderr}{r.stdout}")
+        return r
+
+    def stop(self) -> None:
+        res = self._lxc("stop")
+        if res["state"] != "STOPPED":
+            subprocess.run(["lxc-stop", "-P", str(self.lxcpath), "-n", self.name, "-k"], capture_output=True)
+        self.pid = -1
+
+    def cleanup(self) -> None:
+        try:
+            if self.lxcpath.exists() and self.state() != "STOPPED":
+                self.stop()
+        finally:
+            rmdir_cgroups(self.name)
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def rmdir_cgroups(name: str) -> None:
+    """Remove the empty lxc.monitor.<name>* / lxc.payload.<name>* cgroups liblxc leaves behind."""
+    for root in Path("/sys/fs/cgroup").iterdir():
+        for pattern in (f"lxc.monitor.{name}", f"lxc.payload.{name}"):
+            for cg in list(root.glob(pattern)) + list(root.glob(pattern + "-*")):
+                for sub in sorted(cg.rglob("*"), key=lambda p: -len(p.parts)):
+                    if sub.is_dir():
+                        try:
+                            sub.rmdir()
+                        except OSError:
+                            pass
+                try:
+                    cg.rmdir()
+                except OSError:
+                    pass
+
+
+def cgroup_file(pid: int, controller_file: str) -> str:
+    """Read a cgroup file (e.g. "memory.limit_in_bytes") of process pid from the host."""
+    from lxd_daemon.runtime.hotplug import cgroup_dirs
+
+    v1, v2 = cgroup_dirs(pid)
+    base = v1.get(controller_file.split(".", 1)[0]) or v2
+    return Path(base, controller_file).read_text().strip()

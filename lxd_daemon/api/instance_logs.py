@@ -1,0 +1,63 @@
+"""`/1.0/instances/{name}/logs`: the instance's log files (lxc.log, lxc.conf, ...)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+from fastapi import Request
+from starlette.responses import FileResponse, Response
+
+from lxd_daemon.api.envelope import sync
+from lxd_daemon.api.instances import route, router
+from lxd_daemon.errors import BadRequest, NotFound
+from lxd_daemon.services import get_services
+
+__all__ = ["router"]
+
+VALID = re.compile(r"^(lxc\.log|lxc\.conf|console\.log|forkstart\.log|(migration|snapshot|exec)_[A-Za-z0-9._-]+)$")
+UNDELETABLE = ("lxc.log", "lxc.conf")
+
+
+def _check(file: str) -> None:
+    if not VALID.match(file) or "/" in file or file.startswith("."):
+        raise BadRequest(f"Invalid log file name {file!r}")
+
+
+@route("GET", "/{name}/logs")
+async def list_logs(prefix: str, request: Request, name: str) -> Response:
+    svc = get_services(request).instances
+    logdir = svc.logs_root / name
+    if name not in svc.records and not logdir.is_dir():
+        raise NotFound("Instance not found")
+
+    def ls():
+        try:
+            return sorted(e for e in __import__("os").listdir(logdir) if VALID.match(e))
+        except OSError:
+            return []
+
+    return sync([f"{prefix}/{name}/logs/{f}" for f in await asyncio.to_thread(ls)])
+
+
+@route("GET", "/{name}/logs/{file}")
+async def get_log(prefix: str, request: Request, name: str, file: str) -> Response:
+    _check(file)
+    svc = get_services(request).instances
+    path = svc.logs_root / name / file
+    if not path.is_file():
+        raise NotFound("Log file not found")
+    return FileResponse(path, media_type="application/octet-stream")
+
+
+@route("DELETE", "/{name}/logs/{file}")
+async def delete_log(prefix: str, request: Request, name: str, file: str) -> Response:
+    _check(file)
+    if file in UNDELETABLE:
+        raise BadRequest("lxc.log and lxc.conf may not be deleted")
+    svc = get_services(request).instances
+    path = svc.logs_root / name / file
+    if not path.is_file():
+        raise NotFound("Log file not found")
+    path.unlink()
+    return sync({})

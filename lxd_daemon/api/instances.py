@@ -1,0 +1,235 @@
+"""`/1.0/instances` (and the older `/1.0/containers`): list, create, get, update, rename, delete."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from lxd_daemon.api.envelope import async_, etag_of, sync
+from lxd_daemon.api.request import check_etag, parse, recursion
+from lxd_daemon.errors import BadRequest
+from lxd_daemon.filter import parse_filter
+from lxd_daemon.services import get_services, requestor
+from lxd_daemon.wire.instances import InstancePost, InstancePut, InstancesPost, InstancesPut
+
+router = APIRouter()
+PREFIXES = ("/1.0/instances", "/1.0/containers")
+
+
+def route(method: str, suffix: str):
+    """Register a handler under both prefixes; it receives `prefix` as its first argument."""
+
+    def deco(fn):
+        for prefix in PREFIXES:
+            async def handler(request: Request, _fn=fn, _prefix=prefix, **kw):
+                return await _fn(_prefix, request, **kw)
+
+            handler.__signature__ = _signature_for(fn)
+            router.add_api_route(prefix + suffix, handler, methods=[method])
+        return fn
+
+    return deco
+
+
+def _signature_for(fn):
+    import inspect
+
+    sig = inspect.signature(fn)
+    params = [p for p in sig.parameters.values() if p.name != "prefix"]
+    return sig.replace(parameters=params)
+
+
+def resources(prefix: str, *names: str) -> dict:
+    return {"instances": [f"/1.0/instances/{n}" for n in names],
+            "containers": [f"/1.0/containers/{n}" for n in names]}
+
+
+def instance_type_ok(request: Request) -> bool:
+    t = request.query_params.get("instance-type", "")
+    return t in ("", "container")
+
+
+@route("GET", "")
+async def list_instances(prefix: str, request: Request) -> Response:
+    svc = get_services(request).instances
+    level = recursion(request)
+    flt = parse_filter(request.query_params.get("filter"))
+    names = sorted(svc.records) if instance_type_ok(request) else []
+    if level == 0 and not flt.clauses:
+        return sync([f"{prefix}/{n}" for n in names])
+    rendered = await svc.render_many(names, full=level >= 2)
+    if flt.clauses:
+        rendered = [r for r in rendered if flt.match(r)]
+    if level == 0:
+        return sync([f"{prefix}/{r['name']}" for r in rendered])
+    return sync(rendered)
+
+
+@route("POST", "")
+async def create_instance(prefix: str, request: Request) -> Response:
+    services = get_services(request)
+    svc = services.instances
+    body = await parse(request, InstancesPost)
+    if not body.name:
+        body.name = svc.random_name()  # as LXD: `lxc launch IMAGE` without a name
+    svc.reserve(body.name)
+    try:
+        plan = await svc.prepare_create(body)
+    except BaseException:
+        svc.release(body.name)
+        raise
+    who = requestor(request)
+    name = body.name
+
+    async def run(op):
+        try:
+            await svc.create(plan)
+        finally:
+            svc.release(name)
+        services.events.lifecycle("instance-created", f"/1.0/instances/{name}",
+                                  {"type": "container", "storage-pool": plan["pool"].name}, requestor=who)
+        if body.start:
+            await svc.change_state(name, "start", requestor=who)
+        return None
+
+    op = services.ops.create(description="Creating instance", resources=resources(prefix, name), run=run)
+    return async_(op.render())
+
+
+@route("PUT", "")
+async def bulk_state(prefix: str, request: Request) -> Response:
+    services = get_services(request)
+    svc = services.instances
+    body = await parse(request, InstancesPut)
+    st = body.state
+    if st.action not in ("start", "stop", "restart", "freeze", "unfreeze"):
+        raise BadRequest(f"Unknown state action {st.action!r}")
+    names = sorted(svc.records)
+    who = requestor(request)
+
+    async def run(op):
+        import asyncio
+
+        async def one(n: str):
+            status = svc.status_of(n)[0]
+            # Only act where the action applies, as LXD's bulk change does.
+            if st.action == "start" and status == "Running":
+                return
+            if st.action in ("stop", "restart", "freeze") and status == "Stopped":
+                return
+            if st.action == "unfreeze" and status != "Frozen":
+                return
+            await svc.change_state(n, st.action, timeout=st.timeout, force=st.force, requestor=who)
+
+        results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+        errors = [f"{n}: {r}" for n, r in zip(names, results, strict=True) if isinstance(r, Exception)]
+        if errors:
+            raise BadRequest("; ".join(errors))
+
+    op = services.ops.create(description="Updating instance states", resources=resources(prefix, *names), run=run)
+    return async_(op.render())
+
+
+@route("GET", "/{name}")
+async def get_instance(prefix: str, request: Request, name: str) -> Response:
+    svc = get_services(request).instances
+    rec = svc.record(name)
+    full = recursion(request) >= 1 and request.url.path.startswith("/1.0/instances")
+    out = svc.render(rec, full=full)
+    return sync(out, etag=etag_of(*svc.etag(rec)))
+
+
+async def _update(prefix: str, request: Request, name: str, replace: bool) -> Response:
+    services = get_services(request)
+    svc = services.instances
+    rec = svc.record(name)
+    check_etag(request, etag_of(*svc.etag(rec)))
+    body = await parse(request, InstancePut)
+    fields = body.model_fields_set
+    if body.restore:
+        raise BadRequest("Snapshots are not supported yet")
+    if replace:
+        config = body.config
+        devices = body.devices
+        profiles = body.profiles if body.profiles is not None else []
+        ephemeral = body.ephemeral
+        description = body.description
+    else:
+        config = {**rec.config, **body.config}
+        devices = {**rec.devices, **body.devices}
+        profiles = body.profiles if ("profiles" in fields and body.profiles is not None) else rec.profiles
+        ephemeral = body.ephemeral if "ephemeral" in fields else rec.ephemeral
+        description = body.description if "description" in fields else rec.description
+    kwargs = dict(architecture=body.architecture or None, config=config, devices=devices, profiles=list(profiles),
+                  ephemeral=ephemeral, description=description)
+    who = requestor(request)
+    if not replace:
+        await svc.update(name, **kwargs)
+        services.events.lifecycle("instance-updated", f"/1.0/instances/{name}", requestor=who)
+        return sync({})
+
+    async def run(op):
+        await svc.update(name, **kwargs)
+        services.events.lifecycle("instance-updated", f"/1.0/instances/{name}", requestor=who)
+
+    op = services.ops.create(description="Updating instance", resources=resources(prefix, name), run=run)
+    return async_(op.render())
+
+
+@route("PUT", "/{name}")
+async def put_instance(prefix: str, request: Request, name: str) -> Response:
+    return await _update(prefix, request, name, True)
+
+
+@route("PATCH", "/{name}")
+async def patch_instance(prefix: str, request: Request, name: str) -> Response:
+    return await _update(prefix, request, name, False)
+
+
+@route("POST", "/{name}")
+async def rename_instance(prefix: str, request: Request, name: str) -> Response:
+    services = get_services(request)
+    svc = services.instances
+    svc.record(name)
+    body = await parse(request, InstancePost)
+    if body.migration:
+        raise BadRequest("Migration is not supported yet")
+    if not body.name:
+        raise BadRequest("A new name is required")
+    new = body.name
+    who = requestor(request)
+
+    async def run(op):
+        await svc.rename(name, new)
+        services.events.lifecycle("instance-renamed", f"/1.0/instances/{new}", {"old_name": name}, requestor=who)
+
+    op = services.ops.create(description="Renaming instance", resources=resources(prefix, name), run=run)
+    return async_(op.render())
+
+
+@route("DELETE", "/{name}")
+async def delete_instance(prefix: str, request: Request, name: str) -> Response:
+    services = get_services(request)
+    svc = services.instances
+    svc.record(name)
+    if svc.status_of(name)[0] != "Stopped":
+        raise BadRequest("Instance is running")
+    who = requestor(request)
+
+    async def run(op):
+        await svc.delete(name, who)
+
+    op = services.ops.create(description="Deleting instance", resources=resources(prefix, name), run=run)
+    return async_(op.render())
+
+
+@route("GET", "/{name}/snapshots")
+async def list_snapshots(prefix: str, request: Request, name: str) -> Response:
+    get_services(request).instances.record(name)
+    return sync([])
+
+
+@route("GET", "/{name}/backups")
+async def list_backups(prefix: str, request: Request, name: str) -> Response:
+    get_services(request).instances.record(name)
+    return sync([])

@@ -1,0 +1,1298 @@
+"""The instance service: records (in memory, written through to the store), the on-disk layout,
+and the lifecycle of containers on liblxc.
+
+Layout: the root filesystem volume lives in the pool (`<pool>/containers/<name>`), reached through
+`$LXD_DIR/containers/<name>` (a symlink; that directory is liblxc's lxcpath). Logs and the LXC
+config written at each start are in `$LXD_DIR/logs/<name>/`.
+
+Running containers are tracked by their init pid (plus its start time, against pid reuse) and a
+pidfd watched on the event loop, so state is known without asking liblxc and a forced stop is
+one pidfd_send_signal(). liblxc's monitor finishes the teardown on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import signal
+import stat
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from sqlalchemy import text
+
+from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound
+from lxd_daemon.instances import idmap as idmaps
+from lxd_daemon.instances import state as rstate
+from lxd_daemon.instances import validation
+from lxd_daemon.instances.idmap import IdmapEntry, IdmapSet
+from lxd_daemon.instances.models import FrozenRootfs, Instance, Record, Runtime
+from lxd_daemon.util.timefmt import ZERO_TIME, rfc3339
+
+log = logging.getLogger("lxd.instances")
+
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
+STATUS_CODES = {"Running": 103, "Stopped": 102, "Frozen": 110, "Error": 112}
+# volatile keys the daemon manages: a PUT that leaves them out keeps them.
+MANAGED_VOLATILE = ("volatile.idmap.base", "volatile.idmap.current", "volatile.idmap.next",
+                    "volatile.last_state.idmap", "volatile.last_state.power", "volatile.base_image",
+                    "volatile.apply_template", "volatile.uuid")
+TRUE = ("true", "1", "yes", "on")
+_ADJECTIVES = ("able", "bold", "brave", "calm", "clever", "eager", "fair", "gentle", "happy", "keen", "lively",
+               "lucky", "merry", "neat", "proud", "quick", "quiet", "sharp", "smart", "swift", "tidy", "vivid",
+               "warm", "wise")
+_NOUNS = ("badger", "beetle", "bison", "crane", "dingo", "eagle", "ferret", "gecko", "heron", "ibis", "koala",
+          "lemur", "lynx", "marten", "newt", "otter", "panda", "quail", "raven", "seal", "tapir", "viper",
+          "walrus", "yak")
+
+
+def validate_name(name: str) -> None:
+    if not isinstance(name, str) or not NAME_RE.match(name) or name.endswith("-"):
+        raise BadRequest(f"Invalid instance name {name!r}: names are 1-63 letters, digits and "
+                         "hyphens, starting with a letter and not ending with a hyphen")
+
+
+def host_architecture() -> str:
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(platform.machine(), platform.machine())
+
+
+def is_true(v: str | None) -> bool:
+    return (v or "").lower() in TRUE
+
+
+def shift_tree(root: Path, old: IdmapSet, new: IdmapSet) -> int:
+    """Re-own every file under root from the `old` on-disk map to the `new` one (one chown pass).
+    Mode bits that chown clears (setuid/setgid) are put back. Returns the number of entries."""
+    count = 0
+
+    def one(path: str) -> None:
+        nonlocal count
+        st = os.lstat(path)
+        cu, cg = old.to_container(st.st_uid, st.st_gid) if not old.empty else (st.st_uid, st.st_gid)
+        if cu < 0 or cg < 0:
+            return
+        hu, hg = new.to_host(cu, cg) if not new.empty else (cu, cg)
+        if hu < 0 or hg < 0 or (hu, hg) == (st.st_uid, st.st_gid):
+            return
+        os.lchown(path, hu, hg)
+        count += 1
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            os.chmod(path, stat.S_IMODE(st.st_mode))
+
+    one(str(root))
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for n in dirnames + filenames:
+            one(os.path.join(dirpath, n))
+    return count
+
+
+class InstanceService:
+    def __init__(self, services):
+        self.services = services
+        self.db = services.db
+        self.pool = services.pool
+        self.lxd_dir: Path = services.lxd_dir
+        self.lxcpath = self.lxd_dir / "containers"
+        self.logs_root = self.lxd_dir / "logs"
+        self.records: dict[str, Record] = {}
+        self.runtime: dict[str, Runtime] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._reserved: set[str] = set()
+        self._cache_locks: dict[str, asyncio.Lock] = {}
+        self._bg: set[asyncio.Task] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------------ helpers
+    def lock(self, name: str) -> asyncio.Lock:
+        lk = self._locks.get(name)
+        if lk is None:
+            lk = self._locks[name] = asyncio.Lock()
+        return lk
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    def record(self, name: str) -> Record:
+        rec = self.records.get(name)
+        if rec is None:
+            raise NotFound("Instance not found")
+        return rec
+
+    def profile_inputs(self, rec: Record) -> list[dict]:
+        profiles = self.services.profiles
+        return [profiles.profiles[p].as_expand_input() for p in rec.profiles if p in profiles.profiles]
+
+    def expanded(self, name: str) -> tuple[dict, dict]:
+        rec = self.record(name)
+        return validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
+
+    def names_using_profile(self, profile: str) -> list[str]:
+        return sorted(n for n, r in self.records.items() if profile in r.profiles)
+
+    def profile_renamed(self, old: str, new: str) -> None:
+        for r in self.records.values():
+            r.profiles = [new if p == old else p for p in r.profiles]
+
+    def devices_dir(self, name: str) -> Path:
+        """Host directory for the instance's unix device nodes ($LXD_DIR/devices/<name>, as LXD)."""
+        return self.lxd_dir / "devices" / name
+
+    def volume_dir(self, name: str, expanded_devices: dict | None = None) -> Path:
+        pool = self._root_pool(expanded_devices if expanded_devices is not None else self.expanded(name)[1])
+        return pool.driver.container_path(name)
+
+    def _root_pool(self, expanded_devices: dict):
+        root = validation.root_disk(expanded_devices)
+        if root is None:
+            raise BadRequest("Failed getting root disk: No root device could be found")
+        storage = self.services.storage
+        pool_name = root[1].get("pool", "")
+        if storage is None or pool_name not in storage.pools:
+            raise BadRequest(f"Failed getting root disk: storage pool {pool_name!r} doesn't exist")
+        return storage.pools[pool_name]
+
+    def _desired_idmap(self, name: str, expanded_config: dict, current_next: str | None = None) -> IdmapSet:
+        if is_true(expanded_config.get("security.privileged")):
+            return IdmapSet(())
+        if is_true(expanded_config.get("security.idmap.isolated")):
+            size = int(expanded_config.get("security.idmap.size") or idmaps.ISOLATED_SIZE)
+            base_s = expanded_config.get("security.idmap.base")
+            base = int(base_s) if base_s else None
+            prev = IdmapSet.from_json(current_next) if current_next else None
+            used = []
+            for other, r in self.records.items():
+                if other == name:
+                    continue
+                if is_true(r.config.get("security.idmap.isolated")) or other in self.runtime:
+                    nxt = r.config.get("volatile.idmap.next")
+                    if nxt:
+                        used.append(IdmapSet.from_json(nxt))
+            if prev and len(prev.entries) >= 1 and prev.entries[0].maprange == size and (
+                    base is None or prev.entries[0].hostid == base):
+                clash = any(_overlaps(prev, u) for u in used)
+                if not clash:
+                    m = prev
+                    return self._with_raw(m, expanded_config)
+            try:
+                m = idmaps.isolated_set(used, size, base=base)
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+        else:
+            m = idmaps.default_set()
+        return self._with_raw(m, expanded_config)
+
+    @staticmethod
+    def _with_raw(m: IdmapSet, expanded_config: dict) -> IdmapSet:
+        raw = expanded_config.get("raw.idmap")
+        if raw:
+            try:
+                m = idmaps.with_raw(m, idmaps.parse_raw_idmap(raw))
+            except ValueError as e:
+                raise BadRequest(str(e)) from None
+        return m
+
+    def _instance(self, rec: Record) -> Instance:
+        ec, ed = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
+        idir = self.lxcpath / rec.name
+        privileged = is_true(ec.get("security.privileged"))
+        running_map = rec.config.get("volatile.idmap.current") or rec.config.get("volatile.idmap.next")
+        return Instance(
+            name=rec.name, project="default", instance_dir=idir, rootfs=idir / "rootfs",
+            log_dir=self.logs_root / rec.name, lxcpath=self.lxcpath, expanded_config=ec,
+            expanded_devices=ed, disk_idmap=IdmapSet.from_json(rec.config.get("volatile.last_state.idmap")),
+            idmap=IdmapSet.from_json(running_map), privileged=privileged, lane=rec.name,
+            ephemeral=rec.ephemeral, architecture=rec.architecture, profiles=list(rec.profiles))
+
+    # ------------------------------------------------------------------ contract (C2, B2)
+    async def get(self, name: str) -> Instance:
+        return self._instance(self.record(name))
+
+    def status_of(self, name: str) -> tuple[str, int]:
+        rt = self.runtime.get(name)
+        if rt is None or rt.exited.is_set():
+            return "Stopped", -1
+        # The pidfd watch notices init's exit on the loop; between that and the callback, a
+        # kill(pid, 0)-style check keeps answers exact (start time guards against pid reuse).
+        if not rstate.alive(rt.pid, rt.start_time):
+            return "Stopped", -1
+        fz = rstate.freezer_state(rt.cgroups or rstate.cgroup_paths(rt.pid))
+        return ("Frozen" if fz == "FROZEN" else "Running"), rt.pid
+
+    async def runtime_state(self, name: str) -> tuple[str, int]:
+        self.record(name)
+        return self.status_of(name)
+
+    @contextlib.asynccontextmanager
+    async def frozen_rootfs(self, name: str) -> AsyncIterator[FrozenRootfs]:
+        if "/" in name:
+            raise BadRequest("Snapshots are not supported yet")
+        async with self.lock(name):
+            inst = await self.get(name)
+            status, pid = self.status_of(name)
+            froze = False
+            if status == "Running":
+                cg = rstate.cgroup_paths(pid)
+                try:
+                    await self._freeze_cg(cg, True)
+                    froze = True
+                except OSError:
+                    raise BadRequest("The instance must be stopped") from None
+            uid, gid = inst.disk_idmap.root_ids()
+            try:
+                yield FrozenRootfs(inst.rootfs, inst.instance_dir, uid, gid)
+            finally:
+                if froze:
+                    with contextlib.suppress(OSError):
+                        await self._freeze_cg(rstate.cgroup_paths(pid), False)
+
+    # ------------------------------------------------------------------ start-up
+    async def load(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self._prepare_dirs)
+
+        def q(session):
+            rows = session.execute(text(
+                "SELECT id, name, type, architecture, ephemeral, stateful, description, created_at, "
+                "last_used_at, pending, devices FROM instances")).all()
+            cfg = session.execute(text("SELECT instance_id, key, value FROM instances_config")).all()
+            profs = session.execute(text(
+                "SELECT ip.instance_id, p.name FROM instances_profiles ip JOIN profiles p ON p.id = ip.profile_id "
+                "ORDER BY ip.instance_id, ip.apply_order")).all()
+            return rows, cfg, profs
+
+        rows, cfg, profs = await self.db.run(q)
+        configs: dict[int, dict] = {}
+        for iid, k, v in cfg:
+            configs.setdefault(iid, {})[k] = v
+        plist: dict[int, list[str]] = {}
+        for iid, pname in profs:
+            plist.setdefault(iid, []).append(pname)
+        pending = []
+        for r in rows:
+            if r.pending:
+                pending.append((r.id, r.name))
+                continue
+            self.records[r.name] = Record(r.id, r.name, r.architecture, bool(r.ephemeral), bool(r.stateful),
+                                          r.description, r.created_at, r.last_used_at, configs.get(r.id, {}),
+                                          json.loads(r.devices), plist.get(r.id, []), r.type)
+        await self._sweep(pending)
+        await asyncio.to_thread(self._restore_links)
+        await self._find_running()
+
+    def _restore_links(self) -> None:
+        for name in self.records:
+            link = self.lxcpath / name
+            if link.is_symlink() or link.exists():
+                continue
+            try:
+                vol = self.volume_dir(name)
+            except LXDError:
+                continue
+            if vol.is_dir():
+                link.symlink_to(vol)
+            (self.logs_root / name).mkdir(parents=True, exist_ok=True)
+
+    def _prepare_dirs(self) -> None:
+        for p in (self.lxcpath, self.logs_root):
+            p.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.lxcpath, 0o711)
+        self._ensure_traversable()
+
+    def _ensure_traversable(self) -> None:
+        """Container root (an unprivileged host uid) must be able to reach its rootfs: every
+        ancestor of $LXD_DIR needs the search bit for others, as LXD requires. Checked at every
+        start, since other tools (pytest's temporary-directory root, for one) reset modes."""
+        for parent in [self.lxd_dir, *self.lxd_dir.parents]:
+            try:
+                mode = os.stat(parent).st_mode
+            except OSError:
+                continue
+            if not mode & stat.S_IXOTH:
+                log.warning("adding o+x to %s so containers can reach their root filesystems", parent)
+                os.chmod(parent, stat.S_IMODE(mode) | stat.S_IXOTH)
+
+    async def _sweep(self, pending: list[tuple[int, str]]) -> None:
+        """Remove what a crash in the middle of a create left behind."""
+        storage = self.services.storage
+        for iid, name in pending:
+            log.warning("removing half-created instance", extra={"instance": name})
+
+            def rm(session, iid=iid):
+                session.execute(text("DELETE FROM instances WHERE id=:i"), {"i": iid})
+
+            await self.db.run(rm)
+        known = set(self.records)
+        pools = list(storage.pools.values()) if storage is not None else []
+        for pool in pools:
+            cdir = pool.driver.mount_path / "containers"
+            try:
+                entries = os.listdir(cdir)
+            except OSError:
+                continue
+            for e in entries:
+                if e not in known:
+                    await pool.driver.delete_tree(cdir / e)
+            for cache_root in [pool.driver.mount_path / "images"]:
+                with contextlib.suppress(OSError):
+                    for fp in os.listdir(cache_root):
+                        for key in os.listdir(cache_root / fp):
+                            if key.startswith(".tmp"):
+                                await pool.driver.delete_tree(cache_root / fp / key)
+        with contextlib.suppress(OSError):
+            for e in os.listdir(self.lxcpath):
+                if e not in known:
+                    p = self.lxcpath / e
+                    if p.is_symlink():
+                        p.unlink()
+                    elif p.is_dir():
+                        await asyncio.to_thread(_rmtree, p)
+        # Only our own containers' leftovers: another daemon on this host (LXD itself, or a
+        # second instance of this one) may be between creating a monitor cgroup and entering it.
+        def sweep_monitors() -> None:
+            for n in self.records:
+                rstate.remove_monitor_cgroups(n)
+
+        await asyncio.to_thread(sweep_monitors)
+
+    async def _find_running(self) -> None:
+        if not self.records:
+            return
+        found = await self.pool.call("lxc_lookup", sorted(self.records), str(self.lxcpath))
+        for name, (st, pid) in found.items():
+            if st in ("RUNNING", "FROZEN", "FREEZING", "THAWED") and pid > 0:
+                self._track(name, pid)
+                log.info("found running container", extra={"instance": name, "pid": pid})
+
+    # ------------------------------------------------------------------ runtime tracking
+    def _track(self, name: str, pid: int) -> Runtime:
+        old = self.runtime.pop(name, None)
+        if old is not None:
+            self._unwatch(old)
+        pidfd = os.pidfd_open(pid)
+        rt = Runtime(pid=pid, start_time=rstate.proc_start_time(pid), pidfd=pidfd,
+                     cgroups=rstate.cgroup_paths(pid))
+        self.runtime[name] = rt
+        self.loop.add_reader(pidfd, self._on_exit, name, rt)
+        return rt
+
+    def _unwatch(self, rt: Runtime) -> None:
+        if rt.pidfd >= 0:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(rt.pidfd)
+            os.close(rt.pidfd)
+            rt.pidfd = -1
+        rt.exited.set()
+
+    def _on_exit(self, name: str, rt: Runtime) -> None:
+        self._unwatch(rt)
+        if self.runtime.get(name) is rt:
+            del self.runtime[name]
+        self._spawn(self._cleanup_monitor(name))
+        if not rt.stopping:
+            self._spawn(self._unexpected_exit(name))
+
+    async def _cleanup_monitor(self, name: str, timeout: float = 5.0) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            # Under the instance's lock: a start creates a new monitor cgroup and enters it a
+            # moment later; an rmdir in between would make that start fail.
+            async with self.lock(name):
+                if name in self.runtime:
+                    return  # started again: its monitor owns the cgroup now
+                busy = await asyncio.to_thread(rstate.remove_monitor_cgroups, name)
+            if not busy or asyncio.get_running_loop().time() > deadline:
+                return
+            await asyncio.sleep(0.05)
+
+    async def _unexpected_exit(self, name: str) -> None:
+        """init exited on its own: a reboot (liblxc restarts it) or a poweroff inside."""
+        async with self.lock(name):
+            if name not in self.records or name in self.runtime:
+                return
+            for _ in range(40):
+                found = await self.pool.call("lxc_lookup", [name], str(self.lxcpath), lane=name)
+                st, pid = found.get(name, ["STOPPED", -1])
+                if st == "RUNNING" and pid > 0:
+                    self._track(name, pid)
+                    self.services.events.lifecycle("instance-restarted", f"/1.0/instances/{name}")
+                    return
+                if st == "STOPPED":
+                    break
+                await asyncio.sleep(0.05)
+            await self._set_volatile(name, {"volatile.last_state.power": "STOPPED"})
+            self.services.events.lifecycle("instance-shutdown", f"/1.0/instances/{name}")
+            rec = self.records.get(name)
+            if rec is not None and rec.ephemeral:
+                await self._delete_locked(name, None)
+
+    # ------------------------------------------------------------------ DB helpers
+    async def _set_volatile(self, name: str, values: dict[str, str | None], *,
+                            last_used_at: str | None = None) -> None:
+        rec = self.records.get(name)
+        if rec is None:
+            return
+        iid = rec.id
+
+        def w(session):
+            if last_used_at is not None:
+                session.execute(text("UPDATE instances SET last_used_at=:l WHERE id=:i"),
+                                {"l": last_used_at, "i": iid})
+            for k, v in values.items():
+                session.execute(text("DELETE FROM instances_config WHERE instance_id=:i AND key=:k"),
+                                {"i": iid, "k": k})
+                if v is not None:
+                    session.execute(text("INSERT INTO instances_config (instance_id, key, value) "
+                                         "VALUES (:i, :k, :v)"), {"i": iid, "k": k, "v": v})
+
+        await self.db.run(w)
+        for k, v in values.items():
+            if v is None:
+                rec.config.pop(k, None)
+            else:
+                rec.config[k] = v
+
+    def _write_record_sql(self, session, rec: Record, *, pending: bool | None = None) -> None:
+        profiles = self.services.profiles.profiles
+        session.execute(text(
+            "UPDATE instances SET name=:n, architecture=:a, ephemeral=:e, stateful=:s, description=:d, "
+            "last_used_at=:l, devices=:dev" + (", pending=:p" if pending is not None else "") + " WHERE id=:i"),
+            {"n": rec.name, "a": rec.architecture, "e": rec.ephemeral, "s": rec.stateful, "d": rec.description,
+             "l": rec.last_used_at, "dev": json.dumps(rec.devices), "p": pending, "i": rec.id})
+        session.execute(text("DELETE FROM instances_config WHERE instance_id=:i"), {"i": rec.id})
+        for k, v in rec.config.items():
+            session.execute(text("INSERT INTO instances_config (instance_id, key, value) VALUES (:i, :k, :v)"),
+                            {"i": rec.id, "k": k, "v": v})
+        session.execute(text("DELETE FROM instances_profiles WHERE instance_id=:i"), {"i": rec.id})
+        for order, pname in enumerate(rec.profiles):
+            session.execute(text("INSERT INTO instances_profiles (instance_id, profile_id, apply_order) "
+                                 "VALUES (:i, :p, :o)"), {"i": rec.id, "p": profiles[pname].id, "o": order})
+
+    # ------------------------------------------------------------------ rendering
+    def etag(self, rec: Record) -> tuple:
+        return (rec.architecture, rec.config, rec.devices, rec.ephemeral, rec.profiles, rec.description)
+
+    def render(self, rec: Record, *, full: bool = False, cached_net: bool = False) -> dict:
+        ec, ed = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
+        status, pid = self.status_of(rec.name)
+        out = {
+            "architecture": rec.architecture,
+            "config": dict(rec.config),
+            "devices": {k: dict(v) for k, v in rec.devices.items()},
+            "ephemeral": rec.ephemeral,
+            "profiles": list(rec.profiles),
+            "stateful": rec.stateful,
+            "description": rec.description,
+            "created_at": rec.created_at,
+            "expanded_config": ec,
+            "expanded_devices": ed,
+            "name": rec.name,
+            "status": status,
+            "status_code": STATUS_CODES[status],
+            "last_used_at": rec.last_used_at or ZERO_TIME,
+            "location": "none",
+            "type": rec.type,
+            "project": "default",
+        }
+        if full:
+            out["state"] = self.state_of(rec.name, status, pid, cached_net=cached_net)
+            out["snapshots"] = []
+            out["backups"] = []
+        return out
+
+    # Listing many instances reuses each one's network part (addresses and counters read from
+    # /proc/PID/net/*, the costliest reads) for up to this long; a single instance's state is
+    # always read fresh.
+    NET_TTL = 1.0
+
+    def state_of(self, name: str, status: str | None = None, pid: int | None = None, *,
+                 cached_net: bool = False) -> dict:
+        if status is None:
+            status, pid = self.status_of(name)
+        if status == "Stopped" or not pid or pid <= 0:
+            return rstate.stopped_state()
+        rt = self.runtime.get(name)
+        net = None
+        if rt is not None:
+            now = time.monotonic()
+            if cached_net and rt.net is not None and now - rt.net_at < self.NET_TTL:
+                net = rt.net
+            else:
+                net = rstate.network(pid)
+                rt.net, rt.net_at = net, now
+        return rstate.full_state(pid, "FROZEN" if status == "Frozen" else "THAWED",
+                                 rt.cgroups if rt is not None and rt.cgroups else None, net)
+
+    async def render_many(self, names: list[str], *, full: bool) -> list[dict]:
+        recs = [self.records[n] for n in names if n in self.records]
+        if not full:
+            return [self.render(r) for r in recs]
+        # /proc and cgroup reads for many containers: off the event loop, in one go.
+        return await asyncio.to_thread(lambda: [self.render(r, full=True, cached_net=True) for r in recs])
+
+    # ------------------------------------------------------------------ create
+    def reserve(self, name: str) -> None:
+        validate_name(name)
+        if name in self.records or name in self._reserved:
+            raise Conflict(f"Instance {name!r} already exists")
+        self._reserved.add(name)
+
+    def random_name(self) -> str:
+        import secrets
+
+        for _ in range(100):
+            name = f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}"
+            if name not in self.records and name not in self._reserved:
+                return name
+        return f"c{uuid.uuid4().hex[:12]}"
+
+    def release(self, name: str) -> None:
+        self._reserved.discard(name)
+
+    async def prepare_create(self, body) -> dict:
+        """Validate a create request (before the operation starts); returns the plan."""
+        name = body.name
+        if body.type not in ("", "container"):
+            raise BadRequest(f"Instance type {body.type!r} is not supported (only containers)")
+        profiles = ["default"] if body.profiles is None else list(body.profiles)
+        for p in profiles:
+            if p not in self.services.profiles.profiles:
+                raise BadRequest(f"Requested profile {p!r} doesn't exist")
+        if len(set(profiles)) != len(profiles):
+            raise BadRequest("Duplicate profile found in request")
+        config = {k: v for k, v in (body.config or {}).items() if v != ""}
+        devices = {k: dict(v) for k, v in (body.devices or {}).items()}
+        source = body.source or {}
+        stype = source.get("type") or ("none" if not source else "")
+        image = None
+        src_rec = None
+        if stype == "image":
+            if source.get("server") or source.get("mode") == "pull":
+                raise BadRequest("Creating instances from remote images is not supported yet")
+            image = await self._resolve_image(source)
+            props = image.get("properties") or {}
+            for k, v in props.items():
+                config.setdefault(f"image.{k}", str(v))
+            config["volatile.base_image"] = image["fingerprint"]
+        elif stype == "copy":
+            src = source.get("source") or ""
+            if "/" in src:
+                raise BadRequest("Copying from snapshots is not supported yet")
+            src_rec = self.record(src)
+            base = dict(src_rec.config)
+            base = {k: v for k, v in base.items()
+                    if not k.startswith("volatile.") or k in ("volatile.base_image", "volatile.last_state.idmap")}
+            base.update(config)
+            config = base
+            if body.profiles is None:
+                profiles = list(src_rec.profiles)
+            devices = {**{k: dict(v) for k, v in src_rec.devices.items()}, **devices}
+        elif stype != "none":
+            raise BadRequest(f"Unknown source type {stype!r}")
+        user_cfg = {k: v for k, v in config.items() if not k.startswith(("volatile.", "image."))}
+        validation.validate_config(user_cfg)
+        storage = self.services.storage
+        validation.validate_devices(devices, pools=set(storage.pools) if storage else set())
+        pinputs = [self.services.profiles.profiles[p].as_expand_input() for p in profiles]
+        ec, ed = validation.expand(pinputs, config, devices)
+        pool = self._root_pool(ed)
+        arch = body.architecture or (image or {}).get("architecture") or (
+            src_rec.architecture if src_rec else host_architecture())
+        return {"name": name, "profiles": profiles, "config": config, "devices": devices, "image": image,
+                "source_rec": src_rec, "pool": pool, "expanded_config": ec, "architecture": arch,
+                "ephemeral": bool(body.ephemeral), "description": body.description or "", "stype": stype}
+
+    async def _resolve_image(self, source: dict) -> dict:
+        images = self.services.images
+        if images is None:
+            raise BadRequest("Images are not available on this server")
+        if source.get("fingerprint"):
+            return await images.resolve(source["fingerprint"])
+        if source.get("alias"):
+            return await images.resolve(source["alias"])
+        if source.get("properties"):
+            finder = getattr(images, "find_by_properties", None)
+            if finder is None:
+                raise BadRequest("Selecting images by properties is not supported yet")
+            return await finder(source["properties"])
+        raise BadRequest("No image given: set source alias, fingerprint or properties")
+
+    async def create(self, plan: dict) -> None:
+        """Make the instance: the volume (from a ready copy of the image cache), its links, then
+        the record. Any failure undoes every step (revert stack)."""
+        name = plan["name"]
+        pool = plan["pool"]
+        config = dict(plan["config"])
+        ec = plan["expanded_config"]
+        desired = self._desired_idmap(name, ec)
+        if desired.empty:
+            config["volatile.idmap.base"] = "0"
+        else:
+            config["volatile.idmap.base"] = str(desired.root_ids()[0])
+        config["volatile.idmap.next"] = desired.to_json()
+        config.setdefault("volatile.uuid", str(uuid.uuid4()))
+        if plan["stype"] == "image":
+            config["volatile.apply_template"] = "create"
+        elif plan["stype"] == "copy":
+            config["volatile.apply_template"] = "copy"
+        created = rfc3339()
+        rec = Record(0, name, plan["architecture"], plan["ephemeral"], False, plan["description"], created, "",
+                     config, plan["devices"], plan["profiles"])
+        vol = pool.driver.container_path(name)
+        link = self.lxcpath / name
+        logdir = self.logs_root / name
+        revert: list = []
+        t0 = _now()
+        marks: dict[str, float] = {}
+        # Order for crash safety: volume, then the record in ONE transaction. A crash before the
+        # commit leaves a volume without a record, which the start-up sweep removes; after it,
+        # the instance is complete (load() restores a missing lxcpath link). The name is held in
+        # memory (reserve()) meanwhile. Rows flagged `pending` by older versions are swept too.
+        try:
+            if vol.exists() or vol.is_symlink():
+                await pool.driver.delete_tree(vol)  # leftover of a crash, never a live instance
+            revert.append(lambda: pool.driver.delete_tree(vol))
+            disk_map = await self._make_volume(plan, vol, desired)
+            marks["volume_ms"] = _now() - t0
+            config["volatile.last_state.idmap"] = disk_map.to_json()
+
+            def finish_fs():
+                logdir.mkdir(parents=True, exist_ok=True)
+                os.chmod(logdir, 0o700)
+                if link.is_symlink() or link.exists():
+                    link.unlink()
+                link.symlink_to(vol)
+
+            revert.append(lambda: asyncio.to_thread(_remove_paths, link, logdir))
+            finish_fs()  # three metadata syscalls: cheaper inline than a thread hop
+            marks["fs_ms"] = _now() - t0
+
+            def ins(session):
+                iid = session.execute(text(
+                    "INSERT INTO instances (name, type, architecture, ephemeral, stateful, description, "
+                    "created_at, last_used_at, pending, devices) VALUES (:n, 'container', :a, :e, 0, :d, :c, '', 0, "
+                    "'{}') RETURNING id"),
+                    {"n": name, "a": rec.architecture, "e": rec.ephemeral, "d": rec.description,
+                     "c": created}).scalar_one()
+                rec.id = iid
+                self._write_record_sql(session, rec)
+
+            await self.db.run(ins)
+        except BaseException:
+            for step in reversed(revert):
+                try:
+                    await step()
+                except Exception:
+                    log.exception("create: revert step failed", extra={"instance": name})
+            raise
+        self.records[name] = rec
+        marks["done_ms"] = _now() - t0
+        log.debug("created", extra={"instance": name, **{k: round(v, 1) for k, v in marks.items()}})
+        if plan["image"] is not None:
+            mark = getattr(self.services.images, "mark_used", None)
+            if mark is not None:
+                self._spawn(_quietly(mark(plan["image"]["fingerprint"])))  # off the launch's path
+
+    async def _make_volume(self, plan: dict, vol: Path, desired: IdmapSet) -> IdmapSet:
+        """Create the instance volume; returns the id map its files are stored with."""
+        drv = plan["pool"].driver
+        if plan["stype"] == "none":
+            uid, gid = desired.root_ids()
+
+            def mk():
+                vol.mkdir(mode=0o711)
+                (vol / "rootfs").mkdir(mode=0o755)
+                os.chown(vol / "rootfs", uid, gid)
+
+            await asyncio.to_thread(mk)
+            return desired
+        if plan["stype"] == "copy":
+            src = plan["source_rec"]
+            async with self.lock(src.name):
+                src_vol = self.volume_dir(src.name)
+                await drv.copy_tree(src_vol, vol)
+            return IdmapSet.from_json(src.config.get("volatile.last_state.idmap"))
+        # From the image: copy (reflink where possible) a cached unpacked, already-shifted tree.
+        fp = plan["image"]["fingerprint"]
+        uid, gid = desired.root_ids()
+        pool = plan["pool"]
+        cache = await self._image_cache(pool, fp, uid, gid)
+        spare = await asyncio.to_thread(self._take_spare, cache, vol)
+        if not spare:
+            await drv.copy_tree(cache, vol)
+        self._spawn(self._refill_spare(pool, cache))
+        if desired.empty:
+            return IdmapSet(())
+        return _simple_map(desired, uid, gid)
+
+    async def _image_cache(self, pool, fp: str, uid: int, gid: int) -> Path:
+        key = f"{uid}_{gid}"
+        cache = pool.driver.image_cache_path(fp, key)
+        if cache.exists():
+            return cache
+        lk = self._cache_locks.setdefault(f"{pool.name}/{fp}/{key}", asyncio.Lock())
+        async with lk:
+            if cache.exists():
+                return cache
+            tmp = cache.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+            await asyncio.to_thread(lambda: (cache.parent.mkdir(parents=True, exist_ok=True),
+                                             os.chmod(cache.parent, 0o700)))
+            try:
+                await asyncio.to_thread(tmp.mkdir, 0o711)
+                await self.services.images.unpack(fp, tmp, uid_shift=uid, gid_shift=gid)
+                await asyncio.to_thread(os.chmod, tmp, 0o711)
+                await asyncio.to_thread(os.rename, tmp, cache)
+            except BaseException:
+                await pool.driver.delete_tree(tmp)
+                raise
+        return cache
+
+    # A launch renames a ready-made copy of the cache into place ("spare"), and a new spare is
+    # copied in the background, so the copy is off the launch's critical path. Spares are named
+    # `.spare-<key>-*` next to the cache; a crash mid-copy leaves only `.tmp-*`, swept at start-up.
+    SPARES = 2
+
+    @staticmethod
+    def _spares(cache: Path) -> list[Path]:
+        prefix = f".spare-{cache.name}-"
+        try:
+            return sorted(cache.parent / e for e in os.listdir(cache.parent) if e.startswith(prefix))
+        except OSError:
+            return []
+
+    def _take_spare(self, cache: Path, dest: Path) -> bool:
+        for sp in self._spares(cache):
+            try:
+                os.rename(sp, dest)
+                return True
+            except OSError:
+                continue
+        return False
+
+    async def _refill_spare(self, pool, cache: Path) -> None:
+        lk = self._cache_locks.setdefault(f"spare:{cache}", asyncio.Lock())
+        if lk.locked():
+            return
+        async with lk:
+            try:
+                while len(self._spares(cache)) < self.SPARES and cache.exists():
+                    tmp = cache.parent / f".tmp-spare-{uuid.uuid4().hex[:8]}"
+                    try:
+                        await pool.driver.copy_tree(cache, tmp)
+                        await asyncio.to_thread(os.rename, tmp, cache.parent / f".spare-{cache.name}-{tmp.name[11:]}")
+                    except BaseException:
+                        await pool.driver.delete_tree(tmp)
+                        raise
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("preparing a spare root filesystem failed", extra={"cache": str(cache)})
+
+    def drop_image_cache(self, fp: str) -> None:
+        """Forget the unpacked copies of an image (when it is deleted)."""
+        storage = self.services.storage
+        for pool in (storage.pools.values() if storage else []):
+            p = pool.driver.mount_path / "images" / fp
+            if p.exists():
+                _rmtree(p)
+
+    # ------------------------------------------------------------------ update
+    async def update(self, name: str, *, architecture: str | None, config: dict, devices: dict,
+                     profiles: list[str], ephemeral: bool, description: str) -> None:
+        async with self.lock(name):
+            rec = self.record(name)
+            for p in profiles:
+                if p not in self.services.profiles.profiles:
+                    raise BadRequest(f"Requested profile {p!r} doesn't exist")
+            if len(set(profiles)) != len(profiles):
+                raise BadRequest("Duplicate profile found in request")
+            config = {k: v for k, v in config.items() if v != ""}  # an empty value unsets the key
+            for k in MANAGED_VOLATILE:
+                if k not in config and k in rec.config:
+                    config[k] = rec.config[k]
+            validation.validate_config({k: v for k, v in config.items() if not k.startswith("image.")})
+            storage = self.services.storage
+            validation.validate_devices(devices, pools=set(storage.pools) if storage else set())
+            pinputs = [self.services.profiles.profiles[p].as_expand_input() for p in profiles]
+            new = validation.expand(pinputs, config, devices)
+            old = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
+            old_pool = self._root_pool(old[1])
+            if self._root_pool(new[1]) is not old_pool:
+                raise BadRequest("Changing the root disk's storage pool is not supported")
+            self._check_expanded(new[0])
+            status, pid = self.status_of(name)
+            if status != "Stopped":
+                await self._apply_live(name, old, new, pid)
+            newrec = Record(rec.id, name, architecture or rec.architecture, ephemeral, rec.stateful, description,
+                            rec.created_at, rec.last_used_at, config, {k: dict(v) for k, v in devices.items()},
+                            list(profiles), rec.type)
+            await self.db.run(lambda s: self._write_record_sql(s, newrec))
+            self.records[name] = newrec
+
+    @staticmethod
+    def _check_expanded(ec: dict) -> None:
+        from lxd_daemon.instances import config as cfgmod
+
+        cfgmod.check_expanded(ec)
+
+    async def _apply_live(self, name: str, old: tuple, new: tuple, pid: int) -> None:
+        from lxd_daemon.instances import live
+
+        inst = self._instance(self.records[name])
+        await live.apply_live(self.pool, name, old, new, init_pid=pid, idmap=inst.idmap,
+                              privileged=inst.idmap.empty, devices_dir=self.devices_dir(name))
+
+    async def check_profile_change(self, profile: str, config: dict, devices: dict) -> None:
+        for n in self.names_using_profile(profile):
+            rec = self.records[n]
+            pinputs = [({"config": config, "devices": devices} if p == profile else
+                        self.services.profiles.profiles[p].as_expand_input()) for p in rec.profiles]
+            ec, ed = validation.expand(pinputs, rec.config, rec.devices)
+            try:
+                self._check_expanded(ec)
+                self._root_pool(ed)
+            except LXDError as e:
+                raise BadRequest(f"Failed to update instance {n!r}: {e.message}") from None
+
+    async def apply_profile_change(self, before: dict[str, tuple], best_effort: bool = False) -> None:
+        for n, old in before.items():
+            if n not in self.records:
+                continue
+            status, pid = self.status_of(n)
+            if status == "Stopped":
+                continue
+            try:
+                await self._apply_live(n, old, self.expanded(n), pid)
+            except Exception:
+                if not best_effort:
+                    raise
+                log.exception("profile change: live apply failed", extra={"instance": n})
+
+    # ------------------------------------------------------------------ delete / rename
+    async def delete(self, name: str, requestor: dict | None) -> None:
+        async with self.lock(name):
+            self.record(name)
+            status, _ = self.status_of(name)
+            if status != "Stopped":
+                raise BadRequest("Instance is running")
+            await self._delete_locked(name, requestor)
+
+    async def _delete_locked(self, name: str, requestor: dict | None) -> None:
+        rec = self.record(name)
+        try:
+            vol = self.volume_dir(name)
+            drv = self._root_pool(self.expanded(name)[1]).driver
+        except LXDError:
+            vol, drv = None, None
+
+        def rm(session):
+            session.execute(text("DELETE FROM instances WHERE id=:i"), {"i": rec.id})
+
+        await self.db.run(rm)
+        del self.records[name]
+        # The lock stays: a task still waiting on it (monitor cgroup clean-up) and a new instance
+        # of the same name must serialise on the same object.
+        trash = None
+        if vol is not None and drv is not None:
+            # Rename out of the way now (instant); remove the tree in the background. A crash
+            # before that finishes leaves a `.trash-*` entry, which the start-up sweep removes.
+            trash = vol.parent / f".trash-{name}-{uuid.uuid4().hex[:8]}"
+            try:
+                await asyncio.to_thread(os.rename, vol, trash)
+            except FileNotFoundError:
+                trash = None
+        await asyncio.to_thread(_remove_paths, self.lxcpath / name, self.logs_root / name, self.devices_dir(name))
+        if trash is not None:
+            self._spawn(drv.delete_tree(trash))
+        self.services.events.lifecycle("instance-deleted", f"/1.0/instances/{name}", requestor=requestor)
+
+    async def rename(self, name: str, new: str) -> None:
+        validate_name(new)
+        async with self.lock(name):
+            rec = self.record(name)
+            if self.status_of(name)[0] != "Stopped":
+                raise BadRequest("Renaming of running instance not allowed")
+            if new in self.records or new in self._reserved:
+                raise Conflict(f"Name {new!r} already in use")
+            old_vol = self.volume_dir(name)
+            new_vol = old_vol.parent / new
+
+            def mv():
+                os.rename(old_vol, new_vol)
+                (self.lxcpath / name).unlink(missing_ok=True)
+                (self.lxcpath / new).symlink_to(new_vol)
+                if (self.logs_root / name).exists():
+                    os.rename(self.logs_root / name, self.logs_root / new)
+                _remove_paths(self.devices_dir(name))  # re-made at the next start
+
+            def back():
+                (self.lxcpath / new).unlink(missing_ok=True)
+                if new_vol.exists():
+                    os.rename(new_vol, old_vol)
+                (self.lxcpath / name).unlink(missing_ok=True)
+                (self.lxcpath / name).symlink_to(old_vol)
+                if (self.logs_root / new).exists():
+                    os.rename(self.logs_root / new, self.logs_root / name)
+
+            await asyncio.to_thread(mv)
+            try:
+                def upd(session):
+                    session.execute(text("UPDATE instances SET name=:n WHERE id=:i"), {"n": new, "i": rec.id})
+
+                await self.db.run(upd)
+            except BaseException:
+                await asyncio.to_thread(back)
+                raise
+            del self.records[name]
+            rec.name = new
+            self.records[new] = rec
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, name: str) -> None:
+        t0 = _now()
+        rec = self.record(name)
+        status, pid = self.status_of(name)
+        if status == "Frozen":
+            await self._freeze_cg(rstate.cgroup_paths(pid), False)
+            return
+        if status == "Running":
+            raise BadRequest("The instance is already running")
+        ec, ed = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
+        self._root_pool(ed)
+        self._check_expanded(ec)
+        desired = self._desired_idmap(name, ec, rec.config.get("volatile.idmap.next"))
+        disk = IdmapSet.from_json(rec.config.get("volatile.last_state.idmap"))
+        idir = self.lxcpath / name
+        rootfs = idir / "rootfs"
+        updates: dict[str, str | None] = {}
+        if disk != desired:
+            n = await asyncio.to_thread(shift_tree, rootfs, disk, desired)
+            log.info("shifted root filesystem", extra={"instance": name, "entries": n})
+            updates["volatile.last_state.idmap"] = desired.to_json()
+        updates["volatile.idmap.next"] = desired.to_json()
+        updates["volatile.idmap.current"] = desired.to_json()
+        updates["volatile.idmap.base"] = str(desired.root_ids()[0]) if not desired.empty else "0"
+        if updates.get("volatile.last_state.idmap"):
+            await self._set_volatile(name, {"volatile.last_state.idmap": updates["volatile.last_state.idmap"]})
+        logdir = self.logs_root / name
+        t1 = _now()
+        await self._apply_templates(rec, idir, rootfs, ec, ed, desired)
+        t2 = _now()
+        if rec.config.get("volatile.apply_template"):
+            updates["volatile.apply_template"] = None
+        conf = logdir / "lxc.conf"
+        text_ = self._render_lxc(name, idir, rootfs, logdir, ec, ed, desired)
+
+        def write_conf():
+            logdir.mkdir(parents=True, exist_ok=True)
+            tmp = conf.with_name(".lxc.conf.tmp")
+            tmp.write_text(text_)
+            os.replace(tmp, conf)
+
+        await asyncio.to_thread(write_conf)
+        await asyncio.to_thread(rstate.remove_monitor_cgroups, name)
+        if not idmap_empty(desired):
+            self._ensure_traversable()
+        t3 = _now()
+        try:
+            pid = await self.pool.call("lxc_start", name, str(self.lxcpath), str(conf), lane=name)
+        except Exception as e:
+            msg = getattr(e, "args", [str(e)])[0] if e.args else str(e)
+            tail = _log_tail(logdir / "lxc.log")
+            raise LXDError(f"Failed to start the instance: {msg}" + (f"\n{tail}" if tail else "")) from None
+        t4 = _now()
+        self._track(name, pid)
+        rec.last_used_at = rfc3339()
+        updates["volatile.last_state.power"] = "RUNNING"
+        for k, v in updates.items():  # in memory now; the store follows in the background
+            if v is None:
+                rec.config.pop(k, None)
+            else:
+                rec.config[k] = v
+        # One DB thread runs writes in order, so a later stop's write can't overtake this one.
+        self._spawn(_quietly(self._set_volatile(name, updates, last_used_at=rec.last_used_at)))
+        t5 = _now()
+        log.debug("started", extra={"instance": name, "prepare_ms": round(t1 - t0, 1),
+                                    "templates_ms": round(t2 - t1, 1), "config_ms": round(t3 - t2, 1),
+                                    "liblxc_ms": round(t4 - t3, 1), "record_ms": round(t5 - t4, 1)})
+
+    def _render_lxc(self, name, idir, rootfs, logdir, ec, ed, idmap) -> str:
+        from lxd_daemon.instances import lxcconf
+
+        spec = lxcconf.LxcSpec(name=name, lxcpath=self.lxcpath, rootfs=rootfs, log_file=logdir / "lxc.log",
+                               console_log=logdir / "console.log", hostname=name, expanded_config=ec,
+                               expanded_devices=ed, idmap=idmap, privileged=idmap.empty,
+                               devices_dir=self.devices_dir(name))
+        return lxcconf.to_text(lxcconf.render(spec))
+
+    async def _apply_templates(self, rec, idir, rootfs, ec, ed, idmap) -> None:
+        from lxd_daemon.instances import templates
+
+        if not (idir / "metadata.yaml").exists():
+            return
+        uid, gid = idmap.root_ids()
+        ctx = {"container": {"name": rec.name, "architecture": rec.architecture,
+                             "privileged": str(idmap.empty).lower(), "ephemeral": str(rec.ephemeral).lower()},
+               "instance": {"name": rec.name, "architecture": rec.architecture,
+                            "privileged": str(idmap.empty).lower(), "ephemeral": str(rec.ephemeral).lower()},
+               "config": ec, "devices": ed, "properties": {}}
+        triggers = []
+        first = rec.config.get("volatile.apply_template")
+        if first:
+            triggers.append(first)
+        triggers.append("start")
+        for trig in triggers:
+            await asyncio.to_thread(templates.apply_templates, idir, rootfs, trig, dict(ctx, trigger=trig),
+                                    uid=uid, gid=gid)
+
+    async def stop(self, name: str, *, force: bool, timeout: float = -1) -> str:
+        """Stop; returns the lifecycle action ("instance-stopped" or "instance-shutdown")."""
+        rec = self.record(name)
+        status, pid = self.status_of(name)
+        if status == "Stopped":
+            raise BadRequest("The instance is already stopped")
+        rt = self.runtime.get(name)
+        if rt is None:
+            await self.pool.call("lxc_stop", name, str(self.lxcpath), lane=name)
+            return "instance-stopped"
+        rt.stopping = True
+        try:
+            cg = rstate.cgroup_paths(pid)
+            if status == "Frozen":
+                with contextlib.suppress(OSError):
+                    await self._freeze_cg(cg, False)
+            if force:
+                await self._signal(rt, signal.SIGKILL)
+                await asyncio.wait_for(rt.exited.wait(), 10)
+                action = "instance-stopped"
+            else:
+                sig = _halt_signal(rec, self.expanded(name)[0])
+                await self._signal(rt, sig)
+                try:
+                    await asyncio.wait_for(rt.exited.wait(), None if timeout is None or timeout < 0 else timeout)
+                except TimeoutError:
+                    raise LXDError(f'Failed shutting down instance, status is "Running": timed out after '
+                                   f'{timeout}s') from None
+                action = "instance-shutdown"
+        except BaseException:
+            rt.stopping = False
+            raise
+        await self._set_volatile(name, {"volatile.last_state.power": "STOPPED",
+                                        "volatile.idmap.current": None})
+        return action
+
+    async def _signal(self, rt: Runtime, sig: int) -> None:
+        if rt.exited.is_set() or rt.pidfd < 0:
+            return
+        try:
+            signal.pidfd_send_signal(rt.pidfd, sig)
+        except ProcessLookupError:
+            pass
+
+    async def _freeze_cg(self, cg: dict, frozen: bool, timeout: float = 5.0) -> None:
+        await asyncio.to_thread(rstate.set_frozen, cg, frozen)
+        want = "FROZEN" if frozen else "THAWED"
+        deadline = asyncio.get_running_loop().time() + timeout
+        while rstate.freezer_state(cg) != want:
+            if asyncio.get_running_loop().time() > deadline:
+                raise LXDError(f"The instance did not reach {want.lower()} state in time")
+            await asyncio.sleep(0.005)
+
+    async def freeze(self, name: str) -> None:
+        self.record(name)
+        status, pid = self.status_of(name)
+        if status == "Stopped":
+            raise BadRequest("The instance isn't running")
+        if status == "Frozen":
+            raise BadRequest("The instance is already frozen")
+        await self._freeze_cg(rstate.cgroup_paths(pid), True)
+
+    async def unfreeze(self, name: str) -> None:
+        self.record(name)
+        status, pid = self.status_of(name)
+        if status != "Frozen":
+            raise BadRequest("The instance is not frozen")
+        await self._freeze_cg(rstate.cgroup_paths(pid), False)
+
+    async def change_state(self, name: str, action: str, *, timeout: float = -1, force: bool = False,
+                           requestor: dict | None = None) -> None:
+        """One `PUT .../state` action, serialised with every other action on the instance."""
+        events = self.services.events
+        src = f"/1.0/instances/{name}"
+        async with self.lock(name):
+            self.record(name)
+            if action == "start":
+                was = self.status_of(name)[0]
+                await self.start(name)
+                events.lifecycle("instance-resumed" if was == "Frozen" else "instance-started", src,
+                                 requestor=requestor)
+            elif action == "stop":
+                ev = await self.stop(name, force=force, timeout=timeout)
+                events.lifecycle(ev, src, requestor=requestor)
+                rec = self.records.get(name)
+                if rec is not None and rec.ephemeral:
+                    await self._delete_locked(name, requestor)
+            elif action == "restart":
+                if self.status_of(name)[0] == "Stopped":
+                    raise BadRequest("The instance isn't running")
+                rec = self.records[name]
+                if rec.ephemeral:
+                    # An ephemeral instance must survive its own restart.
+                    rec.ephemeral = False
+                    try:
+                        await self.stop(name, force=force, timeout=timeout)
+                    finally:
+                        rec.ephemeral = True
+                else:
+                    await self.stop(name, force=force, timeout=timeout)
+                await self.start(name)
+                events.lifecycle("instance-restarted", src, requestor=requestor)
+            elif action == "freeze":
+                await self.freeze(name)
+                events.lifecycle("instance-paused", src, requestor=requestor)
+            elif action == "unfreeze":
+                await self.unfreeze(name)
+                events.lifecycle("instance-resumed", src, requestor=requestor)
+            else:
+                raise BadRequest(f"Unknown state action {action!r}")
+
+    # ------------------------------------------------------------------ daemon hooks
+    async def autostart(self) -> None:
+        """At daemon start: start boot.autostart instances, highest boot.autostart.priority first."""
+        todo = []
+        for name, rec in self.records.items():
+            ec = self.expanded(name)[0]
+            want = ec.get("boot.autostart")
+            last = rec.config.get("volatile.last_state.power", "")
+            if is_true(want) or (want is None and last == "RUNNING"):
+                if self.status_of(name)[0] == "Stopped":
+                    todo.append((-int(ec.get("boot.autostart.priority") or 0), name,
+                                 int(ec.get("boot.autostart.delay") or 0)))
+        for _, name, delay in sorted(todo):
+            try:
+                await self.change_state(name, "start")
+            except Exception as e:
+                log.warning("autostart failed", extra={"instance": name, "err": str(e)})
+                continue
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def shutdown_all(self) -> None:
+        """`lxd shutdown` / SIGPWR: stop every running instance, boot.stop.priority groups in order
+        (highest first), each group in parallel, within core.shutdown_timeout."""
+        try:
+            total = float(self.services.server.config.get("core.shutdown_timeout") or 5) * 60
+        except Exception:
+            total = 300.0
+        groups: dict[int, list[str]] = {}
+        for name in list(self.records):
+            if self.status_of(name)[0] != "Stopped":
+                prio = int(self.expanded(name)[0].get("boot.stop.priority") or 0)
+                groups.setdefault(prio, []).append(name)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + total
+        for prio in sorted(groups, reverse=True):
+            async def one(n: str) -> None:
+                left = max(deadline - loop.time(), 1.0)
+                async with self.lock(n):
+                    try:
+                        await self.stop(n, force=False, timeout=left)
+                    except LXDError:
+                        with contextlib.suppress(LXDError):
+                            await self.stop(n, force=True)
+                # Keep the power state RUNNING so the next daemon start brings them back.
+                await self._set_volatile(n, {"volatile.last_state.power": "RUNNING"})
+
+            await asyncio.gather(*(one(n) for n in groups[prio]), return_exceptions=True)
+
+    async def close(self) -> None:
+        for rt in list(self.runtime.values()):
+            rt.stopping = True  # the daemon is exiting; containers keep running
+            if rt.pidfd >= 0:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_reader(rt.pidfd)
+                os.close(rt.pidfd)
+                rt.pidfd = -1
+        if self._bg:  # let pending store writes and clean-ups finish (briefly)
+            await asyncio.wait(list(self._bg), timeout=2)
+        for t in list(self._bg):
+            t.cancel()
+
+
+def _halt_signal(rec: Record, ec: dict) -> int:
+    for line in (ec.get("raw.lxc") or "").splitlines():
+        k, _, v = line.partition("=")
+        if k.strip() == "lxc.signal.halt":
+            v = v.strip()
+            try:
+                return int(v)
+            except ValueError:
+                try:
+                    return int(getattr(signal, v if v.startswith("SIG") else "SIG" + v))
+                except (AttributeError, TypeError):
+                    pass
+    return int(signal.SIGPWR)
+
+
+def _simple_map(desired: IdmapSet, uid: int, gid: int) -> IdmapSet:
+    """The map of a tree shifted by a plain offset (what images.unpack produces)."""
+    if all(e.nsid == 0 for e in desired.entries) and len({(e.hostid, e.maprange) for e in desired.entries}) == 1:
+        return desired
+    if uid == gid:
+        return IdmapSet((IdmapEntry(True, True, uid, 0, idmaps.ISOLATED_SIZE),))
+    return IdmapSet((IdmapEntry(True, False, uid, 0, idmaps.ISOLATED_SIZE),
+                     IdmapEntry(False, True, gid, 0, idmaps.ISOLATED_SIZE)))
+
+
+def _overlaps(a: IdmapSet, b: IdmapSet) -> bool:
+    for x in a.entries:
+        for y in b.entries:
+            if x.hostid < y.hostid + y.maprange and y.hostid < x.hostid + x.maprange:
+                return True
+    return False
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def _remove_paths(*paths: Path) -> None:
+    for p in paths:
+        if p.is_symlink() or p.is_file():
+            p.unlink(missing_ok=True)
+        elif p.is_dir():
+            _rmtree(p)
+
+
+async def _quietly(coro) -> None:
+    try:
+        await coro
+    except Exception:
+        log.exception("background task failed")
+
+
+def idmap_empty(m: IdmapSet) -> bool:
+    return m.empty
+
+
+def _now() -> float:
+    return time.perf_counter() * 1000
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        data = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errs = [line for line in data if " ERROR " in line]
+    return "\n".join(errs[-lines:])

@@ -1,0 +1,42 @@
+"""Wires instances and profiles into the daemon: services, routes, hooks, API extensions."""
+
+from __future__ import annotations
+
+from lxd_daemon.api import instance_logs, instance_state, instances, profiles  # noqa: F401  (routes register)
+from lxd_daemon.instances.service import InstanceService
+from lxd_daemon.profiles.service import ProfileService
+
+
+async def setup(services) -> list:
+    prof = ProfileService(services)
+    await prof.load()
+    services.profiles = prof
+    svc = InstanceService(services)
+    services.instances = svc
+    await svc.load()
+
+    async def project_used_by() -> list[str]:
+        return ([f"/1.0/instances/{n}" for n in sorted(svc.records)]
+                + [f"/1.0/profiles/{n}" for n in sorted(prof.profiles)])
+
+    services.project_used_by.append(project_used_by)
+    if services.storage is not None:
+        async def pool_used_by(pool: str) -> list[str]:
+            out = []
+            for pname, p in prof.profiles.items():
+                if any(d.get("type") == "disk" and d.get("pool") == pool for d in p.devices.values()):
+                    out.append(f"/1.0/profiles/{pname}")
+            for n in list(svc.records):
+                if any(d.get("type") == "disk" and d.get("pool") == pool for d in svc.expanded(n)[1].values()):
+                    out.append(f"/1.0/instances/{n}")
+            return out
+
+        services.storage.used_by_providers.append(pool_used_by)
+    services.startup_hooks.append(svc.autostart)
+    services.shutdown_hooks.append(svc.shutdown_all)
+    services.exit_hooks.append(svc.close)
+    services.server.advertise(
+        "instances", "container_full", "instance_bulk_state_change", "profile_usedby",
+        "container_last_used_at", "container_cpu_time", "id_map", "id_map_base", "instance_get_full",
+        "api_filtering")
+    return [instances.router, profiles.router]

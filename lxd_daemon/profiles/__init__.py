@@ -1,0 +1,1 @@
+"""Profiles: named sets of config and devices that instances apply in order."""

@@ -1,0 +1,14 @@
+"""Wires storage pools into the daemon."""
+
+from __future__ import annotations
+
+from lxd_daemon.api import storage_pools
+from lxd_daemon.storage.service import StorageService
+
+
+async def setup(services) -> list:
+    storage = StorageService(services)
+    await storage.load()
+    services.storage = storage
+    services.server.advertise("storage")
+    return [storage_pools.router]
