@@ -240,6 +240,43 @@ SCMP_FLTATR_CTL_NNP = 3
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _seccomp_cache: dict[tuple, object] = {}
+_SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(os.uname().machine)
+SECCOMP_SET_MODE_FILTER = 1
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class SeccompProgram:
+    """A libseccomp context compiled once to BPF, so a child installs it with one syscall
+    instead of having libseccomp generate the program again in every exec."""
+
+    def __init__(self, ctx, lib):
+        self.ctx = ctx
+        self.lib = lib
+        self.buf = None
+        self.prog = None
+        if _SYS_SECCOMP is None:
+            return
+        fd = os.memfd_create("seccomp-bpf", os.MFD_CLOEXEC)
+        try:
+            if lib.seccomp_export_bpf(ctx, fd) != 0:
+                return
+            size = os.lseek(fd, 0, os.SEEK_END)
+            data = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+        if not data or len(data) % 8:
+            return
+        self.buf = ctypes.create_string_buffer(data, len(data))
+        self.prog = _SockFprog(len(data) // 8, ctypes.addressof(self.buf))
+
+    def load(self) -> int:
+        """Install the filter in the calling thread; 0 on success."""
+        if self.prog is not None:
+            return _libc.syscall(_SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(self.prog))
+        return self.lib.seccomp_load(self.ctx)
 
 
 class FastPathUnavailable(Exception):
@@ -261,6 +298,7 @@ def _libseccomp():
         lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
         lib.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
         lib.seccomp_load.argtypes = [ctypes.c_void_p]
+        lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
         _libseccomp.lib = lib
     return lib
@@ -300,9 +338,9 @@ def seccomp_filter(profile: str | None):
     except FileNotFoundError:
         raise FastPathUnavailable(f"seccomp profile {profile} is missing") from None
     key = (profile, st.st_ino, st.st_mtime_ns, st.st_size)
-    ctx = _seccomp_cache.get(key)
-    if ctx is not None:
-        return ctx
+    program = _seccomp_cache.get(key)
+    if program is not None:
+        return program
     with open(profile) as f:
         rules = parse_seccomp_profile(f.read())
     if rules is None:
@@ -324,8 +362,9 @@ def seccomp_filter(profile: str | None):
         if lib.seccomp_rule_add(ctx, action, nr, 0) < 0:
             raise FastPathUnavailable(f"seccomp rule for {name} failed")
     _seccomp_cache.clear()  # one profile per config version is enough to keep
-    _seccomp_cache[key] = ctx
-    return ctx
+    program = SeccompProgram(ctx, lib)
+    _seccomp_cache[key] = program
+    return program
 
 
 def _config_values(config_path: str | None, key: str) -> list[str]:
@@ -375,29 +414,104 @@ def _status_fields(init_pid: int) -> dict[str, str]:
     return out
 
 
+_CAP_LAST: list[int] = []
+_lsm_cache: dict[str, tuple[tuple, list[str], list[str]]] = {}
+# name -> (init pid, its start time, cgroup.procs fds, CapBnd, NoNewPrivs) of the running container.
+_join_cache: dict[str, tuple[int, str, list[int], int, bool]] = {}
+_JOIN_CACHE_MAX = 512
+
+
+_PIDNS: list[int] = []
+
+
+def _own_pidns() -> int:
+    """The worker's own pid namespace (kept open), to return to after forking into a container's."""
+    if not _PIDNS:
+        _PIDNS.append(os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC))
+    return _PIDNS[0]
+
+
+def _cap_last() -> int:
+    if not _CAP_LAST:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            _CAP_LAST.append(int(f.read()))
+    return _CAP_LAST[0]
+
+
+def _lsm_config(config_path: str | None) -> tuple[list[str], list[str]]:
+    """(seccomp profiles, apparmor profiles) of the config file, re-read when the file changes."""
+    if not config_path:
+        return [], []
+    st = os.stat(config_path)
+    key = (st.st_ino, st.st_mtime_ns, st.st_size)
+    hit = _lsm_cache.get(config_path)
+    if hit is None or hit[0] != key:
+        hit = (key, _config_values(config_path, "lxc.seccomp.profile"),
+               _config_values(config_path, "lxc.apparmor.profile"))
+        _lsm_cache[config_path] = hit
+    return hit[1], hit[2]
+
+
+def _start_time(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
+def _drop_join(name: str) -> None:
+    old = _join_cache.pop(name, None)
+    if old is not None:
+        for fd in old[2]:
+            os.close(fd)
+
+
+def _join_data(name: str, init_pid: int) -> tuple[list[int], int, bool]:
+    """What a child needs to join the container: open cgroup.procs fds (one per hierarchy), the
+    init's capability bounding set and no_new_privs. Kept per container while its init lives."""
+    started = _start_time(init_pid)
+    hit = _join_cache.get(name)
+    if hit is not None and hit[0] == init_pid and hit[1] == started:
+        return hit[2], hit[3], hit[4]
+    _drop_join(name)
+    if len(_join_cache) >= _JOIN_CACHE_MAX:
+        _drop_join(next(iter(_join_cache)))
+    status = _status_fields(init_pid)
+    procs = _cgroup_procs(init_pid, name)
+    fds: list[int] = []
+    try:
+        for path in procs:
+            fds.append(os.open(path, os.O_WRONLY | os.O_CLOEXEC))
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    entry = (init_pid, started, fds, int(status.get("CapBnd", "0"), 16), status.get("NoNewPrivs", "0") == "1")
+    _join_cache[name] = entry
+    return entry[2], entry[3], entry[4]
+
+
 def fast_attach(name: str, init_pid: int, argv: list[str], env: dict[str, str], uid: int, gid: int, cwd: str,
                 stdio: tuple[int, int, int], *, config_path: str | None, tty: bool) -> int:
     """Start argv in the (unprivileged) container whose init is init_pid; returns the pid."""
-    profiles = _config_values(config_path, "lxc.seccomp.profile")
-    if len(profiles) > 1 or _config_values(config_path, "lxc.apparmor.profile") not in ([], ["unconfined"]):
+    profiles, apparmor = _lsm_config(config_path)
+    if len(profiles) > 1 or apparmor not in ([], ["unconfined"]):
         raise FastPathUnavailable("LSM or several seccomp profiles configured")
     ctx = seccomp_filter(profiles[0] if profiles else None)
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        cap_last = int(f.read())
-    lib = _libseccomp() if ctx is not None else None
+    cap_last = _cap_last()
+    lib = None
 
     pidfd = os.pidfd_open(init_pid)
     try:
-        status = _status_fields(init_pid)
-        procs = _cgroup_procs(init_pid, name)
+        try:
+            procs, cap_bnd, no_new_privs = _join_data(name, init_pid)
+        except (FileNotFoundError, ProcessLookupError) as e:
+            raise FastPathUnavailable(f"the container's init is gone: {e}") from None
         if select.select([pidfd], [], [], 0)[0]:  # exited: /proc may have shown another process
+            _drop_join(name)
             raise FastPathUnavailable("the container's init exited")
     except BaseException:
         os.close(pidfd)
         raise
-    cap_bnd = int(status.get("CapBnd", "0"), 16)
-    no_new_privs = status.get("NoNewPrivs", "0") == "1"
-    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    own_pidns = _own_pidns()
     try:
         if _libc.setns(pidfd, CLONE_NEWPID) != 0:
             err = ctypes.get_errno()
@@ -422,16 +536,14 @@ def fast_attach(name: str, init_pid: int, argv: list[str], env: dict[str, str], 
                 os.write(2, b"liblxc worker: failed to restore its pid namespace\n")
                 os._exit(1)
     finally:
-        os.close(own_pidns)
         os.close(pidfd)
     return pid
 
 
 def _fast_child(pidfd, procs, argv, env, uid, gid, cwd, stdio, tty, cap_bnd, cap_last, no_new_privs, lib,
                 ctx) -> int:
-    for path in procs:
-        with open(path, "w") as f:
-            f.write("0")
+    for fd in procs:
+        os.write(fd, b"0")
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWCGROUP
     if _libc.setns(pidfd, flags) != 0:
         raise OSError(ctypes.get_errno(), "setns into the container's namespaces failed")
@@ -447,7 +559,7 @@ def _fast_child(pidfd, procs, argv, env, uid, gid, cwd, stdio, tty, cap_bnd, cap
                 raise OSError(ctypes.get_errno(), f"dropping capability {cap} failed")
     if no_new_privs:
         _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-    if ctx is not None and lib.seccomp_load(ctx) != 0:
+    if ctx is not None and ctx.load() != 0:
         raise OSError(ctypes.get_errno(), "loading the seccomp profile failed")
     os.setgroups([])
     os.setgid(gid)
