@@ -199,9 +199,10 @@ def test_sigint_reboots(container):
         time.sleep(0.05)
     else:
         pytest.fail(f"container did not come back after a reboot: {c.state()}\n{c.log_tail()}")
-    # `reboot` inside the container asks init for the same
+    # `reboot` inside the container asks init for the same. Init's shutdown then signals every
+    # process, so `reboot` itself may be killed by SIGTERM (143) before it exits on its own.
     r = c.attach("reboot")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode in (0, 143), r.stderr
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and c.init_pid() in (0, new):
         time.sleep(0.05)
