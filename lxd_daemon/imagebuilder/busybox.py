@@ -29,11 +29,10 @@ from lxd_daemon.imagebuilder.pack import (
     BuildResult,
     TarOptions,
     build_time,
-    check_outputs,
     lxd_architecture,
     make_metadata,
-    output_paths,
     pack_image,
+    planned_outputs,
     serial,
 )
 
@@ -288,13 +287,7 @@ def build_busybox(
     ``fmt`` is "unified" (one tarball) or "split" (metadata tarball + squashfs or tar rootfs).
     ``result.paths`` is what ``lxc image import`` takes, ``result.fingerprint`` its fingerprint.
     """
-    target = output if output is not None else out_dir
-    if target is not None and output is None:
-        if not Path(target).is_dir():
-            raise BuildError(f"output directory {target} does not exist")
-        target = str(target) + "/"
-    finals = output_paths(target, name, fmt, compression, rootfs_format)
-    check_outputs(finals)
+    finals = planned_outputs(out_dir, output, name, fmt, compression, rootfs_format)
     version = busybox_version(busybox)
     arch = lxd_architecture()
     ts = build_time()

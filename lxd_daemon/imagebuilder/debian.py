@@ -55,12 +55,11 @@ from lxd_daemon.imagebuilder.pack import (
     BuildResult,
     TarOptions,
     build_time,
-    check_outputs,
     debian_architecture,
     lxd_architecture,
     make_metadata,
-    output_paths,
     pack_image,
+    planned_outputs,
     serial,
 )
 
@@ -464,13 +463,7 @@ def build_debian(
     if init not in ("sysvinit", "systemd"):
         raise BuildError(f"unknown init {init!r} (sysvinit or systemd)")
     name = name or f"debian-{release}"
-    target = output if output is not None else out_dir
-    if target is not None and output is None:
-        if not Path(target).is_dir():
-            raise BuildError(f"output directory {target} does not exist")
-        target = str(target) + "/"
-    finals = output_paths(target, name, fmt, compression, rootfs_format)
-    check_outputs(finals)
+    finals = planned_outputs(out_dir, output, name, fmt, compression, rootfs_format)
     mirror = (mirror or find_mirror(release)).rstrip("/")
     security = find_security_mirror(release)
     arch = lxd_architecture()

@@ -457,6 +457,20 @@ def output_paths(
     return [main, rootfs]
 
 
+def planned_outputs(out_dir: str | Path | None, output: str | Path | None, name: str, fmt: str,
+                    compression: str, rootfs_format: str = "squashfs") -> list[Path]:
+    """The final paths of a build given either a directory (out_dir) or a file name (output),
+    checked before any work is done."""
+    target = output if output is not None else out_dir
+    if target is not None and output is None:
+        if not Path(target).is_dir():
+            raise BuildError(f"output directory {target} does not exist")
+        target = str(target) + "/"
+    finals = output_paths(target, name, fmt, compression, rootfs_format)
+    check_outputs(finals)
+    return finals
+
+
 def check_outputs(finals: list[Path]) -> None:
     """Refuse at once (before any work) outputs whose directory is missing or is a directory."""
     for p in finals:
