@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -172,16 +173,19 @@ class WorkerProcess:
             self.outbox_fds = [(o - sent, f) for o, f in self.outbox_fds]
         self.loop.remove_writer(self.sock.fileno())
 
+    def _close_socket(self) -> None:
+        """Stop watching the worker's socket and close it."""
+        if self.loop is not None:
+            with contextlib.suppress(Exception):
+                self.loop.remove_reader(self.sock.fileno())
+                self.loop.remove_writer(self.sock.fileno())
+        self.sock.close()
+        self.sock = None
+
     def _died(self) -> None:
         if self.sock is None:
             return
-        try:
-            self.loop.remove_reader(self.sock.fileno())
-            self.loop.remove_writer(self.sock.fileno())
-        except Exception:
-            pass
-        self.sock.close()
-        self.sock = None
+        self._close_socket()
         err = WorkerCrashed(f"liblxc worker {self.index} exited")
         for fut in self.pending.values():
             if not fut.done():
@@ -223,14 +227,7 @@ class WorkerProcess:
 
     def close(self) -> None:
         if self.sock is not None:
-            if self.loop is not None:
-                try:
-                    self.loop.remove_reader(self.sock.fileno())
-                    self.loop.remove_writer(self.sock.fileno())
-                except Exception:
-                    pass
-            self.sock.close()
-            self.sock = None
+            self._close_socket()
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=2)
