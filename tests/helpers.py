@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -309,3 +313,53 @@ def cgroup_file(pid: int, controller_file: str) -> str:
     v1, v2 = cgroup_dirs(pid)
     base = v1.get(controller_file.split(".", 1)[0]) or v2
     return Path(base, controller_file).read_text().strip()
+
+
+class PtyProcess:
+    """A command run on a new pty that is its controlling terminal, as at a real terminal."""
+
+    def __init__(self, args: list[str], env: dict, size: tuple[int, int] = (24, 80)):
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
+        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env,
+                                     start_new_session=True,
+                                     preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+        os.close(slave)
+        self.out = b""
+
+    def pump(self, seconds: float) -> None:
+        """Collect output for `seconds` (less if the terminal closes)."""
+
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            r, _, _ = select.select([self.master], [], [], 0.05)
+            if r:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                self.out += chunk
+
+    def write(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def resize(self, rows: int, cols: int) -> None:
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.proc.send_signal(28)  # SIGWINCH, as a terminal emulator does
+
+    def finish(self, timeout: float, tail: float = 0.0) -> int:
+        """Wait up to `timeout` for the command to exit, reading its output; its exit code."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self.pump(0.1)
+        if tail:
+            self.pump(tail)
+        return self.proc.wait(timeout=1)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
-import select
-import struct
-import subprocess
-import termios
 import time
 
 import pytest
 
-from tests.helpers import LXC, ensure_containers_ready, run_prefix
+from tests.helpers import LXC, PtyProcess, ensure_containers_ready, run_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -51,45 +45,19 @@ def test_console_log_show_and_clear(daemon, ct):
 
 
 def _attach(daemon, ct) -> tuple[bytes, int]:
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    proc = subprocess.Popen([LXC, "console", ct], stdin=slave, stdout=slave, stderr=slave, env=daemon.env,
-                            start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
-    os.close(slave)
-    out = b""
-
-    def pump(seconds: float) -> None:
-        nonlocal out
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            r, _, _ = select.select([master], [], [], 0.05)
-            if r:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                out += chunk
-
+    p = PtyProcess([LXC, "console", ct], daemon.env)
     try:
-        pump(1.0)
+        p.pump(1.0)
         daemon.lxc("exec", ct, "--", "sh", "-c", "echo live-console-line > /dev/console")
-        pump(1.0)
+        p.pump(1.0)
         # Detach: ctrl+a then q, as separate keystrokes (the client looks at one read at a time).
-        os.write(master, b"\x01")
-        pump(0.3)
-        os.write(master, b"q")
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and time.monotonic() < deadline:
-            pump(0.1)
-        rc = proc.wait(timeout=1)
+        p.write(b"\x01")
+        p.pump(0.3)
+        p.write(b"q")
+        rc = p.finish(10)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
-    return out, rc
+        p.close()
+    return p.out, rc
 
 
 def test_console_attach_and_detach_twice(daemon, ct):

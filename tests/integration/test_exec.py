@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
-import select
-import struct
 import subprocess
-import termios
 import time
 
 import pytest
 
-from tests.helpers import LXC, ensure_containers_ready, run_prefix, wait_op
+from tests.helpers import LXC, PtyProcess, ensure_containers_ready, run_prefix, wait_op
 
 pytestmark = pytest.mark.integration
 
@@ -86,47 +81,19 @@ def test_command_is_isolated_from_the_daemon(daemon, ct):
 def _run_in_pty(args: list[str], env: dict, script: list[tuple[float, bytes | tuple]], size=(24, 80),
                 timeout: float = 15) -> tuple[bytes, int]:
     """Run args on a new pty; script items are (delay, bytes to type) or (delay, ("resize", rows, cols))."""
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", size[0], size[1], 0, 0))
-    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
-                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
-    os.close(slave)
-    out = b""
-
-    def pump(seconds: float) -> None:
-        nonlocal out
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            r, _, _ = select.select([master], [], [], 0.05)
-            if r:
-                try:
-                    chunk = os.read(master, 65536)
-                except OSError:
-                    return
-                if not chunk:
-                    return
-                out += chunk
-
+    p = PtyProcess(args, env, size)
     try:
         for delay, action in script:
-            pump(delay)
+            p.pump(delay)
             if isinstance(action, tuple):
                 _, rows, cols = action
-                fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-                proc.send_signal(28)  # SIGWINCH, as a terminal emulator does
+                p.resize(rows, cols)
             else:
-                os.write(master, action)
-        deadline = time.monotonic() + timeout
-        while proc.poll() is None and time.monotonic() < deadline:
-            pump(0.1)
-        pump(0.2)
-        rc = proc.wait(timeout=1)
+                p.write(action)
+        rc = p.finish(timeout, tail=0.2)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
-    return out, rc
+        p.close()
+    return p.out, rc
 
 
 def test_interactive_tty_and_resize(daemon, ct):
