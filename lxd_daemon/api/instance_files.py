@@ -1,7 +1,9 @@
 """`/1.0/instances/{name}/files` (and `/1.0/containers/...`): pull, push, list, delete.
 
 Contents stream both ways in large chunks through worker threads (never buffered whole, never
-blocking the event loop); path handling and its safety live in lxd_daemon.instances.files.
+blocking the event loop); a large pushed body with a Content-Length is spliced from the socket
+into the file (lxd_daemon.api.socket_body). Path handling and its safety live in
+lxd_daemon.instances.files.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
+from lxd_daemon.api import socket_body
 from lxd_daemon.api.envelope import sync
 from lxd_daemon.api.request import read_body
 from lxd_daemon.errors import BadRequest, NotFound
@@ -105,6 +108,14 @@ def _write_all(fd: int, chunks: list[bytes]) -> None:
 
 
 async def _receive_into(request: Request, fd: int) -> int:
+    """Write the request body to fd: spliced from the socket when it can be, else streamed."""
+    body = await socket_body.take(request)
+    if body is not None:
+        return await body.copy_to(fd)
+    return await _stream_into(request, fd)
+
+
+async def _stream_into(request: Request, fd: int) -> int:
     """Stream the request body into fd: batches are written in a thread while the next one arrives."""
     pending: asyncio.Future | None = None
     batch: list[bytes] = []
@@ -144,21 +155,31 @@ async def files_post(request: Request, name: str) -> Response:
         target = await read_body(request, SYMLINK_LIMIT)
         await asyncio.to_thread(_with_root, inst, files.symlink, path, target, spec)
     else:
-        fd, created = await asyncio.to_thread(_with_root, inst, files.open_for_write, path, spec)
-        try:
-            await _receive_into(request, fd)
-        except BaseException:
-            os.close(fd)
-            fd = -1
-            if created:  # roll back a half-written new file
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(_with_root, inst, files.delete, path)
-            raise
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        await _push_file(request, inst, path, spec)
     _lifecycle(request, services, inst, "instance-file-pushed", path)
     return sync({})
+
+
+async def _push_file(request: Request, inst, path: str | None, spec: files.WriteSpec) -> None:
+    """Write the body to the file at path. After a failure a new file is removed again, and an
+    existing one keeps what was written (as if it had been truncated first)."""
+    fd, created = await asyncio.to_thread(_with_root, inst, files.open_for_write, path, spec)
+    try:
+        await _receive_into(request, fd)
+        await asyncio.to_thread(files.end_write, fd, spec)
+    except BaseException:
+        if created:  # roll back a half-written new file
+            os.close(fd)
+            fd = -1
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(_with_root, inst, files.delete, path)
+        else:
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(files.end_write, fd, spec)
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 async def files_delete(request: Request, name: str) -> Response:

@@ -1,9 +1,9 @@
 """Benchmark our daemon against LXD 5.0.2 (Debian `lxd`) in the same run, interleaved.
 
 Run through scripts/bench/run.sh (it installs Debian's lxd and cleans up even after a crash).
-Suites: api (issue 2), images (issue 3), containers (issue 4). A suite a daemon cannot serve yet
-(its endpoint answers 404) is skipped for that daemon with a line saying so; LXD still runs, which
-validates the harness.
+Suites: api (issue 2), images (issue 3), containers (issue 4); `--only files` runs only the file
+transfer rows of containers. A suite a daemon cannot serve yet (its endpoint answers 404) is
+skipped for that daemon with a line saying so; LXD still runs, which validates the harness.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from daemons import DEBIAN_LXD, LXC, OUR_LXD, REPO, Daemon, cleanup  # noqa: E40
 
 HERE = Path(__file__).resolve().parent
 VENV_PY = REPO / ".venv" / "bin" / "python"
-SUITES = ("api", "images", "containers")
+SUITES = ("api", "images", "containers")  # what a run without --only runs
+EXTRA_SUITES = ("files",)  # only with --only: a subset of a suite above, for quicker iterations
 ALIASES = {"issue2": "api", "issue3": "images", "issue4": "containers"}
 POOL = "default"
 
@@ -461,7 +462,16 @@ class Bench:
         return time.perf_counter() - t
 
     def suite_containers(self) -> None:
-        active, skipped = self.split_support("containers", "/1.0/images", "/1.0/instances", "/1.0/profiles",
+        self.with_containers("containers", self._containers)
+
+    def suite_files(self) -> None:
+        """Only the file transfer rows of the containers suite (a quicker loop for that work)."""
+        self.with_containers("files", self.file_rows)
+
+    def with_containers(self, suite: str, run) -> None:
+        """Prepare both daemons for containers (pool, image, profile), call run(active, skipped, fp),
+        then delete this run's instances."""
+        active, skipped = self.split_support(suite, "/1.0/images", "/1.0/instances", "/1.0/profiles",
                                              "/1.0/storage-pools")
         if not active:
             return
@@ -474,12 +484,12 @@ class Bench:
                 ready.append(d)
             except Exception as e:  # noqa: BLE001
                 skipped[d.key] = f"failed: preparing ({type(e).__name__}: {e})"[:300]
-                log(f"containers: {d.label}: {skipped[d.key]}")
+                log(f"{suite}: {d.label}: {skipped[d.key]}")
         active = ready
         if not active:
             return
         try:
-            self._containers(active, skipped, fp)
+            run(active, skipped, fp)
         finally:
             for d in active:
                 self.delete_prefixed(d)
@@ -503,7 +513,12 @@ class Bench:
         self.row("containers", "`lxc launch` wall", "ms", "lower", None, self.values(active, s, e, "launch", skipped))
         self.row("containers", "`lxc delete -f` of a running container, wall", "ms", "lower", ("<=", 0.2),
                  self.values(active, s, e, "delete", skipped))
-        # files: one running container per daemon, 100 MiB of random data
+        self.file_rows(active, skipped, fp)
+        self.mass_containers(active, skipped, fp)
+
+    def file_rows(self, active: list[Daemon], skipped: dict, fp: str) -> None:
+        """File push/pull through the API and `lxc file`: one running container per daemon,
+        --file-mib of random data, --file-rounds rounds."""
         src = images.random_file(self.workdir / "blob100", self.args.file_mib * MiB)
         src_sha = images.sha256_file(src)
         file_active = []
@@ -514,7 +529,8 @@ class Bench:
                 file_active.append(d)
             except Exception as ex:  # noqa: BLE001
                 skipped[d.key] = f"failed: {type(ex).__name__}: {ex}"[:300]
-        s, e = self.interleave("file push/pull", 2 if q else 4, file_active,
+        rounds = self.args.file_rounds or (2 if self.quick else 4)
+        s, e = self.interleave("file push/pull", rounds, file_active,
                                lambda d, i: self.file_cycle(d, i, src, src_sha))
         for metric, label in (("push_api", "file push, API"), ("pull_api", "file pull, API"),
                               ("push_cli", "`lxc file push` wall"), ("pull_cli", "`lxc file pull` wall")):
@@ -525,7 +541,6 @@ class Bench:
                 self.force_delete(c, self.cname(d, "f"))
         src.unlink()
         self.load("after files")
-        self.mass_containers(active, skipped, fp)
 
     def mass_containers(self, active: list[Daemon], skipped: dict, fp: str) -> None:
         n = self.args.containers or (10 if self.quick else 50)
@@ -654,7 +669,8 @@ class Bench:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[],
-                    help="run only this suite: api|images|containers (or issue2|issue3|issue4); repeatable")
+                    help="run only this suite: api|images|containers (or issue2|issue3|issue4), or files "
+                         "(only the file push/pull rows of containers); repeatable")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shorter cells (a smoke run)")
     ap.add_argument("--rounds", type=int, default=0, help="GET /1.0 rounds per cell (default 3, quick 1)")
     ap.add_argument("--duration", type=float, default=0, help="seconds per GET /1.0 cell (default 5, quick 2)")
@@ -662,6 +678,7 @@ def main(argv=None) -> int:
     ap.add_argument("--big-mb", type=int, default=200, help="size of the big image in MB (default 200)")
     ap.add_argument("--big-gzip", action="store_true", help="compress the big image with gzip -1 (default: none)")
     ap.add_argument("--file-mib", type=int, default=100, help="file push/pull size in MiB (default 100)")
+    ap.add_argument("--file-rounds", type=int, default=0, help="file push/pull rounds (default 4, quick 2)")
     ap.add_argument("--wait-load", type=float, default=0,
                     help="first wait (at most 10 min) until the 1-minute load average is below this")
     ap.add_argument("--verbose", action="store_true")
@@ -670,10 +687,10 @@ def main(argv=None) -> int:
     for o in args.only:
         for name in o.split(","):
             name = ALIASES.get(name.strip(), name.strip())
-            if name not in SUITES:
-                ap.error(f"unknown suite {name!r} (choose from {', '.join(SUITES)})")
+            if name not in SUITES + EXTRA_SUITES:
+                ap.error(f"unknown suite {name!r} (choose from {', '.join(SUITES + EXTRA_SUITES)})")
             suites.append(name)
-    suites = [s for s in SUITES if s in suites] if suites else list(SUITES)
+    suites = [s for s in SUITES + EXTRA_SUITES if s in suites] if suites else list(SUITES)
 
     if os.geteuid() != 0:
         print("the benchmarks need root (they start LXD and containers)", file=sys.stderr)

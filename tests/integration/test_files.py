@@ -140,6 +140,26 @@ def test_big_file_is_byte_identical(daemon, ct, tmp_path):
     daemon.lxc("file", "delete", f"{ct}/root/big.bin")
 
 
+def test_big_api_push_overwrites_in_place_and_appends(daemon, ct):
+    """A large Content-Length body is spliced from the socket (the response closes the
+    connection); overwriting keeps the file's metadata and ends where the new contents end."""
+    path = "/root/spliced.bin"
+    first, second = os.urandom(5 << 20), os.urandom(3 << 20)
+    r = daemon.api("POST", f"/1.0/instances/{ct}/files", params={"path": path}, content=first,
+                   headers={"X-LXD-mode": "0600", "X-LXD-uid": "7"})
+    assert r.status_code == 200 and r.headers.get("connection") == "close"
+    r = daemon.api("POST", f"/1.0/instances/{ct}/files", params={"path": path}, content=second,
+                   headers={"X-LXD-mode": "0644"})
+    assert r.status_code == 200
+    assert sh(daemon, ct, f"stat -c '%s %a %u' {path}").split() == [str(len(second)), "600", "7"]
+    assert sh(daemon, ct, f"sha256sum {path}").split()[0] == hashlib.sha256(second).hexdigest()
+    r = daemon.api("POST", f"/1.0/instances/{ct}/files", params={"path": path}, content=first,
+                   headers={"X-LXD-write": "append"})
+    assert r.status_code == 200
+    assert sh(daemon, ct, f"sha256sum {path}").split()[0] == hashlib.sha256(second + first).hexdigest()
+    daemon.api("DELETE", f"/1.0/instances/{ct}/files", params={"path": path})
+
+
 def test_works_on_a_stopped_instance(daemon, tmp_path):
     alias = ensure_containers_ready(daemon)
     name = f"{run_prefix()}-stopped"

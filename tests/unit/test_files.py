@@ -123,10 +123,17 @@ def test_create_overwrite_append_and_modes(tree):
         assert not created
         assert (rootfs / "root/a.txt").read_bytes() == b"one\ntwo\n"
         assert stat.S_IMODE(os.stat(rootfs / "root/a.txt").st_mode) == 0o640
+        # An overwrite is done in place; end_write() cuts the old tail.
         fd, _ = files.open_for_write(root, "/root/a.txt", files.WriteSpec())
         os.write(fd, b"3")
+        files.end_write(fd, files.WriteSpec())
         os.close(fd)
         assert (rootfs / "root/a.txt").read_bytes() == b"3"
+        fd, _ = files.open_for_write(root, "/root/a.txt", files.WriteSpec(append=True))
+        os.write(fd, b"4")
+        files.end_write(fd, files.WriteSpec(append=True))
+        os.close(fd)
+        assert (rootfs / "root/a.txt").read_bytes() == b"34"
         fd, _ = files.open_for_write(root, "/root/default", files.WriteSpec())
         os.close(fd)
         assert stat.S_IMODE(os.stat(rootfs / "root/default").st_mode) == 0o644

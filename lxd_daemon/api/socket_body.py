@@ -1,0 +1,218 @@
+"""Large request bodies moved from the connection's socket into a file by splice(2).
+
+Through ASGI, uvicorn (httptools on uvloop) hands a body over in pieces of at most 256 KB, each
+one copied four times in user space (uvloop's read buffer, httptools' slice, uvicorn's bytearray,
+the bytes given to the app) and each a round trip through the event loop: a 100 MiB upload costs
+more CPU there than writing it to disk. For a plain `Content-Length` body on a connection without
+TLS, take() hands the rest of the body to one thread of its own, which splices it from the
+socket through a pipe into the file without it entering user space at all.
+
+The hand-over (only with uvicorn's httptools protocol, which keeps no body bytes of its own
+beyond the ones it has parsed; anything else returns None and the caller reads the ASGI stream):
+the first `receive()` goes through uvicorn as usual (so `Expect: 100-continue` is answered);
+then, without yielding to the event loop, reading on the transport is paused and the body bytes
+uvicorn has parsed but not delivered are taken over. The rest, `Content-Length` minus what was
+taken, is read from a duplicate of the socket's descriptor (ours even if the connection closes
+meanwhile). The HTTP parser still expects those bytes, so the connection is no longer kept alive:
+the response carries `Connection: close` and uvicorn closes the connection after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import os
+import select
+import threading
+
+from starlette.requests import ClientDisconnect, Request
+
+MIN_SIZE = 1 << 20  # smaller bodies stream through ASGI (and keep their connection alive)
+PIPE_SIZE = 1 << 20
+READ_BUFFER = 1 << 20  # for the read()/write() fallback
+POLL_MS = 500  # how often a waiting copy checks whether it was cancelled
+_HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
+
+
+class _Stopped(Exception):
+    """The coroutine awaiting the copy was cancelled."""
+
+
+class SocketBody:
+    """A request body: `head` (already received) and `remaining` bytes still on the socket."""
+
+    def __init__(self, head: bytes, sock_fd: int = -1, remaining: int = 0):
+        self.head = head
+        self.sock_fd = sock_fd
+        self.remaining = remaining
+        self._stop = threading.Event()
+
+    async def copy_to(self, fd: int) -> int:
+        """Write the whole body to fd at its current offset; returns the bytes written.
+
+        The copy runs in a thread of its own, not in the shared executor, so that a client that
+        stalls mid-body holds no thread that other requests need. The descriptors stay valid
+        until that thread has ended, also when this coroutine is cancelled."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def run() -> None:
+            try:
+                outcome = (self._copy(fd), None)
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                outcome = (None, e)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(_settle, done, outcome)
+
+        threading.Thread(target=run, name="lxd-body", daemon=True).start()
+        try:
+            return await asyncio.shield(done)
+        except asyncio.CancelledError:
+            self._stop.set()
+            while not done.done():  # the thread notices within POLL_MS
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([done])
+            done.exception()  # retrieved: the cancellation is what this coroutine reports
+            raise
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.sock_fd >= 0:
+            os.close(self.sock_fd)
+            self.sock_fd = -1
+
+    # -- in the copying thread ----------------------------------------------------------------
+    def _copy(self, fd: int) -> int:
+        written = _write_all(fd, memoryview(self.head))
+        if not self.remaining:
+            return written
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:  # splice(2) refuses O_APPEND files
+            return written + self._read_copy(fd)
+        return written + self._splice_copy(fd)
+
+    def _splice_copy(self, fd: int) -> int:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+            written = 0
+            while self.remaining:
+                try:
+                    n = os.splice(self.sock_fd, w, min(self.remaining, size), flags=os.SPLICE_F_MOVE)
+                except BlockingIOError:
+                    self._wait_readable()
+                    continue
+                except OSError as e:
+                    if e.errno == errno.EINVAL and not written:  # no splice on this socket
+                        return self._read_copy(fd)
+                    raise
+                if n == 0:
+                    raise ClientDisconnect()
+                self.remaining -= n
+                written += _drain(r, fd, n)
+            return written
+        finally:
+            os.close(r)
+            os.close(w)
+
+    def _read_copy(self, fd: int) -> int:
+        buf = memoryview(bytearray(min(self.remaining, READ_BUFFER)))
+        written = 0
+        while self.remaining:
+            try:
+                n = os.readv(self.sock_fd, [buf[:min(self.remaining, len(buf))]])
+            except BlockingIOError:
+                self._wait_readable()
+                continue
+            if n == 0:
+                raise ClientDisconnect()
+            self.remaining -= n
+            written += _write_all(fd, buf[:n])
+        return written
+
+    def _wait_readable(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock_fd, select.POLLIN)
+        while not poller.poll(POLL_MS):
+            if self._stop.is_set():
+                raise _Stopped()
+
+
+def _settle(done: asyncio.Future, outcome: tuple) -> None:
+    if done.done():
+        return
+    result, exc = outcome
+    if exc is None:
+        done.set_result(result)
+    else:
+        done.set_exception(exc)
+
+
+def _write_all(fd: int, data: memoryview) -> int:
+    total = len(data)
+    while data:
+        data = data[os.write(fd, data):]
+    return total
+
+
+def _drain(r: int, fd: int, n: int) -> int:
+    """Splice the n bytes in the pipe into fd."""
+    left = n
+    while left:
+        m = os.splice(r, fd, left, flags=os.SPLICE_F_MOVE)
+        if m == 0:
+            raise OSError(errno.EIO, "the file took no data")
+        left -= m
+    return n
+
+
+def _uvicorn_cycle(request: Request):
+    """uvicorn's httptools RequestResponseCycle behind request.receive, or None."""
+    cycle = getattr(request.receive, "__self__", None)
+    if type(cycle).__module__ != _HTTPTOOLS_CYCLE:
+        return None
+    if not all(hasattr(cycle, a) for a in ("transport", "flow", "body", "more_body", "keep_alive")):
+        return None
+    transport = cycle.transport
+    if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("socket") is None:
+        return None
+    return cycle
+
+
+def _content_length(request: Request) -> int:
+    if "transfer-encoding" in request.headers:
+        return -1
+    try:
+        return int(request.headers.get("content-length", ""))
+    except ValueError:
+        return -1
+
+
+async def take(request: Request) -> SocketBody | None:
+    """The request's body as a SocketBody, or None (nothing received) when it is small, chunked
+    or not on a connection this can take over: read request.stream() then."""
+    length = _content_length(request)
+    if length < MIN_SIZE:
+        return None
+    cycle = _uvicorn_cycle(request)
+    if cycle is None:
+        return None
+    message = await request.receive()
+    if message["type"] != "http.request":
+        raise ClientDisconnect()
+    head = message.get("body", b"")
+    if not message.get("more_body", False):
+        return SocketBody(head)
+    # From here to the return there is no await: uvicorn cannot read or parse meanwhile.
+    cycle.flow.pause_reading()
+    head += bytes(cycle.body)
+    cycle.body = cycle.body[:0]
+    if not cycle.more_body:  # the rest had arrived already
+        return SocketBody(head)
+    cycle.keep_alive = False
+    sock_fd = os.dup(cycle.transport.get_extra_info("socket").fileno())
+    return SocketBody(head, sock_fd, max(0, length - len(head)))

@@ -1,0 +1,252 @@
+"""socket_body: large Content-Length bodies spliced from uvicorn's socket into a file, served by
+the daemon's own uvicorn configuration on uvloop and driven by a raw socket client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import uvloop
+from starlette.requests import ClientDisconnect, Request
+
+from lxd_daemon.api import socket_body
+from lxd_daemon.daemon import make_server
+
+BIG = 3 << 20
+
+
+class Sink:
+    """An ASGI app writing each request's body to `out`, the way the file API does."""
+
+    def __init__(self, out: Path, append: bool = False, timeout: float = 10):
+        self.out = out
+        self.append = append
+        self.timeout = timeout
+        self.results: list[dict] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        request = Request(scope, receive)
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if self.append else os.O_TRUNC)
+        fd = os.open(self.out, flags, 0o600)
+        result = {"path": None, "error": None}
+        try:
+            body = await socket_body.take(request)
+            if body is None:
+                result["path"] = "stream"
+                async for chunk in request.stream():
+                    os.write(fd, chunk)
+            else:
+                result["path"] = "socket"
+                result["written"] = await asyncio.wait_for(body.copy_to(fd), self.timeout)
+        except (ClientDisconnect, TimeoutError) as e:
+            result["error"] = type(e).__name__
+        finally:
+            os.close(fd)
+            self.results.append(result)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def serve(tmp_path: Path, app, client) -> None:
+    """Run app under the daemon's uvicorn config on uvloop; client(sock_path) runs in a thread."""
+    path = tmp_path / "s.sock"
+
+    async def main():
+        server = make_server(app)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        sock.listen(8)
+        sock.setblocking(False)
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(client, str(path)), 30)
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(task, 10)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    return s
+
+
+def head(length: int | None = None, extra: str = "") -> bytes:
+    size = f"Content-Length: {length}\r\n" if length is not None else "Transfer-Encoding: chunked\r\n"
+    return f"POST /f HTTP/1.1\r\nHost: lxd\r\n{size}{extra}\r\n".encode()
+
+
+def read_response(s: socket.socket) -> tuple[bytes, bool]:
+    """(head, closed by the server after the response)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    header, _, rest = data.partition(b"\r\n\r\n")
+    while len(rest) < 2:
+        rest += s.recv(65536)
+    s.settimeout(0.5)
+    try:
+        closed = s.recv(1) == b""
+    except TimeoutError:
+        closed = False
+    return header.lower(), closed
+
+
+def test_big_body_is_spliced_and_the_connection_closes(tmp_path):
+    data = os.urandom(BIG)
+    app = Sink(tmp_path / "out")
+    seen = {}
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head(len(data)) + data)
+            seen["head"], seen["closed"] = read_response(s)
+
+    serve(tmp_path, app, client)
+    assert app.results == [{"path": "socket", "error": None, "written": BIG}]
+    assert hashlib.sha256((tmp_path / "out").read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert b"connection: close" in seen["head"] and seen["closed"]
+
+
+def test_small_and_chunked_bodies_stream_and_keep_the_connection(tmp_path):
+    small = os.urandom(100 << 10)
+    big = os.urandom(BIG)
+    app = Sink(tmp_path / "out", append=True)
+    closed = []
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head(len(small)) + small)
+            closed.append(read_response(s)[1])
+            chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (big[:BIG // 2], big[BIG // 2:]))
+            s.sendall(head() + chunks + b"0\r\n\r\n")
+            closed.append(read_response(s)[1])
+
+    serve(tmp_path, app, client)
+    assert [r["path"] for r in app.results] == ["stream", "stream"]
+    assert closed == [False, False]
+    assert (tmp_path / "out").read_bytes() == small + big
+
+
+def test_expect_continue_is_answered_first(tmp_path):
+    data = os.urandom(BIG)
+    app = Sink(tmp_path / "out")
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head(len(data), "Expect: 100-continue\r\n"))
+            assert s.recv(100).startswith(b"HTTP/1.1 100 Continue")
+            s.sendall(data)
+            read_response(s)
+
+    serve(tmp_path, app, client)
+    assert app.results[0]["path"] == "socket"
+    assert (tmp_path / "out").read_bytes() == data
+
+
+def test_append_target_uses_read_and_write(tmp_path):
+    """splice(2) refuses O_APPEND files: the copy falls back to read()/write()."""
+    (tmp_path / "out").write_bytes(b"before\n")
+    data = os.urandom(BIG)
+    app = Sink(tmp_path / "out", append=True)
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head(len(data)))
+            time.sleep(0.05)
+            s.sendall(data)
+            read_response(s)
+
+    serve(tmp_path, app, client)
+    assert app.results[0]["path"] == "socket"
+    assert (tmp_path / "out").read_bytes() == b"before\n" + data
+
+
+def test_client_gone_mid_body_is_a_disconnect(tmp_path):
+    part = os.urandom(2 << 20)
+    app = Sink(tmp_path / "out")
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head(BIG) + part)
+            time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while not app.results and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    serve(tmp_path, app, client)
+    assert app.results == [{"path": "socket", "error": "ClientDisconnect"}]
+    assert (tmp_path / "out").read_bytes() == part  # what arrived was written
+
+
+def test_cancelled_copy_stops_its_thread(tmp_path):
+    """A client that stalls mid-body: cancelling the copy ends its thread within a poll period."""
+    app = Sink(tmp_path / "out", timeout=0.5)
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head(BIG) + os.urandom(1 << 20))
+            deadline = time.monotonic() + 10
+            while not app.results and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+    serve(tmp_path, app, client)
+    assert app.results == [{"path": "socket", "error": "TimeoutError"}]
+    time.sleep(socket_body.POLL_MS / 1000 + 0.2)
+    assert not [t for t in threading.enumerate() if t.name == "lxd-body"]
+
+
+@pytest.mark.parametrize("length", [None, "x", str(socket_body.MIN_SIZE - 1)])
+def test_no_take_over_without_a_large_content_length(length):
+    headers = [] if length is None else [(b"content-length", length.encode())]
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": headers, "query_string": b""})
+
+    async def check():
+        return await socket_body.take(request)
+
+    assert asyncio.run(check()) is None
+
+
+def test_no_take_over_outside_uvicorn():
+    """An ASGI server other than uvicorn's httptools protocol: the caller streams."""
+    calls = []
+
+    async def receive():
+        calls.append(1)
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"",
+             "headers": [(b"content-length", str(BIG).encode())]}
+
+    async def check():
+        return await socket_body.take(Request(scope, receive))
+
+    assert asyncio.run(check()) is None
+    assert calls == []  # nothing was received
+
+
+def test_write_all_and_drain_finish_short_writes(tmp_path):
+    r, w = os.pipe()
+    with contextlib.ExitStack() as stack:
+        stack.callback(os.close, r)
+        stack.callback(os.close, w)
+        out = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+        stack.callback(os.close, out)
+        os.write(w, b"x" * 1000)
+        assert socket_body._drain(r, out, 1000) == 1000
+        assert socket_body._write_all(out, memoryview(b"y" * 10)) == 10
+    assert (tmp_path / "f").read_bytes() == b"x" * 1000 + b"y" * 10
