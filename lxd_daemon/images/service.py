@@ -16,21 +16,23 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from lxd_daemon.api.envelope import etag_of
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
-from lxd_daemon.images import formats
+from lxd_daemon.images import formats, tarscan
+from lxd_daemon.images.index import ImageIndex, Located, check_prefix, pick
 from lxd_daemon.images.models import Image, ImageAlias
 from lxd_daemon.images.multipart import MultipartParser, boundary_of
+from lxd_daemon.images.pipeline import UploadScan
 from lxd_daemon.images.store import AsyncSink, HashingWriter, ImageStore
 from lxd_daemon.util.timefmt import ZERO_TIME, parse_rfc3339, rfc3339
 
 log = logging.getLogger("lxd.images")
 
-HEX = set("0123456789abcdef")
 SMALL_UPLOAD = 8 << 20  # uploads up to this size are gathered in memory before they are stored
 
 
@@ -103,10 +105,14 @@ class Upload:
     compression: str = ""
     rootfs_format: str = ""
     part_filename: str = ""
-    scan: formats.ScanResult | None = None
+    scan: tarscan.ScanResult | None = None
     metadata: dict = field(default_factory=dict)
+    # The scans that ran while the upload arrived, by kind ("unified", or "meta" and "rootfs").
+    scans: dict[str, UploadScan] = field(default_factory=dict)
 
     def discard(self) -> None:
+        for scan in self.scans.values():
+            scan.abort()
         if self.workdir is not None:
             shutil.rmtree(self.workdir, ignore_errors=True)
             return
@@ -114,6 +120,18 @@ class Upload:
             if p is not None:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+
+
+_IMAGE_BY_FP = select(Image.id).where(Image.fingerprint == bindparam("fp"))
+_ALIAS_BY_NAME = select(ImageAlias.id).where(ImageAlias.name == bindparam("name"))
+_INSERT_IMAGE = Image.__table__.insert()
+_INSERT_ALIAS = ImageAlias.__table__.insert()
+_DELETE_IMAGE = Image.__table__.delete().where(Image.id == bindparam("id"))
+# A fingerprint prefix as an index range: fingerprints are lower-case hex and "g" sorts after "f".
+_LOCATE = (select(Image.id, Image.fingerprint, Image.public, Image.layout, Image.compression, Image.rootfs_format)
+           .where(Image.fingerprint >= bindparam("lo"), Image.fingerprint < bindparam("hi")).limit(2))
+_LOCATE_PUBLIC = _LOCATE.where(Image.public.is_(True))
+_LOCATE_ALL = select(Image.id, Image.fingerprint, Image.public, Image.layout, Image.compression, Image.rootfs_format)
 
 
 def _prefix_query(prefix: str, public_only: bool):
@@ -137,6 +155,7 @@ class ImageService:
         self.on_delete: list[Callable[[str], Awaitable[None]]] = []
         self._token_expiry: dict[str, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Future] = set()
+        self._index = ImageIndex()
 
     # -- files -----------------------------------------------------------------------------
     def path(self, fingerprint: str) -> Path:
@@ -145,16 +164,28 @@ class ImageService:
     async def files(self, fingerprint: str) -> tuple[str, bool, list[tuple[str, Path]]]:
         """(fingerprint, public, [(export file name, path)]): one file, or a split image's metadata
         and rootfs files."""
-        def load(session):
-            row = self._find(session, fingerprint)
-            return row.fingerprint, row.public, row.layout, row.compression, row.rootfs_format
-
-        fp, public, layout, compression, rootfs_format = await self.db.run(load)
+        row = await self.locate(fingerprint)
+        fp, public, layout, compression, rootfs_format = (row.fingerprint, row.public, row.layout,
+                                                          row.compression, row.rootfs_format)
         ext = formats.EXTENSIONS.get(compression, "")
         if layout != "split":
             return fp, public, [(fp + ext, self.store.path(fp))]
         return fp, public, [("meta-" + fp + ext, self.store.path(fp)),
                             (fp + formats.EXTENSIONS.get(rootfs_format, ""), self.store.rootfs_path(fp))]
+
+    async def locate(self, fingerprint: str, *, public_only: bool = False) -> Located:
+        """Where an image's files are, from the in-memory index (loaded on first use)."""
+        if not await self.load_index():  # a write raced with the load: ask the database directly
+            return Located(*await self.db.run(self._locate, fingerprint, public_only))
+        return self._index.resolve(fingerprint, public_only)
+
+    async def load_index(self) -> bool:
+        """Load the file index unless it is loaded; False when a write raced with the load."""
+        if not self._index.loaded:
+            generation = self._index.generation
+            rows = await self.db.run(lambda session: session.connection().execute(_LOCATE_ALL).all())
+            self._index.install([Located(*r) for r in rows], generation)
+        return self._index.loaded
 
     def rootfs_path(self, fingerprint: str) -> Path | None:
         p = self.store.rootfs_path(fingerprint)
@@ -170,18 +201,16 @@ class ImageService:
 
     @staticmethod
     def _find(session, prefix: str, public_only: bool = False) -> Image:
-        prefix = prefix.lower()
-        if not prefix or len(prefix) > 64 or not set(prefix) <= HEX:
-            raise NotFound("Image not found")
-        rows = list(session.scalars(_prefix_query(prefix, public_only)))
-        if not rows:
-            raise NotFound("Image not found")
-        if len(rows) > 1:
-            exact = [r for r in rows if r.fingerprint == prefix]
-            if exact:
-                return exact[0]
-            raise BadRequest(f"More than one image matches the fingerprint prefix {prefix!r}")
-        return rows[0]
+        prefix = check_prefix(prefix)
+        return pick(prefix, list(session.scalars(_prefix_query(prefix, public_only))))
+
+    @staticmethod
+    def _locate(session, prefix: str, public_only: bool = False):
+        """_find's answer as a row of the columns that say where an image's files are (a prepared
+        Core query: exports, deletes and launches need no ORM object)."""
+        prefix = check_prefix(prefix)
+        stmt = _LOCATE_PUBLIC if public_only else _LOCATE
+        return pick(prefix, session.connection().execute(stmt, {"lo": prefix, "hi": prefix + "g"}).all())
 
     @staticmethod
     def _aliases_of(session, image_id: int) -> list[ImageAlias]:
@@ -262,8 +291,10 @@ class ImageService:
         buf = bytearray()
         temp: Path | None = None
         sink: AsyncSink | None = None
+        scanning = UploadScan("unified")
         try:
             async for chunk in chunks:
+                await scanning.feed(chunk)
                 if sink is not None:
                     await sink.write(chunk)
                     continue
@@ -280,13 +311,14 @@ class ImageService:
                 compression = formats.detect_compression(data[:512])
                 path, fp = await asyncio.to_thread(self._store_small, data)
                 return Upload(workdir=None, meta=path, rootfs=None, fingerprint=fp, size=len(data),
-                              compression=compression)
+                              compression=compression, scans={"unified": scanning})
             await sink.finish()
             writer = sink.writer
             return Upload(workdir=None, meta=writer.path, rootfs=None,
                           fingerprint=writer.hasher.hexdigest(), size=writer.size,
-                          compression=formats.detect_compression(writer.head))
+                          compression=formats.detect_compression(writer.head), scans={"unified": scanning})
         except BaseException:
+            scanning.abort()
             if sink is not None:
                 await sink.abort()
             if temp is not None:
@@ -309,6 +341,8 @@ class ImageService:
         sink: AsyncSink | None = None
         expected = ["metadata", "rootfs"]
         rootfs_name = ""
+        scans: dict[str, UploadScan] = {}
+        scan: UploadScan | None = None
         try:
             async for chunk in chunks:
                 for ev in parser.feed(chunk):
@@ -324,7 +358,10 @@ class ImageService:
                             rootfs_name = ev[2]
                         writers[name] = HashingWriter(workdir / name, hasher)
                         sink = AsyncSink(writers[name])
+                        kind = "meta" if name == "metadata" else "rootfs"
+                        scan = scans[kind] = UploadScan(kind)
                     elif ev[0] == "data":
+                        await scan.feed(ev[1])
                         await sink.write(ev[1])
                     else:
                         await sink.finish()
@@ -333,21 +370,28 @@ class ImageService:
             if expected:
                 raise BadRequest(f"Invalid multipart image: missing the {expected[0]!r} part")
         except BaseException:
+            for s in scans.values():
+                s.abort()
             if sink is not None:
                 await sink.abort()
             for w in writers.values():
                 w.close()
             raise
         meta, rootfs = writers["metadata"], writers["rootfs"]
-        if meta.size == 0 or rootfs.size == 0:
-            raise BadRequest("Invalid multipart image: empty part")
-        rootfs_format = formats.detect_compression(rootfs.head)
-        meta_comp = formats.detect_compression(meta.head)
-        if meta_comp == "squashfs":
-            raise BadRequest("Invalid multipart image: the metadata part must be a tarball")
+        try:
+            if meta.size == 0 or rootfs.size == 0:
+                raise BadRequest("Invalid multipart image: empty part")
+            rootfs_format = formats.detect_compression(rootfs.head)
+            meta_comp = formats.detect_compression(meta.head)
+            if meta_comp == "squashfs":
+                raise BadRequest("Invalid multipart image: the metadata part must be a tarball")
+        except BaseException:
+            for s in scans.values():
+                s.abort()
+            raise
         return Upload(workdir=workdir, meta=meta.path, rootfs=rootfs.path, fingerprint=hasher.hexdigest(),
                       size=meta.size + rootfs.size, compression=meta_comp, rootfs_format=rootfs_format,
-                      part_filename=rootfs_name)
+                      part_filename=rootfs_name, scans=scans)
 
     async def check(self, upload: Upload, expected_fingerprint: str = "") -> None:
         """Verify fingerprint, uniqueness and contents (raises, the caller discards)."""
@@ -357,32 +401,58 @@ class ImageService:
             raise BadRequest("Unified squashfs images are not supported: upload a metadata tarball "
                              "and a squashfs root filesystem")
         # The duplicate check and the content scan run side by side; a duplicate is reported first.
-        scan = asyncio.ensure_future(asyncio.to_thread(self._scan, upload))
+        scans, upload.scans = upload.scans, {}
+        scan = asyncio.ensure_future(self._scan_result(upload, dict(scans)))
         try:
             await self._check_new(upload.fingerprint)
         except BaseException:
+            for s in scans.values():
+                s.abort()
             with contextlib.suppress(Exception):
                 await scan
             raise
         upload.scan = await scan
         upload.metadata = upload.scan.metadata or {}
 
-    @staticmethod
-    def _scan(upload: Upload) -> formats.ScanResult:
-        if upload.rootfs is None:
-            return formats.scan_tarball(upload.meta, upload.compression, "unified")
-        result = formats.scan_tarball(upload.meta, upload.compression, "meta")
-        if upload.rootfs_format == "squashfs":
-            formats.scan_squashfs(upload.rootfs)
-        else:
-            formats.scan_tarball(upload.rootfs, upload.rootfs_format, "rootfs")
-        return result
+    async def _scan_result(self, upload: Upload, scans: dict[str, UploadScan]) -> tarscan.ScanResult:
+        """The scans that ran during the upload; a part they could not scan is read from its file."""
+        async def one(kind: str, path: Path, compression: str) -> tarscan.ScanResult:
+            scan = scans.pop(kind, None)
+            if scan is not None and (result := await scan.finish()) is not None:
+                return result
+            if compression == "squashfs":
+                return await asyncio.to_thread(tarscan.scan_squashfs, path)
+            return await asyncio.to_thread(tarscan.scan_tarball, path, compression, kind)
+
+        try:
+            if upload.rootfs is None:
+                return await one("unified", upload.meta, upload.compression)
+            meta, _ = await asyncio.gather(one("meta", upload.meta, upload.compression),
+                                           one("rootfs", upload.rootfs, upload.rootfs_format))
+            return meta
+        finally:
+            for scan in scans.values():  # not reached when another part failed first
+                scan.abort()
+
+    def _check_profiles(self, names: list[str] | None) -> None:
+        """An image's profiles are applied to instances launched from it: they must exist."""
+        known = getattr(getattr(self.services, "profiles", None), "profiles", None)
+        if names is None or known is None:
+            return
+        for name in names:
+            if name not in known:
+                raise BadRequest(f"Profile {name!r} doesn't exist")
+        if len(set(names)) != len(names):
+            raise BadRequest("Duplicate profile found in request")
 
     async def _check_new(self, fingerprint: str) -> None:
-        def exists(session):
-            return session.scalars(select(Image.id).where(Image.fingerprint == fingerprint)).first()
-
-        if await self.db.run(exists) is not None:
+        """Refuse a duplicate early (add() checks again inside its transaction)."""
+        if await self.load_index():
+            exists = self._index.has(fingerprint)
+        else:
+            exists = await self.db.run(
+                lambda session: session.connection().execute(_IMAGE_BY_FP, {"fp": fingerprint}).first()) is not None
+        if exists:
             raise Conflict(f"Image with same fingerprint already exists: {fingerprint}")
 
     async def add(self, upload: Upload, *, filename: str = "", public: bool = False,
@@ -396,8 +466,9 @@ class ImageService:
         props.update(properties or {})
         for a in aliases or []:
             check_alias_name(a.get("name", ""))
+        self._check_profiles(profiles)
         now = time.time()
-        row = Image(
+        values = dict(
             fingerprint=upload.fingerprint, project="default", filename=filename, size=upload.size,
             architecture=meta.get("architecture", ""), type="container",
             layout="unified" if upload.rootfs is None else "split", rootfs_format=upload.rootfs_format,
@@ -407,31 +478,35 @@ class ImageService:
             created_at=float(meta.get("creation_date") or 0) or None,
             expires_at=expires_at if expires_at is not None else (float(meta.get("expiry_date") or 0) or None),
             uploaded_at=now, last_used_at=None,
+            source_server=None, source_protocol=None, source_certificate=None, source_alias=None,
+            source_image_type=None,
         )
         if source:
-            row.source_server = source.get("server")
-            row.source_protocol = source.get("protocol")
-            row.source_certificate = source.get("certificate")
-            row.source_alias = source.get("alias")
-            row.source_image_type = source.get("image_type")
+            values.update(source_server=source.get("server"), source_protocol=source.get("protocol"),
+                          source_certificate=source.get("certificate"), source_alias=source.get("alias"),
+                          source_image_type=source.get("image_type"))
+        new_aliases = [SimpleNamespace(name=a["name"], description=a.get("description", "")) for a in aliases or []]
 
         def insert(session):
             # On the database thread, which serialises every import: check, move the files into
             # place, write the rows. A failure removes the files again (the rows roll back).
+            # Prepared Core statements on the connection: an import writes a row or two, and the
+            # ORM's per-statement work would cost more than the rest of the transaction.
             try:
-                if session.scalars(select(Image.id).where(Image.fingerprint == upload.fingerprint)).first():
+                conn = session.connection()
+                if conn.execute(_IMAGE_BY_FP, {"fp": upload.fingerprint}).first():
                     raise Conflict(f"Image with same fingerprint already exists: {upload.fingerprint}")
                 self.store.install(upload.fingerprint, upload.meta, upload.rootfs)
                 try:
-                    session.add(row)
-                    session.flush()
-                    for a in aliases or []:
-                        if session.scalars(select(ImageAlias.id).where(ImageAlias.name == a["name"])).first():
-                            raise Conflict(f"Alias already exists: {a['name']}")
-                        session.add(ImageAlias(project="default", name=a["name"], image_id=row.id,
-                                               description=a.get("description", "")))
-                    session.flush()
-                    return render(row, self._aliases_of(session, row.id))
+                    image_id = conn.execute(_INSERT_IMAGE, values).inserted_primary_key[0]
+                    for a in new_aliases:
+                        if conn.execute(_ALIAS_BY_NAME, {"name": a.name}).first():
+                            raise Conflict(f"Alias already exists: {a.name}")
+                        conn.execute(_INSERT_ALIAS, {"project": "default", "name": a.name, "image_id": image_id,
+                                                     "description": a.description})
+                    located = Located(image_id, upload.fingerprint, public, values["layout"],
+                                      upload.compression, upload.rootfs_format)
+                    return render(SimpleNamespace(**values), new_aliases), located
                 except BaseException:
                     self.store.remove(upload.fingerprint)
                     raise
@@ -439,7 +514,8 @@ class ImageService:
                 upload.discard()
 
         async with self._finalize:  # not between a delete's row removal and its file removal
-            img = await self.db.run(insert)
+            img, located = await self.db.run(insert)
+            self._index.put(located)
         self.events.lifecycle("image-created", f"/1.0/images/{img['fingerprint']}", {"type": img["type"]},
                               requestor=requestor)
         for a in aliases or []:
@@ -452,6 +528,8 @@ class ImageService:
     async def update(self, fingerprint: str, *, values: dict[str, Any], replace: bool,
                      if_match: Callable[[str], None] | None = None, requestor: dict | None = None) -> None:
         """PUT (replace=True: every field) or PATCH (only the given fields; properties merge)."""
+        self._check_profiles(values.get("profiles"))
+
         def write(session):
             row = self._find(session, fingerprint)
             current = render(row, [])
@@ -474,18 +552,21 @@ class ImageService:
                 row.profiles = json.dumps(profiles if profiles is not None else ["default"])
             return row.fingerprint
 
-        fp = await self.db.run(write)
+        try:
+            fp = await self.db.run(write)
+        finally:
+            self._index.invalidate()  # the public flag may have changed
         self.events.lifecycle("image-updated", f"/1.0/images/{fp}", requestor=requestor)
 
     async def delete(self, fingerprint: str, *, requestor: dict | None = None) -> None:
         def remove(session):
-            row = self._find(session, fingerprint)
-            fp = row.fingerprint
-            session.delete(row)
-            return fp
+            row = self._locate(session, fingerprint)
+            session.connection().execute(_DELETE_IMAGE, {"id": row.id})  # its aliases go by cascade
+            return row.fingerprint
 
         async with self._finalize:
             fp = await self.db.run(remove)
+            self._index.drop(fp)
             retired = await asyncio.to_thread(self.store.retire, fp)
         # Unlinking happens in the background: the image is gone once its row and names are.
         task = asyncio.ensure_future(asyncio.to_thread(_unlink_all, retired))
@@ -636,11 +717,8 @@ class ImageService:
         """Create dest/rootfs (ids shifted), dest/metadata.yaml and dest/templates from an image."""
         from lxd_daemon.images.unpack import unpack
 
-        def load(session):
-            row = self._find(session, fingerprint)
-            return row.fingerprint, row.layout, row.rootfs_format
-
-        fp, layout, rootfs_format = await self.db.run(load)
+        row = await self.locate(fingerprint)
+        fp, layout, rootfs_format = row.fingerprint, row.layout, row.rootfs_format
         rootfs = self.store.rootfs_path(fp) if layout == "split" else None
         return await asyncio.to_thread(unpack, self.store.path(fp), rootfs, rootfs_format, Path(dest),
                                        uid_shift=uid_shift, gid_shift=gid_shift)

@@ -11,6 +11,7 @@ EXTENSIONS = (
     "image_create_aliases",  # aliases in POST /1.0/images
     "image_types",  # the `type` field
     "images_expiry",  # expires_at editable through PUT/PATCH
+    "image_profiles",  # an image's profiles apply to instances launched from it without -p
 )
 
 
@@ -22,6 +23,7 @@ async def setup(services) -> list:
     services.images = svc
     # Before the API serves anything: drop what a killed daemon left mid-import.
     await svc.cleanup()
+    await svc.load_index()
     services.exit_hooks.append(svc.drain)
     services.server.advertise(*EXTENSIONS)
     # The alias routes come first: /1.0/images/aliases must not be read as a fingerprint.

@@ -563,11 +563,6 @@ class InstanceService:
         if body.type not in ("", "container"):
             raise BadRequest(f"Instance type {body.type!r} is not supported (only containers)")
         profiles = ["default"] if body.profiles is None else list(body.profiles)
-        for p in profiles:
-            if p not in self.services.profiles.profiles:
-                raise BadRequest(f"Requested profile {p!r} doesn't exist")
-        if len(set(profiles)) != len(profiles):
-            raise BadRequest("Duplicate profile found in request")
         config = {k: v for k, v in (body.config or {}).items() if v != ""}
         devices = {k: dict(v) for k, v in (body.devices or {}).items()}
         source = body.source or {}
@@ -578,6 +573,8 @@ class InstanceService:
             if source.get("server") or source.get("mode") == "pull":
                 raise BadRequest("Creating instances from remote images is not supported yet")
             image = await self._resolve_image(source)
+            if body.profiles is None and image.get("profiles") is not None:
+                profiles = list(image["profiles"])  # an image's profiles apply when none are given
             props = image.get("properties") or {}
             for k, v in props.items():
                 config.setdefault(f"image.{k}", str(v))
@@ -597,6 +594,11 @@ class InstanceService:
             devices = {**{k: dict(v) for k, v in src_rec.devices.items()}, **devices}
         elif stype != "none":
             raise BadRequest(f"Unknown source type {stype!r}")
+        for p in profiles:
+            if p not in self.services.profiles.profiles:
+                raise BadRequest(f"Requested profile {p!r} doesn't exist")
+        if len(set(profiles)) != len(profiles):
+            raise BadRequest("Duplicate profile found in request")
         user_cfg = {k: v for k, v in config.items() if not k.startswith(("volatile.", "image."))}
         validation.validate_config(user_cfg)
         storage = self.services.storage

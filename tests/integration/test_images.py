@@ -516,3 +516,29 @@ def test_publish_with_lxc_and_launch_from_it(daemon, prefix):
         r = daemon.api("GET", f"/1.0/images/aliases/{alias}")
         if r.status_code == 200:
             delete_image(daemon, r.json()["metadata"]["target"])
+
+
+def test_image_profiles_are_checked_and_apply_at_launch(daemon, prefix):
+    from tests.helpers import ensure_containers_ready
+
+    ensure_containers_ready(daemon)
+    prof, c1, c2 = f"{prefix}-improf", f"{prefix}-improf1", f"{prefix}-improf2"
+    fp = daemon.api("GET", "/1.0/images/aliases/busybox").json()["metadata"]["target"]
+    before = daemon.api("GET", f"/1.0/images/{fp}").json()["metadata"]["profiles"]
+    try:
+        r = daemon.api("PATCH", f"/1.0/images/{fp}", json={"profiles": ["default", prof]})
+        assert r.status_code == 400 and prof in r.json()["error"], r.text
+        daemon.lxc("profile", "create", prof)
+        daemon.lxc("profile", "set", prof, "user.from-image-profile", "yes")
+        r = daemon.api("PATCH", f"/1.0/images/{fp}", json={"profiles": ["default", prof]})
+        assert r.status_code == 200, r.text
+        daemon.lxc("init", "busybox", c1)  # no -p: the image's profiles
+        assert daemon.api("GET", f"/1.0/instances/{c1}").json()["metadata"]["profiles"] == ["default", prof]
+        assert daemon.lxc("config", "get", c1, "user.from-image-profile", "--expanded").stdout.strip() == "yes"
+        daemon.lxc("init", "busybox", c2, "-p", "default")  # explicit profiles win
+        assert daemon.api("GET", f"/1.0/instances/{c2}").json()["metadata"]["profiles"] == ["default"]
+    finally:
+        daemon.lxc("delete", "-f", c1, check=False)
+        daemon.lxc("delete", "-f", c2, check=False)
+        daemon.api("PATCH", f"/1.0/images/{fp}", json={"profiles": before})
+        daemon.lxc("profile", "delete", prof, check=False)

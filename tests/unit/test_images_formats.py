@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lxd_daemon.errors import BadRequest
-from lxd_daemon.images import formats
+from lxd_daemon.images import formats, tarscan
 
 META = b"architecture: x86_64\ncreation_date: 1700000000\nproperties:\n  os: busybox\n  release: '1'\n"
 
@@ -53,8 +53,8 @@ def make_image(path: Path, *, compression: str = "gz", meta: bytes | None = META
     return path
 
 
-def scan(path: Path, kind: str = "unified") -> formats.ScanResult:
-    return formats.scan_tarball(path, formats.detect_file(path), kind)
+def scan(path: Path, kind: str = "unified") -> tarscan.ScanResult:
+    return tarscan.scan_tarball(path, formats.detect_file(path), kind)
 
 
 @pytest.mark.parametrize("comp,name", [("gz", "gzip"), ("xz", "xz"), ("bz2", "bzip2"), ("none", "none")])
@@ -181,14 +181,14 @@ def test_squashfs_scan(tmp_path):
     subprocess.run(["mksquashfs", str(src), str(sq), "-quiet", "-noappend", "-no-progress"], check=True,
                    capture_output=True)
     assert formats.detect_file(sq) == "squashfs"
-    assert formats.scan_squashfs(sq).members >= 4
+    assert tarscan.scan_squashfs(sq).members >= 4
     subprocess.run(["mknod", str(src / "bin" / "mem"), "c", "1", "1"], check=True)
     bad = tmp_path / "bad.squashfs"
     subprocess.run(["mksquashfs", str(src), str(bad), "-quiet", "-noappend", "-no-progress"], check=True,
                    capture_output=True)
     with pytest.raises(BadRequest, match="device node '/bin/mem'"):
-        formats.scan_squashfs(bad)
+        tarscan.scan_squashfs(bad)
     junk = tmp_path / "junk.squashfs"
     junk.write_bytes(b"hsqs" + b"\0" * 100)
     with pytest.raises(BadRequest, match="unreadable squashfs"):
-        formats.scan_squashfs(junk)
+        tarscan.scan_squashfs(junk)

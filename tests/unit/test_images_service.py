@@ -107,6 +107,38 @@ def test_import_resolve_unpack_and_delete(env):
     asyncio.run(main())
 
 
+def test_the_file_index_follows_every_write(env):
+    async def main():
+        svc = env.svc
+        one = await _import(svc, make_image(env.tmp / "a.tar.gz"))
+        fp = one["fingerprint"]
+        assert (await svc.locate(fp[:6])).public is False  # loads the index
+        with pytest.raises(NotFound):
+            await svc.locate(fp, public_only=True)
+        await svc.update(fp, values={"public": True}, replace=False)
+        assert (await svc.locate(fp, public_only=True)).fingerprint == fp
+        two = await _import(svc, make_image(env.tmp / "b.tar.xz", compression="xz"))
+        located = await svc.locate(two["fingerprint"])
+        assert (located.compression, located.layout) == ("xz", "unified")
+        _, _, files = await svc.files(two["fingerprint"])
+        assert files[0][0].endswith(".tar.xz") and files[0][1].is_file()
+        common = os.path.commonprefix([fp, two["fingerprint"]])
+        with pytest.raises(BadRequest if common else NotFound):
+            await svc.locate(common or "g")
+        await svc.delete(fp)
+        with pytest.raises(NotFound):
+            await svc.files(fp)
+        # A load that races with a write is not installed; the answer comes from the database.
+        svc._index.invalidate()
+        generation = svc._index.generation
+        svc._index.put(located)
+        svc._index.install([], generation)
+        assert not svc._index.loaded
+        assert (await svc.locate(two["fingerprint"][:8])).fingerprint == two["fingerprint"]
+
+    asyncio.run(main())
+
+
 def test_alias_rules(env):
     async def main():
         svc = env.svc
@@ -174,3 +206,37 @@ def test_migration_matches_the_models(tmp_path):
                 assert bool(cols[c.name][0]) == (not c.nullable) or c.primary_key, (model.__tablename__, c.name)
     finally:
         con.close()
+
+
+def test_failed_uploads_leave_no_scan_threads(env):
+    import threading
+
+    def scan_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("image-")]
+
+    async def broken(data: bytes):
+        yield data[: len(data) // 2]
+        raise ConnectionResetError("client went away")
+
+    async def main():
+        svc = env.svc
+        data = make_image(env.tmp / "a.tar.gz", extra=[{"name": "rootfs/r", "data": os.urandom(200_000)}]).read_bytes()
+        with pytest.raises(ConnectionResetError):
+            await svc.receive(broken(data), "application/octet-stream")
+        boundary = "b0undary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"metadata\"; filename=\"m\"\r\n\r\n".encode()
+                + data + f"\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"rootfs\"; "
+                "filename=\"r\"\r\n\r\n".encode() + b"\r\n--" + boundary.encode() + b"--\r\n")
+        with pytest.raises(BadRequest, match="empty part"):
+            await svc.receive(_chunks(body), f"multipart/form-data; boundary={boundary}")
+        upload = await svc.receive(_chunks(data), "application/octet-stream")
+        with pytest.raises(BadRequest, match="mismatch"):
+            await svc.check(upload, "0" * 64)
+        upload.discard()
+        for _ in range(100):
+            if not scan_threads():
+                break
+            await asyncio.sleep(0.02)
+        assert scan_threads() == []
+
+    asyncio.run(main())

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 
 from lxd_daemon.errors import BadRequest
-from lxd_daemon.images import formats
+from lxd_daemon.images import formats, tarscan
 from lxd_daemon.images.publish import build_image
 from lxd_daemon.images.unpack import shift_ids, unpack
 from tests.unit.test_images_formats import META, add, make_image
@@ -113,7 +113,7 @@ def test_publish_unshifts_and_round_trips(tmp_path, compression):
     assert built.metadata["properties"] == {"os": "mine"}
     comp = formats.detect_file(built.path)
     assert comp == compression
-    result = formats.scan_tarball(built.path, comp, "unified")
+    result = tarscan.scan_tarball(built.path, comp, "unified")
     assert "hostname.tpl" in result.templates
     with tarfile.open(built.path) as tf:
         names = {m.name: m for m in tf}
