@@ -12,6 +12,7 @@ from urllib.parse import parse_qsl
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from lxd_daemon.api import socket_body
 from lxd_daemon.api.envelope import async_, sync
 from lxd_daemon.api.request import BODY_LIMIT, check_etag, read_json, recursion, validate
 from lxd_daemon.errors import BadRequest, Forbidden, NotFound, NotImplementedYet, TooLarge
@@ -23,6 +24,9 @@ router = APIRouter()
 
 TRUE = ("1", "true", "yes", "on")
 PUBLISH_TYPES = ("instance", "container", "snapshot", "virtual-machine")
+# Image uploads with a Content-Length of at least this are read from the socket by a thread of
+# their own, in big pieces (api/socket_body.py), rather than through uvicorn's 64 KiB steps.
+TAKEOVER_MIN = 256 << 10
 
 
 def _trusted(request: Request) -> bool:
@@ -87,6 +91,14 @@ async def create_image(request: Request) -> Response:
     if not _trusted(request):
         raise Forbidden("not authorized")
     ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() in ("application/octet-stream", "multipart/form-data"):
+        body = await socket_body.take(request, TAKEOVER_MIN)
+        if body is not None:
+            pieces = body.pieces()
+            try:
+                return await _create_from_upload(request, pieces, ctype)
+            finally:
+                await pieces.aclose()  # stops the reading thread when the upload failed early
     stream = request.stream().__aiter__()
     first = b""
     async for chunk in stream:
@@ -259,8 +271,9 @@ EXPORT_CHUNK = 4 << 20
 
 
 class FileParts(Response):
-    """Streams files (and the bytes between them) with a Content-Length: one open and one read per
-    4 MiB chunk in a worker thread, rather than FileResponse's 64 KiB steps."""
+    """Sends files (and the bytes between them) with a Content-Length: with sendfile(2) from a
+    thread when the connection allows it (api/socket_body.py), else one read per 4 MiB chunk in a
+    worker thread, rather than FileResponse's 64 KiB steps."""
 
     def __init__(self, pieces: list, *, media_type: str, headers: dict[str, str]):
         super().__init__(media_type=media_type, headers=headers)
@@ -269,10 +282,24 @@ class FileParts(Response):
         self.headers["content-length"] = str(length)
 
     async def __call__(self, scope, receive, send) -> None:
+        sender = None
+        if scope.get("method") == "GET" and any(not isinstance(p, bytes) for p in self.pieces):
+            sender = socket_body.FileSender.open(receive)
         try:
+            if sender is not None:
+                self.headers["connection"] = "close"
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
             if scope.get("method") == "HEAD":
+                await send({"type": "http.response.body", "body": b""})
+                return
+            if sender is not None and sender.headers_flushed():
+                try:
+                    await sender.send_body(self.pieces)
+                except OSError:
+                    pass  # the client went away mid-body: the connection is closed below
+                finally:
+                    sender.completed()  # uvicorn completes the response and closes the connection
                 await send({"type": "http.response.body", "body": b""})
                 return
             for piece in self.pieces:
@@ -287,6 +314,8 @@ class FileParts(Response):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         finally:
+            if sender is not None:
+                sender.close()
             for piece in self.pieces:
                 if not isinstance(piece, bytes):
                     piece[0].close()

@@ -25,7 +25,9 @@ import errno
 import fcntl
 import os
 import select
+import socket
 import threading
+from collections.abc import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
 
@@ -33,6 +35,10 @@ MIN_SIZE = 1 << 20  # smaller bodies stream through ASGI (and keep their connect
 PIPE_SIZE = 1 << 20
 READ_BUFFER = 1 << 20  # for the read()/write() fallback
 POLL_MS = 500  # how often a waiting copy checks whether it was cancelled
+PIECE_SIZE = 4 << 20  # pieces() reads the body in pieces of this size...
+PIECES_AHEAD = 2  # ...and keeps at most this many waiting for the consumer
+SEND_BUFFER = 4 << 20
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)  # root may exceed net.core.wmem_max
 _HTTPTOOLS_CYCLE = "uvicorn.protocols.http.httptools_impl"
 
 
@@ -77,6 +83,63 @@ class SocketBody:
             done.exception()  # retrieved: the cancellation is what this coroutine reports
             raise
         finally:
+            self.close()
+
+    async def pieces(self, size: int = PIECE_SIZE) -> AsyncIterator[bytes | bytearray]:
+        """The body as pieces of up to `size` bytes, for callers that need the bytes themselves.
+
+        A thread of its own reads the socket into a fresh buffer per piece (one copy, where the
+        ASGI stream makes four, and one event-loop wake-up per piece instead of per 64 KiB); at
+        most PIECES_AHEAD pieces wait for the consumer, so memory stays bounded."""
+        if self.head:
+            yield self.head
+        if not self.remaining:
+            self.close()
+            return
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Queue = asyncio.Queue()
+        room = threading.Semaphore(PIECES_AHEAD)
+
+        def run() -> None:
+            try:
+                while self.remaining:
+                    while not room.acquire(timeout=POLL_MS / 1000):
+                        if self._stop.is_set():
+                            raise _Stopped()
+                    piece = bytearray(min(self.remaining, size))
+                    view, filled = memoryview(piece), 0
+                    while filled < len(piece):
+                        try:
+                            n = os.readv(self.sock_fd, [view[filled:]])
+                        except BlockingIOError:
+                            self._wait_readable()
+                            continue
+                        if n == 0:
+                            raise ClientDisconnect()
+                        filled += n
+                    self.remaining -= filled
+                    loop.call_soon_threadsafe(ready.put_nowait, (piece, None))
+                outcome = (None, None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                outcome = (None, e)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(ready.put_nowait, outcome)
+
+        thread = threading.Thread(target=run, name="lxd-body", daemon=True)
+        thread.start()
+        try:
+            while True:
+                piece, error = await ready.get()
+                if piece is None:
+                    if error is not None:
+                        raise error
+                    return
+                room.release()
+                yield piece
+        finally:
+            self._stop.set()
+            if thread.is_alive():  # the consumer stopped early: the thread ends within POLL_MS
+                await asyncio.to_thread(thread.join)
             self.close()
 
     def close(self) -> None:
@@ -172,10 +235,15 @@ def _drain(r: int, fd: int, n: int) -> int:
 
 def _uvicorn_cycle(request: Request):
     """uvicorn's httptools RequestResponseCycle behind request.receive, or None."""
-    cycle = getattr(request.receive, "__self__", None)
+    return _cycle_of(request.receive)
+
+
+def _cycle_of(receive):
+    cycle = getattr(receive, "__self__", None)
     if type(cycle).__module__ != _HTTPTOOLS_CYCLE:
         return None
-    if not all(hasattr(cycle, a) for a in ("transport", "flow", "body", "more_body", "keep_alive")):
+    if not all(hasattr(cycle, a) for a in ("transport", "flow", "body", "more_body", "keep_alive",
+                                           "expected_content_length")):
         return None
     transport = cycle.transport
     if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("socket") is None:
@@ -192,11 +260,12 @@ def _content_length(request: Request) -> int:
         return -1
 
 
-async def take(request: Request) -> SocketBody | None:
-    """The request's body as a SocketBody, or None (nothing received) when it is small, chunked
-    or not on a connection this can take over: read request.stream() then."""
+async def take(request: Request, min_size: int = MIN_SIZE, max_size: int = -1) -> SocketBody | None:
+    """The request's body as a SocketBody, or None (nothing received) when it is smaller than
+    min_size (or bigger than max_size), chunked or not on a connection this can take over: read
+    request.stream() then."""
     length = _content_length(request)
-    if length < MIN_SIZE:
+    if length < min_size or (max_size >= 0 and length > max_size):
         return None
     cycle = _uvicorn_cycle(request)
     if cycle is None:
@@ -216,3 +285,104 @@ async def take(request: Request) -> SocketBody | None:
     cycle.keep_alive = False
     sock_fd = os.dup(cycle.transport.get_extra_info("socket").fileno())
     return SocketBody(head, sock_fd, max(0, length - len(head)))
+
+
+# -- response bodies ---------------------------------------------------------------------------
+
+class FileSender:
+    """Sends a response body made of bytes and open files on the connection's socket itself, the
+    files with sendfile(2) (no copy through Python; uvicorn's path reads and copies every byte).
+
+    The status line and headers go through uvicorn as usual (with `Connection: close`); once they
+    are on the socket, a thread of its own writes the body to a duplicate of the socket's
+    descriptor, and uvicorn is then told the response is complete. Only for uvicorn's httptools
+    protocol without TLS, like take(); `open()` answers None otherwise and nothing is sent.
+    """
+
+    def __init__(self, cycle, sock_fd: int):
+        self._cycle = cycle
+        self.sock_fd = sock_fd
+        self._stop = threading.Event()
+
+    @classmethod
+    def open(cls, receive) -> FileSender | None:
+        cycle = _cycle_of(receive)
+        if cycle is None:
+            return None
+        fd = os.dup(cycle.transport.get_extra_info("socket").fileno())
+        # The socket is non-blocking (it is the event loop's): with the default buffer of ~200 KB
+        # the thread would wake up a thousand times per 200 MB. A bigger buffer for this one
+        # response (the connection closes after it) lets sendfile move megabytes per call.
+        with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, SEND_BUFFER)
+        return cls(cycle, fd)
+
+    def headers_flushed(self) -> bool:
+        """True once uvicorn has put everything it was given on the socket (the body may follow)."""
+        return self._cycle.transport.get_write_buffer_size() == 0
+
+    async def send_body(self, pieces: list) -> None:
+        """Write the pieces (bytes, or (file, size) read from the file's current offset)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def run() -> None:
+            try:
+                for piece in pieces:
+                    if isinstance(piece, bytes | bytearray | memoryview):
+                        self._write(memoryview(piece))
+                    else:
+                        self._sendfile(piece[0].fileno(), piece[1])
+                outcome = (None, None)
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                outcome = (None, e)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle, done, outcome)
+
+        threading.Thread(target=run, name="lxd-send", daemon=True).start()
+        try:
+            await asyncio.shield(done)
+        except asyncio.CancelledError:
+            self._stop.set()
+            while not done.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([done])
+            raise
+
+    def completed(self) -> None:
+        """The body is on the socket (or the connection is broken): uvicorn completes the response
+        on the next empty body message and, as the response asked, closes the connection."""
+        self._cycle.expected_content_length = 0
+
+    def close(self) -> None:
+        if self.sock_fd >= 0:
+            os.close(self.sock_fd)
+            self.sock_fd = -1
+
+    # -- in the sending thread ------------------------------------------------------------------
+    def _write(self, data: memoryview) -> None:
+        while data:
+            try:
+                data = data[os.write(self.sock_fd, data):]
+            except BlockingIOError:
+                self._wait_writable()
+
+    def _sendfile(self, fd: int, size: int) -> None:
+        offset = os.lseek(fd, 0, os.SEEK_CUR)
+        end = offset + size
+        while offset < end:
+            try:
+                n = os.sendfile(self.sock_fd, fd, offset, end - offset)
+            except BlockingIOError:
+                self._wait_writable()
+                continue
+            if n == 0:
+                raise OSError(errno.EIO, "the file ended early")
+            offset += n
+
+    def _wait_writable(self) -> None:
+        poller = select.poll()
+        poller.register(self.sock_fd, select.POLLOUT)
+        while not poller.poll(POLL_MS):
+            if self._stop.is_set():
+                raise _Stopped()

@@ -140,6 +140,10 @@ class AsyncSink:
         self.pending: list[asyncio.Future] = []
 
     async def write(self, data: bytes) -> None:
+        if not self.buf and len(data) >= CHUNK:  # a big piece goes as it is, without a copy
+            await self._wait()
+            self._start(data)
+            return
         self.buf += data
         if len(self.buf) >= CHUNK:
             await self._flush()
@@ -154,9 +158,13 @@ class AsyncSink:
         if self.buf:
             block = bytes(self.buf)
             self.buf.clear()
-            loop = asyncio.get_running_loop()
-            self.pending = [loop.run_in_executor(None, self.writer.store, block),
-                            loop.run_in_executor(None, self.writer.hash, block)]
+            self._start(block)
+
+    def _start(self, block) -> None:
+        """Write and hash one block (never changed afterwards) in two threads at once."""
+        loop = asyncio.get_running_loop()
+        self.pending = [loop.run_in_executor(None, self.writer.store, block),
+                        loop.run_in_executor(None, self.writer.hash, block)]
 
     async def finish(self) -> None:
         await self._flush()

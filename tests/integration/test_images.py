@@ -542,3 +542,28 @@ def test_image_profiles_are_checked_and_apply_at_launch(daemon, prefix):
         daemon.lxc("delete", "-f", c2, check=False)
         daemon.api("PATCH", f"/1.0/images/{fp}", json={"profiles": before})
         daemon.lxc("profile", "delete", prof, check=False)
+
+
+def test_large_upload_and_export_take_the_socket_paths(daemon, tmp_path):
+    """A Content-Length upload bigger than a piece is read from the socket by a thread, a file
+    export bigger than 4 MiB is sent with sendfile; both must be byte-exact, with the stock client too."""
+    path = make_image(tmp_path / "big.tar", compression="none",
+                      extra=[{"name": "rootfs/blob", "data": os.urandom(9 << 20)}])
+    fp = sha256(path)
+    r = daemon.curl("-X", "POST", "-H", "Content-Type: application/octet-stream", "-H", f"X-LXD-fingerprint: {fp}",
+                    "--data-binary", f"@{path}", "-D", "-", "lxd/1.0/images")
+    head, _, body = r.stdout.rpartition("\n\n")  # after curl's "100 Continue" and the answer's head
+    assert "connection: close" in head.lower(), head
+    op = daemon.api("GET", json.loads(body)["operation"] + "/wait?timeout=60").json()["metadata"]
+    try:
+        assert op["status"] == "Success", op
+        out = tmp_path / "export.tar"
+        r = daemon.curl("-o", str(out), "-D", "-", f"lxd/1.0/images/{fp}/export")
+        assert "connection: close" in r.stdout.lower() and sha256(out) == fp
+        dest = tmp_path / "lxc-export"
+        dest.mkdir()
+        daemon.lxc("image", "export", fp, str(dest) + "/")
+        [exported] = list(dest.iterdir())
+        assert sha256(exported) == fp
+    finally:
+        delete_image(daemon, fp)

@@ -250,3 +250,128 @@ def test_write_all_and_drain_finish_short_writes(tmp_path):
         assert socket_body._drain(r, out, 1000) == 1000
         assert socket_body._write_all(out, memoryview(b"y" * 10)) == 10
     assert (tmp_path / "f").read_bytes() == b"x" * 1000 + b"y" * 10
+
+
+class Pieces:
+    """An ASGI app reading a body as pieces (the image upload's way), answering with their sizes."""
+
+    def __init__(self, stop_after: int | None = None):
+        self.stop_after = stop_after
+        self.results: list = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        request = Request(scope, receive)
+        body = await socket_body.take(request, 1 << 16)
+        sizes, digest, error = [], hashlib.sha256(), None
+        pieces = body.pieces(1 << 20)
+        try:
+            async for piece in pieces:
+                sizes.append(len(piece))
+                digest.update(piece)
+                if self.stop_after is not None and len(sizes) >= self.stop_after:
+                    break
+        except ClientDisconnect as e:
+            error = type(e).__name__
+        finally:
+            await pieces.aclose()
+        self.results.append((sizes, digest.hexdigest(), error))
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_pieces_read_the_body_in_bounded_pieces(tmp_path):
+    data = os.urandom(BIG + 12345)
+    app = Pieces()
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head(len(data)) + data)
+            read_response(s)
+
+    serve(tmp_path, app, client)
+    [(sizes, digest, error)] = app.results
+    assert error is None and digest == hashlib.sha256(data).hexdigest() and sum(sizes) == len(data)
+    assert max(sizes) <= 1 << 20 and len(sizes) >= 4
+
+
+def test_pieces_stopped_early_end_their_thread(tmp_path):
+    app = Pieces(stop_after=1)
+
+    def client(path):
+        with connect(path) as s:
+            def send():  # blocks once the server stops reading; ends when the socket closes
+                with contextlib.suppress(OSError):
+                    s.sendall(head(BIG) + os.urandom(BIG))
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            read_response(s)
+            s.shutdown(socket.SHUT_RDWR)
+        sender.join(10)
+
+    serve(tmp_path, app, client)
+    assert len(app.results[0][0]) == 1
+    assert not [t for t in threading.enumerate() if t.name == "lxd-body"]
+
+
+def test_pieces_report_a_client_that_left(tmp_path):
+    app = Pieces()
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head(BIG) + os.urandom(1 << 20))
+        deadline = time.monotonic() + 5
+        while not app.results and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    serve(tmp_path, app, client)
+    assert app.results[0][2] == "ClientDisconnect"
+
+
+class Files:
+    """An ASGI app answering with a file the way the image export does."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.senders: list = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        from lxd_daemon.api.images import FileParts
+
+        f = open(self.path, "rb")  # noqa: SIM115 - FileParts closes it
+        size = os.fstat(f.fileno()).st_size
+        probe = socket_body.FileSender.open(receive)
+        self.senders.append(probe is not None)
+        if probe is not None:
+            probe.close()
+        await FileParts([b"<head>", (f, size), b"<tail>"], media_type="application/octet-stream",
+                        headers={})(scope, receive, send)
+
+
+def test_files_are_sent_with_sendfile_and_the_connection_closes(tmp_path):
+    data = os.urandom(BIG)
+    (tmp_path / "f").write_bytes(data)
+    app = Files(tmp_path / "f")
+    got = {}
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(b"GET /f HTTP/1.1\r\nHost: lxd\r\n\r\n")
+            buf = b""
+            while True:
+                chunk = s.recv(1 << 16)
+                if not chunk:
+                    break
+                buf += chunk
+            got["head"], _, got["body"] = buf.partition(b"\r\n\r\n")
+        with connect(path) as s:  # HEAD: the headers only
+            s.sendall(b"HEAD /f HTTP/1.1\r\nHost: lxd\r\n\r\n")
+            got["head2"] = s.recv(65536)
+
+    serve(tmp_path, app, client)
+    assert app.senders == [True, True]
+    assert got["body"] == b"<head>" + data + b"<tail>"
+    assert b"connection: close" in got["head"].lower()
+    assert f"content-length: {len(data) + 12}".encode() in got["head2"].lower()
+    assert b"connection: close" not in got["head2"].lower()
