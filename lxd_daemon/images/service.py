@@ -294,24 +294,20 @@ class ImageService:
         scanning = UploadScan("unified")
         try:
             async for chunk in chunks:
+                await scanning.feed(chunk)
                 if sink is not None:
-                    await scanning.feed(chunk)
                     await sink.write(chunk)
                     continue
                 buf += chunk
-                if len(buf) > SMALL_UPLOAD:  # a big upload: scan and store it as it arrives
+                if len(buf) > SMALL_UPLOAD:
                     temp = await asyncio.to_thread(self.store.new_tempfile)
                     sink = AsyncSink(HashingWriter(temp))
-                    data, buf = bytes(buf), bytearray()
-                    await scanning.feed(data)
-                    await sink.write(data)
+                    await sink.write(bytes(buf))
+                    buf = bytearray()
             if sink is None:
                 if not buf:
                     raise BadRequest("Empty image upload")
-                # A small upload arrives in a few milliseconds: its scan starts once it is whole,
-                # rather than taking the GIL from the receiving thread all along.
                 data = bytes(buf)
-                await scanning.feed(data)
                 compression = formats.detect_compression(data[:512])
                 path, fp = await asyncio.to_thread(self._store_small, data)
                 return Upload(workdir=None, meta=path, rootfs=None, fingerprint=fp, size=len(data),

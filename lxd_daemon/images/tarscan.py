@@ -40,6 +40,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fall
     _inflate = zlib
 
 STEP = 1 << 20  # the most tar bytes one decompression step produces (bounds memory on a bomb)
+INPUT_STEP = 64 << 10  # compressed bytes given to the decompressor at a time
 MAX_EXTENDED_HEADER = 1 << 20  # pax records and GNU long names bigger than this are not an image
 DATA_ERRORS = (tarfile.TarError, EOFError, OSError, lzma.LZMAError, zlib.error, _inflate.error)
 
@@ -90,14 +91,18 @@ class Decompressor:
             return
         if self._trailer:
             data, self._trailer = self._trailer + bytes(data), b""
-        while data:
-            if self._d.eof:
-                if not bytes(data).strip(b"\0"):
-                    self._trailer = bytes(data)  # zero padding after the last member (or before more)
-                    return
-                self._d, self._started = self._make(), False
-            yield from self._step(data)
-            data = self._d.unused_data if self._d.eof else b""
+        view = memoryview(data)
+        for i in range(0, len(view), INPUT_STEP):  # small steps: the walk can start sooner
+            piece = view[i:i + INPUT_STEP]
+            while piece:
+                if self._d.eof:
+                    rest = bytes(piece) + bytes(view[i + INPUT_STEP:])
+                    if not rest.strip(b"\0"):
+                        self._trailer = rest  # zero padding after the last member (or before more)
+                        return
+                    self._d, self._started = self._make(), False
+                yield from self._step(piece)
+                piece = self._d.unused_data if self._d.eof else b""
 
     def _step(self, data) -> Iterator[bytes]:
         self._started = True
