@@ -1,13 +1,14 @@
 """Scanning an image upload while it arrives.
 
 The safety scan (tarscan.py) has to decompress and walk the whole tarball; run after the upload,
-it doubles the time an import takes. UploadScan runs it on threads of its own instead, fed with
+it doubles the time an import takes. UploadScan runs it on a thread of its own instead, fed with
 the request body's chunks as the event loop receives them, so that decompressing overlaps
-receiving, hashing and storing. The event loop only queues chunks; when the threads fall more
+receiving, hashing and storing. The event loop only queues chunks; when the thread falls more
 than QUEUE_LIMIT bytes behind, the receiver waits, so memory stays bounded for any upload size.
 
-Dedicated threads, not the default executor: a scan lives as long as its upload, and uploads must
-never take all of the executor's threads from the work they themselves wait for.
+Scans run in a pool of their own, not the default executor: a scan lives as long as its upload,
+and uploads must never take the executor's threads from the work they themselves wait for. The
+pool keeps its threads (a new thread per scan cost 1 ms more per 1 MB image here).
 """
 
 from __future__ import annotations
@@ -16,20 +17,28 @@ import asyncio
 import contextlib
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.images import formats
 from lxd_daemon.images.tarscan import ScanResult, StreamScan, Unsupported
 
-QUEUE_LIMIT = 8 << 20  # received bytes not yet decompressed (or walked, when uncompressed)
-TAR_PIECES = 8  # decompressed pieces (up to tarscan.STEP bytes each) waiting for the walk
+QUEUE_LIMIT = 8 << 20  # received bytes not scanned yet
+# Scans of concurrent uploads beyond this wait for a thread (their uploads wait at QUEUE_LIMIT).
+_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="image-scan")
+_running: set = set()
+
+
+def running() -> int:
+    """How many scans are in progress (a failed or aborted upload leaves none behind)."""
+    return len(_running)
 STREAMABLE = frozenset(("gzip", "bzip2", "xz", "lzma", "none"))
 
 
-class _ScanThreads:
-    """An inflating thread and a walking thread joined by a bounded queue of tar bytes: inflating
-    runs mostly outside the GIL, so the walk (Python) overlaps it instead of following it. An
-    uncompressed upload needs only the walking thread."""
+class _ScanThread:
+    """The scan on a thread of its own, fed through a queue. One thread does both stages: split
+    between an inflating and a walking thread, the GIL hand-overs for every piece cost more than
+    the overlap gained (14 ms against 11 ms for the 1 MB busybox image on this 2-core machine)."""
 
     def __init__(self, compression: str, kind: str):
         self._loop = asyncio.get_running_loop()
@@ -38,17 +47,10 @@ class _ScanThreads:
         self._queued = 0
         self._room = asyncio.Event()
         self._room.set()
-        self._done: asyncio.Future = self._loop.create_future()
-        self._done.add_done_callback(_consume_exception)
         self._aborted = False
-        self._inflate_failure: BaseException | None = None
-        self._scan = StreamScan(compression, kind)  # raises Unsupported before any thread starts
-        if compression == "none":
-            self._tar = self._input
-        else:
-            self._tar = queue.Queue(maxsize=TAR_PIECES)
-            threading.Thread(target=self._inflate, name="image-inflate", daemon=True).start()
-        threading.Thread(target=self._walk, name="image-scan", daemon=True).start()
+        self._scan = StreamScan(compression, kind)  # raises Unsupported before the thread starts
+        self._done = self._loop.run_in_executor(_POOL, self._run)
+        self._done.add_done_callback(_consume_exception)
 
     async def feed(self, chunk: bytes) -> None:
         with self._lock:
@@ -68,46 +70,28 @@ class _ScanThreads:
         self._aborted = True
         self._input.put(None)
 
-    def _inflate(self) -> None:
-        """Input chunks to tar pieces; after a failure it only drains, so the receiver never blocks."""
-        failed = False
-        while (chunk := self._input.get()) is not None:
-            if not failed and not self._aborted:
-                try:
-                    for piece in self._scan.inflate(chunk):
-                        self._tar.put(piece)
-                except BaseException as e:  # noqa: BLE001 - reported by the walking thread
-                    self._inflate_failure, failed = e, True
-            self._release(len(chunk))
-        if not failed and not self._aborted:
-            try:
-                self._scan.end_input()
-            except BaseException as e:  # noqa: BLE001
-                self._inflate_failure = e
-        self._tar.put(None)
+    def _run(self) -> ScanResult:
+        """After a failure it only drains the queue, so that the receiver never waits in vain."""
+        _running.add(self)
+        try:
+            return self._drain_and_finish()
+        finally:
+            _running.discard(self)
 
-    def _walk(self) -> None:
-        compressed = self._tar is not self._input
+    def _drain_and_finish(self) -> ScanResult:
         failure: BaseException | None = None
-        while (piece := self._tar.get()) is not None:
+        while (chunk := self._input.get()) is not None:
             if failure is None and self._aborted:
                 failure = BadRequest("Image upload aborted")
-            if failure is None and self._inflate_failure is None:
+            if failure is None:
                 try:
-                    self._scan.walk(piece)
-                except BaseException as e:  # noqa: BLE001 - keep draining; the inflater must not block
+                    self._scan.feed(chunk)
+                except BaseException as e:  # noqa: BLE001 - handed to the event loop below
                     failure = e
-            if not compressed:
-                self._release(len(piece))
-        result = None
-        failure = self._inflate_failure or failure  # corrupt data explains whatever the walk saw
-        if failure is None:
-            try:
-                result = self._scan.finish_walk()
-            except BaseException as e:  # noqa: BLE001
-                failure = e
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-            self._loop.call_soon_threadsafe(_settle, self._done, result, failure)
+            self._release(len(chunk))
+        if failure is not None:
+            raise failure
+        return self._scan.finish()
 
     def _release(self, n: int) -> None:
         with self._lock:
@@ -116,15 +100,6 @@ class _ScanThreads:
         if wake and not self._room.is_set():
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._room.set)
-
-
-def _settle(fut: asyncio.Future, result, failure) -> None:
-    if fut.done():
-        return
-    if failure is not None:
-        fut.set_exception(failure)
-    else:
-        fut.set_result(result)
 
 
 def _consume_exception(fut: asyncio.Future) -> None:
@@ -143,7 +118,7 @@ class UploadScan:
     def __init__(self, kind: str):
         self.kind = kind
         self._head = bytearray()
-        self._thread: _ScanThreads | None = None
+        self._thread: _ScanThread | None = None
         self._off = False
 
     async def feed(self, chunk: bytes) -> None:
@@ -152,12 +127,15 @@ class UploadScan:
             return
         if self._off:
             return
+        if not self._head and len(chunk) >= 512:
+            await self._start(chunk)  # the usual case: no copy of the first chunk
+            return
         self._head += chunk
         if len(self._head) >= 512:
-            await self._start()
+            await self._start(bytes(self._head))
 
-    async def _start(self) -> None:
-        head, self._head = bytes(self._head), bytearray()
+    async def _start(self, head: bytes) -> None:
+        self._head = bytearray()
         try:
             compression = formats.detect_compression(head[:512])
         except BadRequest:
@@ -166,7 +144,7 @@ class UploadScan:
             self._off = True
             return
         try:
-            self._thread = _ScanThreads(compression, self.kind)
+            self._thread = _ScanThread(compression, self.kind)
         except Unsupported:
             self._off = True
             return
@@ -175,7 +153,7 @@ class UploadScan:
     async def finish(self) -> ScanResult | None:
         """The scan's result; None when it has to be done from the stored file. Raises BadRequest."""
         if self._thread is None and not self._off and self._head:
-            await self._start()  # an upload of under 512 bytes
+            await self._start(bytes(self._head))  # an upload of under 512 bytes
         if self._thread is None:
             return None
         try:

@@ -208,11 +208,8 @@ def test_migration_matches_the_models(tmp_path):
         con.close()
 
 
-def test_failed_uploads_leave_no_scan_threads(env):
-    import threading
-
-    def scan_threads() -> list[str]:
-        return [t.name for t in threading.enumerate() if t.name.startswith("image-")]
+def test_failed_uploads_leave_no_scan_running(env):
+    from lxd_daemon.images import pipeline
 
     async def broken(data: bytes):
         yield data[: len(data) // 2]
@@ -234,9 +231,9 @@ def test_failed_uploads_leave_no_scan_threads(env):
             await svc.check(upload, "0" * 64)
         upload.discard()
         for _ in range(100):
-            if not scan_threads():
+            if not pipeline.running():
                 break
             await asyncio.sleep(0.02)
-        assert scan_threads() == []
+        assert pipeline.running() == 0
 
     asyncio.run(main())

@@ -312,7 +312,7 @@ def test_pieces_stopped_early_end_their_thread(tmp_path):
 
     serve(tmp_path, app, client)
     assert len(app.results[0][0]) == 1
-    assert not [t for t in threading.enumerate() if t.name == "lxd-body"]
+    assert socket_body.readers_busy() == 0
 
 
 def test_pieces_report_a_client_that_left(tmp_path):
