@@ -20,8 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="informational logging")
     p.add_argument("--logfile", help="also log to this file")
     p.add_argument("--syslog", action="store_true", help="also log to syslog")
-    p.add_argument("--workers", type=int, default=int(os.environ.get("LXD_WORKERS", "2")),
-                   help="number of liblxc worker processes (default 2)")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("LXD_WORKERS", "1")),
+                   help="number of liblxc worker processes (default 1)")
     sub = p.add_subparsers(dest="cmd")
     sub.add_parser("daemon", help="run the daemon (the default)")
 

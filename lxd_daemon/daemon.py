@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import gc
 import grp
 import importlib
 import logging
@@ -222,9 +223,11 @@ class Daemon:
         from lxd_daemon.server.config import ServerConfig
         from lxd_daemon.server.service import ServerService, load_config
         from lxd_daemon.services import Services
+        from lxd_daemon.util.memory import MemoryReclaimer
 
         loop = asyncio.get_running_loop()
         pool.attach(loop)
+        reclaimer = loop.create_task(MemoryReclaimer().run())  # gives memory left by bursts back
         s = self.settings
         db = Database(s.db_path)
         events = EventHub()
@@ -245,6 +248,7 @@ class Daemon:
         app = create_app(services, routers)
 
         server_ = make_server(app)
+        _freeze_startup_objects()
         self.server = server_
         for sig, reason in ((signal.SIGTERM, "exit"), (signal.SIGINT, "exit"), (signal.SIGPWR, "shutdown")):
             loop.add_signal_handler(sig, self.request_stop, reason)
@@ -254,6 +258,7 @@ class Daemon:
         try:
             await server_.serve(sockets=socks)
         finally:
+            reclaimer.cancel()
             if self.stop_reason == "shutdown":
                 for hook in services.shutdown_hooks:
                     await _run_hook(hook, "shutdown")
@@ -261,6 +266,19 @@ class Daemon:
                 await _run_hook(hook, "exit")
             await ops.shutdown()
             db.close()
+
+
+def _freeze_startup_objects() -> None:
+    """Move what start-up created (modules, classes, routes: ~100,000 objects that live as long
+    as the daemon) out of the cyclic garbage collector's reach.
+
+    Every full collection walks all tracked objects: ~45 ms with them, a few ms without, for
+    the daemon's memory reclaimer (util.memory) and Python's own collections alike. And Python
+    runs a full collection only once the objects that survived the last one grew by a quarter:
+    counting the start-up objects, that let ~25,000 objects of cyclic garbage pile up first."""
+    gc.collect()  # start-up's own garbage is not worth keeping for ever
+    gc.freeze()
+    gc.collect()  # counts the long-lived objects afresh: none are left outside the frozen set
 
 
 async def _run_hook(hook, kind: str) -> None:

@@ -21,7 +21,7 @@ class Settings:
     verbose: bool = False
     logfile: Path | None = None
     syslog: bool = False
-    workers: int = 2
+    workers: int = 1
 
     @property
     def socket_path(self) -> Path:

@@ -118,6 +118,9 @@ class Operation:
             self.err = err
         if status.final:
             self.finished_monotonic = time.monotonic()
+            # Kept a few seconds for its status only: let go of what the owner's callbacks hold
+            # (an exec's session, its websockets and their buffers: ~55 KiB each).
+            self._run = self._on_connect = self._on_cancel = None
             self.done.set()
             self.manager._retire(self)
         self._changed()

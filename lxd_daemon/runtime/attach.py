@@ -21,6 +21,7 @@ import select
 import stat
 import struct
 import termios
+import warnings  # noqa: F401  os.execvpe imports it, in a child inside the container: loaded here
 
 from lxd_daemon.runtime.worker import Reply, Worker, method
 
@@ -49,7 +50,10 @@ def container(name: str, lxcpath: str, config_path: str | None = None):
 
 
 def _exec(argv: list[str], env: dict[str, str]) -> int:
-    """exec argv like a shell would (127 not found, 126 not executable); returns only on failure."""
+    """exec argv like a shell would (127 not found, 126 not executable); returns only on failure.
+
+    It runs inside the container's mount namespace, where the host's Python library is out of
+    reach: whatever it imports must be loaded before (os.execvpe imports `warnings`)."""
     # Nothing of the worker (its socket to the daemon above all) may reach the command.
     os.closerange(3, 1 << 16)
     try:
@@ -152,11 +156,11 @@ def exec_attach(worker: Worker, name: str, lxcpath: str, config_path: str | None
 
 
 def _liblxc_attach(c, argv, env, uid, gid, cwd, stdio) -> int:
-    import lxc
+    import _lxc
 
     before = _open_fds()
     try:
-        return c.attach(_child, (list(argv), dict(env)), env_policy=lxc.LXC_ATTACH_CLEAR_ENV,
+        return c.attach(_child, (list(argv), dict(env)), env_policy=_lxc.LXC_ATTACH_CLEAR_ENV,
                         extra_env_vars=[f"{k}={v}" for k, v in env.items()], uid=uid, gid=gid,
                         initial_cwd=cwd or "/", stdin=stdio[0], stdout=stdio[1], stderr=stdio[2])
     finally:
@@ -482,6 +486,18 @@ def _drop_join(name: str) -> None:
             os.close(fd)
 
 
+def _drop_dead_joins() -> None:
+    """Forget the containers whose init is gone (stopped or deleted since their last exec): an
+    open cgroup.procs keeps its removed cgroup, with its memory accounting, alive in the kernel."""
+    for name, (pid, started, *_) in list(_join_cache.items()):
+        try:
+            alive = _start_time(pid) == started
+        except OSError:
+            alive = False
+        if not alive:
+            _drop_join(name)
+
+
 def _join_data(name: str, init_pid: int) -> tuple[list[int], int, bool]:
     """What a child needs to join the container: open cgroup.procs fds (one per hierarchy), the
     init's capability bounding set and no_new_privs. Kept per container while its init lives."""
@@ -490,6 +506,7 @@ def _join_data(name: str, init_pid: int) -> tuple[list[int], int, bool]:
     if hit is not None and hit[0] == init_pid and hit[1] == started:
         return hit[2], hit[3], hit[4]
     _drop_join(name)
+    _drop_dead_joins()
     if len(_join_cache) >= _JOIN_CACHE_MAX:
         _drop_join(next(iter(_join_cache)))
     status = _status_fields(init_pid)

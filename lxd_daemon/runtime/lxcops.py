@@ -2,28 +2,31 @@
 
 The daemon writes the LXC config file; these methods only load it and drive liblxc. Calls are
 short: waiting for a clean shutdown happens in the daemon (on the init pidfd), never here, so a
-30 s shutdown never holds up a worker that other containers' calls share.
+30 s shutdown never holds up a worker that other containers' calls share; and a start replies
+when its lxc-start exits (`Pending`), the worker serving other calls meanwhile.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import time
 
-from lxd_daemon.runtime.worker import Worker, method
+from lxd_daemon.runtime.worker import Pending, Worker, method, spawn
+
+STDERR_KEEP = 64 * 1024  # the tail of lxc-start's stderr that an error message is taken from
 
 
 def _container(name: str, lxcpath: str):
-    import lxc
+    """liblxc's container object: the C type, as in attach.container (python-lxc's
+    `lxc.Container` wrapper adds a reference cycle and a module import for nothing used here)."""
+    import _lxc
 
-    return lxc.Container(name, lxcpath)
+    return _lxc.Container(name, lxcpath)
 
 
 @method("lxc_start")
-def lxc_start(worker: Worker, name: str, lxcpath: str, conf: str, timeout: float = 10.0) -> int:
-    """Start with the config file `conf`; returns the init pid once RUNNING.
+def lxc_start(worker: Worker, name: str, lxcpath: str, conf: str, timeout: float = 10.0) -> Pending:
+    """Start with the config file `conf`; the result is the init pid once RUNNING.
 
     The start itself is `lxc-start` (liblxc's own tool, a small C process): the `[lxc monitor]`
     that liblxc forks for every container is a copy of the process that started it, so starting
@@ -38,18 +41,36 @@ def lxc_start(worker: Worker, name: str, lxcpath: str, conf: str, timeout: float
                 raise RuntimeError("The instance is already running")
     finally:
         del c
+    # stderr goes to a memfd, not a pipe: nobody has to drain it while lxc-start runs.
+    err = os.memfd_create("lxc-start-stderr", os.MFD_CLOEXEC)
     try:
-        r = subprocess.run(["lxc-start", "-n", name, "-P", lxcpath, "-f", conf], stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, close_fds=True,
-                           timeout=max(timeout, 1) + 5)
-    except subprocess.TimeoutExpired:
-        r = None
+        proc = spawn(["lxc-start", "-n", name, "-P", lxcpath, "-f", conf], stderr=err)
+    except BaseException:
+        os.close(err)
+        raise
+
+    def finish(returncode: int | None) -> int:
+        try:
+            return _started(name, lxcpath, returncode, _tail(err), timeout)
+        finally:
+            os.close(err)
+
+    return Pending(proc, finish, max(timeout, 1) + 5)
+
+
+def _tail(fd: int) -> str:
+    size = os.fstat(fd).st_size
+    return os.pread(fd, STDERR_KEEP, max(0, size - STDERR_KEEP)).decode(errors="replace")
+
+
+def _started(name: str, lxcpath: str, returncode: int | None, stderr: str, timeout: float) -> int:
+    """What lxc-start's exit means: the init pid, or an error (None: it was killed at its deadline)."""
     c = _container(name, lxcpath)
     try:
-        if r is None or r.returncode != 0:
+        if returncode != 0:
             if c.state == "RUNNING":
                 c.stop()  # never leave a container running that the daemon doesn't know about
-            err = (r.stderr.decode(errors="replace").strip().splitlines() or [""])[-1] if r else "timed out"
+            err = (stderr.strip().splitlines() or [""])[-1] if returncode is not None else "timed out"
             raise RuntimeError("Failed to start the container" + (f": {err}" if err else ""))
         if not c.wait("RUNNING", max(int(timeout), 1)):
             raise RuntimeError(f"The container did not reach RUNNING (state {c.state})")
@@ -73,19 +94,6 @@ def lxc_lookup(worker: Worker, names: list[str], lxcpath: str) -> dict:
         finally:
             del c
     return out
-
-
-@method("lxc_wait_stopped")
-def lxc_wait_stopped(worker: Worker, name: str, lxcpath: str, timeout: float = 2.0) -> str:
-    """Wait (briefly) until liblxc's monitor has finished with a container whose init died."""
-    c = _container(name, lxcpath)
-    try:
-        deadline = time.monotonic() + timeout
-        while c.state not in ("STOPPED",) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return c.state
-    finally:
-        del c  # its liblxc fds close now (refcount), not at some later GC
 
 
 @method("lxc_stop")

@@ -2,8 +2,12 @@
 
 Single-threaded. It reads requests from the socket FD, runs one at a time, and reports the exit
 status of the processes it started (exec) through pidfds, so it never installs a SIGCHLD
-reaper that could steal a status. Method handlers live in a registry; container methods are
-added by lxd_daemon.runtime.lxcops.
+reaper that could steal a status. A method that only waits for a helper process (lxc-start)
+returns `Pending`: the worker serves other requests meanwhile and replies when the helper exits.
+Method handlers live in a registry; container methods are added by lxd_daemon.runtime.lxcops.
+
+The daemon starts it as `python -I -S -c BOOTSTRAP FD PATH...` (see pool.worker_command): no
+`site`, so it imports only what its methods need.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import selectors
 import signal
 import socket
 import sys
-import traceback
+import time
 from collections.abc import Callable
 
 from lxd_daemon.runtime import protocol
@@ -47,6 +51,61 @@ def exit_code(status: int) -> int:
     return 255
 
 
+class Child:
+    """A helper process started by `spawn`; the worker reaps it through this object alone."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def kill(self) -> None:
+        if self.returncode is None:  # not reaped yet: the pid is still ours
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self) -> int:
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = exit_code(status)
+        return self.returncode
+
+
+def spawn(argv: list[str], *, stderr: int) -> Child:
+    """Start argv (looked up on PATH) with stdin and stdout on /dev/null and stderr on `stderr`.
+
+    posix_spawn rather than subprocess, whose import (threading, locale, re...) would cost the
+    worker ~0.5 MiB for this one use; it also vforks, cheap whatever the worker's size. The child
+    gets no other descriptor: the worker opens all of its own close-on-exec. The signals Python
+    ignores (and the worker: SIGINT) get their default action back."""
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+               (os.POSIX_SPAWN_DUP2, stderr, 2)]
+    pid = os.posix_spawnp(argv[0], argv, os.environ, file_actions=actions,
+                          setsigdef=(signal.SIGINT, signal.SIGPIPE, signal.SIGXFSZ))
+    return Child(pid)
+
+
+class Pending:
+    """A result that is ready once the helper process `proc` (see `spawn`) exits.
+
+    The worker goes on serving other calls meanwhile, so one container's slow start doesn't hold
+    up the others' calls. `finish(returncode)` then runs here and returns the result (or a Reply)
+    or raises; at `timeout` seconds the helper is killed first and finish gets None."""
+
+    def __init__(self, proc: Child, finish: Callable[[int | None], object], timeout: float):
+        self.proc = proc
+        self.finish = finish
+        self.deadline = time.monotonic() + timeout
+
+
+class _Waiting:
+    """A Pending call: its request id and the helper's pidfd (the worker's selector watches it)."""
+
+    def __init__(self, req_id: object, pending: Pending, pidfd: int):
+        self.req_id = req_id
+        self.pending = pending
+        self.pidfd = pidfd
+
+
 class Worker:
     def __init__(self, sock: socket.socket):
         self.sock = sock
@@ -54,6 +113,7 @@ class Worker:
         self.sel = selectors.DefaultSelector()
         self.sel.register(sock, selectors.EVENT_READ, None)
         self.watched: dict[int, int] = {}  # pidfd -> pid
+        self.waiting: list[_Waiting] = []
 
     def watch(self, pid: int) -> None:
         """Report {"ev":"exit","pid":pid,"code":c} when this child of ours exits."""
@@ -76,14 +136,32 @@ class Worker:
         self.notify({"ev": "exit", "pid": pid, "code": code})
 
     def handle(self, msg: dict, fds: list[int]) -> None:
-        req_id = msg.get("id")
         name = msg.get("m", "")
         fn = HANDLERS.get(name)
-        out_fds: list[int] = []
-        try:
+        args = msg.get("a", [])
+
+        def call():
             if fn is None:
                 raise LookupError(f"unknown worker method {name!r}")
-            result = fn(self, *msg.get("a", []), fds=fds) if fds else fn(self, *msg.get("a", []))
+            return fn(self, *args, fds=fds) if fds else fn(self, *args)
+
+        try:
+            self._answer(msg.get("id"), call)
+        finally:
+            for fd in fds:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+    def _answer(self, req_id: object, call: Callable[[], object]) -> None:
+        """Run call() and send its result or its error as the reply to req_id (later if Pending)."""
+        out_fds: list[int] = []
+        try:
+            result = call()
+            if isinstance(result, Pending):
+                self._wait_for(req_id, result)
+                return
             if isinstance(result, Reply):
                 out_fds = result.fds
                 result = result.result
@@ -91,22 +169,48 @@ class Worker:
         except Exception as e:  # the reply carries the error; the worker lives on
             reply = {"id": req_id, "e": str(e) or e.__class__.__name__, "k": e.__class__.__name__}
             if not isinstance(e, LookupError | ValueError | FileNotFoundError | PermissionError | OSError | RuntimeError):
+                import traceback
+
                 reply["tb"] = traceback.format_exc(limit=5)
-        finally:
-            for fd in fds:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
         try:
             protocol.send_blocking(self.sock, reply, out_fds)
         finally:
             for fd in out_fds:
                 os.close(fd)
 
+    def _wait_for(self, req_id: object, pending: Pending) -> None:
+        try:
+            pidfd = os.pidfd_open(pending.proc.pid)
+        except OSError:  # no pidfd (out of descriptors): wait here, as before `Pending` existed
+            self._answer(req_id, lambda: pending.finish(pending.proc.wait()))
+            return
+        w = _Waiting(req_id, pending, pidfd)
+        self.waiting.append(w)
+        self.sel.register(pidfd, selectors.EVENT_READ, w)
+
+    def _done_waiting(self, w: _Waiting, timed_out: bool) -> None:
+        self.sel.unregister(w.pidfd)
+        os.close(w.pidfd)
+        self.waiting.remove(w)
+        proc = w.pending.proc
+        if timed_out:
+            proc.kill()
+        code = proc.wait()
+        self._answer(w.req_id, lambda: w.pending.finish(None if timed_out else code))
+
+    def _select_timeout(self) -> float | None:
+        if not self.waiting:
+            return None
+        return max(0.0, min(w.pending.deadline for w in self.waiting) - time.monotonic())
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for w in [w for w in self.waiting if w.pending.deadline <= now]:
+            self._done_waiting(w, timed_out=True)
+
     def run(self) -> None:
         while True:
-            for key, _ in self.sel.select():
+            for key, _ in self.sel.select(self._select_timeout()):
                 if key.fileobj is self.sock:
                     try:
                         alive = protocol.recv_into(self.sock, self.decoder)
@@ -120,8 +224,12 @@ class Worker:
                         return
                     for msg, fds in self.decoder.messages():
                         self.handle(msg, fds)
+                elif isinstance(key.data, _Waiting):
+                    if key.data in self.waiting:
+                        self._done_waiting(key.data, timed_out=False)
                 else:
                     self._reap(key.fd, key.data)
+            self._expire()
 
 
 @method()
@@ -131,9 +239,9 @@ def ping(worker: Worker) -> str:
 
 @method()
 def version(worker: Worker) -> str:
-    import lxc
+    import _lxc
 
-    return lxc.version
+    return _lxc.get_version()
 
 
 @method()
@@ -164,6 +272,18 @@ def open_path(worker: Worker, path: str, flags: int = os.O_RDONLY, mode: int = 0
     return Reply({"path": path}, [fd])
 
 
+def _give_back_startup_memory() -> None:
+    """Return to the system what importing the methods left free in malloc's heap: the worker
+    lives as long as the daemon, and without bytecode caches (PYTHONDONTWRITEBYTECODE, a
+    read-only install) compiling its modules leaves ~1 MiB there."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     fd = int(argv[0])
@@ -175,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         os.setsid()
     except OSError:
         pass
+    os.set_inheritable(fd, False)  # no helper (lxc-start, an exec) may hold the daemon's line
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
     # Run as __main__: let `from lxd_daemon.runtime.worker import method` reach this registry.
@@ -182,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     import lxd_daemon.runtime.attach  # noqa: F401  (methods register themselves on import)
     import lxd_daemon.runtime.hotplug  # noqa: F401
     import lxd_daemon.runtime.lxcops  # noqa: F401
+    _give_back_startup_memory()
 
     Worker(sock).run()
     return 0

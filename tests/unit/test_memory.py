@@ -1,0 +1,67 @@
+"""The daemon's memory reclaimer: when it collects garbage and trims malloc."""
+
+from __future__ import annotations
+
+from lxd_daemon.util.memory import MemoryReclaimer, resident_bytes
+
+MiB = 1 << 20
+
+
+def reclaimer():
+    """A reclaimer on a fake clock and fake activity counters; returns it, the counters, the calls."""
+    r = MemoryReclaimer(busy_every=5.0, moved=MiB)
+    state = {"activity": (0, 50 * MiB, 100 * MiB)}
+    calls: list[float] = []
+    r.activity = lambda: state["activity"]
+    r.reclaim = lambda: calls.append(1)
+    r.last_tick = r.last_reclaim = state["activity"]
+    r.reclaimed_at = 0.0
+    return r, state, calls
+
+
+def test_idle_daemon_is_left_alone():
+    r, state, calls = reclaimer()
+    for t in range(1, 30):
+        assert not r.check(float(t))
+    state["activity"] = (0, 50 * MiB + 4096, 100 * MiB + 4096)  # a page more or less is not work
+    assert not r.check(31.0)
+    assert calls == []
+
+
+def test_reclaims_once_the_daemon_goes_quiet_after_work():
+    r, state, calls = reclaimer()
+    state["activity"] = (3, 54 * MiB, 104 * MiB)  # young collections and growth: busy
+    assert not r.check(1.0)
+    state["activity"] = (5, 55 * MiB, 105 * MiB)
+    assert not r.check(2.0)
+    assert r.check(3.0)  # no change since the last tick: quiet
+    assert calls == [1]
+    assert not r.check(4.0) and not r.check(10.0)
+
+
+def test_large_buffers_count_as_work_without_any_young_collection():
+    r, state, calls = reclaimer()
+    state["activity"] = (0, 50 * MiB, 120 * MiB)  # allocated
+    assert not r.check(1.0)
+    assert r.check(2.0)
+    state["activity"] = (0, 30 * MiB, 120 * MiB)  # freed: resident until trimmed
+    assert not r.check(3.0)
+    assert r.check(4.0)
+    assert calls == [1, 1]
+
+
+def test_reclaims_every_few_seconds_during_long_work():
+    r, state, calls = reclaimer()
+    for t in range(1, 13):
+        state["activity"] = (t, 50 * MiB, 100 * MiB)  # busy at every tick
+        r.check(float(t))
+    assert len(calls) == 2  # at 5 s and 10 s
+
+
+def test_reclaim_runs_for_real():
+    r = MemoryReclaimer()
+    r.reclaim()
+    assert resident_bytes() > 0
+    buf = bytearray(8 * MiB)  # a chunk of its own: mmapped, counted in use
+    assert r.malloc.in_use() >= 8 * MiB
+    del buf
