@@ -318,7 +318,9 @@ def make_server(app):
 
 def run(settings: Settings) -> int:
     from lxd_daemon import logs
+    from lxd_daemon.util.memory import limit_malloc_arenas
 
+    limit_malloc_arenas()  # before the first thread
     logs.setup(debug=settings.debug, verbose=settings.verbose, logfile=settings.logfile, syslog=settings.syslog)
     try:
         return Daemon(settings).run()

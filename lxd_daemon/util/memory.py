@@ -18,6 +18,7 @@ work; never while it stays idle. Live data is untouched; without glibc only the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import gc
 import logging
@@ -26,6 +27,21 @@ import time
 
 log = logging.getLogger("lxd.memory")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
+ARENAS = 2
+
+
+def limit_malloc_arenas(n: int = ARENAS) -> None:
+    """Let at most n malloc arenas serve the daemon's threads (call before any thread starts).
+
+    glibc gives threads arenas of their own, up to 8 per CPU; each keeps what its thread freed in
+    the middle of its heap. The daemon's threads (database, scans, body readers, executor) left
+    9 MiB resident that way after a dozen image imports and exports, 2 MiB with two arenas, at
+    the same speed: most of their allocations happen under the GIL anyway."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, n)
 
 
 class _MallInfo2(ctypes.Structure):

@@ -65,3 +65,47 @@ def test_reclaim_runs_for_real():
     buf = bytearray(8 * MiB)  # a chunk of its own: mmapped, counted in use
     assert r.malloc.in_use() >= 8 * MiB
     del buf
+
+
+ARENA_PROBE = """
+import sys, threading
+from lxd_daemon.util.memory import limit_malloc_arenas
+if sys.argv[1] != "default":
+    limit_malloc_arenas(int(sys.argv[1]))
+held = []
+def work():
+    held.append([bytes(100_000) for _ in range(20)])  # malloc'd on this thread's arena
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+# A glibc thread arena is a heap of 64 MiB reserved at a 64 MiB boundary: a rw-p part then a
+# ---p rest (the main arena is the brk heap).
+maps = []
+for line in open("/proc/self/maps"):
+    f = line.split()
+    lo, hi = (int(x, 16) for x in f[0].split("-"))
+    maps.append((lo, hi, f[1], len(f) > 5))
+heaps = 0
+for i, (lo, hi, perms, named) in enumerate(maps):
+    if lo % (64 << 20) or named or perms != "rw-p":
+        continue
+    end = hi
+    if i + 1 < len(maps) and maps[i + 1][0] == hi and maps[i + 1][2] == "---p" and not maps[i + 1][3]:
+        end = maps[i + 1][1]
+    heaps += end - lo == 64 << 20
+print(heaps)
+"""
+
+
+def test_malloc_arenas_are_limited():
+    import subprocess
+    import sys
+
+    def heaps(arg: str) -> int:
+        r = subprocess.run([sys.executable, "-c", ARENA_PROBE, arg], capture_output=True, text=True, check=True)
+        return int(r.stdout)
+
+    assert heaps("1") == 0  # every thread shares the main arena
+    assert heaps("default") >= 1  # glibc's default: arenas of their own for threads
