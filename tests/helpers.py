@@ -134,13 +134,16 @@ _BUSYBOX_TARBALL: dict[str, Path] = {}
 
 
 def busybox_tarball() -> Path:
-    """The busybox test image, built once per test process."""
+    """The busybox test image, built once per test process (and removed when it exits)."""
     if "path" not in _BUSYBOX_TARBALL:
+        import atexit
+        import shutil
         import tempfile
 
         from lxd_daemon.imagebuilder.busybox import build_busybox
 
         out = Path(tempfile.mkdtemp(prefix="busybox-img-"))
+        atexit.register(shutil.rmtree, out, True)
         res = build_busybox(out, fmt="unified", compression="gzip")
         _BUSYBOX_TARBALL["path"] = Path(res.paths[0])
     return _BUSYBOX_TARBALL["path"]
