@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -14,6 +15,7 @@ import sys
 import termios
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -290,6 +292,44 @@ class RawContainer:
         finally:
             rmdir_cgroups(self.name)
             shutil.rmtree(self.base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def started_raw_container(tag: str, **kw) -> Iterator[RawContainer]:
+    """A RawContainer built and started in a temporary directory; removed with it afterwards."""
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix=f"{tag}-"))
+    base.chmod(0o711)  # the container's root must be able to reach its rootfs
+    c = RawContainer(base / "c", f"{run_prefix()}-{tag}", **kw)
+    try:
+        c.build()
+        c.start()
+        yield c
+    finally:
+        c.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class LiveWorker:
+    """One liblxc worker (a subprocess) and an event loop, to apply live updates from a test."""
+
+    def __init__(self):
+        import asyncio
+
+        from lxd_daemon.runtime.pool import WorkerPool
+
+        self.loop = asyncio.new_event_loop()
+        self.pool = WorkerPool(1)
+        self.pool.spawn()
+        self.pool.attach(self.loop)
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        self.pool.close()
+        self.loop.close()
 
 
 def rmdir_cgroups(name: str) -> None:

@@ -3,59 +3,42 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
-import shutil
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.instances import live
-from lxd_daemon.runtime.pool import WorkerPool
-from tests.helpers import RawContainer, run_prefix
+from tests.helpers import LiveWorker, RawContainer, started_raw_container
 
 pytestmark = pytest.mark.integration
 
 ROOT = {"root": {"type": "disk", "path": "/", "pool": "default"}}
 
 
-_POOL: dict = {}
+_WORKER: list[LiveWorker] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
 def worker_pool():
-    """One liblxc worker (a subprocess) and one event loop for the module's live updates."""
-    loop = asyncio.new_event_loop()
-    pool = WorkerPool(1)
-    pool.spawn()
-    pool.attach(loop)
-    _POOL.update(loop=loop, pool=pool)
-    yield pool
-    pool.close()
-    loop.close()
-    _POOL.clear()
+    """One liblxc worker and one event loop for the module's live updates."""
+    w = LiveWorker()
+    _WORKER.append(w)
+    yield w.pool
+    _WORKER.clear()
+    w.close()
 
 
 @pytest.fixture(scope="module")
 def running():
-    base = Path(tempfile.mkdtemp(prefix="hotplug-"))
-    base.chmod(0o711)
-    c = RawContainer(base / "c", f"{run_prefix()}-hp", devices=dict(ROOT))
-    try:
-        c.build()
-        c.start()
+    with started_raw_container("hp", devices=dict(ROOT)) as c:
         yield c
-    finally:
-        c.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def apply(c: RawContainer, old: tuple[dict, dict], new: tuple[dict, dict]) -> None:
-    _POOL["loop"].run_until_complete(live.apply_live(
-        _POOL["pool"], c.name, old, new, init_pid=c.pid, idmap=c.idmap))  # devices dir: found via the monitor
+    _WORKER[0].run(live.apply_live(
+        _WORKER[0].pool, c.name, old, new, init_pid=c.pid, idmap=c.idmap))  # devices dir: found via the monitor
 
 
 def mounted(c: RawContainer, path: str) -> bool:
@@ -190,12 +173,7 @@ def test_shifted_disk_hotplug(running):
 
 
 def test_privileged_unix_hotplug_opens_the_device_cgroup(worker_pool):
-    base = Path(tempfile.mkdtemp(prefix="hotplug-priv-"))
-    base.chmod(0o711)
-    c = RawContainer(base / "c", f"{run_prefix()}-hpp", privileged=True, config={"security.privileged": "true"})
-    try:
-        c.build()
-        c.start()
+    with started_raw_container("hpp", privileged=True, config={"security.privileged": "true"}) as c:
         probe = "mknod /dev/probe c 10 237 2>/dev/null; dd if=/dev/probe count=0 2>/dev/null && echo open || echo denied"
         assert c.attach("sh", "-c", probe).stdout.strip() == "denied"  # not in the default allow list
         dev = {"type": "unix-char", "path": "/dev/lc", "major": "10", "minor": "237"}
@@ -203,9 +181,6 @@ def test_privileged_unix_hotplug_opens_the_device_cgroup(worker_pool):
         assert c.attach("sh", "-c", "dd if=/dev/lc count=0 2>/dev/null && echo open").stdout.strip() == "open"
         apply(c, ({}, {**ROOT, "lc": dev}), ({}, dict(ROOT)))
         assert c.attach("sh", "-c", probe).stdout.strip() == "denied"
-    finally:
-        c.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def test_failed_change_is_rolled_back(running):

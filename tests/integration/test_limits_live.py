@@ -2,56 +2,38 @@
 
 from __future__ import annotations
 
-import asyncio
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 
 from lxd_daemon.instances import live
 from lxd_daemon.instances.lxcconf import host_layout
-from lxd_daemon.runtime.pool import WorkerPool
-from tests.helpers import RawContainer, cgroup_file, run_prefix
+from tests.helpers import LiveWorker, RawContainer, cgroup_file, started_raw_container
 
 pytestmark = pytest.mark.integration
 MiB = 1024 * 1024
 
 
-_POOL: dict = {}
+_WORKER: list[LiveWorker] = []
 
 
 @pytest.fixture(scope="module", autouse=True)
 def worker_pool():
-    """One liblxc worker (a subprocess) and one event loop for the module's live updates."""
-    loop = asyncio.new_event_loop()
-    pool = WorkerPool(1)
-    pool.spawn()
-    pool.attach(loop)
-    _POOL.update(loop=loop, pool=pool)
-    yield pool
-    pool.close()
-    loop.close()
-    _POOL.clear()
+    """One liblxc worker and one event loop for the module's live updates."""
+    w = LiveWorker()
+    _WORKER.append(w)
+    yield w.pool
+    _WORKER.clear()
+    w.close()
 
 
 @pytest.fixture(scope="module")
 def running():
-    base = Path(tempfile.mkdtemp(prefix="limits-"))
-    base.chmod(0o711)
-    c = RawContainer(base / "c", f"{run_prefix()}-lim", config={"limits.memory": "128MiB"})
-    try:
-        c.build()
-        c.start()
+    with started_raw_container("lim", config={"limits.memory": "128MiB"}) as c:
         yield c
-    finally:
-        c.cleanup()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def apply(c: RawContainer, old: dict, new: dict) -> None:
-    _POOL["loop"].run_until_complete(live.apply_live(
-        _POOL["pool"], c.name, (old, {}), (new, {}), init_pid=c.pid, idmap=c.idmap))
+    _WORKER[0].run(live.apply_live(
+        _WORKER[0].pool, c.name, (old, {}), (new, {}), init_pid=c.pid, idmap=c.idmap))
 
 
 def mem_key() -> str:
@@ -114,6 +96,6 @@ def test_memory_limit_below_usage_is_a_clear_error(running):
 def test_read_cgroup_files_worker_method(running, worker_pool):
     c = running
     ver = host_layout().version("pids")
-    got = _POOL["loop"].run_until_complete(
+    got = _WORKER[0].run(
         worker_pool.call("read_cgroup_files", c.pid, [[ver, "pids.max"], [ver, "pids.nonexistent"]], lane=c.name))
     assert got == {"pids.max": cgroup_file(c.pid, "pids.max"), "pids.nonexistent": None}
