@@ -31,3 +31,16 @@ def fresh_daemon(tmp_path):
     d = Daemon(lxd_dir=tmp_path / "var", conf_dir=tmp_path / "conf")
     yield d
     d.stop()
+
+
+@pytest.fixture
+def restore_config(daemon):
+    """Leave the shared daemon's server config as it was."""
+    before = daemon.api("GET", "/1.0").json()["metadata"]["config"]
+    yield
+    now = daemon.api("GET", "/1.0").json()["metadata"]["config"]
+    patch = {k: "" for k in now if k not in before}
+    patch.update({k: v for k, v in before.items() if now.get(k) != v and v is not True})
+    if patch:
+        r = daemon.api("PATCH", "/1.0", json={"config": patch})
+        assert r.status_code == 200, r.text

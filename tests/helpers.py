@@ -121,6 +121,16 @@ def envelope_ok(doc: dict) -> None:
         assert key in doc, f"missing envelope key {key}: {json.dumps(doc)[:200]}"
 
 
+def socket_inode(path) -> int:
+    """The inode of the unix socket listening on path (from /proc/net/unix)."""
+    with open("/proc/net/unix") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 8 and parts[7] == str(path):
+                return int(parts[6])
+    raise AssertionError(f"{path} is not a listening socket")
+
+
 def wait_for(cond, timeout: float = 10, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -25,19 +25,6 @@ ENV_FIELDS = ("addresses", "architectures", "certificate", "certificate_fingerpr
               "storage_supported_drivers")
 
 
-@pytest.fixture
-def restore_config(daemon):
-    """Leave the shared daemon's server config as it was."""
-    before = daemon.api("GET", "/1.0").json()["metadata"]["config"]
-    yield
-    now = daemon.api("GET", "/1.0").json()["metadata"]["config"]
-    patch = {k: "" for k in now if k not in before}
-    patch.update({k: v for k, v in before.items() if now.get(k) != v and v is not True})
-    if patch:
-        r = daemon.api("PATCH", "/1.0", json={"config": patch})
-        assert r.status_code == 200, r.text
-
-
 def query(daemon, *args) -> dict:
     return json.loads(daemon.lxc("query", *args).stdout)
 

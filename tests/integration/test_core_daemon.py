@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from lxd_daemon import __version__
-from tests.helpers import Daemon, run_prefix, wait_for
+from tests.helpers import Daemon, run_prefix, socket_inode, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -31,13 +31,6 @@ def worker_pids(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def socket_inode(path) -> int:
-    with open("/proc/net/unix") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 8 and parts[7] == str(path):
-                return int(parts[6])
-    raise AssertionError(f"{path} is not a listening socket")
 
 
 def test_version():
@@ -206,15 +199,6 @@ def test_second_daemon_refuses_with_a_clear_message(daemon):
     assert daemon.lxc("info").returncode == 0  # the first one still serves
 
 
-@pytest.fixture
-def restore_config(daemon):
-    before = daemon.api("GET", "/1.0").json()["metadata"]["config"]
-    yield
-    now = daemon.api("GET", "/1.0").json()["metadata"]["config"]
-    patch = {k: "" for k in now if k not in before}
-    patch.update({k: v for k, v in before.items() if now.get(k) != v and v is not True})
-    if patch:
-        assert daemon.api("PATCH", "/1.0", json={"config": patch}).status_code == 200
 
 
 def test_init_preseed_config_and_dump(daemon, restore_config):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import LXC, REPO, wait_for
+from tests.helpers import LXC, REPO, socket_inode, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -74,13 +74,6 @@ def argv0(pid: int) -> str:
     return open(f"/proc/{pid}/cmdline").read().split("\0")[0]
 
 
-def _socket_inode(path) -> int:
-    with open("/proc/net/unix") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 8 and parts[7] == str(path):
-                return int(parts[6])
-    raise AssertionError(f"{path} is not a listening socket")
 
 
 @pytest.mark.skipif(not shutil.which("systemd-socket-activate"), reason="systemd-socket-activate is missing")
@@ -98,7 +91,7 @@ def test_socket_activation_hands_the_daemon_its_listening_socket(tmp_path):
                             env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(sock.exists, timeout=10)
-        inode = _socket_inode(sock)
+        inode = socket_inode(sock)
         time.sleep(0.2)
         assert argv0(proc.pid).endswith("systemd-socket-activate")  # no daemon yet
         # The stock client's first request starts the daemon and is answered by it.
@@ -108,7 +101,7 @@ def test_socket_activation_hands_the_daemon_its_listening_socket(tmp_path):
         assert argv0(proc.pid) == sys.executable  # the activator exec'd the daemon
         assert f"server_pid: {proc.pid}" in r.stdout
         # The daemon serves the socket it was handed (same inode), and its workers do not hold it.
-        assert _socket_inode(sock) == inode
+        assert socket_inode(sock) == inode
         workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         assert workers
         for pid in workers:
