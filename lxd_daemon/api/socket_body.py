@@ -71,27 +71,8 @@ class SocketBody:
         The copy runs in a thread of its own, not in the shared executor, so that a client that
         stalls mid-body holds no thread that other requests need. The descriptors stay valid
         until that thread has ended, also when this coroutine is cancelled."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        def run() -> None:
-            try:
-                outcome = (self._copy(fd), None)
-            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-                outcome = (None, e)
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
-                loop.call_soon_threadsafe(_settle, done, outcome)
-
-        threading.Thread(target=run, name="lxd-body", daemon=True).start()
         try:
-            return await asyncio.shield(done)
-        except asyncio.CancelledError:
-            self._stop.set()
-            while not done.done():  # the thread notices within POLL_MS
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([done])
-            done.exception()  # retrieved: the cancellation is what this coroutine reports
-            raise
+            return await in_own_thread(lambda: self._copy(fd), self._stop, "lxd-body")
         finally:
             self.close()
 
@@ -226,6 +207,33 @@ class SocketBody:
                 raise _Stopped()
 
 
+async def in_own_thread(fn, stop: threading.Event, name: str):
+    """fn() on a thread of its own (not the shared executor: a client that stalls holds no thread
+    that other requests need). When the caller is cancelled, `stop` is set and the thread waited
+    for (fn polls it every POLL_MS), so that the descriptors fn uses stay valid until it ends."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def run() -> None:
+        try:
+            outcome = (fn(), None)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome = (None, e)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(_settle, done, outcome)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    try:
+        return await asyncio.shield(done)
+    except asyncio.CancelledError:
+        stop.set()
+        while not done.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([done])
+        done.exception()  # retrieved: the cancellation is what the caller reports
+        raise
+
+
 def _settle(done: asyncio.Future, outcome: tuple) -> None:
     if done.done():
         return
@@ -344,31 +352,14 @@ class FileSender:
 
     async def send_body(self, pieces: list) -> None:
         """Write the pieces (bytes, or (file, size) read from the file's current offset)."""
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
         def run() -> None:
-            try:
-                for piece in pieces:
-                    if isinstance(piece, bytes | bytearray | memoryview):
-                        self._write(memoryview(piece))
-                    else:
-                        self._sendfile(piece[0].fileno(), piece[1])
-                outcome = (None, None)
-            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-                outcome = (None, e)
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, done, outcome)
+            for piece in pieces:
+                if isinstance(piece, bytes | bytearray | memoryview):
+                    self._write(memoryview(piece))
+                else:
+                    self._sendfile(piece[0].fileno(), piece[1])
 
-        threading.Thread(target=run, name="lxd-send", daemon=True).start()
-        try:
-            await asyncio.shield(done)
-        except asyncio.CancelledError:
-            self._stop.set()
-            while not done.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([done])
-            raise
+        await in_own_thread(run, self._stop, "lxd-send")
 
     def completed(self) -> None:
         """The body is on the socket (or the connection is broken): uvicorn completes the response
