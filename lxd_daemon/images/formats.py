@@ -1,4 +1,4 @@
-"""Image file formats: compression by magic bytes, decompressing readers, and metadata.yaml.
+"""Image file formats: compression by magic bytes, and metadata.yaml.
 
 Pure functions over files; they block, so callers run them in a thread. The safety scan of image
 tarballs is in tarscan.py.
@@ -6,15 +6,7 @@ tarballs is in tarscan.py.
 
 from __future__ import annotations
 
-import bz2
-import contextlib
-import io
-import lzma
 import os
-import subprocess
-import zlib
-from collections.abc import Iterator
-from typing import IO
 
 import yaml
 
@@ -40,43 +32,7 @@ EXTENSIONS = {
 MAX_METADATA = 4 << 20  # metadata.yaml bigger than this is not an image
 READ_SIZE = 1 << 20
 
-try:  # ISA-L inflates gzip about twice as fast as zlib
-    from isal import isal_zlib as _inflate
-except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
-    _inflate = zlib
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-class GzipReader(io.RawIOBase):
-    """gzip decompression in 1 MiB steps (gzip.GzipFile reads 8 KiB at a time); multi-member aware."""
-
-    def __init__(self, raw: IO[bytes]):
-        self.raw = raw
-        self.d = _inflate.decompressobj(wbits=31)
-        self.pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        while not self.pending:
-            data = self.d.unconsumed_tail or self.raw.read(READ_SIZE)
-            if self.d.eof:  # the next member of a multi-member file, or the end
-                rest = self.d.unused_data + data
-                if not rest.strip(b"\0"):
-                    more = self.raw.read(READ_SIZE)
-                    if not more:
-                        return 0
-                    rest += more
-                self.d = _inflate.decompressobj(wbits=31)
-                data = rest
-            if not data:
-                raise EOFError("Compressed file ended before the end-of-stream marker was reached")
-            self.pending = self.d.decompress(data, READ_SIZE)
-        n = min(len(b), len(self.pending))
-        b[:n] = self.pending[:n]
-        self.pending = self.pending[n:]
-        return n
 
 
 def detect_compression(head: bytes) -> str:
@@ -104,40 +60,6 @@ def detect_compression(head: bytes) -> str:
 def detect_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         return detect_compression(f.read(512))
-
-
-@contextlib.contextmanager
-def open_decompressed(path: str | os.PathLike, compression: str) -> Iterator[IO[bytes]]:
-    """A readable stream of the tar bytes inside a (possibly compressed) file."""
-    if compression == "none":
-        with open(path, "rb") as f:
-            yield f
-    elif compression == "gzip":
-        with open(path, "rb") as raw:
-            yield io.BufferedReader(GzipReader(raw), READ_SIZE)
-    elif compression == "bzip2":
-        with bz2.open(path, "rb") as f:
-            yield f
-    elif compression in ("xz", "lzma"):
-        with lzma.open(path, "rb") as f:
-            yield f
-    elif compression == "zstd":
-        proc = subprocess.Popen(["zstd", "-dcq", "--", os.fspath(path)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        try:
-            yield proc.stdout
-            # Drain so that a truncated stream is reported by zstd's exit status.
-            while proc.stdout.read(1 << 20):
-                pass
-        finally:
-            proc.stdout.close()
-            err = proc.stderr.read().decode(errors="replace").strip()
-            proc.stderr.close()
-            rc = proc.wait()
-        if rc != 0:
-            raise BadRequest(f"Invalid image: zstd decompression failed: {err or rc}")
-    else:
-        raise BadRequest(f"Unsupported compression {compression!r}")
 
 
 # -- metadata.yaml -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ blocks: callers run it in a thread.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import io
 import lzma
 import os
@@ -30,9 +31,10 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import IO
 
 from lxd_daemon.errors import BadRequest
-from lxd_daemon.images.formats import MAX_METADATA, READ_SIZE, open_decompressed, parse_metadata
+from lxd_daemon.images.formats import MAX_METADATA, READ_SIZE, parse_metadata
 
 try:  # ISA-L inflates gzip about twice as fast as zlib (and releases the GIL while it does)
     from isal import isal_zlib as _inflate
@@ -64,7 +66,7 @@ class Decompressor:
     """Compressed bytes in, tar bytes out, at most STEP bytes per piece; multi-member and
     multi-stream files (concatenated gzip, bzip2 or xz) are read to the end like the tools do."""
 
-    _MAKERS: dict[str, Callable] = {
+    MAKERS: dict[str, Callable] = {
         "gzip": lambda: _inflate.decompressobj(wbits=31),
         "bzip2": bz2.BZ2Decompressor,
         "xz": lzma.LZMADecompressor,
@@ -74,8 +76,8 @@ class Decompressor:
     def __init__(self, compression: str):
         if compression == "none":
             self._make = None
-        elif compression in self._MAKERS:
-            self._make = self._MAKERS[compression]
+        elif compression in self.MAKERS:
+            self._make = self.MAKERS[compression]
         else:
             raise Unsupported(compression)
         self.compression = compression
@@ -127,6 +129,64 @@ class Decompressor:
             raise EOFError("Compressed file ended before the end-of-stream marker was reached")
         if self._d is not None and not self._started:
             raise EOFError("Compressed file is empty")
+
+
+class DecompressedReader(io.RawIOBase):
+    """A compressed file's tar bytes as a stream, through a Decompressor (for tarfile)."""
+
+    def __init__(self, raw: IO[bytes], compression: str):
+        self.raw = raw
+        self.decompressor = Decompressor(compression)
+        self.pieces: Iterator[bytes] = iter(())
+        self.pending = memoryview(b"")
+        self.ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.pending:
+            piece = next(self.pieces, None)
+            if piece is not None:
+                self.pending = memoryview(piece)
+            elif self.ended:
+                return 0
+            elif data := self.raw.read(READ_SIZE):
+                self.pieces = self.decompressor.feed(data)
+            else:
+                self.decompressor.close()  # a stream cut before its end marker raises here
+                self.ended = True
+        n = min(len(b), len(self.pending))
+        b[:n] = self.pending[:n]
+        self.pending = self.pending[n:]
+        return n
+
+
+@contextlib.contextmanager
+def open_decompressed(path: str | os.PathLike, compression: str) -> Iterator[IO[bytes]]:
+    """A readable stream of the tar bytes inside a (possibly compressed) file."""
+    if compression == "zstd":  # no decoder in process: zstd(1), whose exit status tells a cut stream
+        proc = subprocess.Popen(["zstd", "-dcq", "--", os.fspath(path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        try:
+            yield proc.stdout
+            while proc.stdout.read(1 << 20):  # drain, so that a truncated stream shows in the status
+                pass
+        finally:
+            proc.stdout.close()
+            err = proc.stderr.read().decode(errors="replace").strip()
+            proc.stderr.close()
+            rc = proc.wait()
+        if rc != 0:
+            raise BadRequest(f"Invalid image: zstd decompression failed: {err or rc}")
+        return
+    if compression != "none" and compression not in Decompressor.MAKERS:
+        raise BadRequest(f"Unsupported compression {compression!r}")
+    with open(path, "rb") as raw:
+        if compression == "none":
+            yield raw
+        else:
+            yield io.BufferedReader(DecompressedReader(raw, compression), READ_SIZE)
 
 
 # -- the tar headers -----------------------------------------------------------------------------
