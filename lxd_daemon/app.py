@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from lxd_daemon.api import events, internal, operations, projects, server
 from lxd_daemon.api.envelope import error
-from lxd_daemon.errors import LXDError
+from lxd_daemon.api.request import check_request
+from lxd_daemon.errors import LXDError, insufficient_storage
 from lxd_daemon.services import Services
 
 log = logging.getLogger("lxd.api")
@@ -27,7 +28,10 @@ _REASONS = {404: "not found", 405: "method not allowed", 413: "request body too 
 def create_app(services: Services, routers=()) -> FastAPI:
     # No trailing-slash redirects: LXD answers /1.0/instances/ with 404, and a redirect would
     # leave the error envelope.
-    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False)
+    # check_request runs before every handler, also those of routers included later: the names
+    # in the URL path are validated by kind (lxd_daemon.names) and `?project=` must exist.
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False,
+                  dependencies=[Depends(check_request)])
     app.state.services = services
     for module in (server, operations, events, projects, internal):
         app.include_router(module.router)
@@ -55,6 +59,10 @@ def create_app(services: Services, routers=()) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
+        full = insufficient_storage(exc, "this request's data")  # a stray ENOSPC/EDQUOT: 507
+        if full is not None:
+            log.warning("out of space", extra={"path": request.url.path, "file": getattr(exc, "filename", "")})
+            return error(full.status, full.message)
         log.exception("unhandled error", extra={"path": request.url.path})
         return error(500, f"Internal error: {exc.__class__.__name__}: {exc}")
 
@@ -74,7 +82,7 @@ class FastPath:
 
     async def __call__(self, scope, receive, send):
         if (scope["type"] == "http" and scope["path"] == "/1.0" and scope["method"] == "GET"
-                and scope.get("lxd_trusted", True)):
+                and scope.get("lxd_trusted", True) and b"project=" not in scope.get("query_string", b"")):
             server = self.services.server
             body = server.cached_body()
             await send({

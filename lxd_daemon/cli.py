@@ -13,10 +13,19 @@ from lxd_daemon.settings import Settings, lxd_dir_from_env
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lxd", description="LXD-compatible system container daemon")
+    p = argparse.ArgumentParser(
+        prog="lxd", description="LXD-compatible system container daemon",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="environment:\n"
+               "  LXD_DIR      the daemon's state directory (default /var/lib/lxd); it listens on\n"
+               "               $LXD_DIR/unix.socket, and the stock `lxc` client finds it through the\n"
+               "               same variable. Every subcommand (waitready, shutdown, init, sql) uses it.\n"
+               "  LXD_WORKERS  default for --workers\n"
+               "\n"
+               "--debug logs each API request (method, url, requestor, status, time taken).")
     p.add_argument("--version", action="store_true", help="print the version and exit")
     p.add_argument("--group", help="group that owns the unix socket")
-    p.add_argument("-d", "--debug", action="store_true", help="debug logging")
+    p.add_argument("-d", "--debug", action="store_true", help="debug logging (includes each API request)")
     p.add_argument("-v", "--verbose", action="store_true", help="informational logging")
     p.add_argument("--logfile", help="also log to this file")
     p.add_argument("--syslog", action="store_true", help="also log to syslog")

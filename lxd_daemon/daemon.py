@@ -31,6 +31,8 @@ SUBSYSTEMS: tuple[str, ...] = (
     "lxd_daemon.images.subsystem",
     "lxd_daemon.instances.subsystem",
     "lxd_daemon.api.instance_exec",
+    "lxd_daemon.networks.subsystem",
+    "lxd_daemon.api.not_yet",
 )
 
 
@@ -133,7 +135,10 @@ def bind_unix_socket(path: Path, group: str | None) -> socket.socket:
 def prepare_dirs(lxd_dir: Path) -> None:
     lxd_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(lxd_dir, 0o711)
-    for sub, mode in (("database", 0o700), ("logs", 0o700), ("containers", 0o711), ("images", 0o700)):
+    # As LXD: only what a container's (unprivileged) root must traverse is 0711; the instance
+    # volumes behind containers/ are 0100 each (see storage.drivers.base).
+    for sub, mode in (("database", 0o700), ("logs", 0o700), ("containers", 0o711), ("images", 0o700),
+                      ("storage-pools", 0o711), ("security", 0o700)):
         p = lxd_dir / sub
         p.mkdir(exist_ok=True)
         os.chmod(p, mode)
@@ -246,6 +251,9 @@ class Daemon:
             module = importlib.import_module(name)
             routers.extend(await module.setup(services))
         app = create_app(services, routers)
+        if s.debug:  # each request in the debug log; nothing in a request's way otherwise
+            from lxd_daemon.api.accesslog import AccessLog
+            app = AccessLog(app)
 
         server_ = make_server(app)
         _freeze_startup_objects()
@@ -301,11 +309,52 @@ def _server_class():
     return Server
 
 
+def _http_protocol():
+    """uvicorn's httptools protocol, answering requests its parser refuses (an unknown method,
+    a malformed request line or header) in LXD's error envelope instead of uvicorn's plain text.
+    A method the parser does not know gets 405, as a known method a route lacks does."""
+    import re
+
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from lxd_daemon.api.envelope import error_body
+
+    request_line = re.compile(rb"\A\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+) ")
+    known = {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS", b"CONNECT", b"TRACE"}
+
+    class LXDHttpToolsProtocol(HttpToolsProtocol):
+        _head = b""
+
+        def data_received(self, data: bytes) -> None:
+            if not self._head or self.cycle is None or self.cycle.response_complete:
+                self._head = bytes(data[:64])  # the start of a request, to tell why it was refused
+            super().data_received(data)
+
+        def send_400_response(self, msg: str) -> None:
+            m = request_line.match(self._head)
+            if m and m.group(1) not in known:
+                status, message = 405, f"Method {m.group(1).decode()!r} not allowed"
+            else:
+                status, message = 400, "Invalid HTTP request"
+            body = error_body(status, message)
+            reason = b"Method Not Allowed" if status == 405 else b"Bad Request"
+            self.transport.write(b"".join([
+                b"HTTP/1.1 %d %s\r\n" % (status, reason),
+                b"content-type: application/json\r\n",
+                b"content-length: %d\r\n" % len(body),
+                b"connection: close\r\n\r\n",
+                body,
+            ]))
+            self.transport.close()
+
+    return LXDHttpToolsProtocol
+
+
 def uvicorn_config(app):
     """How the daemon serves its ASGI app (also used by in-process API tests)."""
     import uvicorn
 
-    return uvicorn.Config(app, lifespan="off", http="httptools", ws="websockets-sansio",
+    return uvicorn.Config(app, lifespan="off", http=_http_protocol(), ws="websockets-sansio",
                           log_config=None, access_log=False, proxy_headers=False,
                           server_header=False, date_header=False, timeout_graceful_shutdown=5,
                           ws_ping_interval=10)

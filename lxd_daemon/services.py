@@ -38,6 +38,7 @@ class Services:
     images: Any = None
     profiles: Any = None
     instances: Any = None
+    networks: Any = None
 
 
 def get_services(conn: HTTPConnection) -> Services:

@@ -10,9 +10,11 @@ bash scripts/install-deps.sh
 export LXD_DIR=${LXD_DIR:-/var/lib/lxd}
 LXD=$PWD/.venv/bin/lxd
 mkdir -p "$LXD_DIR"
+started=""
 if ! $LXD waitready --timeout=1 2>/dev/null; then
   echo "== starting the daemon (LXD_DIR=$LXD_DIR, log $LXD_DIR/lxd.log)"
   nohup $LXD --group lxd --verbose --logfile "$LXD_DIR/lxd.log" >/dev/null 2>&1 &
+  started=$!
   $LXD waitready --timeout=60
 fi
 lxc info | head -n 12
@@ -38,3 +40,14 @@ echo "== lxc exec $name -- sh -c 'hostname; id; uname -a; ps'"
 lxc exec "$name" -- sh -c 'hostname; id; uname -a; ps'
 lxc list
 echo "== the container stays; remove it with: lxc delete -f $name"
+
+# The daemon keeps running in the background (its pid is in $LXD_DIR/lxd.lock).
+pid=$(head -n 1 "$LXD_DIR/lxd.lock" 2>/dev/null || true)
+pid=${pid:-$started}
+if [ -n "$started" ]; then
+  echo "== the daemon started here keeps running (pid ${pid:-unknown}, log $LXD_DIR/lxd.log)"
+else
+  echo "== the daemon was already running (pid ${pid:-unknown}) and keeps running"
+fi
+echo "   stop it and its containers:        LXD_DIR=$LXD_DIR $LXD shutdown"
+echo "   stop it, leave containers running: kill ${pid:-<pid>}   (SIGTERM; the next daemon takes them over)"

@@ -8,6 +8,7 @@ DEB_PACKAGES=(
   lxc lxc-dev pkg-config gcc python3-dev python3-venv
   busybox-static squashfs-tools xz-utils zstd bzip2 rsync btrfs-progs dnsmasq-base nftables
   criu uidmap lxd-client python3-pylxd debootstrap curl iproute2 systemd
+  ansible  # the third-party client tests drive the daemon with community.general's lxd plugins
 )
 
 missing=()

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -24,6 +25,16 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 LXC = shutil.which("lxc") or "/usr/bin/lxc"
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, which has python3-pylxd
+
+
+def root_subids() -> tuple[int, int]:
+    """The host uid and gid that container root maps to in the shared (default) map: the start of
+    root's subordinate ranges, parsed from /etc/subuid and /etc/subgid by the daemon's own code
+    (tests must not assume the range `scripts/install-deps.sh` writes)."""
+    from lxd_daemon.instances.idmap import host_ranges
+
+    (ub, _), (gb, _) = host_ranges()
+    return ub, gb
 
 
 def run_prefix() -> str:
@@ -363,7 +374,8 @@ def cgroup_file(pid: int, controller_file: str) -> str:
     """Read a cgroup file (e.g. "memory.limit_in_bytes") of process pid from the host."""
     from lxd_daemon.runtime.hotplug import cgroup_dirs
 
-    v1, v2 = cgroup_dirs(pid)
+    name = re.search(r"/lxc\.payload\.([^/\n]+?)(?:-\d+)?(?:/|$)", Path(f"/proc/{pid}/cgroup").read_text(), re.M)[1]
+    v1, v2 = cgroup_dirs(pid, name)
     base = v1.get(controller_file.split(".", 1)[0]) or v2
     return Path(base, controller_file).read_text().strip()
 

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
+from urllib.parse import quote
 
 from starlette.responses import Response
 
 _JSON = "application/json"
+_LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")  # a `%` that doesn't start an escape already
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+    # A lone surrogate (text that isn't Unicode) can't be UTF-8: it leaves as a JSON \\u escape.
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "backslashreplace")
 
 
 class JSONBytes(Response):
@@ -33,13 +37,19 @@ def sync_body(metadata: Any, status_code: int = 200) -> bytes:
     )
 
 
+def header_url(url: str) -> str:
+    """A URL made safe for a response header: anything but printable ASCII is percent-encoded
+    (UTF-8), so that no name can break the response after the work was done."""
+    return quote(_LONE_PERCENT.sub("%25", url), safe="/:?=&%+,;@!$'()*~")
+
+
 def sync(metadata: Any = None, *, status: int = 200, etag: str | None = None,
          location: str | None = None) -> Response:
     headers = {}
     if etag is not None:
         headers["ETag"] = etag
     if location is not None:
-        headers["Location"] = location
+        headers["Location"] = header_url(location)
     return JSONBytes(sync_body(metadata, 200), status_code=status, headers=headers)
 
 
@@ -56,7 +66,7 @@ def async_(op: dict, *, status: int = 202) -> Response:
             "metadata": op,
         }
     )
-    return JSONBytes(body, status_code=status, headers={"Location": url})
+    return JSONBytes(body, status_code=status, headers={"Location": header_url(url)})
 
 
 def error_body(status: int, message: str) -> bytes:

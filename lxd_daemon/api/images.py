@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -14,8 +14,16 @@ from starlette.responses import Response
 
 from lxd_daemon.api import socket_body
 from lxd_daemon.api.envelope import async_, sync
-from lxd_daemon.api.request import BODY_LIMIT, check_etag, read_json, recursion, validate
-from lxd_daemon.errors import BadRequest, Forbidden, NotFound, NotImplementedYet, TooLarge
+from lxd_daemon.api.request import BODY_LIMIT, check_etag, loads, read_json, recursion, validate
+from lxd_daemon.errors import (
+    BadRequest,
+    Forbidden,
+    InsufficientStorage,
+    NotFound,
+    NotImplementedYet,
+    TooLarge,
+    storage_errors,
+)
 from lxd_daemon.images.service import image_etag, parse_time
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.images import ImagePut, ImagesPost
@@ -35,6 +43,11 @@ def _trusted(request: Request) -> bool:
 
 def image_url(fp: str) -> str:
     return f"/1.0/images/{fp}"
+
+
+def _images_full(images):
+    """ENOSPC/EDQUOT while an image is written: a 507 naming the image store."""
+    return storage_errors("images", images.store.root)
 
 
 @router.get("/1.0/images")
@@ -114,10 +127,7 @@ async def create_image(request: Request) -> Response:
                 raise TooLarge(f"Request body too large (limit {BODY_LIMIT} bytes)")
             parts.append(chunk)
         raw = b"".join(parts)
-        try:
-            data = json.loads(raw) if raw.strip() else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadRequest(f"Failed to parse request body: {e}") from None
+        data = loads(raw) if raw.strip() else {}
         return await _create_from_json(request, validate(ImagesPost, data))
     return await _create_from_upload(request, _chain(first, stream), ctype)
 
@@ -132,11 +142,20 @@ async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byte
 async def _create_from_upload(request: Request, chunks: AsyncIterator[bytes], ctype: str) -> Response:
     services = get_services(request)
     images = services.images
-    upload = await images.receive(chunks, ctype)
     try:
-        await images.check(upload, request.headers.get("x-lxd-fingerprint", ""))
-    except BaseException:
-        await asyncio.to_thread(upload.discard)
+        with _images_full(images):  # the temp files are gone by then (receive and discard)
+            upload = await images.receive(chunks, ctype)
+            try:
+                await images.check(upload, request.headers.get("x-lxd-fingerprint", ""))
+            except BaseException:
+                await asyncio.to_thread(upload.discard)
+                raise
+    except InsufficientStorage:
+        # Read and drop the rest of the upload: a client still sending would get a broken pipe
+        # instead of this answer.
+        with contextlib.suppress(Exception):
+            async for _ in chunks:
+                pass
         raise
     public = request.headers.get("x-lxd-public", "").strip().lower() in TRUE
     filename = request.headers.get("x-lxd-filename", "") if upload.rootfs is None else upload.part_filename
@@ -147,8 +166,9 @@ async def _create_from_upload(request: Request, chunks: AsyncIterator[bytes], ct
 
     async def run(op):
         try:
-            img = await images.add(upload, filename=filename, public=public, properties=props,
-                                   aliases=aliases, profiles=profiles, requestor=who)
+            with _images_full(images):
+                img = await images.add(upload, filename=filename, public=public, properties=props,
+                                       aliases=aliases, profiles=profiles, requestor=who)
         except BaseException:
             await asyncio.to_thread(upload.discard)
             raise
@@ -193,10 +213,11 @@ async def _create_from_json(request: Request, body: ImagesPost) -> Response:
     inst = src.name.split("/", 1)[0]
 
     async def run(op):
-        img = await images.publish(op, source_type=src.type, name=src.name, compression=compression,
-                                   filename=body.filename, public=body.public,
-                                   properties=body.properties, aliases=aliases, expires_at=expires,
-                                   profiles=body.profiles, requestor=who)
+        with _images_full(images):  # publish removes its work directory on any failure
+            img = await images.publish(op, source_type=src.type, name=src.name, compression=compression,
+                                       filename=body.filename, public=body.public,
+                                       properties=body.properties, aliases=aliases, expires_at=expires,
+                                       profiles=body.profiles, requestor=who)
         op.resources = {**op.resources, "images": [image_url(img["fingerprint"])]}
         return {"fingerprint": img["fingerprint"], "size": str(img["size"])}
 

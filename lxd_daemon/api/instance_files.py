@@ -18,7 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from lxd_daemon.api import socket_body
 from lxd_daemon.api.envelope import sync
 from lxd_daemon.api.request import read_body
-from lxd_daemon.errors import BadRequest, NotFound
+from lxd_daemon.errors import BadRequest, NotFound, out_of_space, storage_errors
 from lxd_daemon.instances import files
 from lxd_daemon.services import get_services, requestor
 
@@ -111,8 +111,13 @@ async def _receive_into(request: Request, fd: int) -> int:
     """Write the request body to fd: spliced from the socket when it can be, else streamed."""
     body = await socket_body.take(request)
     if body is not None:
-        return await body.copy_to(fd)
-    return await _stream_into(request, fd)
+        return await body.copy_to(fd)  # drains the socket itself when the file is full
+    try:
+        return await _stream_into(request, fd)
+    except OSError as e:
+        if out_of_space(e):
+            await _discard_body(request)
+        raise
 
 
 async def _stream_into(request: Request, fd: int) -> int:
@@ -162,11 +167,13 @@ async def files_post(request: Request, name: str) -> Response:
 
 async def _push_file(request: Request, inst, path: str | None, spec: files.WriteSpec) -> None:
     """Write the body to the file at path. After a failure a new file is removed again, and an
-    existing one keeps what was written (as if it had been truncated first)."""
+    existing one keeps what was written (as if it had been truncated first). Running out of
+    space or quota is a 507 naming the instance's storage."""
     fd, created = await asyncio.to_thread(_with_root, inst, files.open_for_write, path, spec)
     try:
-        await _receive_into(request, fd)
-        await asyncio.to_thread(files.end_write, fd, spec)
+        with storage_errors(f"instance {inst.name!r}", inst.rootfs):
+            await _receive_into(request, fd)
+            await asyncio.to_thread(files.end_write, fd, spec)
     except BaseException:
         if created:  # roll back a half-written new file
             os.close(fd)
@@ -180,6 +187,16 @@ async def _push_file(request: Request, inst, path: str | None, spec: files.Write
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+async def _discard_body(request: Request) -> None:
+    """Read and drop what is left of a streamed body that can't be stored: a client still sending
+    would otherwise get a broken pipe instead of the answer. (A spliced body drains itself.)"""
+    with contextlib.suppress(Exception):
+        while True:
+            msg = await request.receive()
+            if msg.get("type") != "http.request" or not msg.get("more_body"):
+                return
 
 
 async def files_delete(request: Request, name: str) -> Response:

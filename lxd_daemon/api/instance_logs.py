@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 
 from fastapi import Request
@@ -20,7 +21,7 @@ UNDELETABLE = ("lxc.log", "lxc.conf")
 
 
 def _check(file: str) -> None:
-    if not VALID.match(file) or "/" in file or file.startswith("."):
+    if not VALID.fullmatch(file) or "/" in file or file.startswith("."):
         raise BadRequest(f"Invalid log file name {file!r}")
 
 
@@ -33,20 +34,34 @@ async def list_logs(prefix: str, request: Request, name: str) -> Response:
 
     def ls():
         try:
-            return sorted(e for e in __import__("os").listdir(logdir) if VALID.match(e))
+            return sorted(e for e in os.listdir(logdir) if VALID.match(e))
         except OSError:
             return []
 
     return sync([f"{prefix}/{name}/logs/{f}" for f in await asyncio.to_thread(ls)])
 
 
-@route("GET", "/{name}/logs/{file}")
-async def get_log(prefix: str, request: Request, name: str, file: str) -> Response:
+async def _existing_log(request: Request, name: str, file: str):
+    """The path of one of the instance's log files. `name` and `file` were checked as names
+    (lxd_daemon.names); the file must also be one that the instance's log directory holds."""
     _check(file)
     svc = get_services(request).instances
-    path = svc.logs_root / name / file
-    if not path.is_file():
+    logdir = svc.logs_root / name
+
+    def present() -> bool:
+        try:
+            return file in os.listdir(logdir) and (logdir / file).is_file()
+        except OSError:
+            return False
+
+    if not await asyncio.to_thread(present):
         raise NotFound("Log file not found")
+    return logdir / file
+
+
+@route("GET", "/{name}/logs/{file}")
+async def get_log(prefix: str, request: Request, name: str, file: str) -> Response:
+    path = await _existing_log(request, name, file)
     return FileResponse(path, media_type="application/octet-stream")
 
 
@@ -55,9 +70,6 @@ async def delete_log(prefix: str, request: Request, name: str, file: str) -> Res
     _check(file)
     if file in UNDELETABLE:
         raise BadRequest("lxc.log and lxc.conf may not be deleted")
-    svc = get_services(request).instances
-    path = svc.logs_root / name / file
-    if not path.is_file():
-        raise NotFound("Log file not found")
-    path.unlink()
+    path = await _existing_log(request, name, file)
+    await asyncio.to_thread(path.unlink)
     return sync({})

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from lxd_daemon.api.envelope import async_, etag_of, sync
 from lxd_daemon.api.request import check_etag, parse, recursion
-from lxd_daemon.errors import BadRequest
+from lxd_daemon.errors import BadRequest, NotImplementedYet
 from lxd_daemon.filter import parse_filter
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.instances import InstancePost, InstancePut, InstancesPost, InstancesPut
@@ -147,7 +147,7 @@ async def _update(prefix: str, request: Request, name: str, replace: bool) -> Re
     body = await parse(request, InstancePut)
     fields = body.model_fields_set
     if body.restore:
-        raise BadRequest("Snapshots are not supported yet")
+        raise NotImplementedYet("Instance snapshots are not implemented yet (nothing to restore)")
     if replace:
         config = body.config
         devices = body.devices
@@ -193,7 +193,7 @@ async def rename_instance(prefix: str, request: Request, name: str) -> Response:
     svc.record(name)
     body = await parse(request, InstancePost)
     if body.migration:
-        raise BadRequest("Migration is not supported yet")
+        raise NotImplementedYet("Instance migration is not implemented yet")
     if not body.name:
         raise BadRequest("A new name is required")
     new = body.name

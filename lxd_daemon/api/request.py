@@ -1,16 +1,24 @@
-"""Request helpers: bounded JSON bodies, typed parsing in LXD's error envelope, ETags."""
+"""Request helpers: bounded JSON bodies, typed parsing in LXD's error envelope, ETags, and the
+checks every route gets (names in the URL path, the `project` it targets)."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 
-from lxd_daemon.errors import BadRequest, PreconditionFailed, TooLarge
+from lxd_daemon import names
+from lxd_daemon.errors import BadRequest, LXDError, NotFound, PreconditionFailed, TooLarge
 
 BODY_LIMIT = 1 << 20  # non-upload request bodies
+DEPTH_LIMIT = 64  # nesting of JSON arrays and objects in a request body
+
+# A JSON string (with its escapes; an unterminated one runs to the end) or a bracket: only
+# brackets outside strings count for depth, and the scan is linear whatever the input.
+_TOKENS = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -38,10 +46,49 @@ async def read_json(request: Request, *, default: object = None) -> object:
     raw = await read_body(request)
     if not raw.strip():
         return default
+    return loads(raw)
+
+
+def loads(raw: bytes) -> object:
+    """Parse a request body as JSON: nesting deeper than DEPTH_LIMIT is refused before parsing,
+    and text that is not valid Unicode (a lone surrogate such as "\\udfff") after it."""
+    depth = 0
+    for m in _TOKENS.finditer(raw):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            if depth > DEPTH_LIMIT:
+                raise BadRequest(f"Failed to parse request body: nested deeper than {DEPTH_LIMIT} levels")
+        elif c in (b"]", b"}"):
+            depth -= 1
     try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise BadRequest(f"Failed to parse request body: {e}") from None
+    _check_text(value)
+    return value
+
+
+def _check_text(value: object) -> None:
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            strings = (v,)
+        elif isinstance(v, dict):
+            strings = v.keys()
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
+            continue
+        else:
+            continue
+        for s in strings:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise BadRequest("Failed to parse request body: invalid Unicode text "
+                                 f"(lone surrogate) in {s.encode('utf-8', 'backslashreplace').decode()[:64]!r}") from None
 
 
 def _field_path(loc: tuple) -> str:
@@ -59,6 +106,8 @@ def validate(model: type[M], data: object) -> M:
         first = e.errors()[0]
         where = _field_path(first.get("loc", ()))
         msg = first.get("msg", "invalid value")
+        if first.get("type") == "value_error" and "error" in first.get("ctx", {}):
+            msg = str(first["ctx"]["error"])  # our validators' own message, without pydantic's prefix
         raise BadRequest(f"Invalid value for field {where!r}: {msg}" if where else f"Invalid request: {msg}") from None
 
 
@@ -86,3 +135,52 @@ def recursion(request: Request) -> int:
     except ValueError:
         raise BadRequest(f"Invalid recursion value {raw!r}") from None
     return max(0, level)
+
+
+def _route_checks(route) -> dict:
+    checks = getattr(route, "_lxd_name_checks", None)
+    if checks is None:
+        checks = names.kinds_for_route(route.path)
+        route._lxd_name_checks = checks
+    return checks
+
+
+def check_path_names(conn: HTTPConnection) -> None:
+    """Validate every object name in the URL path by its kind (lxd_daemon.names), for every
+    route: installed once as an app-wide dependency, so handlers only see valid names."""
+    route = conn.scope.get("route")
+    params = conn.path_params
+    if route is None or not params:
+        return
+    checks = _route_checks(route)
+    for param, value in params.items():
+        check = checks.get(param, names.generic)
+        try:
+            check(value)
+        except names.InvalidName as e:
+            raise LXDError(e.message, e.status) from None
+
+
+async def check_project(conn: HTTPConnection) -> None:
+    """`?project=NAME` must name an existing project: LXD's 404 otherwise, on every endpoint."""
+    project = conn.query_params.get("project")
+    if not project or project == "default":
+        return
+    try:
+        names.project(project)
+    except names.InvalidName:
+        raise NotFound("Project not found") from None
+    services = conn.app.state.services
+    from lxd_daemon.db.models import Project
+
+    def exists(session) -> bool:
+        return session.query(Project.id).filter_by(name=project).first() is not None
+
+    if not await services.db.run(exists):
+        raise NotFound("Project not found")
+
+
+async def check_request(conn: HTTPConnection) -> None:
+    """The checks every route runs before its handler (see create_app)."""
+    check_path_names(conn)
+    await check_project(conn)

@@ -151,12 +151,33 @@ class SocketBody:
 
     # -- in the copying thread ----------------------------------------------------------------
     def _copy(self, fd: int) -> int:
-        written = _write_all(fd, memoryview(self.head))
-        if not self.remaining:
-            return written
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:  # splice(2) refuses O_APPEND files
-            return written + self._read_copy(fd)
-        return written + self._splice_copy(fd)
+        try:
+            written = _write_all(fd, memoryview(self.head))
+            if not self.remaining:
+                return written
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_APPEND:  # splice(2) refuses O_APPEND files
+                return written + self._read_copy(fd)
+            return written + self._splice_copy(fd)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.discard_rest()
+            raise
+
+    def discard_rest(self) -> None:
+        """Read and drop the rest of the body (the file it was going to is full): a client still
+        sending would otherwise get a broken pipe instead of the answer that says why."""
+        buf = memoryview(bytearray(min(self.remaining, READ_BUFFER)))
+        while self.remaining > 0 and self.sock_fd >= 0:
+            try:
+                n = os.readv(self.sock_fd, [buf[:min(self.remaining, len(buf))]])
+            except BlockingIOError:
+                self._wait_readable()
+                continue
+            except OSError:
+                return
+            if n == 0:
+                return
+            self.remaining -= n
 
     def _splice_copy(self, fd: int) -> int:
         r, w = os.pipe2(os.O_CLOEXEC)

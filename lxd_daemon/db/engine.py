@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import create_engine, event
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+
+from lxd_daemon.errors import InsufficientStorage, out_of_space
 
 T = TypeVar("T")
 
@@ -39,9 +43,18 @@ class Database:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db")
 
     def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run fn(session, *args) in one transaction, on the calling thread."""
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
-            return fn(session, *args, **kwargs)
+        """Run fn(session, *args) in one transaction, on the calling thread.
+
+        A full disk under the database (SQLITE_FULL) rolls the transaction back and becomes a
+        507 naming the database; errors of fn's own file work (OSError) pass unchanged."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                return fn(session, *args, **kwargs)
+        except (SQLAlchemyError, sqlite3.Error) as e:
+            if out_of_space(e):
+                raise InsufficientStorage(
+                    f"No space left on the storage holding the database ({self.path.parent})") from None
+            raise
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(session, *args) in one transaction on the database thread."""

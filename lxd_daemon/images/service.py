@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, select
 
+from lxd_daemon import names
 from lxd_daemon.api.envelope import etag_of
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
 from lxd_daemon.images import formats, tarscan
@@ -29,7 +30,7 @@ from lxd_daemon.images.models import Image, ImageAlias
 from lxd_daemon.images.multipart import MultipartParser, boundary_of
 from lxd_daemon.images.pipeline import UploadScan
 from lxd_daemon.images.store import AsyncSink, HashingWriter, ImageStore
-from lxd_daemon.util.timefmt import ZERO_TIME, parse_rfc3339, rfc3339
+from lxd_daemon.util.timefmt import EPOCH_TIME, ZERO_TIME, parse_rfc3339, rfc3339
 
 log = logging.getLogger("lxd.images")
 
@@ -37,7 +38,11 @@ SMALL_UPLOAD = 8 << 20  # uploads up to this size are gathered in memory before 
 
 
 def ts(value: float | None) -> str:
-    return ZERO_TIME if not value else rfc3339(value)
+    """None (never set) is Go's zero time; 0 is the Unix epoch, as LXD stores a missing
+    creation_date/expiry_date of an imported image (time.Unix(0, 0))."""
+    if value is None:
+        return ZERO_TIME
+    return EPOCH_TIME if value == 0 else rfc3339(value)
 
 
 def parse_time(value: str | None) -> float | None:
@@ -50,12 +55,11 @@ def parse_time(value: str | None) -> float | None:
 
 
 def check_alias_name(name: str) -> None:
-    if not name:
-        raise BadRequest("Alias name is required")
-    if len(name) > 255 or any(ord(c) < 32 or c == "\x7f" for c in name) or ":" in name:
-        raise BadRequest(f"Invalid alias name {name!r}")
-    if any(part in ("", ".", "..") for part in name.split("/")):
-        raise BadRequest(f"Invalid alias name {name!r}: empty, '.' or '..' path component")
+    """Alias names may contain `/` (`a/b/` included), as in LXD: see lxd_daemon.names.alias."""
+    try:
+        names.alias(name)
+    except names.InvalidName as e:
+        raise BadRequest(e.message) from None
 
 
 def render(row: Image, aliases: list[ImageAlias]) -> dict:
@@ -480,8 +484,8 @@ class ImageService:
             compression=upload.compression,
             properties=json.dumps(props), profiles=json.dumps(profiles if profiles is not None else ["default"]),
             public=public, auto_update=auto_update, cached=cached,
-            created_at=float(meta.get("creation_date") or 0) or None,
-            expires_at=expires_at if expires_at is not None else (float(meta.get("expiry_date") or 0) or None),
+            created_at=float(meta.get("creation_date") or 0),
+            expires_at=expires_at if expires_at is not None else float(meta.get("expiry_date") or 0),
             uploaded_at=now, last_used_at=None,
             source_server=None, source_protocol=None, source_certificate=None, source_alias=None,
             source_image_type=None,

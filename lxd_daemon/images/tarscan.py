@@ -1,7 +1,7 @@
 """The safety scan of image tarballs, fed piece by piece as an upload arrives or read from a file.
 
 Safety rules (checked on import, before anything is stored):
-- every member name is relative and has no `..` component once normalised;
+- no member name has a `..` component once normalised (a leading `/` is stripped, as LXD does);
 - no member lies under a member that is a symlink (nothing can be written through a link);
 - a symlink's relative target, resolved from its directory, stays inside the tree it belongs to
   (`rootfs/` for the root filesystem; absolute targets are read inside the container and allowed);
@@ -383,8 +383,10 @@ def _norm(name: str) -> str:
     """Normalise a member name ("./rootfs//bin/" -> "rootfs/bin"); refuse escapes."""
     if "\x00" in name:
         raise BadRequest(f"Invalid image: member name {name!r} contains NUL")
-    if name.startswith("/"):
-        raise BadRequest(f"Invalid image: member {name!r} has an absolute path")
+    if name[:1] == "/":
+        # As LXD (and GNU tar, which unpacks the image): "/rootfs/etc/inittab" is
+        # "rootfs/etc/inittab". Hard link targets go through here too and are stripped alike.
+        name = name.lstrip("/")
     if name[:1] != "." and "//" not in name and "/." not in name:
         return name[:-1] if name.endswith("/") else name  # already normal (most names)
     parts = [p for p in name.split("/") if p not in ("", ".")]

@@ -22,7 +22,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from lxd_daemon.errors import BadRequest, Conflict, Forbidden, NotFound
+from lxd_daemon.errors import BadRequest, Conflict, Forbidden, NotFound, insufficient_storage
 
 SYS_openat2 = 437
 RESOLVE_NO_MAGICLINKS = 0x02
@@ -86,6 +86,8 @@ def _fail(e: OSError, path: str):
         raise BadRequest(f"Directory {path!r} isn't empty") from None
     if code == errno.EISDIR:
         raise BadRequest(f"Path {path!r} is a directory") from None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        raise insufficient_storage(e, f"the instance's files (writing {path!r})", "") from None
     raise BadRequest(f"{e.strerror}: {path!r}") from None
 
 
@@ -203,6 +205,9 @@ def _readlink(pfd: int) -> bytes:
     return buf.raw[:n]
 
 
+ID_MAX = 2**32 - 2  # the largest uid/gid: (uid_t)-1 means "unchanged" to chown()
+
+
 @dataclass
 class WriteSpec:
     type: str = "file"  # file | directory | symlink
@@ -228,6 +233,9 @@ def parse_headers(headers) -> WriteSpec:
 
     spec.uid = num("X-LXD-uid")
     spec.gid = num("X-LXD-gid")
+    for name, value in (("X-LXD-uid", spec.uid), ("X-LXD-gid", spec.gid)):
+        if not -1 <= value <= ID_MAX:  # -1: not given; (uid_t)-1 itself is no id
+            raise BadRequest(f"Invalid {name} header {value}: ids are 0 to {ID_MAX}")
     raw_mode = (headers.get("X-LXD-mode") or "").strip()
     if raw_mode:
         try:
@@ -254,7 +262,7 @@ def _owner(root: Root, spec: WriteSpec) -> tuple[int, int]:
     return root.to_host(uid, gid)
 
 
-def open_for_write(root: Root, path: str | None, spec: WriteSpec) -> tuple[int, bool]:
+def open_for_write(root: Root, path: str | None, spec: WriteSpec, *, links: int = 0) -> tuple[int, bool]:
     """Open (creating it if missing) the regular file at path for writing. Returns (fd, created).
 
     Mode and owner are applied only when the file is created, as LXD 5.0.2 does; an existing
@@ -281,7 +289,7 @@ def open_for_write(root: Root, path: str | None, spec: WriteSpec) -> tuple[int, 
                     try:
                         pfd = root.open_path(rel, follow=True)
                     except NotFound:
-                        return _create_via_link(root, rel, spec)
+                        return _create_via_link(root, rel, spec, links + 1)
                     st = os.fstat(pfd)
                 if stat.S_ISDIR(st.st_mode):
                     raise BadRequest(f"Path {'/' + rel!r} is a directory")
@@ -319,15 +327,21 @@ def _create(root: Root, dfd: int, name: str, rel: str, spec: WriteSpec) -> int:
     try:
         os.fchown(fd, uid, gid)
         os.fchmod(fd, mode)  # after chown, which clears setuid bits
-    except OSError:
+    except BaseException:
         os.close(fd)
         os.unlink(name, dir_fd=dfd)
         raise
     return fd
 
 
-def _create_via_link(root: Root, rel: str, spec: WriteSpec) -> tuple[int, bool]:
-    """The last component is a dangling symlink: create its target, resolved inside the root."""
+MAX_LINKS = 40  # as the kernel's limit on symlinks followed in one lookup
+
+
+def _create_via_link(root: Root, rel: str, spec: WriteSpec, links: int) -> tuple[int, bool]:
+    """The last component is a dangling symlink: create its target, resolved inside the root.
+    Links whose targets lead back to a dangling link (`l -> missing/../l`) end after MAX_LINKS."""
+    if links > MAX_LINKS:
+        raise BadRequest(f"Too many levels of symbolic links in {'/' + rel!r}")
     pfd = root.open_path(rel)
     try:
         target = os.fsdecode(_readlink(pfd))
@@ -336,7 +350,7 @@ def _create_via_link(root: Root, rel: str, spec: WriteSpec) -> tuple[int, bool]:
     parent = rel.rpartition("/")[0]
     joined = target if target.startswith("/") else f"{parent}/{target}"
     # normpath on an absolute path: `..` can't climb above "/" (the container root).
-    return open_for_write(root, os.path.normpath("/" + joined), spec)
+    return open_for_write(root, os.path.normpath("/" + joined), spec, links=links)
 
 
 def mkdir(root: Root, path: str | None, spec: WriteSpec) -> bool:

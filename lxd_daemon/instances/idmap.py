@@ -151,6 +151,77 @@ def isolated_set(used: list[IdmapSet], size: int = ISOLATED_SIZE, *, base: int |
     return IdmapSet((IdmapEntry(True, True, start, 0, size),))
 
 
+def host_blocks(m: IdmapSet, lo: int, hi: int) -> list[tuple[int, int]]:
+    """The host ranges [start, end) of `m` inside the subordinate range [lo, hi) (raw.idmap
+    entries for host ids outside it are not blocks of the range)."""
+    out = set()
+    for e in m.entries:
+        a, b = max(e.hostid, lo), min(e.hostid + e.maprange, hi)
+        if a < b:
+            out.add((a, b))
+    return sorted(out)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What another container holds of the subordinate range: its map for the next start
+    (`volatile.idmap.next`), the map it runs with now (`volatile.idmap.current`, empty when
+    stopped), whether its expanded config asks for an isolated map, and the shared map it would
+    have without isolation (so a running shared map is told apart from a block)."""
+
+    isolated: bool
+    next: IdmapSet
+    current: IdmapSet
+    shared: IdmapSet
+
+
+def ranges_in_use(claims: list[Claim], lo: int, hi: int) -> list[tuple[int, int]]:
+    """Host ranges that isolated blocks must avoid, LXD's rule: every isolated container keeps
+    its block (running or not); containers on the shared map consume nothing of it. A container
+    still running with a block it no longer wants (config changed since its start) keeps that
+    block until it stops."""
+    used: set[tuple[int, int]] = set()
+    for c in claims:
+        if c.isolated:
+            used.update(host_blocks(c.next, lo, hi))
+            used.update(host_blocks(c.current, lo, hi))
+        elif not c.current.empty and c.current != c.shared:
+            used.update(host_blocks(c.current, lo, hi))
+    return sorted(used)
+
+
+def allocate_isolated(in_use: list[tuple[int, int]], size: int = ISOLATED_SIZE, *, base: int | None = None,
+                      previous: IdmapSet | None = None, subuid: Path = Path("/etc/subuid"),
+                      subgid: Path = Path("/etc/subgid")) -> IdmapSet:
+    """The isolated block (uid and gid) for a container: its previous block when that is still
+    the right size (and base) and free, else the first free block of `size` ids after the first
+    65536 of root's range (left to the shared map), as LXD allocates them."""
+    (ub, us), (gb, gs) = host_ranges(subuid, subgid)
+    lo, hi = max(ub, gb), min(ub + us, gb + gs)
+    if size <= 0:
+        raise ValueError(f"Invalid security.idmap.size {size}")
+    if base is not None:
+        if base < lo or base + size > hi:
+            raise ValueError(f"security.idmap.base {base} with size {size} is outside the allotted range")
+        return IdmapSet((IdmapEntry(True, True, base, 0, size),))
+    if previous is not None and previous.entries:
+        first = next((e for e in previous.entries if e.nsid == 0 and e.isuid), None)
+        if first is not None and first.maprange == size and lo + ISOLATED_SIZE <= first.hostid \
+                and first.hostid + size <= hi and all(b <= first.hostid or a >= first.hostid + size
+                                                      for a, b in in_use):
+            return IdmapSet((IdmapEntry(True, True, first.hostid, 0, size),))
+    start = lo + ISOLATED_SIZE
+    for a, b in sorted(in_use):
+        if start + size <= a:
+            break
+        if b > start:
+            start = b
+    if start + size > hi:
+        raise ValueError(f"Not enough subordinate ids left for an isolated container of {size} ids "
+                         f"(root's range is {lo}-{hi - 1}; {len(in_use)} blocks in use)")
+    return IdmapSet((IdmapEntry(True, True, start, 0, size),))
+
+
 def parse_raw_idmap(text: str) -> list[IdmapEntry]:
     """`raw.idmap`: lines "uid|gid|both HOST[-HOST] NS[-NS]" that map host ids into the container."""
     out: list[IdmapEntry] = []

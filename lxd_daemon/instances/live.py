@@ -56,7 +56,7 @@ async def update_cgroups(pool, name: str, old_config: dict, new_config: dict, *,
     todo = cgroup_changes(old_config, new_config, name=name)
     if not todo:
         return
-    failed = await pool.call("set_cgroup_files", init_pid, todo, lane=name)
+    failed = await pool.call("set_cgroup_files", init_pid, todo, name, lane=name)
     if failed:
         key, value, err = failed[0]
         raise BadRequest(f"Failed to set cgroup {key}={value} on the running instance: {err}")
@@ -132,7 +132,7 @@ async def plug_device(pool, name: str, dname: str, dev: dict, *, init_pid: int, 
         if privileged and layout.version("devices"):
             failed = await pool.call("set_cgroup_files", init_pid,
                                      [[layout.version("devices"), "devices.allow", lxcconf.device_rule(info)]],
-                                     lane=name)
+                                     name, lane=name)
             if failed:
                 raise BadRequest(f"Failed to allow device {dname!r} in the instance's cgroup: {failed[0][2]}")
         options = {"kind": "file", "root_uid": root_uid, "root_gid": root_gid}
@@ -148,7 +148,8 @@ async def unplug_device(pool, name: str, dname: str, dev: dict, *, init_pid: int
     if kind == "disk":
         if devs.is_root_disk(dev):
             return
-        await _worker(pool, name, "hotplug_unmount", init_pid, target, False, what=dname)
+        # The mount point goes too (LXD removes it; a directory only when it is empty).
+        await _worker(pool, name, "hotplug_unmount", init_pid, target, True, root_uid, root_gid, what=dname)
     elif kind in ("unix-char", "unix-block"):
         await _worker(pool, name, "hotplug_unmount", init_pid, target, True, root_uid, root_gid, what=dname)
         ddir = await asyncio.to_thread(_devices_dir, name, devices_dir, init_pid)
@@ -162,7 +163,7 @@ async def unplug_device(pool, name: str, dname: str, dev: dict, *, init_pid: int
             if info is not None and lxcconf.device_rule(info) not in keep_rules:
                 await pool.call("set_cgroup_files", init_pid,
                                 [[layout.version("devices"), "devices.deny", lxcconf.device_rule(info)]],
-                                lane=name)
+                                name, lane=name)
         await asyncio.to_thread(_unlink, node)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import stat
 import zlib
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ RAW_FORBIDDEN: dict[str, str] = {
     "lxc.console.path": "the console is managed by the daemon",
     "lxc.log.": "the log file is managed by the daemon",
     "lxc.logfile": "the log file is managed by the daemon",
+    "lxc.syslog": "the log file is managed by the daemon",
     "lxc.loglevel": "the log file is managed by the daemon",
     "lxc.init.": "the init command is managed by the daemon",
     "lxc.init_cmd": "the init command is managed by the daemon",
@@ -324,7 +326,40 @@ def raw_lxc_problem(text: str) -> str | None:
         for forbidden, reason in RAW_FORBIDDEN.items():
             if k == forbidden or (forbidden.endswith(".") and k.startswith(forbidden)):
                 return f"Invalid raw.lxc: {key} can't be set ({reason})"
+        if k.startswith("lxc.net.") and not _RAW_NET_KEY.fullmatch(k):
+            # as LXD: NICs are devices; only addresses of an interface may be added by hand
+            return f"Invalid raw.lxc: {key} can't be set (only interface-specific ipv4/ipv6 lxc.net. keys are allowed)"
     return None
+
+
+_RAW_NET_KEY = re.compile(r"lxc\.net\.[^.]+\.ipv[46]\.(address|gateway)")
+
+# liblxc's verdict on raw.lxc lines, per (key, value): liblxc parses a value when it is set, so
+# an unknown key (lxc.notaconfigkey), a removed legacy key (lxc.aa_profile) and a value it can't
+# parse are all refused when raw.lxc is set, not at the next start ("Failed to load rcfile").
+# The answers only depend on the liblxc the workers load, so they are kept for the process.
+_LIBLXC_VERDICTS: dict[tuple[str, str], bool] = {}
+_LIBLXC_VERDICTS_MAX = 4096
+
+
+async def check_raw_lxc(pool, text: str | None) -> None:
+    """Raise BadRequest unless raw.lxc is well formed, sets nothing the daemon manages, and
+    every line is accepted by liblxc (asked through a worker: the daemon never loads liblxc)."""
+    if not text:
+        return
+    validate_raw_lxc(text)
+    items = parse_raw_lxc(text)
+    todo = list(dict.fromkeys(it for it in items if it not in _LIBLXC_VERDICTS))
+    if todo and pool is not None:
+        answers = await pool.call("lxc_config_items_ok", [list(it) for it in todo])
+        if len(_LIBLXC_VERDICTS) + len(todo) > _LIBLXC_VERDICTS_MAX:
+            _LIBLXC_VERDICTS.clear()
+        for it, ok in zip(todo, answers, strict=True):
+            _LIBLXC_VERDICTS[it] = bool(ok)
+    for key, value in items:
+        if _LIBLXC_VERDICTS.get((key, value)) is False:
+            raise BadRequest(f"Invalid raw.lxc: liblxc refuses {key} = {value!r} (an unknown or "
+                             f"removed configuration key, or a value it can't parse)")
 
 
 def validate_raw_lxc(text: str) -> None:
@@ -463,11 +498,12 @@ def render(spec: LxcSpec, layout: CgroupLayout | None = None) -> Items:
         for line in spec.idmap.lxc_lines():
             add(("lxc.idmap", line))
 
-    seccomp = seccomp_path(spec)
-    if spec.prepare_host:
-        policy = SECCOMP_POLICY + (SECCOMP_PRIVILEGED_EXTRA if spec.privileged else "")
-        _write_once(seccomp, policy)
-    add(("lxc.seccomp.profile", str(seccomp)))
+    policy = seccomp_policy(conf, spec.privileged)
+    if policy is not None:
+        seccomp = seccomp_path(spec)
+        if spec.prepare_host:
+            _write_once(seccomp, policy)
+        add(("lxc.seccomp.profile", str(seccomp)))
 
     # pass-through host paths, as LXD does
     for host in PASSTHROUGH:
@@ -578,19 +614,83 @@ def unix_device_items(spec: LxcSpec, name: str, dev: dict[str, str], layout: Cgr
     return out
 
 
+def seccomp_policy(conf: dict[str, str], privileged: bool) -> str | None:
+    """The liblxc (version 2) seccomp policy of a container, or None when it needs none.
+
+    As LXD: security.syscalls.allow (or .whitelist) makes an allow list; otherwise a deny list
+    holding the default entries (unless security.syscalls.deny_default=false), the compat-ABI
+    entries (security.syscalls.deny_compat) and security.syscalls.deny (or .blacklist)."""
+    allow = conf.get("security.syscalls.allow") or conf.get("security.syscalls.whitelist") or ""
+    if allow:
+        return "2\nallowlist\n[all]\n" + _lines(allow)
+    deny_default = _first_bool(conf, "security.syscalls.deny_default", "security.syscalls.blacklist_default", True)
+    compat = _first_bool(conf, "security.syscalls.deny_compat", "security.syscalls.blacklist_compat", False)
+    deny = conf.get("security.syscalls.deny") or conf.get("security.syscalls.blacklist") or ""
+    if not (deny_default or compat or deny):
+        return None
+    if deny_default:
+        policy = SECCOMP_POLICY + (SECCOMP_PRIVILEGED_EXTRA if privileged else "")
+    else:
+        policy = "2\ndenylist\n[all]\n"
+    if compat:
+        arch = os.uname().machine
+        if arch not in COMPAT_ARCHES:
+            raise BadRequest(f"security.syscalls.deny_compat isn't supported on this architecture ({arch})")
+        policy += f"[{arch}]\n" + "".join(f"{name} errno 38\n" for name in COMPAT_DENY)
+    if deny:
+        policy += _lines(deny)
+    return policy
+
+
+COMPAT_ARCHES = ("x86_64", "aarch64", "ppc64")
+# The compat-ABI entry points that have been exploitable from 32-bit processes on 64-bit hosts.
+COMPAT_DENY = (
+    "compat_sys_rt_sigaction", "stub_x32_rt_sigreturn", "compat_sys_ioctl", "compat_sys_readv",
+    "compat_sys_writev", "compat_sys_recvfrom", "compat_sys_sendmsg", "compat_sys_recvmsg",
+    "stub_x32_execve", "compat_sys_ptrace", "compat_sys_rt_sigpending", "compat_sys_rt_sigtimedwait",
+    "compat_sys_rt_sigqueueinfo", "compat_sys_sigaltstack", "compat_sys_timer_create",
+    "compat_sys_mq_notify", "compat_sys_kexec_load", "compat_sys_waitid", "compat_sys_set_robust_list",
+    "compat_sys_get_robust_list", "compat_sys_vmsplice", "compat_sys_move_pages", "compat_sys_preadv64",
+    "compat_sys_pwritev64", "compat_sys_rt_tgsigqueueinfo", "compat_sys_recvmmsg", "compat_sys_sendmmsg",
+    "compat_sys_process_vm_readv", "compat_sys_process_vm_writev", "compat_sys_setsockopt",
+    "compat_sys_getsockopt", "compat_sys_io_setup", "compat_sys_io_submit", "stub_x32_execveat",
+)
+
+
+def _first_bool(conf: dict[str, str], key: str, old_key: str, default: bool) -> bool:
+    val = conf.get(key) or conf.get(old_key) or ""
+    return v.parse_bool(val) if val else default
+
+
+def _lines(text: str) -> str:
+    return "".join(line.strip() + "\n" for line in text.splitlines() if line.strip())
+
+
+def seccomp_dir(lxcpath: Path | str) -> Path:
+    return Path(lxcpath).parent / "security" / "seccomp"
+
+
 def seccomp_path(spec: LxcSpec) -> Path:
-    """One policy file per kind, shared by all containers: $LXD_DIR/security/seccomp/<kind>."""
-    kind = "privileged" if spec.privileged else "default"
-    return Path(spec.lxcpath).parent / "security" / "seccomp" / kind
+    """Each container's policy file, as LXD: $LXD_DIR/security/seccomp/<name>."""
+    return seccomp_dir(spec.lxcpath) / spec.name
 
 
-_WRITTEN: set[tuple[str, str]] = set()
+def remove_seccomp_policy(lxcpath: Path | str, name: str) -> None:
+    """Remove a container's policy file (on delete and rename; absent when it never started)."""
+    path = seccomp_dir(lxcpath) / name
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    _WRITTEN.pop(str(path), None)
+
+
+_WRITTEN: dict[str, str] = {}  # path -> the text this process last wrote or found there
 
 
 def _write_once(path: Path, text: str) -> None:
-    """Write a file if its content differs (checked once per process per path and content)."""
-    key = (str(path), text)
-    if key in _WRITTEN:
+    """Write a file if its content differs (read once per process per path and content)."""
+    if _WRITTEN.get(str(path)) == text and path.exists():
         return
     try:
         same = path.read_text() == text
@@ -601,7 +701,7 @@ def _write_once(path: Path, text: str) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
-    _WRITTEN.add(key)
+    _WRITTEN[str(path)] = text
 
 
 def to_text(items: Items) -> str:

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import platform
-import re
 import signal
 import stat
 import time
@@ -28,17 +27,17 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound
+from lxd_daemon import names
+from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound, NotImplementedYet
 from lxd_daemon.instances import idmap as idmaps
 from lxd_daemon.instances import state as rstate
 from lxd_daemon.instances import validation
 from lxd_daemon.instances.idmap import IdmapEntry, IdmapSet
 from lxd_daemon.instances.models import FrozenRootfs, Instance, Record, Runtime
-from lxd_daemon.util.timefmt import ZERO_TIME, rfc3339
+from lxd_daemon.util.timefmt import EPOCH_TIME, rfc3339
 
 log = logging.getLogger("lxd.instances")
 
-NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9-]{0,62}$")
 STATUS_CODES = {"Running": 103, "Stopped": 102, "Frozen": 110, "Error": 112}
 # volatile keys the daemon manages: a PUT that leaves them out keeps them.
 MANAGED_VOLATILE = ("volatile.idmap.base", "volatile.idmap.current", "volatile.idmap.next",
@@ -54,9 +53,10 @@ _NOUNS = ("badger", "beetle", "bison", "crane", "dingo", "eagle", "ferret", "gec
 
 
 def validate_name(name: str) -> None:
-    if not isinstance(name, str) or not NAME_RE.match(name) or name.endswith("-"):
-        raise BadRequest(f"Invalid instance name {name!r}: names are 1-63 letters, digits and "
-                         "hyphens, starting with a letter and not ending with a hyphen")
+    try:
+        names.instance(name)
+    except names.InvalidName as e:
+        raise BadRequest(e.message) from None
 
 
 def host_architecture() -> str:
@@ -105,6 +105,9 @@ class InstanceService:
         self.runtime: dict[str, Runtime] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._reserved: set[str] = set()
+        self._unreachable: set[str] = set()  # running, but out of reach of liblxc's command socket
+        # Maps chosen by a create whose record doesn't exist yet: name -> (map, isolated).
+        self._idmap_claims: dict[str, tuple[IdmapSet, bool]] = {}
         self._cache_locks: dict[str, asyncio.Lock] = {}
         self._bg: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -147,11 +150,17 @@ class InstanceService:
         return self.lxd_dir / "devices" / name
 
     def volume_dir(self, name: str, expanded_devices: dict | None = None) -> Path:
-        pool = self._root_pool(expanded_devices if expanded_devices is not None else self.expanded(name)[1])
+        pool = self._root_pool(expanded_devices if expanded_devices is not None else self.expanded(name)[1], name)
         return pool.driver.container_path(name)
 
-    def _root_pool(self, expanded_devices: dict):
+    def _root_pool(self, expanded_devices: dict, name: str | None = None):
+        """The pool of the root disk. Given the instance's `name`, one without a root disk (LXD
+        lets profiles without devices take it away from a container) finds its volume's pool."""
         root = validation.root_disk(expanded_devices)
+        if root is None and name is not None and self.services.storage is not None:
+            for pool in self.services.storage.pools.values():
+                if pool.driver.container_path(name).is_dir():
+                    return pool
         if root is None:
             raise BadRequest("Failed getting root disk: No root device could be found")
         storage = self.services.storage
@@ -161,34 +170,57 @@ class InstanceService:
         return storage.pools[pool_name]
 
     def _desired_idmap(self, name: str, expanded_config: dict, current_next: str | None = None) -> IdmapSet:
+        """The id map `name` gets from its expanded config. An isolated block is chosen and
+        claimed (in self._idmap_claims, until the caller records it in volatile.idmap.next) in
+        one synchronous step on the event loop, so parallel starts and creates can't pick the
+        same block: no await between reading what is in use and claiming."""
         if is_true(expanded_config.get("security.privileged")):
-            return IdmapSet(())
-        if is_true(expanded_config.get("security.idmap.isolated")):
-            size = int(expanded_config.get("security.idmap.size") or idmaps.ISOLATED_SIZE)
-            base_s = expanded_config.get("security.idmap.base")
-            base = int(base_s) if base_s else None
-            prev = IdmapSet.from_json(current_next) if current_next else None
-            used = []
-            for other, r in self.records.items():
-                if other == name:
-                    continue
-                if is_true(r.config.get("security.idmap.isolated")) or other in self.runtime:
-                    nxt = r.config.get("volatile.idmap.next")
-                    if nxt:
-                        used.append(IdmapSet.from_json(nxt))
-            if prev and len(prev.entries) >= 1 and prev.entries[0].maprange == size and (
-                    base is None or prev.entries[0].hostid == base):
-                clash = any(_overlaps(prev, u) for u in used)
-                if not clash:
-                    m = prev
-                    return self._with_raw(m, expanded_config)
+            m = IdmapSet(())
+        elif is_true(expanded_config.get("security.idmap.isolated")):
             try:
-                m = idmaps.isolated_set(used, size, base=base)
+                size = int(expanded_config.get("security.idmap.size") or idmaps.ISOLATED_SIZE)
+                base_s = expanded_config.get("security.idmap.base")
+                base = int(base_s) if base_s else None
+                (ub, us), (gb, gs) = idmaps.host_ranges()
+                lo, hi = max(ub, gb), min(ub + us, gb + gs)
+                in_use = idmaps.ranges_in_use(self._idmap_claims_of_others(name), lo, hi)
+                prev = IdmapSet.from_json(current_next) if current_next else None
+                m = idmaps.allocate_isolated(in_use, size, base=base, previous=prev)
             except ValueError as e:
                 raise BadRequest(str(e)) from None
         else:
             m = idmaps.default_set()
-        return self._with_raw(m, expanded_config)
+        m = self._with_raw(m, expanded_config)
+        self._idmap_claims[name] = (m, is_true(expanded_config.get("security.idmap.isolated")))
+        return m
+
+    def _idmap_claims_of_others(self, name: str) -> list[idmaps.Claim]:
+        """What every other container holds of root's subordinate range, from its EXPANDED config
+        (isolation set through a profile counts) and its recorded maps; plus the in-flight claims
+        of creates and starts not recorded yet."""
+        claims = []
+        shared_base = idmaps.default_set()
+        for other, r in list(self.records.items()):
+            if other == name:
+                continue
+            try:
+                ec = self.expanded(other)[0]
+            except LXDError:
+                ec = r.config
+            privileged = is_true(ec.get("security.privileged"))
+            isolated = not privileged and is_true(ec.get("security.idmap.isolated"))
+            nxt = IdmapSet.from_json(r.config.get("volatile.idmap.next"))
+            cur = IdmapSet.from_json(r.config.get("volatile.idmap.current")) if other in self.runtime \
+                else IdmapSet(())
+            try:
+                shared = self._with_raw(shared_base, ec)
+            except LXDError:
+                shared = shared_base
+            claims.append(idmaps.Claim(isolated, nxt, cur, shared))
+        for other, (m, isolated) in list(self._idmap_claims.items()):
+            if other != name and other not in self.records:  # a create in progress
+                claims.append(idmaps.Claim(isolated, m, IdmapSet(()), IdmapSet(())))
+        return claims
 
     @staticmethod
     def _with_raw(m: IdmapSet, expanded_config: dict) -> IdmapSet:
@@ -224,7 +256,7 @@ class InstanceService:
         # kill(pid, 0)-style check keeps answers exact (start time guards against pid reuse).
         if not rstate.alive(rt.pid, rt.start_time):
             return "Stopped", -1
-        fz = rstate.freezer_state(rt.cgroups or rstate.cgroup_paths(rt.pid))
+        fz = rstate.freezer_state(rt.cgroups)
         return ("Frozen" if fz == "FROZEN" else "Running"), rt.pid
 
     async def runtime_state(self, name: str) -> tuple[str, int]:
@@ -234,25 +266,25 @@ class InstanceService:
     @contextlib.asynccontextmanager
     async def frozen_rootfs(self, name: str) -> AsyncIterator[FrozenRootfs]:
         if "/" in name:
-            raise BadRequest("Snapshots are not supported yet")
+            raise NotImplementedYet("Instance snapshots are not implemented yet")
         async with self.lock(name):
             inst = await self.get(name)
             status, pid = self.status_of(name)
             froze = False
             if status == "Running":
-                cg = rstate.cgroup_paths(pid)
+                cg = self._cgroups(name)
                 try:
-                    await self._freeze_cg(cg, True)
+                    await self._freeze_cg(name, cg, True)
                     froze = True
-                except OSError:
+                except (OSError, LXDError):
                     raise BadRequest("The instance must be stopped") from None
             uid, gid = inst.disk_idmap.root_ids()
             try:
                 yield FrozenRootfs(inst.rootfs, inst.instance_dir, uid, gid)
             finally:
                 if froze:
-                    with contextlib.suppress(OSError):
-                        await self._freeze_cg(rstate.cgroup_paths(pid), False)
+                    with contextlib.suppress(OSError, LXDError):
+                        await self._freeze_cg(name, cg, False)
 
     # ------------------------------------------------------------------ start-up
     async def load(self) -> None:
@@ -287,6 +319,29 @@ class InstanceService:
         await self._sweep(pending)
         await asyncio.to_thread(self._restore_links)
         await self._find_running()
+        await asyncio.to_thread(self._secure_existing)
+
+    def _secure_existing(self) -> None:
+        """At start-up, fix the modes trees made by older versions have: each pool's own
+        directories and image caches, and each instance volume (0100, owned by the running
+        container's root, else by root)."""
+        storage = self.services.storage
+        for pool in (storage.pools.values() if storage is not None else []):
+            try:
+                pool.driver.secure_layout()
+            except OSError as e:
+                log.warning("couldn't fix the storage pool's modes", extra={"pool": pool.name, "err": str(e)})
+        for name, rec in list(self.records.items()):
+            uid = 0
+            if name in self.runtime:
+                uid = IdmapSet.from_json(rec.config.get("volatile.idmap.current")
+                                         or rec.config.get("volatile.idmap.next")).root_ids()[0]
+            try:
+                vol = self.volume_dir(name)
+                if vol.is_dir() and not vol.is_symlink():
+                    self._root_pool(self.expanded(name)[1], name).driver.secure_instance_volume(vol, uid)
+            except (LXDError, OSError) as e:
+                log.warning("couldn't fix the instance volume's mode", extra={"instance": name, "err": str(e)})
 
     def _restore_links(self) -> None:
         for name in self.records:
@@ -371,6 +426,37 @@ class InstanceService:
             if st in ("RUNNING", "FROZEN", "FREEZING", "THAWED") and pid > 0:
                 self._track(name, pid)
                 log.info("found running container", extra={"instance": name, "pid": pid})
+        for name in sorted(self.records):
+            if name not in self.runtime:
+                await self._adopt_unreachable(name)
+
+    async def _adopt_unreachable(self, name: str) -> bool:
+        """liblxc answered "stopped", but that answer comes through its command socket, an
+        abstract unix socket reachable only from the network namespace the container was started
+        from. Decide from facts that don't depend on it: the container's cgroup still holds
+        processes and its monitor's child (init) is inside it. Such a container is tracked by its
+        init pid (stop, freeze, state and exec work through pidfd, cgroups and /proc), and never
+        started a second time or deleted under itself."""
+        pid = await asyncio.to_thread(rstate.find_running_init, str(self.lxcpath), name)
+        if pid is None or name in self.runtime:
+            return name in self.runtime
+        try:
+            self._track(name, pid)
+        except OSError:
+            return False
+        self._unreachable.add(name)
+        log.warning(f"Instance {name} is running (its cgroup still has processes, init pid {pid}) but liblxc's "
+                    "command socket can't be reached from this daemon's network namespace; it is managed "
+                    "through its init process, and start/delete are refused while it runs",
+                    extra={"instance": name, "pid": pid})
+        return True
+
+    async def _refuse_if_alive(self, name: str, action: str) -> None:
+        """Before booting or deleting a container the daemon believes stopped: refuse when its
+        cgroup still holds processes (a copy liblxc can't see from this network namespace)."""
+        if await self._adopt_unreachable(name):
+            raise BadRequest(f"Can't {action} instance {name!r}: it is running (its cgroup still has processes) "
+                             "although liblxc can't reach it from this daemon's network namespace")
 
     # ------------------------------------------------------------------ runtime tracking
     def _track(self, name: str, pid: int) -> Runtime:
@@ -378,8 +464,10 @@ class InstanceService:
         if old is not None:
             self._unwatch(old)
         pidfd = os.pidfd_open(pid)
+        # The container's own cgroup, resolved once while init is known to be alive: later
+        # reads of /proc/PID/cgroup could show the root cgroup of an exiting init.
         rt = Runtime(pid=pid, start_time=rstate.proc_start_time(pid), pidfd=pidfd,
-                     cgroups=rstate.cgroup_paths(pid))
+                     cgroups=rstate.container_cgroups(name, pid))
         self.runtime[name] = rt
         self.loop.add_reader(pidfd, self._on_exit, name, rt)
         return rt
@@ -425,9 +513,21 @@ class InstanceService:
                     self._track(name, pid)
                     self.services.events.lifecycle("instance-restarted", f"/1.0/instances/{name}")
                     return
-                if st == "STOPPED":
+                if st == "STOPPED" and name in self._unreachable:
+                    # liblxc can't see it from here: ask the monitor process instead (it
+                    # restarts init on a reboot, and exits once the container is down).
+                    pid = await asyncio.to_thread(rstate.find_running_init, str(self.lxcpath), name)
+                    if pid is not None:
+                        self._track(name, pid)
+                        self.services.events.lifecycle("instance-restarted", f"/1.0/instances/{name}")
+                        return
+                    if not await asyncio.to_thread(rstate.monitor_running, str(self.lxcpath), name):
+                        break
+                elif st == "STOPPED":
                     break
                 await asyncio.sleep(0.05)
+            self._unreachable.discard(name)
+            await self._close_volume(name)
             await self._set_volatile(name, {"volatile.last_state.power": "STOPPED"})
             self.services.events.lifecycle("instance-shutdown", f"/1.0/instances/{name}")
             rec = self.records.get(name)
@@ -497,7 +597,7 @@ class InstanceService:
             "name": rec.name,
             "status": status,
             "status_code": STATUS_CODES[status],
-            "last_used_at": rec.last_used_at or ZERO_TIME,
+            "last_used_at": rec.last_used_at or EPOCH_TIME,  # LXD: never started = Unix time 0
             "location": "none",
             "type": rec.type,
             "project": "default",
@@ -582,7 +682,7 @@ class InstanceService:
         elif stype == "copy":
             src = source.get("source") or ""
             if "/" in src:
-                raise BadRequest("Copying from snapshots is not supported yet")
+                raise NotImplementedYet("Instance snapshots are not implemented yet (nothing to copy from)")
             src_rec = self.record(src)
             base = dict(src_rec.config)
             base = {k: v for k, v in base.items()
@@ -592,6 +692,8 @@ class InstanceService:
             if body.profiles is None:
                 profiles = list(src_rec.profiles)
             devices = {**{k: dict(v) for k, v in src_rec.devices.items()}, **devices}
+        elif stype == "migration":
+            raise NotImplementedYet("Instance migration is not implemented yet")
         elif stype != "none":
             raise BadRequest(f"Unknown source type {stype!r}")
         for p in profiles:
@@ -601,6 +703,9 @@ class InstanceService:
             raise BadRequest("Duplicate profile found in request")
         user_cfg = {k: v for k, v in config.items() if not k.startswith(("volatile.", "image."))}
         validation.validate_config(user_cfg)
+        from lxd_daemon.instances.lxcconf import check_raw_lxc
+
+        await check_raw_lxc(self.pool, user_cfg.get("raw.lxc"))
         storage = self.services.storage
         validation.validate_devices(devices, pools=set(storage.pools) if storage else set())
         pinputs = [self.services.profiles.profiles[p].as_expand_input() for p in profiles]
@@ -663,6 +768,8 @@ class InstanceService:
                 await pool.driver.delete_tree(vol)  # leftover of a crash, never a live instance
             revert.append(lambda: pool.driver.delete_tree(vol))
             disk_map = await self._make_volume(plan, vol, desired)
+            # Closed to every host user until a start opens it to the container's own root.
+            await asyncio.to_thread(pool.driver.secure_instance_volume, vol, 0)
             marks["volume_ms"] = _now() - t0
             config["volatile.last_state.idmap"] = disk_map.to_json()
 
@@ -694,8 +801,10 @@ class InstanceService:
                     await step()
                 except Exception:
                     log.exception("create: revert step failed", extra={"instance": name})
+            self._idmap_claims.pop(name, None)
             raise
         self.records[name] = rec
+        self._idmap_claims.pop(name, None)  # recorded in rec.config's volatile.idmap.next now
         marks["done_ms"] = _now() - t0
         log.debug("created", extra={"instance": name, **{k: round(v, 1) for k, v in marks.items()}})
         if plan["image"] is not None:
@@ -710,7 +819,7 @@ class InstanceService:
             uid, gid = desired.root_ids()
 
             def mk():
-                vol.mkdir(mode=0o711)
+                vol.mkdir(mode=0o700)  # closed (0100) by create() right after
                 (vol / "rootfs").mkdir(mode=0o755)
                 os.chown(vol / "rootfs", uid, gid)
 
@@ -748,9 +857,11 @@ class InstanceService:
             await asyncio.to_thread(lambda: (cache.parent.mkdir(parents=True, exist_ok=True),
                                              os.chmod(cache.parent, 0o700)))
             try:
-                await asyncio.to_thread(tmp.mkdir, 0o711)
+                await asyncio.to_thread(tmp.mkdir, 0o700)
                 await self.services.images.unpack(fp, tmp, uid_shift=uid, gid_shift=gid)
-                await asyncio.to_thread(os.chmod, tmp, 0o711)
+                # 0100 as an instance volume: copies and spares taken from it are closed from
+                # the moment they appear under containers/.
+                await asyncio.to_thread(os.chmod, tmp, pool.driver.INSTANCE_MODE)
                 await asyncio.to_thread(os.rename, tmp, cache)
             except BaseException:
                 await pool.driver.delete_tree(tmp)
@@ -821,13 +932,21 @@ class InstanceService:
                 if k not in config and k in rec.config:
                     config[k] = rec.config[k]
             validation.validate_config({k: v for k, v in config.items() if not k.startswith("image.")})
+            if config.get("raw.lxc") != rec.config.get("raw.lxc"):
+                from lxd_daemon.instances.lxcconf import check_raw_lxc
+
+                await check_raw_lxc(self.pool, config.get("raw.lxc"))
             storage = self.services.storage
             validation.validate_devices(devices, pools=set(storage.pools) if storage else set())
             pinputs = [self.services.profiles.profiles[p].as_expand_input() for p in profiles]
             new = validation.expand(pinputs, config, devices)
             old = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
-            old_pool = self._root_pool(old[1])
-            if self._root_pool(new[1]) is not old_pool:
+            # As LXD: the expanded devices need a root disk unless there are none at all (then
+            # the container keeps its volume but can't start until it gets one back).
+            if new[1] and validation.root_disk(new[1]) is None:
+                raise BadRequest("Invalid expanded devices: Failed detecting root disk device: "
+                                 "No root device could be found")
+            if new[1] and self._root_pool(new[1]) is not self._root_pool(old[1], name):
                 raise BadRequest("Changing the root disk's storage pool is not supported")
             self._check_expanded(new[0])
             status, pid = self.status_of(name)
@@ -849,6 +968,10 @@ class InstanceService:
         from lxd_daemon.instances import live
 
         inst = self._instance(self.records[name])
+        # Live limits are written to the cgroups of init's pid (runtime/hotplug.py): only while
+        # that pid is still inside the container's own cgroup (an exiting init is in the root one).
+        if not rstate.alive(pid, None) or not rstate.container_cgroups(name, pid):
+            raise BadRequest("The instance isn't running")
         await live.apply_live(self.pool, name, old, new, init_pid=pid, idmap=inst.idmap,
                               privileged=inst.idmap.empty, devices_dir=self.devices_dir(name))
 
@@ -860,7 +983,8 @@ class InstanceService:
             ec, ed = validation.expand(pinputs, rec.config, rec.devices)
             try:
                 self._check_expanded(ec)
-                self._root_pool(ed)
+                if ed:  # as in update(): no devices at all is allowed
+                    self._root_pool(ed)
             except LXDError as e:
                 raise BadRequest(f"Failed to update instance {n!r}: {e.message}") from None
 
@@ -885,13 +1009,14 @@ class InstanceService:
             status, _ = self.status_of(name)
             if status != "Stopped":
                 raise BadRequest("Instance is running")
+            await self._refuse_if_alive(name, "delete")
             await self._delete_locked(name, requestor)
 
     async def _delete_locked(self, name: str, requestor: dict | None) -> None:
         rec = self.record(name)
         try:
             vol = self.volume_dir(name)
-            drv = self._root_pool(self.expanded(name)[1]).driver
+            drv = self._root_pool(self.expanded(name)[1], name).driver
         except LXDError:
             vol, drv = None, None
 
@@ -912,6 +1037,9 @@ class InstanceService:
             except FileNotFoundError:
                 trash = None
         await asyncio.to_thread(_remove_paths, self.lxcpath / name, self.logs_root / name, self.devices_dir(name))
+        from lxd_daemon.instances.lxcconf import remove_seccomp_policy
+
+        await asyncio.to_thread(remove_seccomp_policy, self.lxcpath, name)  # its policy goes with it
         if trash is not None:
             self._spawn(drv.delete_tree(trash))
         self.services.events.lifecycle("instance-deleted", f"/1.0/instances/{name}", requestor=requestor)
@@ -956,6 +1084,9 @@ class InstanceService:
             del self.records[name]
             rec.name = new
             self.records[new] = rec
+            from lxd_daemon.instances.lxcconf import remove_seccomp_policy
+
+            await asyncio.to_thread(remove_seccomp_policy, self.lxcpath, name)  # re-made at the next start
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, name: str) -> None:
@@ -963,14 +1094,24 @@ class InstanceService:
         rec = self.record(name)
         status, pid = self.status_of(name)
         if status == "Frozen":
-            await self._freeze_cg(rstate.cgroup_paths(pid), False)
+            await self._freeze_cg(name, self._cgroups(name), False)
             return
         if status == "Running":
             raise BadRequest("The instance is already running")
+        if not rstate.cgroupfs_mounted():
+            # liblxc would boot it outside any cgroup (no limits, no freezer, and a container no
+            # later daemon can recognise as running): `ip netns exec` remounts /sys, for one.
+            raise LXDError("Failed to start the instance: the cgroup filesystem isn't mounted in the daemon's "
+                           "mount namespace (/sys/fs/cgroup)")
+        await self._refuse_if_alive(name, "start")
         ec, ed = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
         self._root_pool(ed)
         self._check_expanded(ec)
         desired = self._desired_idmap(name, ec, rec.config.get("volatile.idmap.next"))
+        # Recorded in memory in the same synchronous step as the choice (the store follows with
+        # the other updates below): a parallel start sees this block as taken.
+        rec.config["volatile.idmap.next"] = desired.to_json()
+        self._idmap_claims.pop(name, None)
         disk = IdmapSet.from_json(rec.config.get("volatile.last_state.idmap"))
         idir = self.lxcpath / name
         rootfs = idir / "rootfs"
@@ -1000,6 +1141,8 @@ class InstanceService:
             os.replace(tmp, conf)
 
         await asyncio.to_thread(write_conf)
+        # The volume directory: traversable by the container's root only (as LXD's start does).
+        await asyncio.to_thread(self._root_pool(ed).driver.secure_instance_volume, idir, desired.root_ids()[0])
         await asyncio.to_thread(rstate.remove_monitor_cgroups, name)
         if not idmap_empty(desired):
             self._ensure_traversable()
@@ -1067,10 +1210,9 @@ class InstanceService:
             return "instance-stopped"
         rt.stopping = True
         try:
-            cg = rstate.cgroup_paths(pid)
             if status == "Frozen":
-                with contextlib.suppress(OSError):
-                    await self._freeze_cg(cg, False)
+                with contextlib.suppress(OSError, LXDError):
+                    await self._freeze_cg(name, rt.cgroups, False)
             if force:
                 await self._signal(rt, signal.SIGKILL)
                 await asyncio.wait_for(rt.exited.wait(), 10)
@@ -1087,9 +1229,19 @@ class InstanceService:
         except BaseException:
             rt.stopping = False
             raise
+        await self._close_volume(name)
         await self._set_volatile(name, {"volatile.last_state.power": "STOPPED",
                                         "volatile.idmap.current": None})
         return action
+
+    async def _close_volume(self, name: str) -> None:
+        """A stopped container's volume goes back to root (0100): if its host uids are given to
+        another container later, that one's root can't reach in."""
+        try:
+            drv = self._root_pool(self.expanded(name)[1], name).driver
+            await asyncio.to_thread(drv.secure_instance_volume, self.lxcpath / name, 0)
+        except (LXDError, OSError) as e:
+            log.warning("couldn't reset the volume's owner", extra={"instance": name, "err": str(e)})
 
     async def _signal(self, rt: Runtime, sig: int) -> None:
         if rt.exited.is_set() or rt.pidfd < 0:
@@ -1099,11 +1251,40 @@ class InstanceService:
         except ProcessLookupError:
             pass
 
-    async def _freeze_cg(self, cg: dict, frozen: bool, timeout: float = 5.0) -> None:
-        await asyncio.to_thread(rstate.set_frozen, cg, frozen)
+    def _cgroups(self, name: str) -> dict[str, str]:
+        """The running container's own cgroup directories, as resolved when it was started or
+        found (never re-read from /proc of an init that may be exiting)."""
+        rt = self.runtime.get(name)
+        if rt is None or rt.exited.is_set() or not rt.cgroups:
+            raise BadRequest("The instance isn't running")
+        return rt.cgroups
+
+    @staticmethod
+    def _gone(name: str, rt: Runtime | None) -> bool:
+        """init has exited (a zombie counts as exited) or is no longer tracked."""
+        return rt is None or rt.exited.is_set() or not rstate.alive(rt.pid, rt.start_time)
+
+    async def _freeze_cg(self, name: str, cg: dict, frozen: bool, timeout: float = 5.0) -> None:
+        """Freeze or thaw the container's cgroup `cg` (only ever a path inside its own cgroup:
+        set_frozen refuses anything else); a container that went away meanwhile gets a 400."""
+        rt = self.runtime.get(name)
+        if self._gone(name, rt):
+            raise BadRequest("The instance isn't running")
+        try:
+            await asyncio.to_thread(rstate.set_frozen, cg, frozen, name)
+        except rstate.CgroupOutsideContainer as e:
+            log.error("refused a freezer write outside the container's cgroup",
+                      extra={"instance": name, "err": str(e)})
+            raise BadRequest("The instance isn't running") from None
+        except OSError:
+            if self._gone(name, rt) or not all(os.path.isdir(p) for p in cg.values()):
+                raise BadRequest("The instance isn't running") from None
+            raise
         want = "FROZEN" if frozen else "THAWED"
         deadline = asyncio.get_running_loop().time() + timeout
         while rstate.freezer_state(cg) != want:
+            if self._gone(name, rt):
+                raise BadRequest("The instance isn't running")
             if asyncio.get_running_loop().time() > deadline:
                 raise LXDError(f"The instance did not reach {want.lower()} state in time")
             await asyncio.sleep(0.005)
@@ -1115,14 +1296,14 @@ class InstanceService:
             raise BadRequest("The instance isn't running")
         if status == "Frozen":
             raise BadRequest("The instance is already frozen")
-        await self._freeze_cg(rstate.cgroup_paths(pid), True)
+        await self._freeze_cg(name, self._cgroups(name), True)
 
     async def unfreeze(self, name: str) -> None:
         self.record(name)
         status, pid = self.status_of(name)
         if status != "Frozen":
             raise BadRequest("The instance is not frozen")
-        await self._freeze_cg(rstate.cgroup_paths(pid), False)
+        await self._freeze_cg(name, self._cgroups(name), False)
 
     async def change_state(self, name: str, action: str, *, timeout: float = -1, force: bool = False,
                            requestor: dict | None = None) -> None:
@@ -1144,7 +1325,7 @@ class InstanceService:
                     await self._delete_locked(name, requestor)
             elif action == "restart":
                 if self.status_of(name)[0] == "Stopped":
-                    raise BadRequest("The instance isn't running")
+                    raise BadRequest("The instance is already stopped")
                 rec = self.records[name]
                 if rec.ephemeral:
                     # An ephemeral instance must survive its own restart.

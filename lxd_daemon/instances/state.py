@@ -63,11 +63,31 @@ def proc_start_time(pid: int) -> int | None:
         return None
 
 
+def proc_state(pid: int) -> str | None:
+    """The state letter (field 3 of /proc/PID/stat: R, S, Z...), None when there is no such pid."""
+    raw = _read(f"/proc/{pid}/stat")
+    if raw is None:
+        return None
+    try:
+        return raw[raw.rindex(")") + 2]
+    except (ValueError, IndexError):
+        return None
+
+
 def alive(pid: int, start_time: int | None) -> bool:
+    """Whether `pid` is still the process started at `start_time` and has not exited (an exited
+    init stays a zombie until its monitor reaps it: not alive)."""
     if pid <= 0:
         return False
-    st = proc_start_time(pid)
-    return st is not None and (start_time is None or st == start_time)
+    raw = _read(f"/proc/{pid}/stat")
+    if raw is None:
+        return False
+    try:
+        rest = raw[raw.rindex(")") + 2:].split()
+        st, state = int(rest[19]), rest[0]
+    except (ValueError, IndexError):
+        return False
+    return state not in ("Z", "X") and (start_time is None or st == start_time)
 
 
 def cgroup_paths(pid: int) -> dict[str, str]:
@@ -102,13 +122,151 @@ def freezer_state(cg: dict[str, str]) -> str:
     return "THAWED"
 
 
-def set_frozen(cg: dict[str, str], frozen: bool) -> None:
+def set_frozen(cg: dict[str, str], frozen: bool, name: str | None = None) -> None:
+    """Freeze or thaw the cgroups `cg`. With `name`, every path must be inside that container's
+    own cgroup (check_container_cgroups): a wrong path is refused, never written."""
+    if name is not None:
+        check_container_cgroups(cg, name)
     if "freezer" in cg and not UNIFIED:
         with open(cg["freezer"] + "/freezer.state", "w") as f:
             f.write("FROZEN" if frozen else "THAWED")
         return
+    if "" not in cg:
+        raise FileNotFoundError(errno.ENOENT, "no freezer cgroup known for the container")
     with open(cg[""] + "/cgroup.freeze", "w") as f:
         f.write("1" if frozen else "0")
+
+
+# -- the container's own cgroup ---------------------------------------------------------------
+# liblxc puts a container's processes in `lxc.payload.<name>` (or `lxc.payload.<name>-<n>` when
+# that name is taken by a container of another lxcpath) in each hierarchy. The daemon resolves
+# the cgroup from that name, never from whatever cgroup a pid is in at the moment: an exiting
+# init has already been moved to the root cgroup by the kernel.
+
+class CgroupOutsideContainer(ValueError):
+    """A cgroup path that is not inside the container's own cgroup."""
+
+
+def _payload_index(rel: str, name: str) -> int | None:
+    """Index of the `lxc.payload.<name>[-N]` component in the parts of a relative cgroup path."""
+    parts = rel.strip("/").split("/")
+    want = f"lxc.payload.{name}"
+    for i, p in enumerate(parts):
+        if p == want or (p.startswith(want + "-") and p[len(want) + 1:].isdigit()):
+            return i
+    return None
+
+
+def container_cgroups(name: str, pid: int) -> dict[str, str]:
+    """controller -> the container's own cgroup directory (`.../lxc.payload.<name>`), from where
+    its init `pid` is now. Hierarchies where the pid is not inside that cgroup are left out, so
+    an exiting or unrelated pid yields {} instead of some other cgroup."""
+    raw = _read(f"/proc/{pid}/cgroup")
+    out: dict[str, str] = {}
+    if raw is None:
+        return out
+    for line in raw.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, ctrls, rel = parts
+        idx = _payload_index(rel, name)
+        if idx is None:
+            continue
+        top = "/" + "/".join(rel.strip("/").split("/")[:idx + 1])
+        if ctrls == "":
+            out[""] = _V2_BASE + top
+            continue
+        for c in ctrls.split(","):
+            cname = c.removeprefix("name=")
+            out[cname] = f"{_ROOT}/{cname}{top}"
+    return out
+
+
+def check_container_cgroups(cg: dict[str, str], name: str) -> None:
+    """Raise CgroupOutsideContainer unless every path of `cg` lies inside the container's own
+    cgroup under /sys/fs/cgroup (the guard in front of every write the daemon makes)."""
+    if not cg:
+        raise CgroupOutsideContainer(f"no cgroup known for instance {name!r}")
+    for ctrl, path in cg.items():
+        norm = os.path.normpath(path)
+        if norm != path.rstrip("/") or not norm.startswith(_ROOT + "/"):
+            raise CgroupOutsideContainer(f"cgroup path {path!r} of {name!r} is not a plain cgroup path")
+        base = _V2_BASE if ctrl == "" else f"{_ROOT}/{ctrl}"
+        if not norm.startswith(base + "/"):
+            raise CgroupOutsideContainer(f"cgroup path {path!r} is outside the {ctrl or 'unified'} hierarchy")
+        if _payload_index(norm[len(base):], name) is None:
+            raise CgroupOutsideContainer(f"cgroup path {path!r} is outside instance {name!r}'s cgroup")
+
+
+def payload_cgroup_dirs(name: str) -> list[str]:
+    """The `lxc.payload.<name>[-N]` cgroups at the top of the v2 hierarchy (or of the v1 freezer
+    one without it): where liblxc (run as root) puts containers. One directory listing."""
+    base = _V2_BASE if os.path.isdir(_V2_BASE) else _ROOT + "/freezer"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return []
+    return [f"{base}/{e}" for e in entries if _payload_index(e, name) == 0]
+
+
+def cgroup_populated(path: str) -> bool:
+    """Whether the cgroup directory `path` (or a cgroup below it) has processes."""
+    ev = _read(path + "/cgroup.events")
+    if ev is not None:
+        for line in ev.splitlines():
+            if line.startswith("populated "):
+                return line.split()[1] == "1"
+    for dirpath, _dirs, _files in os.walk(path):
+        if (_read(dirpath + "/cgroup.procs") or "").strip():
+            return True
+    return False
+
+
+def _monitor_pids(lxcpath: str, name: str) -> list[int]:
+    """liblxc monitor processes (`[lxc monitor] LXCPATH NAME`) of this container."""
+    want = f"[lxc monitor] {lxcpath} {name}"
+    out = []
+    for e in os.listdir("/proc"):
+        if not e.isdigit():
+            continue
+        cmd = _read(f"/proc/{e}/cmdline")
+        if cmd and cmd.replace("\0", " ").strip() == want:
+            out.append(int(e))
+    return out
+
+
+def monitor_running(lxcpath: str, name: str) -> bool:
+    """Whether liblxc's monitor process of the container still exists (a scan of /proc)."""
+    return bool(_monitor_pids(lxcpath, name))
+
+
+def find_running_init(lxcpath: str, name: str) -> int | None:
+    """The init pid of container `name` of `lxcpath` if it is running, found without liblxc's
+    command socket (an abstract unix socket, out of reach from another network namespace): its
+    cgroup has processes, and its monitor's child is inside that cgroup. None when stopped."""
+    if cgroupfs_mounted() and not container_cgroup_alive(name):
+        return None  # the cheap answer (one directory listing) for the usual stopped container
+    # Without the cgroup filesystem in this mount namespace (`ip netns exec` remounts /sys),
+    # the monitor processes still tell: a scan of /proc.
+    for mon in _monitor_pids(lxcpath, name):
+        for task in os.listdir(f"/proc/{mon}/task") if os.path.isdir(f"/proc/{mon}/task") else []:
+            for child in (_read(f"/proc/{mon}/task/{task}/children") or "").split():
+                pid = int(child)
+                # Not a zombie: right after a stop, the monitor may not have reaped init yet.
+                if alive(pid, None) and container_cgroups(name, pid):
+                    return pid
+    return None
+
+
+def cgroupfs_mounted() -> bool:
+    """Whether this mount namespace sees the cgroup hierarchy liblxc places containers in."""
+    return os.path.exists(_V2_BASE + "/cgroup.procs") or os.path.exists(_ROOT + "/freezer/cgroup.procs")
+
+
+def container_cgroup_alive(name: str) -> bool:
+    """Whether any `lxc.payload.<name>[-N]` cgroup still holds processes (of any lxcpath)."""
+    return any(cgroup_populated(d) for d in payload_cgroup_dirs(name))
 
 
 def usage(cg: dict[str, str]) -> dict:
@@ -257,7 +415,7 @@ def full_state(pid: int, frozen_hint: str | None = None, cg: dict[str, str] | No
 def stopped_state() -> dict:
     return {"status": "Stopped", "status_code": 102, "disk": {},
             "memory": {"usage": 0, "usage_peak": 0, "swap_usage": 0, "swap_usage_peak": 0},
-            "network": None, "pid": -1, "processes": 0, "cpu": {"usage": 0}}
+            "network": None, "pid": 0, "processes": 0, "cpu": {"usage": 0}}
 
 
 def monitor_cgroups(name: str) -> list[Path]:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from lxd_daemon.errors import BadRequest, Forbidden, LXDError, NotFound
+from lxd_daemon.errors import BadRequest, Forbidden, LXDError, NotFound, insufficient_storage
 from lxd_daemon.events import EventHub
 from lxd_daemon.util.timefmt import rfc3339
 
@@ -193,6 +193,10 @@ class Operation:
             self.set_status(Status.FAILURE, e.message)
             return
         except Exception as e:  # a bug: report it on the operation and in the log
+            full = insufficient_storage(e, "this operation's data")  # a stray ENOSPC/EDQUOT
+            if full is not None:
+                self.set_status(Status.FAILURE, full.message)
+                return
             log.exception("operation failed", extra={"operation": self.id})
             self.set_status(Status.FAILURE, str(e) or e.__class__.__name__)
             return

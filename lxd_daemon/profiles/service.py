@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from dataclasses import dataclass, field
 
 from sqlalchemy import text
 
+from lxd_daemon import names
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
 from lxd_daemon.instances import validation
-
-NAME = re.compile(r"^[^/\s'\"\\]{1,63}$")
 
 
 @dataclass
@@ -29,8 +27,10 @@ class Profile:
 
 
 def validate_name(name: str) -> None:
-    if not name or not NAME.match(name) or name in (".", ".."):
-        raise BadRequest(f"Invalid profile name {name!r}")
+    try:
+        names.profile(name)
+    except names.InvalidName as e:
+        raise BadRequest(e.message) from None
 
 
 class ProfileService:
@@ -71,10 +71,18 @@ class ProfileService:
         validation.validate_config(config, profile=True)
         validation.validate_devices(devices, profile=True, pools=self._pools())
 
+    async def _check_raw_lxc(self, config: dict) -> None:
+        """raw.lxc is checked by liblxc (through a worker) when it is set, as LXD does."""
+        from lxd_daemon.instances.lxcconf import check_raw_lxc
+
+        inst = self.services.instances
+        await check_raw_lxc(inst.pool if inst is not None else None, config.get("raw.lxc"))
+
     async def create(self, name: str, description: str, config: dict, devices: dict) -> Profile:
         validate_name(name)
         config = {k: v for k, v in config.items() if v != ""}  # an empty value unsets the key
         self.validate(config, devices)
+        await self._check_raw_lxc(config)
         async with self.lock:
             if name in self.profiles:
                 raise Conflict(f"Profile {name!r} already exists")
@@ -94,6 +102,8 @@ class ProfileService:
         p = self.get(name)
         config = {k: v for k, v in config.items() if v != ""}  # an empty value unsets the key
         self.validate(config, devices)
+        if config.get("raw.lxc") != p.config.get("raw.lxc"):
+            await self._check_raw_lxc(config)
         async with self.lock:
             old = (p.description, p.config, p.devices)
             new = (description, dict(config), {k: dict(v) for k, v in devices.items()})

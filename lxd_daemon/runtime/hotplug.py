@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 import struct
 
 from lxd_daemon.runtime.worker import Worker, method
@@ -246,7 +247,10 @@ def inject_mount(pid: int, source: str, target: str, *, kind: str = "dir", recur
 def eject_mount(pid: int, target: str, *, remove: bool = False, root_uid: int = 0,
                 root_gid: int = 0) -> None:
     """Unmount `target` inside the mount namespace of `pid` (lazily), optionally removing the
-    mount point (a file we created for a unix device) as container root."""
+    mount point as container root, as LXD does when a device goes. Only what holds nothing goes:
+    an empty directory, an empty file, a device node or symlink. A directory with files in it or
+    a file with content was the container's before the mount hid it and stays (LXD would delete
+    such a file)."""
 
     def child() -> None:
         mntns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
@@ -260,7 +264,10 @@ def eject_mount(pid: int, target: str, *, remove: bool = False, root_uid: int = 
                 raise
         if remove:
             try:
-                if not os.path.isdir(target):
+                st = os.lstat(target)
+                if stat.S_ISDIR(st.st_mode):
+                    os.rmdir(target)  # ENOTEMPTY: the container's own files, kept
+                elif not (stat.S_ISREG(st.st_mode) and st.st_size > 0):
                     os.unlink(target)
             except OSError:
                 pass
@@ -301,31 +308,51 @@ def _cgroup_mounts() -> tuple[dict[str, str], str | None]:
     return v1, v2
 
 
-def cgroup_dirs(pid: int) -> tuple[dict[str, str], str | None]:
-    """Host directories of the cgroups of process `pid`: ({v1 controller: dir}, v2 dir)."""
+def _container_part(path: str, name: str) -> str | None:
+    """`path` cut right after its `lxc.payload.<name>[-N]` component; None without one (the pid
+    is not, or no longer, one of the container's: an exiting init sits in the root cgroup)."""
+    want = f"lxc.payload.{name}"
+    parts = path.split("/")
+    for i, p in enumerate(parts):
+        if p == want or (p.startswith(want + "-") and p[len(want) + 1:].isdigit()):
+            return "/".join(parts[:i + 1])
+    return None
+
+
+def cgroup_dirs(pid: int, name: str) -> tuple[dict[str, str], str | None]:
+    """Host directories of container `name`'s own cgroups, found through its process `pid`:
+    ({v1 controller: dir}, v2 dir). Never a directory outside the container's cgroup: a hierarchy
+    in which the pid is not inside it (a pid gone or reused, an exiting init the kernel already
+    moved to the root cgroup) is left out, so nothing is written there."""
     mounts, v2mnt = _cgroup_mounts()
     v1: dict[str, str] = {}
     v2 = None
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
             _, ctrls, path = line.rstrip("\n").split(":", 2)
+            own = _container_part(path, name)
+            if own is None:
+                continue
             if ctrls == "":
                 if v2mnt:
-                    v2 = v2mnt + path
+                    v2 = v2mnt + own
                 continue
             for c in ctrls.split(","):
                 if c in mounts:
-                    v1[c] = mounts[c] + path
+                    v1[c] = mounts[c] + own
     return v1, v2
 
 
-def write_cgroup_files(pid: int, items: list) -> list:
+def write_cgroup_files(pid: int, items: list, name: str) -> list:
     """Write [version, "controller.file", value] items to the cgroups of `pid`, in order.
 
     An item that fails is retried once after the others (memory.limit_in_bytes and
     memory.memsw.limit_in_bytes must be changed in an order that depends on the direction).
     Returns the items that still failed as [key, value, error]."""
-    v1, v2 = cgroup_dirs(pid)
+    try:
+        v1, v2 = cgroup_dirs(pid, name)
+    except OSError as e:
+        return [[k, val, e.strerror or str(e)] for _, k, val in items]
     pending = list(items)
     failed: list = []
     for _attempt in range(2):
@@ -351,14 +378,17 @@ def write_cgroup_files(pid: int, items: list) -> list:
 
 
 @method()
-def set_cgroup_files(worker: Worker, pid: int, items: list) -> list:
-    return write_cgroup_files(pid, items)
+def set_cgroup_files(worker: Worker, pid: int, items: list, name: str) -> list:
+    return write_cgroup_files(pid, items, name)
 
 
 @method()
-def read_cgroup_files(worker: Worker, pid: int, items: list) -> dict:
+def read_cgroup_files(worker: Worker, pid: int, items: list, name: str) -> dict:
     """{"controller.file": content} for [version, "controller.file"] items (None when unreadable)."""
-    v1, v2 = cgroup_dirs(pid)
+    try:
+        v1, v2 = cgroup_dirs(pid, name)
+    except OSError:
+        return {key: None for _, key in items}
     out = {}
     for ver, key in items:
         base = v2 if ver == 2 else v1.get(key.split(".", 1)[0])

@@ -117,3 +117,15 @@ def lxc_stop(worker: Worker, name: str, lxcpath: str) -> bool:
         return bool(c.stop())
     finally:
         del c  # its liblxc fds close now (refcount), not at some later GC
+
+
+@method("lxc_config_items_ok")
+def lxc_config_items_ok(worker: Worker, items: list) -> list:
+    """liblxc's verdict on each [key, value]: True when set_config_item accepts it (a known key
+    and a value liblxc can parse), in order on one scratch container object, as liblxc would
+    read them from a config file. Nothing is written anywhere: the object has no config file."""
+    c = _container("lxd-config-probe", "/nonexistent-lxd-config-probe")
+    try:
+        return [bool(c.set_config_item(str(k), str(v))) for k, v in items]
+    finally:
+        del c

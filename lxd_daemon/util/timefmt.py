@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime as _dt
 import time
 
-ZERO_TIME = "0001-01-01T00:00:00Z"
+ZERO_TIME = "0001-01-01T00:00:00Z"  # Go's zero time.Time: a date never set
+EPOCH_TIME = "1970-01-01T00:00:00Z"  # time.Unix(0, 0): what LXD stores for "never" in some fields
 
 
 def rfc3339(ts: float | None = None) -> str:

@@ -6,13 +6,32 @@ type-check the fields they know, so a wrong type is a 400 that names the field.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, model_validator
+
+from lxd_daemon import names
 
 
 class Request(BaseModel):
+    """Base of every request model. A JSON `null` means "not given", as in LXD (Go decodes null
+    into a field's zero value): the field keeps its default, in every model and nested model."""
+
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        if isinstance(data, dict) and None in data.values():
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
+
+def Name(check: Callable[[object], str]) -> Any:  # noqa: N802 (used as a type)
+    """A str field holding an object name, checked by one of lxd_daemon.names' validators (an
+    empty string passes: it means "not given", and the handler decides)."""
+    return Annotated[StrictStr, AfterValidator(lambda v: check(v) if v else v)]
 
 
 class ServerPut(Request):
@@ -25,7 +44,7 @@ class ProjectPut(Request):
 
 
 class ProjectsPost(ProjectPut):
-    name: StrictStr
+    name: Name(names.project)
 
 
 class OperationWaitQuery(Request):
@@ -33,6 +52,7 @@ class OperationWaitQuery(Request):
 
 
 __all__ = [
+    "Name",
     "ProjectPut",
     "ProjectsPost",
     "Request",

@@ -6,11 +6,12 @@ from typing import Any
 
 from pydantic import StrictBool, StrictStr
 
-from lxd_daemon.wire import Request
+from lxd_daemon import names
+from lxd_daemon.wire import Name, Request
 
 
 class ImageAlias(Request):
-    name: StrictStr = ""
+    name: Name(names.alias) = ""
     description: StrictStr = ""
 
 
@@ -50,12 +51,12 @@ class ImageAliasesEntryPut(Request):
 
 
 class ImageAliasesPost(ImageAliasesEntryPut):
-    name: StrictStr = ""
+    name: Name(names.alias) = ""
     type: StrictStr = ""
 
 
 class ImageAliasesEntryPost(Request):
-    name: StrictStr = ""
+    name: Name(names.alias) = ""
 
 
 def present(model: Request, key: str) -> bool:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import StrictBool, StrictStr, field_validator
+from pydantic import AfterValidator, ConfigDict, StrictBool, StrictStr
 
-from lxd_daemon.wire import Request
-
-
-def _none_to_default(v, default):
-    return default if v is None else v
+from lxd_daemon import names
+from lxd_daemon.wire import Name, Request
 
 
 class InstancePut(Request):
@@ -23,42 +20,37 @@ class InstancePut(Request):
     stateful: StrictBool = False
     restore: StrictStr = ""
 
-    @field_validator("config", "devices", mode="before")
-    @classmethod
-    def _maps(cls, v):
-        return _none_to_default(v, {})
 
-    @field_validator("description", "architecture", mode="before")
-    @classmethod
-    def _strs(cls, v):
-        return _none_to_default(v, "")
+class InstanceSource(Request):
+    """LXD's api.InstanceSource: the fields the daemon reads are type-checked; others pass."""
 
-    @field_validator("ephemeral", "stateful", mode="before")
-    @classmethod
-    def _bools(cls, v):
-        return _none_to_default(v, False)
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    type: StrictStr = ""
+    alias: StrictStr = ""
+    fingerprint: StrictStr = ""
+    properties: dict[StrictStr, StrictStr] = {}
+    server: StrictStr = ""
+    mode: StrictStr = ""
+    source: StrictStr = ""
+    project: StrictStr = ""
+
+
+def _source(value: dict) -> dict:
+    """The source as the dict the service reads, its known fields checked (nulls dropped)."""
+    return InstanceSource.model_validate(value).model_dump(exclude_unset=True)
 
 
 class InstancesPost(InstancePut):
-    name: StrictStr = ""
+    name: Name(names.instance) = ""
     type: StrictStr = ""
     instance_type: StrictStr = ""
-    source: dict[StrictStr, Any] = {}
+    source: Annotated[dict[StrictStr, Any], AfterValidator(_source)] = {}
     start: StrictBool = False
-
-    @field_validator("source", mode="before")
-    @classmethod
-    def _source(cls, v):
-        return _none_to_default(v, {})
-
-    @field_validator("type", "instance_type", mode="before")
-    @classmethod
-    def _type(cls, v):
-        return _none_to_default(v, "")
 
 
 class InstancePost(Request):
-    name: StrictStr = ""
+    name: Name(names.instance) = ""
     migration: StrictBool = False
 
 
@@ -67,11 +59,6 @@ class InstanceStatePut(Request):
     timeout: int | float = -1
     force: StrictBool = False
     stateful: StrictBool = False
-
-    @field_validator("timeout", mode="before")
-    @classmethod
-    def _timeout(cls, v):
-        return _none_to_default(v, -1)
 
 
 class InstancesPut(Request):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import StrictStr, field_validator
+from pydantic import StrictStr
 
-from lxd_daemon.wire import Request
+from lxd_daemon import names
+from lxd_daemon.wire import Name, Request
 
 
 class ProfilePut(Request):
@@ -12,17 +13,10 @@ class ProfilePut(Request):
     config: dict[StrictStr, StrictStr] = {}
     devices: dict[StrictStr, dict[StrictStr, StrictStr]] = {}
 
-    @field_validator("config", "devices", "description", mode="before")
-    @classmethod
-    def _null_is_empty(cls, v, info):
-        if v is None:
-            return "" if info.field_name == "description" else {}
-        return v
-
 
 class ProfilesPost(ProfilePut):
-    name: StrictStr
+    name: Name(names.profile)
 
 
 class ProfilePost(Request):
-    name: StrictStr
+    name: Name(names.profile)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import StrictStr
 
-from lxd_daemon.wire import Request
+from lxd_daemon import names
+from lxd_daemon.wire import Name, Request
 
 
 class StoragePoolPut(Request):
@@ -13,5 +14,5 @@ class StoragePoolPut(Request):
 
 
 class StoragePoolsPost(StoragePoolPut):
-    name: StrictStr
+    name: Name(names.pool)
     driver: StrictStr

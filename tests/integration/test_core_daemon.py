@@ -243,16 +243,21 @@ def test_init_preseed_storage_pools_and_networks(daemon, tmp_path):
     )
     for section, path, item, words in cases:
         exists = daemon.api("GET", path).status_code != 404
+        # listed but not creatable yet (managed networks): the daemon says so with a 501
+        creatable = exists and daemon.api("POST", path, json={}).status_code != 501
         r = lxd_cmd(daemon, "init", "--preseed", input=yaml.safe_dump({section: [item]}))
         try:
-            if exists:
+            if creatable:
                 assert r.returncode == 0, r.stderr
                 assert daemon.api("GET", f"{path}/{item['name']}").status_code == 200
+            elif exists:
+                assert r.returncode == 1
+                assert "not implemented yet" in r.stderr, r.stderr
             else:
                 assert r.returncode == 1
                 assert f"does not support {words}" in r.stderr, r.stderr
         finally:
-            if exists:
+            if creatable:
                 daemon.api("DELETE", f"{path}/{item['name']}")
 
 

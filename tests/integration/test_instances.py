@@ -8,7 +8,7 @@ import threading
 import pytest
 import yaml
 
-from tests.helpers import ensure_containers_ready, init_pid, run_prefix, wait_for, wait_op
+from tests.helpers import ensure_containers_ready, init_pid, root_subids, run_prefix, wait_for, wait_op
 
 pytestmark = pytest.mark.integration
 
@@ -45,17 +45,18 @@ def test_launch_is_unprivileged_and_lifecycle(ready, names):
     d.lxc("launch", "busybox", c)
     assert state(d, c) == "Running"
     pid = init_pid(d, c)
+    base_uid, base_gid = root_subids()
     uid_map = open(f"/proc/{pid}/uid_map").read().split()
-    assert uid_map[:2] == ["0", "1000000"], uid_map
+    assert uid_map[:2] == ["0", str(base_uid)], uid_map
     inst = d.api("GET", f"/1.0/instances/{c}").json()["metadata"]
-    assert inst["config"]["volatile.idmap.base"] == "1000000"
-    assert json.loads(inst["config"]["volatile.last_state.idmap"])[0]["Hostid"] == 1000000
+    assert inst["config"]["volatile.idmap.base"] == str(base_uid)
+    assert json.loads(inst["config"]["volatile.last_state.idmap"])[0]["Hostid"] == base_uid
     assert inst["config"]["volatile.base_image"]
     assert inst["expanded_devices"]["root"] == {"path": "/", "pool": "default", "type": "disk"}
     # Files in the rootfs belong to the mapped root.
     import os
     st = os.stat(f"{d.lxd_dir}/containers/{c}/rootfs/bin/busybox")
-    assert (st.st_uid, st.st_gid) == (1000000, 1000000)
+    assert (st.st_uid, st.st_gid) == (base_uid, base_gid)
 
     r = d.lxc("start", c, check=False)
     assert r.returncode != 0 and "already running" in r.stderr
@@ -300,7 +301,7 @@ def test_concurrent_start_stop_one_container(ready, names):
     assert not errors, errors
     st = d.api("GET", f"/1.0/instances/{c}/state").json()["metadata"]
     if st["status"] == "Running":
-        assert open(f"/proc/{st['pid']}/uid_map").read().split()[1] == "1000000"
+        assert open(f"/proc/{st['pid']}/uid_map").read().split()[1] == str(root_subids()[0])
     d.lxc("stop", "-f", c, check=False)
     d.lxc("start", c)
     assert state(d, c) == "Running"

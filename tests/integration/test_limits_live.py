@@ -97,5 +97,6 @@ def test_read_cgroup_files_worker_method(running, worker_pool):
     c = running
     ver = host_layout().version("pids")
     got = _WORKER[0].run(
-        worker_pool.call("read_cgroup_files", c.pid, [[ver, "pids.max"], [ver, "pids.nonexistent"]], lane=c.name))
+        worker_pool.call("read_cgroup_files", c.pid, [[ver, "pids.max"], [ver, "pids.nonexistent"]], c.name,
+                         lane=c.name))
     assert got == {"pids.max": cgroup_file(c.pid, "pids.max"), "pids.nonexistent": None}

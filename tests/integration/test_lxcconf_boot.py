@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lxd_daemon.instances.lxcconf import host_layout
-from tests.helpers import RawContainer, cgroup_file, run_prefix
+from tests.helpers import RawContainer, cgroup_file, root_subids, run_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def test_unprivileged_busybox_boots_with_limits_and_devices(raw, base):
                      "mynull": {"type": "unix-char", "source": "/dev/null", "path": "/dev/mynull"}})
     os.chown(share, *c.root_ids)  # writable by container root (no shift here)
     text = c.render()
-    assert "lxc.idmap = u 0 1000000" in text
+    assert f"lxc.idmap = u 0 {root_subids()[0]} " in text
     pid = c.start()
     assert c.state() == "RUNNING"
 

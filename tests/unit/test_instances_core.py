@@ -114,4 +114,4 @@ def test_network_of_host_namespace_has_loopback():
 
 def test_stopped_state_shape():
     s = state.stopped_state()
-    assert s["status"] == "Stopped" and s["status_code"] == 102 and s["pid"] == -1
+    assert s["status"] == "Stopped" and s["status_code"] == 102 and s["pid"] == 0

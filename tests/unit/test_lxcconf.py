@@ -42,7 +42,7 @@ def test_unprivileged_base_config(tmp_path):
     assert d["lxc.log.file"] == f"{tmp_path}/logs/c1/lxc.log"
     assert d["lxc.cap.drop"] == "sys_time sys_module sys_rawio mac_admin mac_override"
     assert d["lxc.signal.halt"] == "SIGPWR"
-    assert d["lxc.seccomp.profile"] == f"{tmp_path}/security/seccomp/default"
+    assert d["lxc.seccomp.profile"] == f"{tmp_path}/security/seccomp/c1"  # one policy per container, as LXD
     assert items[-1] == ("lxc.net.0.type", "empty")
     assert not any(k.startswith("lxc.cgroup") for k, _ in items)  # no limits, no device rules
     assert "lxc.rootfs.options" not in d
@@ -180,8 +180,8 @@ def test_prepare_host_creates_node_and_seccomp(tmp_path):
     assert stat.S_ISCHR(st.st_mode) and os.major(st.st_rdev) == 1 and os.minor(st.st_rdev) == 5
     assert (st.st_uid, st.st_gid) == (1000005, 1000006)
     assert stat.S_IMODE(st.st_mode) == 0o640
-    assert "kexec_load errno 38" in (tmp_path / "security/seccomp/default").read_text()
-    assert "reject_force_umount" not in (tmp_path / "security/seccomp/default").read_text()
+    assert "kexec_load errno 38" in (tmp_path / "security/seccomp/c1").read_text()
+    assert "reject_force_umount" not in (tmp_path / "security/seccomp/c1").read_text()
 
 
 def test_environment_and_order(tmp_path):

@@ -31,11 +31,11 @@ class DirDriver(Driver):
     async def create_pool(self) -> None:
         def mk() -> None:
             self.mount_path.mkdir(parents=True, exist_ok=True)
-            os.chmod(self.mount_path, 0o711)
+            os.chmod(self.mount_path, self.POOL_MODE)
             for sub in SUBDIRS:
                 p = self.mount_path / sub
                 p.mkdir(exist_ok=True)
-                os.chmod(p, 0o711 if sub.startswith("containers") else 0o700)
+                os.chmod(p, self.TYPE_DIR_MODES.get(sub, 0o700))
 
         await asyncio.to_thread(mk)
 

@@ -1,0 +1,161 @@
+"""Issue 8, item 8: features that do not exist yet answer a clear error that names them, in
+LXD's envelope, through the stock client and the API (never "not found"/"method not allowed"
+for the feature's own endpoints), and nothing is created by such a request."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.helpers import ensure_containers_ready, envelope_ok, run_prefix
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ct(daemon):
+    alias = ensure_containers_ready(daemon)
+    name = f"{run_prefix()}-ny"
+    daemon.lxc("init", alias, name)
+    yield name
+    daemon.lxc("delete", "-f", name, check=False)
+
+
+def fails(daemon, *args) -> str:
+    r = daemon.lxc(*args, check=False)
+    assert r.returncode != 0, f"lxc {args} unexpectedly succeeded: {r.stdout}"
+    return r.stderr
+
+
+def test_lxc_snapshot_says_not_implemented(daemon, ct):
+    err = fails(daemon, "snapshot", ct, "s0")
+    assert "Instance snapshots are not implemented yet" in err
+    assert "method not allowed" not in err
+    # still none, and the instance's snapshot list (read by `lxc info` and pylxd) still answers
+    assert daemon.api("GET", f"/1.0/instances/{ct}/snapshots").json()["metadata"] == []
+    assert "Snapshots:" not in daemon.lxc("info", ct).stdout
+    err = fails(daemon, "delete", f"{ct}/s0")
+    assert "not implemented yet" in err
+
+
+def test_lxc_snapshot_of_missing_instance_is_not_found(daemon):
+    assert "Instance not found" in fails(daemon, "snapshot", f"{run_prefix()}-missing")
+
+
+def test_config_trust_list_is_empty(daemon):
+    r = daemon.lxc("config", "trust", "list")
+    assert "FINGERPRINT" in r.stdout and "not found" not in r.stderr
+    body = daemon.api("GET", "/1.0/certificates?recursion=1").json()
+    assert body["metadata"] == []
+
+
+def test_adding_a_certificate_says_not_implemented(daemon):
+    r = daemon.api("POST", "/1.0/certificates", json={"type": "client", "certificate": "x"})
+    assert r.status_code == 501
+    body = r.json()
+    envelope_ok(body)
+    assert body["type"] == "error" and body["error_code"] == 501
+    assert "not implemented yet" in body["error"] and "TLS" in body["error"]
+    assert daemon.api("GET", "/1.0/certificates").json()["metadata"] == []
+    r = daemon.api("GET", "/1.0/certificates/" + "ab" * 32)
+    assert r.status_code == 404 and "not implemented yet" in r.json()["error"]
+
+
+def test_storage_volumes_say_not_implemented(daemon, ct):
+    assert "Storage volumes are not implemented yet" in fails(daemon, "storage", "volume", "list", "default")
+    assert "Storage volumes are not implemented yet" in fails(
+        daemon, "storage", "volume", "create", "default", f"{run_prefix()}-vol")
+    assert "Storage volumes are not implemented yet" in fails(
+        daemon, "storage", "volume", "show", "default", f"container/{ct}")
+    # a pool that does not exist is still "not found"
+    r = daemon.api("GET", "/1.0/storage-pools/nosuchpool/volumes")
+    assert r.status_code == 404 and r.json()["error"] == "Storage pool not found"
+
+
+def test_managed_networks_say_not_implemented(daemon):
+    name = f"{run_prefix()}n"
+    assert "Managed networks are not implemented yet" in fails(daemon, "network", "create", name)
+    assert "Managed networks are not implemented yet" in fails(daemon, "network", "delete", "lo")
+    assert f"/1.0/networks/{name}" not in daemon.api("GET", "/1.0/networks").json()["metadata"]
+
+
+@pytest.mark.parametrize("method,path,words", [
+    ("POST", "/1.0/instances/{ct}/snapshots", "Instance snapshots are not implemented yet"),
+    ("POST", "/1.0/containers/{ct}/snapshots", "Instance snapshots are not implemented yet"),
+    ("POST", "/1.0/instances/{ct}/backups", "Instance backups (export and import) are not implemented yet"),
+    ("GET", "/1.0/cluster", "Clustering is not implemented yet"),
+    ("PUT", "/1.0/cluster", "Clustering is not implemented yet"),
+    ("GET", "/1.0/cluster/members", "Clustering is not implemented yet"),
+    ("GET", "/1.0/warnings", "Warnings are not implemented yet"),
+    ("POST", "/1.0/networks", "Managed networks are not implemented yet"),
+    ("PUT", "/1.0/networks/lo", "Managed networks are not implemented yet"),
+    ("GET", "/1.0/storage-pools/default/volumes/custom", "Storage volumes are not implemented yet"),
+    ("POST", "/1.0/storage-pools/default/volumes/custom", "Storage volumes are not implemented yet"),
+    ("GET", "/1.0/storage-pools/default/volumes/custom/v1/snapshots", "Storage volumes are not implemented yet"),
+    ("GET", "/1.0/network-acls", "Network ACLs are not implemented yet"),
+    ("GET", "/1.0/resources", "not implemented yet"),
+])
+def test_endpoints_answer_501_in_the_envelope(daemon, ct, method, path, words):
+    r = daemon.api(method, path.format(ct=ct), json={"name": "x"})
+    assert r.status_code == 501, (r.status_code, r.text)
+    body = r.json()
+    envelope_ok(body)
+    assert body["type"] == "error" and body["error_code"] == 501
+    assert words in body["error"]
+
+
+def test_snapshot_and_backup_objects_are_not_found(daemon, ct):
+    for path in (f"/1.0/instances/{ct}/snapshots/s0", f"/1.0/instances/{ct}/backups/b0",
+                 f"/1.0/instances/{ct}/backups/b0/export"):
+        r = daemon.api("GET", path)
+        assert r.status_code == 404 and "not implemented yet" in r.json()["error"], (path, r.text)
+    # and for an instance that does not exist, the instance is what is missing
+    r = daemon.api("POST", f"/1.0/instances/{run_prefix()}-missing/snapshots", json={"name": "s0"})
+    assert r.status_code == 404 and r.json()["error"] == "Instance not found"
+
+
+def test_pylxd_snapshot_create_gets_the_message(daemon, ct):
+    r = daemon.pylxd(
+        f"c = client.containers.get({ct!r})\n"
+        "try:\n"
+        "    c.snapshots.create('s0', wait=True)\n"
+        "except pylxd.exceptions.LXDAPIException as e:\n"
+        "    print('ERR', e)\n"
+        "print('SNAPS', len(c.snapshots.all()))\n")
+    assert r.returncode == 0, r.stderr
+    assert "ERR Instance snapshots are not implemented yet" in r.stdout
+    assert "SNAPS 0" in r.stdout
+
+
+def test_restore_publish_and_migration_say_not_implemented(daemon, ct):
+    assert "Instance snapshots are not implemented yet" in fails(daemon, "restore", ct, "s0")
+    assert "Instance snapshots are not implemented yet" in fails(daemon, "publish", f"{ct}/s0")
+    r = daemon.api("POST", f"/1.0/instances/{ct}", json={"migration": True})
+    assert r.status_code == 501 and r.json()["error"] == "Instance migration is not implemented yet"
+    r = daemon.api("POST", "/1.0/instances", json={
+        "name": f"{run_prefix()}-cp", "source": {"type": "copy", "source": f"{ct}/s0"}})
+    assert r.status_code == 501, r.text
+    assert "Instance snapshots are not implemented yet" in r.json()["error"]
+    name = f"{run_prefix()}-mig"
+    r = daemon.api("POST", "/1.0/instances", json={
+        "name": name, "source": {"type": "migration", "mode": "pull", "operation": "https://127.0.0.1:1/x"}})
+    assert r.status_code == 501 and r.json()["error"] == "Instance migration is not implemented yet"
+    assert daemon.api("GET", f"/1.0/instances/{name}").status_code == 404
+
+
+def test_lxc_config_trust_add_says_not_implemented(daemon, tmp_path):
+    crt = tmp_path / "client.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp384r1",
+                    "-nodes", "-keyout", str(tmp_path / "client.key"), "-out", str(crt), "-days", "1",
+                    "-subj", "/CN=test"], check=True, capture_output=True)
+    err = fails(daemon, "config", "trust", "add", str(crt))
+    assert "Trusted client certificates are not implemented yet" in err, err
+    assert daemon.api("GET", "/1.0/certificates").json()["metadata"] == []
+
+
+def test_image_refresh_says_not_implemented(daemon, ct):
+    fp = daemon.api("GET", "/1.0/images/aliases/busybox").json()["metadata"]["target"]
+    r = daemon.api("POST", f"/1.0/images/{fp}/refresh")
+    assert r.status_code == 501 and "not implemented yet" in r.json()["error"], r.text
+    assert daemon.api("POST", "/1.0/images/" + "0" * 64 + "/refresh").status_code == 404
