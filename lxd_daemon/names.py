@@ -57,6 +57,17 @@ def _no_slash(kind: str, name: str) -> None:
         raise InvalidName(f"Invalid {kind} name {name!r}")
 
 
+def _plain(kind: str, max_length: int = MAX_LENGTH) -> Callable[[object], str]:
+    """The validator of a kind whose names only follow the common rules and have no `/`."""
+
+    def check(name: object) -> str:
+        name = _text(kind, name, max_length)
+        _no_slash(kind, name)
+        return name
+
+    return check
+
+
 def hostname(kind: str, name: object) -> str:
     """LXD's host-name rule: 1-63 letters, digits and hyphens; not starting with a hyphen or a
     digit, not ending with a hyphen."""
@@ -107,16 +118,10 @@ def alias(name: object) -> str:
     return name
 
 
-def pool(name: object) -> str:
-    name = _text("storage pool", name)
-    _no_slash("storage pool", name)
-    return name
+pool = _plain("storage pool")
 
 
-def volume(name: object) -> str:
-    name = _text("storage volume", name)
-    _no_slash("storage volume", name)
-    return name
+volume = _plain("storage volume")
 
 
 def volume_type(name: object) -> str:
@@ -146,16 +151,10 @@ def project(name: object) -> str:
     return name
 
 
-def backup(name: object) -> str:
-    name = _text("backup", name)
-    _no_slash("backup", name)
-    return name
+backup = _plain("backup")
 
 
-def operation(name: object) -> str:
-    name = _text("operation", name, 64)
-    _no_slash("operation", name)
-    return name
+operation = _plain("operation", 64)
 
 
 def fingerprint(name: object) -> str:
@@ -175,11 +174,7 @@ def log_file(name: object) -> str:
     return name
 
 
-def generic(name: object) -> str:
-    """Any other name taken from a URL path segment."""
-    name = _text("object", name)
-    _no_slash("object", name)
-    return name
+generic = _plain("object")  # any other name taken from a URL path segment
 
 
 def path_segment(name: object, kind: str = "object") -> str:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.helpers import Daemon
+from tests.helpers import Daemon, ensure_containers_ready, run_prefix
 
 
 def pytest_collection_modifyitems(config, items):
@@ -44,3 +44,29 @@ def restore_config(daemon):
     if patch:
         r = daemon.api("PATCH", "/1.0", json={"config": patch})
         assert r.status_code == 200, r.text
+
+
+@pytest.fixture(scope="module")
+def ready(daemon):
+    """The shared daemon with a pool, the default profile's root disk and the busybox image."""
+    ensure_containers_ready(daemon)
+    return daemon
+
+
+@pytest.fixture
+def names(ready):
+    """Makes unique names (this run's prefix + a suffix); whatever instance or profile bears one
+    of them is deleted after the test."""
+    made: list[str] = []
+    prefix = run_prefix()
+
+    def make(suffix: str = "") -> str:
+        n = f"{prefix}-{suffix or len(made)}"
+        made.append(n)
+        return n
+
+    yield make
+    for n in made:
+        ready.lxc("delete", "-f", n, check=False)
+    for n in made:
+        ready.lxc("profile", "delete", n, check=False)

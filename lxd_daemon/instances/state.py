@@ -12,6 +12,8 @@ import socket
 import struct
 from pathlib import Path
 
+from lxd_daemon.util.cgroups import own_cgroup
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNIFIED = (CGROUP_ROOT / "cgroup.controllers").exists()
 _ROOT = str(CGROUP_ROOT)
@@ -137,24 +139,10 @@ def set_frozen(cg: dict[str, str], frozen: bool, name: str | None = None) -> Non
         f.write("1" if frozen else "0")
 
 
-# -- the container's own cgroup ---------------------------------------------------------------
-# liblxc puts a container's processes in `lxc.payload.<name>` (or `lxc.payload.<name>-<n>` when
-# that name is taken by a container of another lxcpath) in each hierarchy. The daemon resolves
-# the cgroup from that name, never from whatever cgroup a pid is in at the moment: an exiting
-# init has already been moved to the root cgroup by the kernel.
+# -- the container's own cgroup (lxd_daemon.util.cgroups) -------------------------------------
 
 class CgroupOutsideContainer(ValueError):
     """A cgroup path that is not inside the container's own cgroup."""
-
-
-def _payload_index(rel: str, name: str) -> int | None:
-    """Index of the `lxc.payload.<name>[-N]` component in the parts of a relative cgroup path."""
-    parts = rel.strip("/").split("/")
-    want = f"lxc.payload.{name}"
-    for i, p in enumerate(parts):
-        if p == want or (p.startswith(want + "-") and p[len(want) + 1:].isdigit()):
-            return i
-    return None
 
 
 def container_cgroups(name: str, pid: int) -> dict[str, str]:
@@ -170,10 +158,9 @@ def container_cgroups(name: str, pid: int) -> dict[str, str]:
         if len(parts) != 3:
             continue
         _, ctrls, rel = parts
-        idx = _payload_index(rel, name)
-        if idx is None:
+        top = own_cgroup(rel, name)
+        if top is None:
             continue
-        top = "/" + "/".join(rel.strip("/").split("/")[:idx + 1])
         if ctrls == "":
             out[""] = _V2_BASE + top
             continue
@@ -195,7 +182,7 @@ def check_container_cgroups(cg: dict[str, str], name: str) -> None:
         base = _V2_BASE if ctrl == "" else f"{_ROOT}/{ctrl}"
         if not norm.startswith(base + "/"):
             raise CgroupOutsideContainer(f"cgroup path {path!r} is outside the {ctrl or 'unified'} hierarchy")
-        if _payload_index(norm[len(base):], name) is None:
+        if own_cgroup(norm[len(base):], name) is None:
             raise CgroupOutsideContainer(f"cgroup path {path!r} is outside instance {name!r}'s cgroup")
 
 
@@ -207,7 +194,7 @@ def payload_cgroup_dirs(name: str) -> list[str]:
         entries = os.listdir(base)
     except OSError:
         return []
-    return [f"{base}/{e}" for e in entries if _payload_index(e, name) == 0]
+    return [f"{base}/{e}" for e in entries if own_cgroup(e, name) == e]
 
 
 def cgroup_populated(path: str) -> bool:

@@ -24,6 +24,7 @@ import termios
 import warnings  # noqa: F401  os.execvpe imports it, in a child inside the container: loaded here
 
 from lxd_daemon.runtime.worker import Reply, Worker, method
+from lxd_daemon.util.cgroups import own_cgroup
 
 TIOCSPTLCK = 0x40045431
 TIOCGPTPEER = 0x5441
@@ -387,11 +388,10 @@ def _cgroup_procs(init_pid: int, name: str) -> list[str]:
     """The cgroup.procs file of each hierarchy the container's init is in (host paths). Every
     path must be the container's own (lxc.payload.<name>): a stale pid never gets us anywhere."""
     out = []
-    marker = f"/lxc.payload.{name}"
     with open(f"/proc/{init_pid}/cgroup") as f:
         for line in f:
             _, ctrl, path = line.rstrip("\n").split(":", 2)
-            if marker + "/" not in path + "/":
+            if own_cgroup(path, name) is None:
                 raise FastPathUnavailable(f"pid {init_pid} isn't the init of {name}")
             if ctrl == "":
                 bases = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]

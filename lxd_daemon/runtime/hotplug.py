@@ -21,6 +21,7 @@ import stat
 import struct
 
 from lxd_daemon.runtime.worker import Worker, method
+from lxd_daemon.util.cgroups import own_cgroup
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -308,17 +309,6 @@ def _cgroup_mounts() -> tuple[dict[str, str], str | None]:
     return v1, v2
 
 
-def _container_part(path: str, name: str) -> str | None:
-    """`path` cut right after its `lxc.payload.<name>[-N]` component; None without one (the pid
-    is not, or no longer, one of the container's: an exiting init sits in the root cgroup)."""
-    want = f"lxc.payload.{name}"
-    parts = path.split("/")
-    for i, p in enumerate(parts):
-        if p == want or (p.startswith(want + "-") and p[len(want) + 1:].isdigit()):
-            return "/".join(parts[:i + 1])
-    return None
-
-
 def cgroup_dirs(pid: int, name: str) -> tuple[dict[str, str], str | None]:
     """Host directories of container `name`'s own cgroups, found through its process `pid`:
     ({v1 controller: dir}, v2 dir). Never a directory outside the container's cgroup: a hierarchy
@@ -330,7 +320,7 @@ def cgroup_dirs(pid: int, name: str) -> tuple[dict[str, str], str | None]:
     with open(f"/proc/{pid}/cgroup") as f:
         for line in f:
             _, ctrls, path = line.rstrip("\n").split(":", 2)
-            own = _container_part(path, name)
+            own = own_cgroup(path, name)
             if own is None:
                 continue
             if ctrls == "":

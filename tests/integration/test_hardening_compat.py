@@ -10,31 +10,9 @@ import tarfile
 
 import pytest
 
-from tests.helpers import busybox_tarball, ensure_containers_ready, run_prefix
+from tests.helpers import busybox_tarball, run_prefix
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def ready(daemon):
-    ensure_containers_ready(daemon)
-    return daemon
-
-
-@pytest.fixture
-def names(ready):
-    made: list[str] = []
-    prefix = run_prefix()
-
-    def make(suffix: str = "") -> str:
-        n = f"{prefix}-{suffix or len(made)}"
-        made.append(n)
-        return n
-
-    yield make
-    for n in made:
-        ready.lxc("delete", "-f", n, check=False)
-        ready.lxc("profile", "delete", n, check=False)
 
 
 def seccomp_dir(d):
@@ -256,3 +234,13 @@ def test_stopped_pid_and_never_used(ready, names):
     inst = d.api("GET", f"/1.0/instances/{c}?recursion=1").json()["metadata"]
     assert inst["state"]["pid"] == 0
     assert not inst["last_used_at"].startswith(("1970", "0001"))
+
+
+def test_restart_of_a_stopped_instance_says_so(ready, names):
+    """As LXD 5.0.2 (what Ansible's lxd_container module reports): "already stopped"."""
+    c = names("rs")
+    ready.lxc("init", "busybox", c)
+    r = ready.api("PUT", f"/1.0/instances/{c}/state", json={"action": "restart", "timeout": 30})
+    op = ready.api("GET", r.json()["operation"] + "/wait").json()["metadata"] if r.status_code == 202 else None
+    err = op["err"] if op else r.json()["error"]
+    assert err == "The instance is already stopped", (r.status_code, r.text, op)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ensure_containers_ready, run_prefix, wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -21,24 +21,6 @@ def scratch():
     d.chmod(0o711)  # container root must traverse it to reach bind-mount sources
     yield d
     shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture
-def names(daemon):
-    ensure_containers_ready(daemon)
-    made: list[str] = []
-    prefix = run_prefix()
-
-    def make(suffix: str) -> str:
-        n = f"{prefix}-{suffix}"
-        made.append(n)
-        return n
-
-    yield make
-    for n in made:
-        daemon.lxc("delete", "-f", n, check=False)
-    for n in made:
-        daemon.lxc("profile", "delete", n, check=False)
 
 
 def exists_in(daemon, ct: str, path: str) -> bool:

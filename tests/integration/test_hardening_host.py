@@ -71,27 +71,6 @@ def mode_owner(p: Path) -> tuple[str, int]:
     return oct(st.st_mode & 0o7777), st.st_uid
 
 
-@pytest.fixture(scope="module")
-def ready(daemon):
-    ensure_containers_ready(daemon)
-    return daemon
-
-
-@pytest.fixture
-def names(ready):
-    made: list[str] = []
-    prefix = run_prefix()
-
-    def make(suffix: str) -> str:
-        n = f"{prefix}-{suffix}"
-        made.append(n)
-        return n
-
-    yield make
-    for n in made:
-        ready.lxc("delete", "-f", n, check=False)
-
-
 # ---------------------------------------------------------------------------------- item 1
 def test_host_users_cannot_reach_into_any_container(ready, names):
     d = ready

@@ -8,31 +8,9 @@ import threading
 import pytest
 import yaml
 
-from tests.helpers import ensure_containers_ready, init_pid, root_subids, run_prefix, wait_for, wait_op
+from tests.helpers import init_pid, root_subids, run_prefix, wait_for, wait_op
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def ready(daemon):
-    ensure_containers_ready(daemon)
-    return daemon
-
-
-@pytest.fixture
-def names(ready):
-    """Collects names to clean up; yields a function making unique names."""
-    made: list[str] = []
-    prefix = run_prefix()
-
-    def make(suffix: str = "") -> str:
-        n = f"{prefix}-{suffix or len(made)}"
-        made.append(n)
-        return n
-
-    yield make
-    for n in made:
-        ready.lxc("delete", "-f", n, check=False)
 
 
 def state(d, name):

@@ -127,7 +127,8 @@ def test_worker_cgroup_dirs_never_leave_the_container():
     """The worker's live-limit writes resolve cgroups only inside `lxc.payload.<name>[-N]`: a pid
     outside it (here: this test process, like an exiting init moved to the root cgroup) gives
     no directory at all, and a nested path is cut at the container's own cgroup."""
-    from lxd_daemon.runtime.hotplug import _container_part, cgroup_dirs, write_cgroup_files
+    from lxd_daemon.runtime.hotplug import cgroup_dirs, write_cgroup_files
+    from lxd_daemon.util.cgroups import own_cgroup as _container_part
 
     assert cgroup_dirs(os.getpid(), "nosuchcontainer") == ({}, None)
     failed = write_cgroup_files(os.getpid(), [[2, "pids.max", "5"]], "nosuchcontainer")
