@@ -1102,7 +1102,8 @@ class InstanceService:
             # liblxc would boot it outside any cgroup (no limits, no freezer, and a container no
             # later daemon can recognise as running): `ip netns exec` remounts /sys, for one.
             raise LXDError("Failed to start the instance: the cgroup filesystem isn't mounted in the daemon's "
-                           "mount namespace (/sys/fs/cgroup)")
+                           "mount namespace (/sys/fs/cgroup); `ip netns exec` hides it: enter a network "
+                           "namespace with `nsenter --net=/run/netns/NAME` instead")
         await self._refuse_if_alive(name, "start")
         ec, ed = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
         self._root_pool(ed)
