@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(
-  lxc lxc-dev pkg-config gcc python3-dev python3-venv
+  lxc lxc-dev pkg-config gcc python3-dev python3-venv lvm2  # lvm2: the lvm driver (on hosts with device-mapper)
   busybox-static squashfs-tools xz-utils zstd bzip2 rsync btrfs-progs dnsmasq-base nftables
   criu uidmap lxd-client python3-pylxd debootstrap curl iproute2 systemd
   ansible  # the third-party client tests drive the daemon with community.general's lxd plugins

@@ -159,7 +159,7 @@ class ConsoleSession:
             raw = msg.get("text") or (msg.get("bytes") or b"").decode(errors="replace")
             try:
                 ctl = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # malformed, or nested past the parser's limit
                 continue
             if isinstance(ctl, dict) and ctl.get("command") == "window-resize":
                 args = ctl.get("args") or {}

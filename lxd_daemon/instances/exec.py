@@ -377,7 +377,7 @@ class ExecSession:
             raw = msg.get("text") if msg.get("text") is not None else (msg.get("bytes") or b"").decode(errors="replace")
             try:
                 ctl = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # malformed, or nested past the parser's limit
                 log.debug("ignoring a malformed control message: %r", raw[:100])
                 continue
             if isinstance(ctl, dict):

@@ -34,6 +34,7 @@ from lxd_daemon.instances import state as rstate
 from lxd_daemon.instances import validation
 from lxd_daemon.instances.idmap import IdmapEntry, IdmapSet
 from lxd_daemon.instances.models import FrozenRootfs, Instance, Record, Runtime
+from lxd_daemon.util.revert import Revert
 from lxd_daemon.util.timefmt import EPOCH_TIME, rfc3339
 
 log = logging.getLogger("lxd.instances")
@@ -108,7 +109,6 @@ class InstanceService:
         self._unreachable: set[str] = set()  # running, but out of reach of liblxc's command socket
         # Maps chosen by a create whose record doesn't exist yet: name -> (map, isolated).
         self._idmap_claims: dict[str, tuple[IdmapSet, bool]] = {}
-        self._cache_locks: dict[str, asyncio.Lock] = {}
         self._bg: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -151,16 +151,16 @@ class InstanceService:
 
     def volume_dir(self, name: str, expanded_devices: dict | None = None) -> Path:
         pool = self._root_pool(expanded_devices if expanded_devices is not None else self.expanded(name)[1], name)
-        return pool.driver.container_path(name)
+        return self.services.storage.volumes.instance_path(pool, name)
 
     def _root_pool(self, expanded_devices: dict, name: str | None = None):
         """The pool of the root disk. Given the instance's `name`, one without a root disk (LXD
         lets profiles without devices take it away from a container) finds its volume's pool."""
         root = validation.root_disk(expanded_devices)
         if root is None and name is not None and self.services.storage is not None:
-            for pool in self.services.storage.pools.values():
-                if pool.driver.container_path(name).is_dir():
-                    return pool
+            found = self.services.storage.volumes.find_instance_pool(name)
+            if found is not None:
+                return found
         if root is None:
             raise BadRequest("Failed getting root disk: No root device could be found")
         storage = self.services.storage
@@ -386,22 +386,8 @@ class InstanceService:
 
             await self.db.run(rm)
         known = set(self.records)
-        pools = list(storage.pools.values()) if storage is not None else []
-        for pool in pools:
-            cdir = pool.driver.mount_path / "containers"
-            try:
-                entries = os.listdir(cdir)
-            except OSError:
-                continue
-            for e in entries:
-                if e not in known:
-                    await pool.driver.delete_tree(cdir / e)
-            for cache_root in [pool.driver.mount_path / "images"]:
-                with contextlib.suppress(OSError):
-                    for fp in os.listdir(cache_root):
-                        for key in os.listdir(cache_root / fp):
-                            if key.startswith(".tmp"):
-                                await pool.driver.delete_tree(cache_root / fp / key)
+        if storage is not None:  # volumes no record names, half-made image caches, trash
+            await storage.volumes.sweep(("default", n) for n in known)
         with contextlib.suppress(OSError):
             for e in os.listdir(self.lxcpath):
                 if e not in known:
@@ -753,10 +739,10 @@ class InstanceService:
         created = rfc3339()
         rec = Record(0, name, plan["architecture"], plan["ephemeral"], False, plan["description"], created, "",
                      config, plan["devices"], plan["profiles"])
-        vol = pool.driver.container_path(name)
+        volumes = self.services.storage.volumes
+        vol = volumes.instance_path(pool, name)
         link = self.lxcpath / name
         logdir = self.logs_root / name
-        revert: list = []
         t0 = _now()
         marks: dict[str, float] = {}
         # Order for crash safety: volume, then the record in ONE transaction. A crash before the
@@ -764,43 +750,10 @@ class InstanceService:
         # the instance is complete (load() restores a missing lxcpath link). The name is held in
         # memory (reserve()) meanwhile. Rows flagged `pending` by older versions are swept too.
         try:
-            if vol.exists() or vol.is_symlink():
-                await pool.driver.delete_tree(vol)  # leftover of a crash, never a live instance
-            revert.append(lambda: pool.driver.delete_tree(vol))
-            disk_map = await self._make_volume(plan, vol, desired)
-            # Closed to every host user until a start opens it to the container's own root.
-            await asyncio.to_thread(pool.driver.secure_instance_volume, vol, 0)
-            marks["volume_ms"] = _now() - t0
-            config["volatile.last_state.idmap"] = disk_map.to_json()
-
-            def finish_fs():
-                logdir.mkdir(parents=True, exist_ok=True)
-                os.chmod(logdir, 0o700)
-                if link.is_symlink() or link.exists():
-                    link.unlink()
-                link.symlink_to(vol)
-
-            revert.append(lambda: asyncio.to_thread(_remove_paths, link, logdir))
-            finish_fs()  # three metadata syscalls: cheaper inline than a thread hop
-            marks["fs_ms"] = _now() - t0
-
-            def ins(session):
-                iid = session.execute(text(
-                    "INSERT INTO instances (name, type, architecture, ephemeral, stateful, description, "
-                    "created_at, last_used_at, pending, devices) VALUES (:n, 'container', :a, :e, 0, :d, :c, '', 0, "
-                    "'{}') RETURNING id"),
-                    {"n": name, "a": rec.architecture, "e": rec.ephemeral, "d": rec.description,
-                     "c": created}).scalar_one()
-                rec.id = iid
-                self._write_record_sql(session, rec)
-
-            await self.db.run(ins)
+            async with Revert() as revert:
+                await self._create_locked(plan, rec, revert, desired, vol, link, logdir, marks, t0)
+                revert.success()
         except BaseException:
-            for step in reversed(revert):
-                try:
-                    await step()
-                except Exception:
-                    log.exception("create: revert step failed", extra={"instance": name})
             self._idmap_claims.pop(name, None)
             raise
         self.records[name] = rec
@@ -812,110 +765,76 @@ class InstanceService:
             if mark is not None:
                 self._spawn(_quietly(mark(plan["image"]["fingerprint"])))  # off the launch's path
 
+    async def _create_locked(self, plan: dict, rec: Record, revert: Revert, desired: IdmapSet, vol: Path,
+                             link: Path, logdir: Path, marks: dict, t0: float) -> None:
+        name, pool, config, created = rec.name, plan["pool"], rec.config, rec.created_at
+        volumes = self.services.storage.volumes
+        # The volume (a leftover of a crash under this name is removed first: no record has it).
+        disk_map = await self._make_volume(plan, vol, desired)
+        revert.add(volumes.delete_instance_volume, pool, "default", name, background=False)
+        # Closed to every host user until a start opens it to the container's own root.
+        await asyncio.to_thread(pool.driver.secure_instance_volume, vol, 0)
+        marks["volume_ms"] = _now() - t0
+        config["volatile.last_state.idmap"] = disk_map.to_json()
+
+        def finish_fs():
+            logdir.mkdir(parents=True, exist_ok=True)
+            os.chmod(logdir, 0o700)
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(vol)
+
+        revert.add(asyncio.to_thread, _remove_paths, link, logdir)
+        finish_fs()  # three metadata syscalls: cheaper inline than a thread hop
+        marks["fs_ms"] = _now() - t0
+
+        def ins(session):
+            iid = session.execute(text(
+                "INSERT INTO instances (name, type, architecture, ephemeral, stateful, description, "
+                "created_at, last_used_at, pending, devices) VALUES (:n, 'container', :a, :e, 0, :d, :c, '', 0, "
+                "'{}') RETURNING id"),
+                {"n": name, "a": rec.architecture, "e": rec.ephemeral, "d": rec.description,
+                 "c": created}).scalar_one()
+            rec.id = iid
+            self._write_record_sql(session, rec)
+
+        await self.db.run(ins)
+
     async def _make_volume(self, plan: dict, vol: Path, desired: IdmapSet) -> IdmapSet:
-        """Create the instance volume; returns the id map its files are stored with."""
-        drv = plan["pool"].driver
+        """Create the instance volume through storage (whatever the pool's driver); returns the id
+        map its files are stored with."""
+        pool = plan["pool"]
+        name = plan["name"]
+        volumes = self.services.storage.volumes
         if plan["stype"] == "none":
             uid, gid = desired.root_ids()
 
-            def mk():
-                vol.mkdir(mode=0o700)  # closed (0100) by create() right after
-                (vol / "rootfs").mkdir(mode=0o755)
-                os.chown(vol / "rootfs", uid, gid)
+            async def fill(path: Path) -> None:
+                def mk():
+                    (path / "rootfs").mkdir(mode=0o755)
+                    os.chown(path / "rootfs", uid, gid)
 
-            await asyncio.to_thread(mk)
+                await asyncio.to_thread(mk)
+
+            await volumes.create_empty_instance_volume(pool, "default", name, filler=fill)
             return desired
         if plan["stype"] == "copy":
             src = plan["source_rec"]
             async with self.lock(src.name):
-                src_vol = self.volume_dir(src.name)
-                await drv.copy_tree(src_vol, vol)
+                src_pool = self._root_pool(self.expanded(src.name)[1], src.name)
+                await volumes.copy_instance_volume(src_pool, src.name, pool, name)
             return IdmapSet.from_json(src.config.get("volatile.last_state.idmap"))
-        # From the image: copy (reflink where possible) a cached unpacked, already-shifted tree.
+        # From the image: an image volume's CoW child, or a copy of the unpacked, shifted cache.
         fp = plan["image"]["fingerprint"]
         uid, gid = desired.root_ids()
-        pool = plan["pool"]
-        cache = await self._image_cache(pool, fp, uid, gid)
-        spare = await asyncio.to_thread(self._take_spare, cache, vol)
-        if not spare:
-            await drv.copy_tree(cache, vol)
-        self._spawn(self._refill_spare(pool, cache))
+
+        async def unpack(path: Path) -> None:
+            await self.services.images.unpack(fp, path, uid_shift=uid, gid_shift=gid)
+
+        await volumes.create_instance_volume(pool, "default", name, fp, unpack, f"{uid}_{gid}")
         if desired.empty:
             return IdmapSet(())
         return _simple_map(desired, uid, gid)
-
-    async def _image_cache(self, pool, fp: str, uid: int, gid: int) -> Path:
-        key = f"{uid}_{gid}"
-        cache = pool.driver.image_cache_path(fp, key)
-        if cache.exists():
-            return cache
-        lk = self._cache_locks.setdefault(f"{pool.name}/{fp}/{key}", asyncio.Lock())
-        async with lk:
-            if cache.exists():
-                return cache
-            tmp = cache.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-            await asyncio.to_thread(lambda: (cache.parent.mkdir(parents=True, exist_ok=True),
-                                             os.chmod(cache.parent, 0o700)))
-            try:
-                await asyncio.to_thread(tmp.mkdir, 0o700)
-                await self.services.images.unpack(fp, tmp, uid_shift=uid, gid_shift=gid)
-                # 0100 as an instance volume: copies and spares taken from it are closed from
-                # the moment they appear under containers/.
-                await asyncio.to_thread(os.chmod, tmp, pool.driver.INSTANCE_MODE)
-                await asyncio.to_thread(os.rename, tmp, cache)
-            except BaseException:
-                await pool.driver.delete_tree(tmp)
-                raise
-        return cache
-
-    # A launch renames a ready-made copy of the cache into place ("spare"), and a new spare is
-    # copied in the background, so the copy is off the launch's critical path. Spares are named
-    # `.spare-<key>-*` next to the cache; a crash mid-copy leaves only `.tmp-*`, swept at start-up.
-    SPARES = 2
-
-    @staticmethod
-    def _spares(cache: Path) -> list[Path]:
-        prefix = f".spare-{cache.name}-"
-        try:
-            return sorted(cache.parent / e for e in os.listdir(cache.parent) if e.startswith(prefix))
-        except OSError:
-            return []
-
-    def _take_spare(self, cache: Path, dest: Path) -> bool:
-        for sp in self._spares(cache):
-            try:
-                os.rename(sp, dest)
-                return True
-            except OSError:
-                continue
-        return False
-
-    async def _refill_spare(self, pool, cache: Path) -> None:
-        lk = self._cache_locks.setdefault(f"spare:{cache}", asyncio.Lock())
-        if lk.locked():
-            return
-        async with lk:
-            try:
-                while len(self._spares(cache)) < self.SPARES and cache.exists():
-                    tmp = cache.parent / f".tmp-spare-{uuid.uuid4().hex[:8]}"
-                    try:
-                        await pool.driver.copy_tree(cache, tmp)
-                        await asyncio.to_thread(os.rename, tmp, cache.parent / f".spare-{cache.name}-{tmp.name[11:]}")
-                    except BaseException:
-                        await pool.driver.delete_tree(tmp)
-                        raise
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("preparing a spare root filesystem failed", extra={"cache": str(cache)})
-
-    def drop_image_cache(self, fp: str) -> None:
-        """Forget the unpacked copies of an image (when it is deleted)."""
-        storage = self.services.storage
-        for pool in (storage.pools.values() if storage else []):
-            p = pool.driver.mount_path / "images" / fp
-            if p.exists():
-                _rmtree(p)
 
     # ------------------------------------------------------------------ update
     async def update(self, name: str, *, architecture: str | None, config: dict, devices: dict,
@@ -1015,10 +934,9 @@ class InstanceService:
     async def _delete_locked(self, name: str, requestor: dict | None) -> None:
         rec = self.record(name)
         try:
-            vol = self.volume_dir(name)
-            drv = self._root_pool(self.expanded(name)[1], name).driver
+            pool = self._root_pool(self.expanded(name)[1], name)
         except LXDError:
-            vol, drv = None, None
+            pool = None
 
         def rm(session):
             session.execute(text("DELETE FROM instances WHERE id=:i"), {"i": rec.id})
@@ -1027,21 +945,14 @@ class InstanceService:
         del self.records[name]
         # The lock stays: a task still waiting on it (monitor cgroup clean-up) and a new instance
         # of the same name must serialise on the same object.
-        trash = None
-        if vol is not None and drv is not None:
-            # Rename out of the way now (instant); remove the tree in the background. A crash
-            # before that finishes leaves a `.trash-*` entry, which the start-up sweep removes.
-            trash = vol.parent / f".trash-{name}-{uuid.uuid4().hex[:8]}"
-            try:
-                await asyncio.to_thread(os.rename, vol, trash)
-            except FileNotFoundError:
-                trash = None
+        if pool is not None:
+            # Renamed out of the way now (instant), removed in the background; a crash before
+            # that finishes leaves a `.trash-*` volume, which the start-up sweep removes.
+            await self.services.storage.volumes.delete_instance_volume(pool, "default", name)
         await asyncio.to_thread(_remove_paths, self.lxcpath / name, self.logs_root / name, self.devices_dir(name))
         from lxd_daemon.instances.lxcconf import remove_seccomp_policy
 
         await asyncio.to_thread(remove_seccomp_policy, self.lxcpath, name)  # its policy goes with it
-        if trash is not None:
-            self._spawn(drv.delete_tree(trash))
         self.services.events.lifecycle("instance-deleted", f"/1.0/instances/{name}", requestor=requestor)
 
     async def rename(self, name: str, new: str) -> None:
@@ -1052,11 +963,12 @@ class InstanceService:
                 raise BadRequest("Renaming of running instance not allowed")
             if new in self.records or new in self._reserved:
                 raise Conflict(f"Name {new!r} already in use")
-            old_vol = self.volume_dir(name)
-            new_vol = old_vol.parent / new
+            pool = self._root_pool(self.expanded(name)[1], name)
+            volumes = self.services.storage.volumes
+            old_vol = volumes.instance_path(pool, name)
+            new_vol = await volumes.rename_instance_volume(pool, "default", name, new)
 
             def mv():
-                os.rename(old_vol, new_vol)
                 (self.lxcpath / name).unlink(missing_ok=True)
                 (self.lxcpath / new).symlink_to(new_vol)
                 if (self.logs_root / name).exists():
@@ -1065,22 +977,21 @@ class InstanceService:
 
             def back():
                 (self.lxcpath / new).unlink(missing_ok=True)
-                if new_vol.exists():
-                    os.rename(new_vol, old_vol)
                 (self.lxcpath / name).unlink(missing_ok=True)
                 (self.lxcpath / name).symlink_to(old_vol)
                 if (self.logs_root / new).exists():
                     os.rename(self.logs_root / new, self.logs_root / name)
 
-            await asyncio.to_thread(mv)
-            try:
+            async with Revert() as revert:
+                revert.add(volumes.rename_instance_volume, pool, "default", new, name)
+                revert.add(asyncio.to_thread, back)
+                await asyncio.to_thread(mv)
+
                 def upd(session):
                     session.execute(text("UPDATE instances SET name=:n WHERE id=:i"), {"n": new, "i": rec.id})
 
                 await self.db.run(upd)
-            except BaseException:
-                await asyncio.to_thread(back)
-                raise
+                revert.success()
             del self.records[name]
             rec.name = new
             self.records[new] = rec

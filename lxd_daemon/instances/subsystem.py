@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from lxd_daemon.api import instance_logs, instance_state, instances, profiles  # noqa: F401  (routes register)
 from lxd_daemon.instances.service import InstanceService
 from lxd_daemon.profiles.service import ProfileService
@@ -34,12 +32,9 @@ async def setup(services) -> list:
             return out
 
         services.storage.used_by_providers.append(pool_used_by)
-    if services.images is not None:
-        async def drop_image_cache(fp: str) -> None:
-            # Unpacked, shifted copies of a deleted image go with it.
-            await asyncio.to_thread(svc.drop_image_cache, fp)
-
-        services.images.on_delete.append(drop_image_cache)
+    if services.images is not None and services.storage is not None:
+        # Unpacked, shifted copies (image caches, image volumes) of a deleted image go with it.
+        services.images.on_delete.append(services.storage.volumes.drop_image)
     services.startup_hooks.append(svc.autostart)
     services.shutdown_hooks.append(svc.shutdown_all)
     services.exit_hooks.append(svc.close)

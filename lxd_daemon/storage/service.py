@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from sqlalchemy import text
 
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
 from lxd_daemon.storage.drivers import DRIVERS, Driver
+from lxd_daemon.storage.volumes import VolumeService
+from lxd_daemon.util.revert import Revert
 
+log = logging.getLogger("lxd.storage")
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-POOL_KEYS = {"source", "size", "rsync.bwlimit", "volume.size", "volume.block.filesystem"}
+# Keys every driver's pools take; each driver adds its own (Driver.pool_keys).
+POOL_KEYS = {"source", "size", "rsync.bwlimit", "rsync.compression", "volume.size", "volume.block.filesystem"}
 
 
 @dataclass
@@ -36,6 +40,9 @@ class StorageService:
         self.pools: dict[str, Pool] = {}
         self.used_by_providers = []  # async callables(pool_name) -> list[str]
         self._lock = asyncio.Lock()
+        self.volumes = VolumeService(self)
+        # name -> (usable here, version or why not), asked once at start-up.
+        self.drivers_available: dict[str, tuple[bool, str]] = {}
 
     async def load(self) -> None:
         def q(session):
@@ -45,6 +52,24 @@ class StorageService:
             cfg = json.loads(row.config)
             self.pools[row.name] = Pool(row.id, row.name, row.driver, row.description, cfg,
                                         self._driver(row.name, row.driver, cfg))
+
+        def probe() -> dict[str, tuple[bool, str]]:
+            out = {}
+            for dname, cls in DRIVERS.items():
+                try:
+                    out[dname] = cls.available()
+                except Exception as e:  # a broken tool must not stop the daemon
+                    out[dname] = (False, str(e))
+            return out
+
+        self.drivers_available = await asyncio.to_thread(probe)
+        for pool in self.pools.values():
+            # Bring each pool's volumes within reach (a loop file re-attached after a reboot,
+            # a zpool imported, a VG activated); a pool that can't be mounted stays listed.
+            try:
+                await pool.driver.mount_pool()
+            except Exception as e:
+                log.warning("couldn't mount the storage pool", extra={"pool": pool.name, "err": str(e)})
         self._advertise_driver()
 
     def _driver(self, name: str, driver: str, config: dict) -> Driver:
@@ -52,11 +77,16 @@ class StorageService:
 
     def _advertise_driver(self) -> None:
         server = self.services.server
-        server.storage_supported_drivers = [{"Name": "dir", "Version": "1", "Remote": False}]
+        supported = []
+        for dname, cls in DRIVERS.items():
+            ok, version = self.drivers_available.get(dname, (dname == "dir", cls.info.version))
+            if ok:
+                supported.append({**cls.info.to_api(), "Version": version})
+        server.storage_supported_drivers = supported
         if self.pools:
             first = next(iter(self.pools.values()))
             server.storage = first.driver_name
-            server.storage_version = first.driver.version
+            server.storage_version = self.drivers_available.get(first.driver_name, (True, first.driver.info.version))[1]
         server.invalidate()
 
     def get(self, name: str) -> Pool:
@@ -77,40 +107,49 @@ class StorageService:
                 "status": "Created", "locations": ["none"]}
 
     @staticmethod
-    def _validate_config(driver: str, config: dict[str, str]) -> None:
+    def _validate_config(driver: str, config: dict[str, str]) -> dict[str, str]:
+        """Check every key against the common ones and the driver's own (`pool_keys`, each with
+        its validator), then let the driver check values and fill its defaults."""
+        cls = DRIVERS[driver]
         for key, value in config.items():
-            if key not in POOL_KEYS:
+            if key in cls.pool_keys:
+                try:
+                    cls.pool_keys[key](value)
+                except (ValueError, TypeError) as e:
+                    raise BadRequest(f"Invalid value for storage pool config {key!r}: {e}") from None
+            elif key not in POOL_KEYS:
                 raise BadRequest(f"Invalid option for storage pool config: {key!r}")
             if key == "source" and value and not value.startswith("/"):
                 raise BadRequest(f"Invalid value for source {value!r}: must be an absolute path")
+        return cls.validate_pool_config(dict(config))
 
     async def create(self, name: str, driver: str, description: str, config: dict[str, str]) -> Pool:
         if not POOL_NAME.match(name):
             raise BadRequest(f"Invalid storage pool name {name!r}")
         if driver not in DRIVERS:
-            raise BadRequest(f"Storage pool driver {driver!r} is not supported by this server (supported: dir)")
-        config = dict(config)
-        self._validate_config(driver, config)
+            raise BadRequest(f"Storage pool driver {driver!r} is not supported by this server "
+                             f"(supported: {', '.join(sorted(DRIVERS))})")
+        ok, why = self.drivers_available.get(driver, (True, ""))
+        if not ok:
+            raise BadRequest(f"Storage pool driver {driver!r} can't run on this server: {why}")
+        config = self._validate_config(driver, dict(config))
         async with self._lock:
             if name in self.pools:
                 raise Conflict(f"Storage pool {name!r} already exists")
-            mount = self.root / name
-            source = config.get("source") or str(mount)
-            config["source"] = source
 
             def prepare() -> None:
                 self.root.mkdir(parents=True, exist_ok=True)
                 os.chmod(self.root, 0o711)
-                if source != str(mount):
-                    Path(source).mkdir(parents=True, exist_ok=True)
-                    if mount.is_symlink() or mount.exists():
-                        raise BadRequest(f"{mount} already exists")
-                    mount.symlink_to(source)
 
             await asyncio.to_thread(prepare)
             drv = self._driver(name, driver, config)
-            try:
+            async with Revert() as revert:
+                # The driver makes the pool (a loop file, a mount, a directory layout, or a link
+                # to the user's `source`) and may fill keys in (`source`, `size`); nothing is
+                # left of it if it fails, and it is removed again if the record can't be written.
                 await drv.create_pool()
+                revert.add(drv.delete_pool)
+                config = dict(drv.config)
 
                 def ins(session):
                     return session.execute(
@@ -119,12 +158,8 @@ class StorageService:
                         {"n": name, "d": driver, "desc": description, "c": json.dumps(config)}).scalar_one()
 
                 pool_id = await self.db.run(ins)
-            except BaseException:
-                if mount.is_symlink():
-                    mount.unlink()
-                else:
-                    await drv.delete_tree(mount)
-                raise
+                revert.success()
+            drv.config = config
             pool = Pool(pool_id, name, driver, description, config, drv)
             self.pools[name] = pool
         self._advertise_driver()
@@ -136,7 +171,12 @@ class StorageService:
         config.setdefault("source", pool.config.get("source", ""))
         if config.get("source") != pool.config.get("source"):
             raise BadRequest("The source of a storage pool can't be changed")
-        self._validate_config(pool.driver_name, config)
+        config = self._validate_config(pool.driver_name, config)
+        changed = {k: v for k, v in config.items() if pool.config.get(k) != v}
+        changed.update({k: "" for k in pool.config if k not in config})
+        changed.pop("source", None)
+        if changed:
+            await pool.driver.update_pool(changed)
 
         def upd(session):
             session.execute(text("UPDATE storage_pools SET description=:d, config=:c WHERE id=:i"),
@@ -145,6 +185,7 @@ class StorageService:
         await self.db.run(upd)
         pool.description = description
         pool.config = config
+        pool.driver.config = config
 
     async def delete(self, name: str) -> None:
         pool = self.get(name)
@@ -156,9 +197,5 @@ class StorageService:
 
         await self.db.run(rm)
         del self.pools[name]
-        mount = self.root / name
-        if mount.is_symlink():
-            mount.unlink()
-        else:
-            await pool.driver.delete_pool()
+        await pool.driver.delete_pool()
         self._advertise_driver()

@@ -10,5 +10,6 @@ async def setup(services) -> list:
     storage = StorageService(services)
     await storage.load()
     services.storage = storage
+    services.exit_hooks.append(storage.volumes.close)
     services.server.advertise("storage")
     return [storage_pools.router]

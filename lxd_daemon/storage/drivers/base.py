@@ -1,45 +1,250 @@
-"""The interface a storage driver implements for instance root filesystems and image caches."""
+"""The interface every storage driver implements: pools, volumes, snapshots, backups, migration.
+
+A driver owns the volumes of one pool on the host (directories, btrfs subvolumes, zfs datasets,
+lvm logical volumes) and nothing else: it never touches the database, never knows about
+instances or images beyond the `Volume` it is handed, and declares what it can do in `info`
+(a DriverInfo: callers test its flags, never the driver's name). The orchestration on top (the
+records, image volumes, revert on failure, locking) lives once in the storage service.
+
+Conventions for every method:
+- Volumes are lxd_daemon.storage.volume.Volume values; a snapshot is a Volume whose name is
+  `parent/snap`.
+- Methods that do I/O are coroutines and never block the event loop (tools through
+  asyncio.create_subprocess_exec, file work through asyncio.to_thread).
+- A method that fails leaves nothing behind that it made (a partial subvolume, dataset, LV or
+  directory is removed before the error propagates); errors are lxd_daemon.errors.LXDError
+  (BadRequest for what the user asked wrong, InsufficientStorage for a full pool, LXDError(500)
+  with the tool's message otherwise).
+- Filesystem volumes are reachable at `volume_path(vol)` while mounted; `mount_volume` returns
+  that path (a no-op for drivers whose volumes are always reachable, such as dir and btrfs).
+"""
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import BinaryIO, ClassVar
+
+from lxd_daemon.storage.volume import DriverInfo, Volume, VolumeType
+
+# Fills a freshly created, mounted, empty filesystem volume (e.g. unpacks an image into it).
+Filler = Callable[[Path], Awaitable[None]]
 
 
 class Driver(ABC):
-    name = ""
-    version = ""
+    info: ClassVar[DriverInfo]
+    # Pool config keys this driver accepts besides the common ones (source, size,
+    # volume.size, ...), each with a validator raising ValueError for a bad value.
+    pool_keys: ClassVar[dict[str, Callable[[str], object]]] = {}
 
     def __init__(self, pool_name: str, mount_path: Path, config: dict[str, str]):
         self.pool_name = pool_name
-        self.mount_path = mount_path
+        self.mount_path = mount_path  # $LXD_DIR/storage-pools/<pool>
         self.config = config
 
+    # Compatibility names (the first dir-only interface); to go once callers use `info`.
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def version(self) -> str:
+        return self.info.version
+
+    # -- the driver on this host -----------------------------------------------------------
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """Whether this host can run the driver (tools installed, kernel support), and its
+        version (or why not). Called once at start-up for `GET /1.0`'s driver list."""
+        return True, cls.info.version
+
+    @classmethod
+    def validate_pool_config(cls, config: dict[str, str]) -> dict[str, str]:
+        """Check the driver's keys and values; returns the config with the driver's defaults
+        filled in (e.g. `size` for a loop-backed pool). Raises BadRequest naming the key."""
+        return dict(config)
+
+    # -- pools -------------------------------------------------------------------------------
     @abstractmethod
     async def create_pool(self) -> None:
-        """Create the pool's layout (idempotent)."""
+        """Create the pool (loop file, filesystem, volume group, zpool, or the directory layout on
+        an existing source) and its layout; idempotent on the layout."""
 
     @abstractmethod
     async def delete_pool(self) -> None:
-        """Remove the pool's layout (only when nothing uses it)."""
+        """Remove the pool and everything the driver made for it (loop file, zpool, VG);
+        a `source` the user brought is left as it was before create_pool."""
 
-    def container_path(self, name: str) -> Path:
-        return self.mount_path / "containers" / name
+    async def mount_pool(self) -> bool:
+        """Make the pool's volumes reachable (mount the loop file or device, import the zpool,
+        activate the VG); True if this call mounted it. Called at every daemon start."""
+        return False
 
-    def image_cache_path(self, fingerprint: str, key: str) -> Path:
-        return self.mount_path / "images" / fingerprint / key
+    async def unmount_pool(self) -> bool:
+        return False
+
+    async def update_pool(self, changed: dict[str, str]) -> None:
+        """Apply changed pool keys that may change on a live pool (e.g. `size` growth)."""
+        if changed:
+            from lxd_daemon.errors import BadRequest
+
+            raise BadRequest(f"Storage pool keys can't be changed on a {self.info.name} pool: {', '.join(sorted(changed))}")
 
     @abstractmethod
-    async def copy_tree(self, src: Path, dst: Path) -> None:
-        """Copy a volume's tree (ownership, modes, xattrs kept); dst must not exist."""
-
-    @abstractmethod
-    async def delete_tree(self, path: Path) -> None:
-        """Remove a volume's tree (missing is fine)."""
-
     def usage(self) -> dict:
-        return {}
+        """`/1.0/storage-pools/<pool>/resources`: {"space": {"used", "total"}, "inodes": {...}}."""
+
+    async def pool_usage(self) -> dict:
+        """usage() for drivers that must ask a tool (lvs, zfs get): those refresh it here and
+        usage() returns the last value. Callers in the event loop should prefer this."""
+        return self.usage()
+
+    # -- volumes -----------------------------------------------------------------------------
+    def volume_path(self, vol: Volume) -> Path:
+        """Where a filesystem volume (or a snapshot) is reachable on the host, as LXD lays it out:
+        `<pool>/<type dir>/<storage name>`, snapshots under `<type dir>-snapshots/<storage name>/<snap>`."""
+        if vol.is_snapshot:
+            return self.mount_path / vol.type.snapshots_dir_name / vol.storage_name / vol.snapshot_name
+        if vol.type is VolumeType.IMAGE:
+            return self.mount_path / vol.type.dir_name / vol.name
+        return self.mount_path / vol.type.dir_name / vol.storage_name
+
+    def snapshots_dir(self, vol: Volume) -> Path:
+        """The directory holding `vol`'s snapshots (`<type dir>-snapshots/<storage name>`)."""
+        return self.mount_path / vol.type.snapshots_dir_name / vol.storage_name
+
+    def volume_mode(self, vol: Volume) -> int:
+        """The mode of a volume's top directory (see "who may enter the pool" below)."""
+        if vol.type is VolumeType.IMAGE:
+            return self.IMAGE_MODE
+        if vol.type is VolumeType.CUSTOM:
+            return self.CUSTOM_MODE
+        return self.INSTANCE_MODE
+
+    async def _rename_volume_dirs(self, vol: Volume, new_name: str, exists: Callable[[Path], bool]) -> None:
+        """Rename a volume whose volume and snapshots are directory entries of the pool (dir,
+        btrfs subvolumes): both move, or neither. `exists(path)` tells whether the volume is there."""
+        import asyncio
+
+        from lxd_daemon.errors import BadRequest, Conflict, NotFound
+
+        if vol.is_snapshot:
+            raise BadRequest("Use rename_snapshot to rename a snapshot")
+        new = vol.renamed(new_name)
+        old_path, new_path = self.volume_path(vol), self.volume_path(new)
+        old_snaps, new_snaps = self.snapshots_dir(vol), self.snapshots_dir(new)
+
+        def mv() -> None:
+            if not exists(old_path):
+                raise NotFound(f"Storage volume {vol.name!r} not found on pool {self.pool_name!r}")
+            if os.path.lexists(new_path) or os.path.lexists(new_snaps):
+                raise Conflict(f"Storage volume {new_name!r} already exists on pool {self.pool_name!r}")
+            os.rename(old_path, new_path)
+            try:
+                if old_snaps.is_dir():
+                    os.rename(old_snaps, new_snaps)
+            except BaseException:
+                os.rename(new_path, old_path)
+                raise
+
+        await asyncio.to_thread(mv)
+
+    @abstractmethod
+    async def has_volume(self, vol: Volume) -> bool:
+        """Whether the volume (or snapshot) exists on the pool."""
+
+    @abstractmethod
+    async def create_volume(self, vol: Volume, filler: Filler | None = None) -> None:
+        """Create an empty volume (honouring `size` where the driver has quotas) and, with
+        `filler`, fill it while mounted. Nothing is left if the filler fails."""
+
+    @abstractmethod
+    async def create_volume_from_copy(self, vol: Volume, src: Volume, *, snapshots: bool = False) -> None:
+        """Create `vol` as a copy of `src` (a volume or a snapshot of the same pool) through the
+        driver's fastest path (reflink, subvolume snapshot, zfs clone/send, thin snapshot); with
+        `snapshots`, `src`'s snapshots are copied too. Ownership, modes, xattrs, ACLs and device
+        nodes are kept."""
+
+    async def create_volume_from_image(self, vol: Volume, image: Volume) -> None:
+        """Create an instance volume from the pool's image volume `image` (which exists). Drivers
+        with `info.optimized_images` make a copy-on-write child; the default copies."""
+        await self.create_volume_from_copy(vol, image)
+
+    @abstractmethod
+    async def delete_volume(self, vol: Volume) -> None:
+        """Delete a volume (its snapshots must be gone first); a missing volume is fine."""
+
+    @abstractmethod
+    async def rename_volume(self, vol: Volume, new_name: str) -> None:
+        """Rename a volume together with its snapshots."""
+
+    async def set_volume_quota(self, vol: Volume, size: int | None) -> None:
+        """Apply `size` (bytes; None or 0 removes the limit). Drivers without quotas refuse
+        with a BadRequest saying why."""
+        from lxd_daemon.errors import BadRequest
+
+        if size:
+            raise BadRequest(f"The {self.info.name} driver can't limit a volume's size on this pool")
+
+    async def mount_volume(self, vol: Volume) -> Path:
+        return self.volume_path(vol)
+
+    async def unmount_volume(self, vol: Volume) -> bool:
+        return False
+
+    @abstractmethod
+    async def volume_usage(self, vol: Volume) -> int | None:
+        """Bytes used by the volume (None where the driver can't tell cheaply)."""
+
+    @abstractmethod
+    async def list_volumes(self) -> list[Volume]:
+        """Every volume on the pool, snapshots included, from the pool itself (for `lxd recover`)."""
+
+    # -- snapshots ---------------------------------------------------------------------------
+    @abstractmethod
+    async def create_snapshot(self, snap: Volume) -> None:
+        """Snapshot `snap.parent()` as `snap` (read-only where the driver can)."""
+
+    @abstractmethod
+    async def delete_snapshot(self, snap: Volume) -> None:
+        ...
+
+    @abstractmethod
+    async def rename_snapshot(self, snap: Volume, new_snapshot_name: str) -> None:
+        ...
+
+    @abstractmethod
+    async def restore_snapshot(self, snap: Volume) -> None:
+        """Make `snap.parent()` what `snap` holds (the volume is not in use, or frozen)."""
+
+    @abstractmethod
+    async def list_snapshots(self, vol: Volume) -> list[str]:
+        """Names of `vol`'s snapshots on the pool, oldest first."""
+
+    # -- backups (the driver's optimised format; the generic tarball is the service's) --------
+    async def backup_volume_optimized(self, vol: Volume, snapshots: list[str], out: BinaryIO) -> list[str]:
+        """Write the optimised backup of `vol` (and of `snapshots`, oldest first) into `out` as
+        the members LXD's backup tarball has for this driver; returns the member names.
+        Only for `info.optimized_backups` drivers."""
+        raise NotImplementedError
+
+    async def restore_volume_optimized(self, vol: Volume, snapshots: list[str], member: Callable[[str], BinaryIO]) -> None:
+        """Create `vol` and its `snapshots` from an optimised backup (`member(name)` opens one
+        member of the tarball). Only for `info.optimized_backups` drivers."""
+        raise NotImplementedError
+
+    # -- migration ---------------------------------------------------------------------------
+    async def send_volume(self, vol: Volume, snapshots: list[str], transport: str,
+                          write: Callable[[bytes], Awaitable[None]]) -> None:
+        """Send `vol` (and `snapshots`) as a stream in `transport` (one of info.migration_types
+        other than RSYNC, which the service does for every driver)."""
+        raise NotImplementedError
+
+    async def receive_volume(self, vol: Volume, snapshots: list[str], transport: str,
+                             chunks: AsyncIterator[bytes]) -> None:
+        raise NotImplementedError
 
     # -- who may enter the pool ----------------------------------------------------------
     # As LXD: the pool and the directories of volume types whose volumes a container must reach
@@ -56,6 +261,15 @@ class Driver(ABC):
     IMAGE_MODE = 0o700
     CUSTOM_MODE = 0o711
 
+    def make_layout(self) -> None:
+        """The pool's directory per volume type (and per type's snapshots), with their modes; the
+        pool's mount path must exist."""
+        os.chmod(self.mount_path, self.POOL_MODE)
+        for sub, mode in self.TYPE_DIR_MODES.items():
+            p = self.mount_path / sub
+            p.mkdir(exist_ok=True)
+            os.chmod(p, mode)
+
     def secure_instance_volume(self, path: Path, owner_uid: int = 0) -> None:
         """Close an instance (or instance snapshot) volume: mode 0100, owned by `owner_uid`
         (the host uid of the container's root while it runs, else 0) and group root."""
@@ -68,11 +282,7 @@ class Driver(ABC):
         root = self.mount_path
         if not root.is_dir():
             return
-        os.chmod(root, self.POOL_MODE)
-        for sub, mode in self.TYPE_DIR_MODES.items():
-            p = root / sub
-            p.mkdir(exist_ok=True)
-            os.chmod(p, mode)
+        self.make_layout()
         images = root / "images"
         for fp in os.listdir(images):
             fdir = images / fp
@@ -81,7 +291,9 @@ class Driver(ABC):
             os.chmod(fdir, self.IMAGE_MODE)
             for key in os.listdir(fdir):
                 p = fdir / key
-                if not p.is_symlink() and p.is_dir():
+                # Cache entries (`<uid>_<gid>`, spares, temporaries) only: an image volume's own
+                # content (rootfs/, templates/) keeps its modes.
+                if (key[:1].isdigit() or key.startswith(".")) and not p.is_symlink() and p.is_dir():
                     os.chmod(p, self.INSTANCE_MODE)  # copied into containers/ as they are
         for sub in ("containers", "virtual-machines"):
             for e in os.listdir(root / sub):
