@@ -44,15 +44,6 @@ class Driver(ABC):
         self.mount_path = mount_path  # $LXD_DIR/storage-pools/<pool>
         self.config = config
 
-    # Compatibility names (the first dir-only interface); to go once callers use `info`.
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def version(self) -> str:
-        return self.info.version
-
     # -- the driver on this host -----------------------------------------------------------
     @classmethod
     def available(cls) -> tuple[bool, str]:
