@@ -92,8 +92,9 @@ def alive(pid: int, start_time: int | None) -> bool:
     return state not in ("Z", "X") and (start_time is None or st == start_time)
 
 
-def cgroup_paths(pid: int) -> dict[str, str]:
-    """controller -> absolute cgroup directory of the process ("" key for the v2 hierarchy)."""
+def _cgroup_dirs(pid: int, rel_of=lambda rel: rel) -> dict[str, str]:
+    """controller -> absolute directory ("" key for the v2 hierarchy) of `rel_of(path)` for each
+    of the process's cgroup paths; hierarchies where `rel_of` answers None are left out."""
     raw = _read(f"/proc/{pid}/cgroup")
     out: dict[str, str] = {}
     if raw is None:
@@ -103,6 +104,9 @@ def cgroup_paths(pid: int) -> dict[str, str]:
         if len(parts) != 3:
             continue
         _, ctrls, rel = parts
+        rel = rel_of(rel)
+        if rel is None:
+            continue
         if ctrls == "":
             out[""] = _V2_BASE + rel
             continue
@@ -110,6 +114,11 @@ def cgroup_paths(pid: int) -> dict[str, str]:
             name = c.removeprefix("name=")
             out[name] = f"{_ROOT}/{name}{rel}"
     return out
+
+
+def cgroup_paths(pid: int) -> dict[str, str]:
+    """controller -> absolute cgroup directory of the process ("" key for the v2 hierarchy)."""
+    return _cgroup_dirs(pid)
 
 
 def freezer_state(cg: dict[str, str]) -> str:
@@ -149,25 +158,7 @@ def container_cgroups(name: str, pid: int) -> dict[str, str]:
     """controller -> the container's own cgroup directory (`.../lxc.payload.<name>`), from where
     its init `pid` is now. Hierarchies where the pid is not inside that cgroup are left out, so
     an exiting or unrelated pid yields {} instead of some other cgroup."""
-    raw = _read(f"/proc/{pid}/cgroup")
-    out: dict[str, str] = {}
-    if raw is None:
-        return out
-    for line in raw.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        _, ctrls, rel = parts
-        top = own_cgroup(rel, name)
-        if top is None:
-            continue
-        if ctrls == "":
-            out[""] = _V2_BASE + top
-            continue
-        for c in ctrls.split(","):
-            cname = c.removeprefix("name=")
-            out[cname] = f"{_ROOT}/{cname}{top}"
-    return out
+    return _cgroup_dirs(pid, lambda rel: own_cgroup(rel, name))
 
 
 def check_container_cgroups(cg: dict[str, str], name: str) -> None:

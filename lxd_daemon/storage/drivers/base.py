@@ -142,6 +142,36 @@ class Driver(ABC):
 
         await asyncio.to_thread(mv)
 
+    async def _rename_snapshot_entry(self, old: Path, snap: Volume, new_snapshot_name: str) -> None:
+        """Rename the snapshot at `old` (a directory entry of the pool) to `new_snapshot_name`."""
+        import asyncio
+
+        from lxd_daemon.errors import Conflict
+
+        new = self.volume_path(snap.parent().snapshot(new_snapshot_name))
+
+        def mv() -> None:
+            if os.path.lexists(new):
+                raise Conflict(f"Snapshot {new_snapshot_name!r} already exists")
+            os.rename(old, new)
+
+        await asyncio.to_thread(mv)
+
+    def make_mountpoint(self, vol: Volume) -> None:
+        """The directory a mounted volume (LV, dataset) appears at, with the volume's mode."""
+        path = self.volume_path(vol)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(path, self.volume_mode(vol))
+
+    def remove_mountpoint(self, vol: Volume) -> None:
+        """Remove a volume's mount point (and a snapshot's parent directory) when empty."""
+        from lxd_daemon.storage.drivers.blockutil import remove_empty_dir
+
+        remove_empty_dir(self.volume_path(vol))
+        if vol.is_snapshot:
+            remove_empty_dir(self.volume_path(vol).parent)
+
     @abstractmethod
     async def has_volume(self, vol: Volume) -> bool:
         """Whether the volume (or snapshot) exists on the pool."""

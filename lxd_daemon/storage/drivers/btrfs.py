@@ -667,14 +667,7 @@ class BtrfsDriver(Driver):
         old = await self._require(snap)
         if "/" in new_snapshot_name or not new_snapshot_name:
             raise BadRequest(f"Invalid snapshot name {new_snapshot_name!r}")
-        new = self.volume_path(snap.parent().snapshot(new_snapshot_name))
-
-        def mv() -> None:
-            if os.path.lexists(new):
-                raise Conflict(f"Snapshot {new_snapshot_name!r} already exists")
-            os.rename(old, new)
-
-        await asyncio.to_thread(mv)
+        await self._rename_snapshot_entry(old, snap, new_snapshot_name)
 
     async def restore_snapshot(self, snap: Volume) -> None:
         src = await self._require(snap)

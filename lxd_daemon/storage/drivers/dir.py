@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
 from lxd_daemon.storage.drivers.base import Driver, Filler
+from lxd_daemon.storage.drivers.blockutil import remove_empty_dir
 from lxd_daemon.storage.drivers.tools import ToolError, run
 from lxd_daemon.storage.drivers.trees import copy_tree, remove_tree
 from lxd_daemon.storage.volume import DriverInfo, Volume, VolumeType
@@ -219,7 +220,7 @@ class DirDriver(Driver):
         if await asyncio.to_thread(_listdir, sdir):
             raise BadRequest(f"Storage volume {vol.name!r} still has snapshots")
         await self._remove(self.volume_path(vol))
-        await asyncio.to_thread(_rmdir_quiet, sdir)
+        await asyncio.to_thread(remove_empty_dir, sdir)
 
     async def rename_volume(self, vol: Volume, new_name: str) -> None:
         await self._rename_volume_dirs(vol, new_name, Path.is_dir)
@@ -291,24 +292,17 @@ class DirDriver(Driver):
         except BaseException:
             await self._remove(dst)
             if made_dir:
-                await asyncio.to_thread(_rmdir_quiet, sdir)
+                await asyncio.to_thread(remove_empty_dir, sdir)
             raise
 
     async def delete_snapshot(self, snap: Volume) -> None:
         path = self.volume_path(snap)
         await self._remove(path)
-        await asyncio.to_thread(_rmdir_quiet, path.parent)
+        await asyncio.to_thread(remove_empty_dir, path.parent)
 
     async def rename_snapshot(self, snap: Volume, new_snapshot_name: str) -> None:
         old = await self._require(snap)
-        new = self.volume_path(snap.parent().snapshot(new_snapshot_name))
-
-        def mv() -> None:
-            if os.path.lexists(new):
-                raise Conflict(f"Snapshot {new_snapshot_name!r} already exists")
-            os.rename(old, new)
-
-        await asyncio.to_thread(mv)
+        await self._rename_snapshot_entry(old, snap, new_snapshot_name)
 
     async def restore_snapshot(self, snap: Volume) -> None:
         src = await self._require(snap)
@@ -363,9 +357,3 @@ def _mkdir_mode(path: Path, mode: int) -> None:
         return
     os.chmod(path, mode)
 
-
-def _rmdir_quiet(path: Path) -> None:
-    try:
-        path.rmdir()
-    except OSError:
-        pass

@@ -519,18 +519,6 @@ class LvmDriver(Driver):
     async def has_volume(self, vol: Volume) -> bool:
         return await self._lv_exists(self.dev(vol))
 
-    def _make_mountpoint(self, vol: Volume) -> None:
-        path = self.volume_path(vol)
-        if vol.is_snapshot:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(path, self.volume_mode(vol))
-
-    def _remove_mountpoint(self, vol: Volume) -> None:
-        bu.remove_empty_dir(self.volume_path(vol))
-        if vol.is_snapshot:
-            bu.remove_empty_dir(self.volume_path(vol).parent)
-
     async def _lvcreate(self, vol: Volume, size: int) -> None:
         lv = lv_name(vol)
         argv = ["lvcreate", "--name", lv, "--yes", "--wipesignatures", "y"]
@@ -557,8 +545,8 @@ class LvmDriver(Driver):
                 await bu.mkfs(dev, self.fs(vol))
             await tools.run("lvchange", "--setactivationskip", "y", dev)
             if vol.content_type is ContentType.FILESYSTEM:
-                await asyncio.to_thread(self._make_mountpoint, vol)
-                undo.callback(self._remove_mountpoint, vol)
+                await asyncio.to_thread(self.make_mountpoint, vol)
+                undo.callback(self.remove_mountpoint, vol)
                 path = await self.mount_volume(vol)
                 try:
                     await asyncio.to_thread(os.chmod, path, self.volume_mode(vol))
@@ -585,8 +573,8 @@ class LvmDriver(Driver):
                 new_snap = vol.snapshot(snap)
                 if await self._lv_exists(self.dev(new_snap)):
                     raise Conflict(f"LVM snapshot volume already exists {new_snap.name!r}")
-                await asyncio.to_thread(self._make_mountpoint, new_snap)
-                undo.callback(self._remove_mountpoint, new_snap)
+                await asyncio.to_thread(self.make_mountpoint, new_snap)
+                undo.callback(self.remove_mountpoint, new_snap)
                 await self._lvcreate_snapshot(self.dev(src.snapshot(snap)), lv_name(new_snap), readonly=True)
                 undo.push_async_callback(self._lvremove, self.dev(new_snap))
             if await self._lv_exists(self.dev(vol)):
@@ -594,8 +582,8 @@ class LvmDriver(Driver):
             await self._lvcreate_snapshot(self.dev(src), lv_name(vol), readonly=False)
             undo.push_async_callback(self._lvremove, self.dev(vol))
             if vol.content_type is ContentType.FILESYSTEM:
-                await asyncio.to_thread(self._make_mountpoint, vol)
-                undo.callback(self._remove_mountpoint, vol)
+                await asyncio.to_thread(self.make_mountpoint, vol)
+                undo.callback(self.remove_mountpoint, vol)
                 await self._regenerate_uuid(vol, self.dev(vol))
             if vol.config.get("size"):
                 await self.set_volume_quota(vol, parse_byte_size(vol.config["size"]))
@@ -638,7 +626,7 @@ class LvmDriver(Driver):
         tmp = self._dev_named(lv_name(vol) + TMP_SUFFIX)
         if not vol.is_snapshot and await self._lv_exists(tmp):
             await self._lvremove(tmp)  # left by a restore or refresh that was interrupted
-        await asyncio.to_thread(self._remove_mountpoint, vol)
+        await asyncio.to_thread(self.remove_mountpoint, vol)
         if not vol.is_snapshot:
             snapdir = self.mount_path / vol.type.snapshots_dir_name / vol.storage_name
             await asyncio.to_thread(bu.remove_empty_dir, snapdir)
@@ -720,7 +708,7 @@ class LvmDriver(Driver):
             return path
         if bu.mounted(path):
             return path
-        await asyncio.to_thread(self._make_mountpoint, vol)
+        await asyncio.to_thread(self.make_mountpoint, vol)
         dev = self.dev(vol)
         await self._activate(dev)
         options = self.mount_options(vol)
@@ -802,8 +790,8 @@ class LvmDriver(Driver):
         if not await self._lv_exists(self.dev(parent)):
             raise NotFound(f"Volume {parent.name!r} not found on the pool")
         async with contextlib.AsyncExitStack() as undo:
-            await asyncio.to_thread(self._make_mountpoint, snap)
-            undo.callback(self._remove_mountpoint, snap)
+            await asyncio.to_thread(self.make_mountpoint, snap)
+            undo.callback(self.remove_mountpoint, snap)
             size = None if self.uses_thinpool else await self._lv_size(self.dev(parent))
             await self._lvcreate_snapshot(self.dev(parent), lv_name(snap), readonly=True, size=size)
             undo.pop_all()

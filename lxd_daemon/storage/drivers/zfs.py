@@ -363,17 +363,6 @@ class ZfsDriver(Driver):
     async def has_volume(self, vol: Volume) -> bool:
         return await self._exists(self.dataset(vol))
 
-    def _make_mountpoint(self, vol: Volume) -> None:
-        path = self.volume_path(vol)
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(path, self.volume_mode(vol))
-
-    def _remove_mountpoint(self, vol: Volume) -> None:
-        bu.remove_empty_dir(self.volume_path(vol))
-        if vol.is_snapshot:
-            bu.remove_empty_dir(self.volume_path(vol).parent)
-
     async def _apply_mount_properties(self, vol: Volume) -> None:
         await self._set(self.dataset(vol), f"mountpoint={self.volume_path(vol)}", "canmount=noauto")
 
@@ -383,13 +372,13 @@ class ZfsDriver(Driver):
             deleted = self.deleted_dataset(vol)
             if await self._exists(deleted):
                 # The image was deleted while instances still used it: bring it back.
-                await asyncio.to_thread(self._make_mountpoint, vol)
+                await asyncio.to_thread(self.make_mountpoint, vol)
                 await self._zfs("rename", deleted, ds, what="Failed to restore the cached image volume")
                 return
         async with contextlib.AsyncExitStack() as undo:
             if vol.content_type is ContentType.FILESYSTEM:
-                await asyncio.to_thread(self._make_mountpoint, vol)
-                undo.callback(self._remove_mountpoint, vol)
+                await asyncio.to_thread(self.make_mountpoint, vol)
+                undo.callback(self.remove_mountpoint, vol)
                 await self._zfs("create", "-o", f"mountpoint={self.volume_path(vol)}", "-o", "canmount=noauto", ds,
                                 what=f"Failed to create volume {vol.name!r}")
             else:
@@ -424,8 +413,8 @@ class ZfsDriver(Driver):
         full = (clone_copy not in ("", "rebase") and not bu.truthy(clone_copy)) or clone_copy == "rebase" or bool(snaps)
         async with contextlib.AsyncExitStack() as cleanup, contextlib.AsyncExitStack() as undo:
             if vol.content_type is ContentType.FILESYSTEM:
-                await asyncio.to_thread(self._make_mountpoint, vol)
-                undo.callback(self._remove_mountpoint, vol)
+                await asyncio.to_thread(self.make_mountpoint, vol)
+                undo.callback(self.remove_mountpoint, vol)
             if src.type is VolumeType.IMAGE:
                 src_snap = f"{self.dataset(src)}@readonly"
             elif src.is_snapshot:
@@ -457,7 +446,7 @@ class ZfsDriver(Driver):
                         if entry.startswith("@") and entry not in keep:
                             await self._zfs("destroy", f"{ds}{entry}", what="Failed to remove an internal snapshot")
                     for s in snaps:
-                        await asyncio.to_thread(self._make_mountpoint, vol.snapshot(s))
+                        await asyncio.to_thread(self.make_mountpoint, vol.snapshot(s))
             else:
                 argv = ["clone"]
                 if vol.content_type is ContentType.BLOCK:
@@ -495,7 +484,7 @@ class ZfsDriver(Driver):
                 await self._zfs("rename", ds, self.deleted_dataset(vol), what=f"Failed to delete {vol.name!r}")
             else:
                 await self._destroy_recursive(ds)
-        await asyncio.to_thread(self._remove_mountpoint, vol)
+        await asyncio.to_thread(self.remove_mountpoint, vol)
         snapdir = self.mount_path / vol.type.snapshots_dir_name / vol.storage_name
         await asyncio.to_thread(bu.remove_tree, snapdir)
 
@@ -552,7 +541,7 @@ class ZfsDriver(Driver):
             return path
         if bu.mounted(path):
             return path
-        await asyncio.to_thread(self._make_mountpoint, vol)
+        await asyncio.to_thread(self.make_mountpoint, vol)
         if vol.is_snapshot:
             # Snapshots can't be mounted through the zfs tool: mount them read-only directly.
             await bu.mount(ds, path, "zfs", "ro")
@@ -626,11 +615,11 @@ class ZfsDriver(Driver):
             raise Conflict(f"Snapshot {snap.snapshot_name!r} already exists")
         if not await self._exists(self.dataset(snap.parent())):
             raise NotFound(f"Volume {snap.parent_name!r} not found on the pool")
-        await asyncio.to_thread(self._make_mountpoint, snap)
+        await asyncio.to_thread(self.make_mountpoint, snap)
         try:
             await self._zfs("snapshot", self.dataset(snap), what=f"Failed to create snapshot {snap.snapshot_name!r}")
         except BaseException:
-            await asyncio.to_thread(self._remove_mountpoint, snap)
+            await asyncio.to_thread(self.remove_mountpoint, snap)
             raise
 
     async def delete_snapshot(self, snap: Volume) -> None:
@@ -643,7 +632,7 @@ class ZfsDriver(Driver):
                 await self._zfs("rename", ds, f"{parent}@deleted-{uuid.uuid4()}", what="Failed to delete the snapshot")
             else:
                 await self._zfs("destroy", ds, what=f"Failed to delete snapshot {snap.snapshot_name!r}")
-        await asyncio.to_thread(self._remove_mountpoint, snap)
+        await asyncio.to_thread(self.remove_mountpoint, snap)
 
     async def rename_snapshot(self, snap: Volume, new_snapshot_name: str) -> None:
         new = snap.parent().snapshot(new_snapshot_name)
@@ -739,10 +728,10 @@ class ZfsDriver(Driver):
                 if entry.startswith("@") and entry not in keep:
                     await self._zfs("destroy", f"{ds}{entry}", what="Failed to remove a snapshot")
             for snap in snapshots:
-                await asyncio.to_thread(self._make_mountpoint, vol.snapshot(snap))
+                await asyncio.to_thread(self.make_mountpoint, vol.snapshot(snap))
             if vol.content_type is ContentType.FILESYSTEM:
-                await asyncio.to_thread(self._make_mountpoint, vol)
-                undo.callback(self._remove_mountpoint, vol)
+                await asyncio.to_thread(self.make_mountpoint, vol)
+                undo.callback(self.remove_mountpoint, vol)
                 await self._apply_mount_properties(vol)
             undo.pop_all()
 
@@ -789,10 +778,10 @@ class ZfsDriver(Driver):
                 if entry.startswith("@") and entry not in keep:
                     await self._zfs("destroy", f"{ds}{entry}", what="Failed to remove a snapshot")
             for s in snapshots:
-                await asyncio.to_thread(self._make_mountpoint, vol.snapshot(s))
+                await asyncio.to_thread(self.make_mountpoint, vol.snapshot(s))
             if vol.content_type is ContentType.FILESYSTEM:
-                await asyncio.to_thread(self._make_mountpoint, vol)
-                undo.callback(self._remove_mountpoint, vol)
+                await asyncio.to_thread(self.make_mountpoint, vol)
+                undo.callback(self.remove_mountpoint, vol)
                 await self._apply_mount_properties(vol)
             undo.pop_all()
 
