@@ -1,4 +1,4 @@
-"""The `lxd` command: run the daemon, or talk to a running one (waitready, shutdown, init, sql)."""
+"""The `lxd` command: run the daemon, or talk to a running one (waitready, shutdown, init, recover, sql)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="environment:\n"
                "  LXD_DIR      the daemon's state directory (default /var/lib/lxd); it listens on\n"
                "               $LXD_DIR/unix.socket, and the stock `lxc` client finds it through the\n"
-               "               same variable. Every subcommand (waitready, shutdown, init, sql) uses it.\n"
+               "               same variable. Every subcommand (waitready, shutdown, init, recover, sql) uses it.\n"
                "  LXD_WORKERS  default for --workers\n"
                "\n"
                "--debug logs each API request (method, url, requestor, status, time taken).")
@@ -46,11 +46,40 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--auto", action="store_true", help="non-interactive defaults")
     i.add_argument("--preseed", action="store_true", help="read a YAML configuration from stdin")
     i.add_argument("--dump", action="store_true", help="print the current configuration as preseed YAML")
-    i.add_argument("--storage-backend", default="dir", help="storage backend for --auto (dir)")
-    i.add_argument("--storage-pool", default="default", help="storage pool name for --auto")
+    i.add_argument("--storage-backend", default="",
+                   help="storage backend for --auto: dir (the default), btrfs, lvm or zfs")
+    i.add_argument("--storage-create-device", default="", metavar="DEVICE",
+                   help="for --auto: make the pool on this block device (not with dir)")
+    i.add_argument("--storage-create-loop", type=int, default=None, metavar="SIZE",
+                   help="for --auto: make the pool on a loop file of SIZE GiB (not with dir)")
+    i.add_argument("--storage-pool", default="", metavar="POOL",
+                   help="for --auto: with --storage-create-device/--storage-create-loop, the name of the "
+                        "new pool (default: default); otherwise an existing source to use (not with dir)")
     i.add_argument("--network-address", help="address to listen on for --auto")
     i.add_argument("--network-port", type=int, default=8443)
     i.add_argument("--trust-password", help="trust password for --auto")
+
+    r = sub.add_parser(
+        "recover", help="recover missing instances and volumes from existing and unknown storage pools",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Find instances (with their snapshots) and custom volumes that are on storage pools but\n"
+                    "not in the database, show them, and recreate their records. Without options it asks\n"
+                    "what LXD's `lxd recover` asks; with any of the options below it runs without asking.",
+        epilog="examples:\n"
+               "  lxd recover                      (interactive)\n"
+               "  lxd recover --dry-run            (scan every existing pool, print what was found)\n"
+               "  lxd recover --yes                (scan every existing pool, recover what was found)\n"
+               "  lxd recover --unknown-pool bt:btrfs:/var/lib/lxd/disks/bt.img --yes\n"
+               "                                   (a pool whose record is gone too)")
+    r.add_argument("--pool", action="append", default=[], metavar="NAME",
+                   help="scan this existing pool (repeat for more; default: every existing pool)")
+    r.add_argument("--unknown-pool", action="append", default=[], metavar="NAME:DRIVER:SOURCE",
+                   help="also scan a pool that has no record: its name, driver and source (a loop file, "
+                        "block device or path); repeat for more")
+    r.add_argument("--pool-config", action="append", default=[], metavar="NAME:KEY=VALUE",
+                   help="an extra config key of an --unknown-pool")
+    r.add_argument("--yes", action="store_true", help="recover what was found without asking")
+    r.add_argument("--dry-run", action="store_true", help="only scan and print what was found")
 
     q = sub.add_parser("sql", help="run a SQL query against the database")
     q.add_argument("database", choices=["local", "global"])
@@ -83,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         from lxd_daemon.cli_tools import init
 
         return init(sock, args)
+    if args.cmd == "recover":
+        from lxd_daemon.cli_recover import recover
+
+        return recover(sock, args)
     if args.cmd == "sql":
         from lxd_daemon.cli_tools import sql
 

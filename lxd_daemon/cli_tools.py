@@ -100,7 +100,67 @@ def dump(client: Client) -> dict:
     return out
 
 
-def auto_seed(args) -> dict:
+STORAGE_BACKENDS = ("dir", "btrfs", "lvm", "zfs")
+
+
+def _auto_pool(args) -> dict | None:
+    """The pool `lxd init --auto` makes, as LXD 5.0 makes it from the storage flags: named
+    `default` (or --storage-pool with a device or loop), on --storage-create-device (`source`),
+    on a loop file of --storage-create-loop GiB (`size`), or on an existing --storage-pool
+    (`source`); the driver decides what it can do with them (lvm and zfs refuse on hosts
+    without device-mapper or ZFS)."""
+    backend = getattr(args, "storage_backend", "") or ""
+    device = getattr(args, "storage_create_device", "") or ""
+    loop = getattr(args, "storage_create_loop", None)
+    source_pool = getattr(args, "storage_pool", "") or ""
+    if backend and backend not in STORAGE_BACKENDS:
+        raise InitError(f"The requested backend {backend!r} isn't supported by lxd init "
+                        f"(supported: {', '.join(STORAGE_BACKENDS)})")
+    if backend in ("", "dir"):
+        if device or loop is not None or source_pool:
+            raise InitError("None of --storage-pool, --storage-create-device or --storage-create-loop "
+                            "may be used with the 'dir' backend")
+    elif device and loop is not None:
+        raise InitError("Only one of --storage-create-device or --storage-create-loop can be specified")
+    if loop is not None and loop < 1:
+        raise InitError(f"Invalid --storage-create-loop {loop}: a size in GiB, at least 1")
+    pool: dict = {"name": "default", "driver": backend or "dir", "config": {}}
+    if device:
+        pool["config"]["source"] = device
+    elif loop is not None:
+        pool["config"]["size"] = f"{loop}GiB"
+    elif source_pool:
+        pool["config"]["source"] = source_pool
+    if source_pool and (device or loop is not None):
+        pool["name"] = source_pool
+    return pool
+
+
+def _storage_configured(client: Client, pool: dict, args) -> bool:
+    """Whether storage is set up already (the default profile has a root disk, or the pool
+    exists): then --auto leaves it alone, and refuses storage flags as LXD does."""
+    try:
+        devices = (client.get("/1.0/profiles/default") or {}).get("devices") or {}
+    except APIError as e:
+        if e.status != 404:
+            raise
+        devices = {}
+    configured = any(d.get("type") == "disk" and d.get("path") == "/" for d in devices.values())
+    if not configured:
+        try:
+            client.request("GET", f"/1.0/storage-pools/{pool['name']}")
+            configured = True
+        except APIError as e:
+            if e.status != 404:
+                raise
+    flags = (getattr(args, "storage_backend", "") or getattr(args, "storage_create_device", "")
+             or getattr(args, "storage_create_loop", None) is not None or getattr(args, "storage_pool", ""))
+    if configured and flags:
+        raise InitError("Storage has already been configured")
+    return configured
+
+
+def auto_seed(args, client: Client | None = None) -> dict:
     seed: dict = {"config": {}}
     if args.network_address:
         seed["config"]["core.https_address"] = f"{args.network_address}:{args.network_port}"
@@ -108,11 +168,11 @@ def auto_seed(args) -> dict:
             seed["config"]["core.trust_password"] = args.trust_password
     elif args.trust_password:
         raise InitError("--trust-password needs --network-address")
-    if args.storage_backend not in ("dir", "btrfs", "lvm", "zfs"):
-        raise InitError(f"Invalid storage backend {args.storage_backend!r}")
-    seed["storage_pools"] = [{"name": args.storage_pool, "driver": args.storage_backend, "config": {}}]
-    seed["profiles"] = [{"name": "default", "devices": {
-        "root": {"type": "disk", "path": "/", "pool": args.storage_pool}}}]
+    pool = _auto_pool(args)
+    if pool is not None and not (client is not None and _storage_configured(client, pool, args)):
+        seed["storage_pools"] = [pool]
+        seed["profiles"] = [{"name": "default", "devices": {
+            "root": {"type": "disk", "path": "/", "pool": pool["name"]}}}]
     if not seed["config"]:
         del seed["config"]
     return seed
@@ -132,7 +192,7 @@ def init(sock: Path, args) -> int:
             except yaml.YAMLError as e:
                 raise InitError(f"Failed to parse the preseed: {e}") from None
         elif args.auto:
-            seed = auto_seed(args)
+            seed = auto_seed(args, client)
         else:
             raise InitError("Interactive init is not supported: use --auto or --preseed")
         apply_preseed(client, seed)

@@ -240,7 +240,9 @@ class Daemon:
         logging.getLogger("lxd").addHandler(LoggingToEvents(events))
         ops = OperationManager(events)
         config = ServerConfig(await db.run(load_config))
-        driver_version = await pool.call("version")
+        from lxd_daemon.runtime.client import RuntimeClient
+
+        driver_version = await RuntimeClient(pool).version()
         server = ServerService(db=db, events=events, config=config, certificate_pem=cert_pem,
                                driver_version=driver_version)
         services = Services(lxd_dir=s.lxd_dir, db=db, events=events, ops=ops, pool=pool, server=server,

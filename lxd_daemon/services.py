@@ -39,6 +39,13 @@ class Services:
     profiles: Any = None
     instances: Any = None
     networks: Any = None
+    # The typed client of the liblxc workers (runtime/client.py), over `pool`.
+    runtime: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        from lxd_daemon.runtime.client import RuntimeClient
+
+        self.runtime = RuntimeClient(self.pool)
 
 
 def get_services(conn: HTTPConnection) -> Services:

@@ -7,7 +7,7 @@ from starlette.responses import Response
 
 from lxd_daemon.api.envelope import async_, etag_of, sync
 from lxd_daemon.api.request import check_etag, parse, recursion
-from lxd_daemon.errors import BadRequest, NotImplementedYet
+from lxd_daemon.errors import BadRequest, Conflict, NotFound, NotImplementedYet
 from lxd_daemon.filter import parse_filter
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.instances import InstancePost, InstancePut, InstancesPost, InstancesPut
@@ -67,11 +67,18 @@ async def list_instances(prefix: str, request: Request) -> Response:
 
 @route("POST", "")
 async def create_instance(prefix: str, request: Request) -> Response:
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/octet-stream":
+        from lxd_daemon.api.instance_backups import import_instance
+
+        return await import_instance(prefix, request)  # `lxc import`: the body is a backup tarball
     services = get_services(request)
     svc = services.instances
     body = await parse(request, InstancesPost)
     if not body.name:
         body.name = svc.random_name()  # as LXD: `lxc launch IMAGE` without a name
+    src = body.source or {}
+    if src.get("type") == "copy" and src.get("refresh") and body.name in svc.records:
+        return _refresh(prefix, request, body)  # `lxc copy A B --refresh` onto an existing B
     svc.reserve(body.name)
     try:
         plan = await svc.prepare_create(body)
@@ -91,6 +98,23 @@ async def create_instance(prefix: str, request: Request) -> Response:
         if body.start:
             await svc.change_state(name, "start", requestor=who)
         return None
+
+    op = services.ops.create(description="Creating instance", resources=resources(prefix, name), run=run)
+    return async_(op.render())
+
+
+def _refresh(prefix: str, request: Request, body) -> Response:
+    services = get_services(request)
+    src = body.source.get("source") or ""
+    if "/" in src:
+        raise BadRequest("Refreshing an instance from a snapshot is not supported")
+    services.instances.record(src)
+    instance_only = bool(body.source.get("instance_only") or body.source.get("container_only"))
+    who = requestor(request)
+    name = body.name
+
+    async def run(op):
+        await services.snapshots.refresh(src, name, instance_only=instance_only, requestor=who)
 
     op = services.ops.create(description="Creating instance", resources=resources(prefix, name), run=run)
     return async_(op.render())
@@ -147,7 +171,19 @@ async def _update(prefix: str, request: Request, name: str, replace: bool) -> Re
     body = await parse(request, InstancePut)
     fields = body.model_fields_set
     if body.restore:
-        raise NotImplementedYet("Instance snapshots are not implemented yet (nothing to restore)")
+        snap = body.restore.split("/", 1)[1] if "/" in body.restore else body.restore
+        services.snapshots.get(name, snap)  # 404 for an unknown snapshot, before an operation
+        if body.stateful:
+            from lxd_daemon.instances.snapshots import CRIU_MISSING
+
+            raise BadRequest(CRIU_MISSING)
+        who = requestor(request)
+
+        async def restore(op):
+            await services.snapshots.restore(name, snap, requestor=who)
+
+        op = services.ops.create(description="Restoring snapshot", resources=resources(prefix, name), run=restore)
+        return async_(op.render())
     if replace:
         config = body.config
         devices = body.devices
@@ -192,6 +228,8 @@ async def rename_instance(prefix: str, request: Request, name: str) -> Response:
     svc = services.instances
     svc.record(name)
     body = await parse(request, InstancePost)
+    if body.migration and body.pool:  # `lxc move NAME [NEW] -s POOL`
+        return _move_to_pool(prefix, request, name, body)
     if body.migration:
         raise NotImplementedYet("Instance migration is not implemented yet")
     if not body.name:
@@ -204,6 +242,26 @@ async def rename_instance(prefix: str, request: Request, name: str) -> Response:
         services.events.lifecycle("instance-renamed", f"/1.0/instances/{new}", {"old_name": name}, requestor=who)
 
     op = services.ops.create(description="Renaming instance", resources=resources(prefix, name), run=run)
+    return async_(op.render())
+
+
+def _move_to_pool(prefix: str, request: Request, name: str, body) -> Response:
+    services = get_services(request)
+    storage = services.storage
+    if storage is None or body.pool not in storage.pools:
+        raise NotFound(f"Storage pool {body.pool!r} not found")
+    if services.instances.status_of(name)[0] != "Stopped":
+        raise BadRequest("The instance must be stopped to move it to another storage pool")
+    new = body.name or name
+    if new != name and (new in services.instances.records):
+        raise Conflict(f"Instance {new!r} already exists")
+    who = requestor(request)
+
+    async def run(op):
+        await services.snapshots.move_to_pool(name, new, body.pool, instance_only=body.instance_only,
+                                              requestor=who)
+
+    op = services.ops.create(description="Moving instance", resources=resources(prefix, name), run=run)
     return async_(op.render())
 
 
@@ -221,15 +279,3 @@ async def delete_instance(prefix: str, request: Request, name: str) -> Response:
 
     op = services.ops.create(description="Deleting instance", resources=resources(prefix, name), run=run)
     return async_(op.render())
-
-
-@route("GET", "/{name}/snapshots")
-async def list_snapshots(prefix: str, request: Request, name: str) -> Response:
-    get_services(request).instances.record(name)
-    return sync([])
-
-
-@route("GET", "/{name}/backups")
-async def list_backups(prefix: str, request: Request, name: str) -> Response:
-    get_services(request).instances.record(name)
-    return sync([])

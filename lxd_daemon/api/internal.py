@@ -1,13 +1,18 @@
-"""`/internal/*`: used by the `lxd` command itself (waitready, shutdown)."""
+"""`/internal/*`: used by the `lxd` command itself (waitready, shutdown, recover), and one pass of
+the snapshot schedulers at a given time (what they run each minute; for tests and scripts)."""
 
 from __future__ import annotations
+
+import datetime as dt
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from lxd_daemon.api.envelope import sync
-from lxd_daemon.errors import Forbidden
+from lxd_daemon.api.request import read_json
+from lxd_daemon.errors import BadRequest, Forbidden
 from lxd_daemon.services import get_services
+from lxd_daemon.util.timefmt import parse_rfc3339
 
 router = APIRouter()
 
@@ -28,3 +33,63 @@ async def shutdown(request: Request) -> Response:
     _local_only(request)
     get_services(request).request_stop("shutdown")
     return sync({})
+
+
+def _recover_service(request: Request):
+    services = get_services(request)
+    svc = getattr(services, "recover", None)
+    if svc is None:
+        from lxd_daemon.recover import RecoverService
+
+        svc = services.recover = RecoverService(services)
+    return svc
+
+
+async def _recover_pools(request: Request) -> list:
+    body = await read_json(request, default={})
+    if not isinstance(body, dict):
+        raise BadRequest("Invalid request: a JSON object with 'pools' is expected")
+    return body.get("pools") or []
+
+
+# LXD's internalRecoverValidatePost / internalRecoverImportPost: {"pools": [StoragePoolsPost]}
+# (existing pools by name only); the validation answers internalRecoverValidateResult.
+@router.post("/internal/recover/validate")
+async def recover_validate(request: Request) -> Response:
+    _local_only(request)
+    return sync(await _recover_service(request).validate(await _recover_pools(request)))
+
+
+@router.post("/internal/recover/import")
+async def recover_import(request: Request) -> Response:
+    _local_only(request)
+    return sync(await _recover_service(request).import_(await _recover_pools(request)))
+
+
+async def _tick_time(request: Request) -> dt.datetime:
+    """`{"now": RFC 3339}` of a scheduler tick (default: the current time)."""
+    _local_only(request)
+    body = await read_json(request, default={}) or {}
+    if not isinstance(body, dict):
+        raise BadRequest("Expected a JSON object")
+    raw = body.get("now")
+    if raw is None:
+        return dt.datetime.now(dt.UTC)
+    try:
+        return dt.datetime.fromtimestamp(parse_rfc3339(str(raw)), dt.UTC)
+    except (ValueError, OverflowError):
+        raise BadRequest(f"Invalid time {raw!r}") from None
+
+
+@router.post("/internal/snapshots/tick")
+async def instance_snapshots_tick(request: Request) -> Response:
+    """One pass of the instance snapshot scheduler (snapshots due, expired ones deleted)."""
+    now = await _tick_time(request)
+    return sync(await get_services(request).snapshots.run_due(now))
+
+
+@router.post("/internal/storage-volumes/snapshots/tick")
+async def volume_snapshots_tick(request: Request) -> Response:
+    """One pass of the custom volume snapshot scheduler."""
+    now = await _tick_time(request)
+    return sync(await get_services(request).storage.custom.run_schedules(now=now))

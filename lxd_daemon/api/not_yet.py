@@ -2,11 +2,11 @@
 
 Without these a client gets "not found" or "method not allowed" and cannot tell a missing feature
 from a mistake of its own. Reads that have an honest answer today keep it (an instance has no
-snapshots or backups: `GET .../snapshots` is `[]` in api/instances.py; no certificate is trusted,
+backups: `GET .../backups` is `[]` in api/instances.py; no certificate is trusted,
 there being no TLS listener: `GET /1.0/certificates` is `[]` here). Whatever would create, change
 or act on such an object answers 501 in LXD's error envelope, after the objects the URL names
 (instance, storage pool) have been checked, so that a typo still gets its 404. An object of a
-missing kind (a snapshot, a backup, a certificate) cannot exist: asking for one is a 404 that
+missing kind (a backup, a certificate) cannot exist: asking for one is a 404 that
 says why.
 
 The API extensions of these features stay unadvertised, so the stock client refuses the commands
@@ -29,12 +29,9 @@ INSTANCE_PREFIXES = ("/1.0/instances", "/1.0/containers")
 ALL = ["GET", "PUT", "PATCH", "POST", "DELETE"]
 WRITES = ["PUT", "PATCH", "POST", "DELETE"]
 
-SNAPSHOTS = "Instance snapshots are not implemented yet"
-BACKUPS = "Instance backups (export and import) are not implemented yet"
 SFTP = "SFTP access to instances is not implemented yet"
 CERTIFICATES = ("Trusted client certificates are not implemented yet (the daemon has no TLS "
                 "listener; only the local unix socket is served)")
-VOLUMES = "Storage volumes are not implemented yet"
 CLUSTER = "Clustering is not implemented yet"
 WARNINGS = "Warnings are not implemented yet"
 NETWORK_ACLS = "Network ACLs are not implemented yet"
@@ -56,37 +53,12 @@ def _instance(request: Request, name: str) -> None:
 
 # -- instances: snapshots, backups, sftp ----------------------------------------------------------
 
-async def create_snapshot(request: Request, name: str) -> Response:
-    _instance(request, name)
-    raise NotImplementedYet(SNAPSHOTS)
-
-
-async def snapshot(request: Request, name: str, snapshot: str) -> Response:
-    _instance(request, name)
-    raise NotFound(f"Instance snapshot not found ({SNAPSHOTS[0].lower()}{SNAPSHOTS[1:]})")
-
-
-async def create_backup(request: Request, name: str) -> Response:
-    _instance(request, name)
-    raise NotImplementedYet(BACKUPS)
-
-
-async def backup(request: Request, name: str, backup: str) -> Response:
-    _instance(request, name)
-    raise NotFound(f"Instance backup not found ({BACKUPS[0].lower()}{BACKUPS[1:]})")
-
-
 async def sftp(request: Request, name: str) -> Response:
     _instance(request, name)
     raise NotImplementedYet(SFTP)
 
 
 for _prefix in INSTANCE_PREFIXES:
-    _add(f"{_prefix}/{{name}}/snapshots", ["POST"], create_snapshot)
-    _add(f"{_prefix}/{{name}}/snapshots/{{snapshot}}", ALL, snapshot)
-    _add(f"{_prefix}/{{name}}/backups", ["POST"], create_backup)
-    _add(f"{_prefix}/{{name}}/backups/{{backup}}", ALL, backup)
-    _add(f"{_prefix}/{{name}}/backups/{{backup}}/export", ["GET"], backup)
     _add(f"{_prefix}/{{name}}/sftp", ["GET"], sftp)
 
 
@@ -109,35 +81,6 @@ async def certificate(request: Request, fingerprint: str) -> Response:
 _add("/1.0/certificates", ["GET"], list_certificates)
 _add("/1.0/certificates", ["POST"], add_certificate)
 _add("/1.0/certificates/{fingerprint}", ALL, certificate)
-
-
-# -- storage volumes ------------------------------------------------------------------------------
-
-async def volumes(request: Request, pool: str) -> Response:
-    storage = get_services(request).storage
-    if storage is None:
-        raise NotFound("Storage pool not found")
-    storage.get(pool)
-    raise NotImplementedYet(VOLUMES)
-
-
-async def volumes_of_type(request: Request, pool: str, type: str) -> Response:
-    return await volumes(request, pool)
-
-
-async def volume(request: Request, pool: str, type: str, name: str) -> Response:
-    return await volumes(request, pool)
-
-
-async def volume_part(request: Request, pool: str, type: str, name: str, rest: str) -> Response:
-    return await volumes(request, pool)
-
-
-_VOLUMES = "/1.0/storage-pools/{pool}/volumes"
-_add(_VOLUMES, ALL, volumes)
-_add(_VOLUMES + "/{type}", ALL, volumes_of_type)
-_add(_VOLUMES + "/{type}/{name}", ALL, volume)
-_add(_VOLUMES + "/{type}/{name}/{rest:path}", ALL, volume_part)
 
 
 # -- whole features -------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ async def get_pool(request: Request, name: str) -> Response:
 @router.get("/1.0/storage-pools/{name}/resources")
 async def pool_resources(request: Request, name: str) -> Response:
     pool = get_services(request).storage.get(name)
-    return sync(pool.driver.usage())
+    return sync(await pool.driver.pool_usage())
 
 
 async def _update(request: Request, name: str, replace: bool) -> Response:

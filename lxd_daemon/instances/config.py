@@ -222,6 +222,24 @@ def check_syscalls(config: dict[str, str]) -> None:
                                  f"and security.syscalls.intercept.mount.fuse")
 
 
+def _is_snapshot_schedule(value: str) -> None:
+    from lxd_daemon.util.schedule import validate_schedule
+
+    validate_schedule(value)
+
+
+def _is_snapshot_pattern(value: str) -> None:
+    from lxd_daemon.util.schedule import validate_pattern
+
+    validate_pattern(value)
+
+
+def _is_snapshot_expiry(value: str) -> None:
+    from lxd_daemon.util.schedule import validate_expiry
+
+    validate_expiry(value)
+
+
 # -- the table --------------------------------------------------------------------------------
 
 
@@ -271,6 +289,11 @@ KEYS: dict[str, Key] = {
     "security.syscalls.intercept.mount.allowed": Key(_is_fs_list),
     "security.syscalls.intercept.mount.fuse": Key(_is_mount_fuse),
     "security.syscalls.intercept.mount.shift": Key(v.is_bool, default="false"),
+    # snapshots (instances/snapshots.py reads them; the syntax is util/schedule.py's)
+    "snapshots.schedule": Key(_is_snapshot_schedule, live="none"),
+    "snapshots.schedule.stopped": Key(v.is_bool, live="none", default="false"),
+    "snapshots.pattern": Key(_is_snapshot_pattern, live="none", default="snap%d"),
+    "snapshots.expiry": Key(_is_snapshot_expiry, live="none"),
 }
 
 PREFIXES: dict[str, Key] = {

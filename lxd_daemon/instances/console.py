@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lxd_daemon.errors import BadRequest
+from lxd_daemon.errors import BadRequest, LXDError
 from lxd_daemon.instances.exec import CHUNK, _wait_fd, close_websocket, resources, set_winsize
 from lxd_daemon.ops import CLASS_WEBSOCKET, Operation
 
@@ -86,15 +86,13 @@ class ConsoleSession:
             self.finished.set()
             op.fail("Timed out waiting for websockets to connect")
             return
-        from lxd_daemon.runtime.pool import WorkerError
-
         config_path = str(Path(self.inst.log_dir) / "lxc.conf")
         try:
-            result, fds = await self.services.pool.call_fds("console_open", self.inst.name, str(self.inst.lxcpath),
-                                                            config_path, 0, lane=self.inst.lane)
-        except WorkerError as e:
+            fds = await self.services.runtime.console_open(self.inst.name, str(self.inst.lxcpath), config_path, 0,
+                                                           lane=self.inst.lane)
+        except LXDError as e:
             self.finished.set()
-            op.fail(f"Failed to attach to the console: {e}")
+            op.fail(e.message)
             return
         self.master, self.keep = fds[0], fds[1:]
         os.set_blocking(self.master, False)

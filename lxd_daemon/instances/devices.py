@@ -2,7 +2,8 @@
 
 Validation here is pure (no host lookups): whether a disk's source exists, or a unix device's
 node, is checked when the container starts or the device is hot-plugged (lxcconf / live), as LXD
-does, so that `optional` / `required` can say what happens then.
+does, so that `optional` / `required` can say what happens then. A disk with `pool` and `source`
+is a custom storage volume: whether it exists is checked when the device is added (instances/disks.py).
 """
 
 from __future__ import annotations
@@ -146,17 +147,58 @@ def _check_disk(name: str, dev: dict[str, str], *, profile: bool, pools: set[str
         source = dev.get("source", "")
         if not source:
             raise BadRequest(f"Invalid device {name!r}: disk devices other than the root disk need a source")
-        if pool:
-            raise BadRequest(f"Invalid device {name!r}: custom storage volumes are not supported yet")
-        if not source.startswith("/"):
-            raise BadRequest(f"Invalid device {name!r}: source {source!r} must be an absolute host path")
         if "\0" in source or "\n" in source:
             raise BadRequest(f"Invalid device {name!r}: invalid source path")
+        if pool:
+            _check_volume_disk(name, dev)
+        elif not source.startswith("/"):
+            raise BadRequest(f"Invalid device {name!r}: source {source!r} must be an absolute host path "
+                             f"(or the name of a custom storage volume, with `pool`)")
         if "optional" in dev and "required" in dev and dev["optional"] and dev["required"]:
             if _bool(dev, "optional") == _bool(dev, "required"):
                 raise BadRequest(f"Invalid device {name!r}: optional and required contradict each other")
     if pool and pools is not None and pool not in pools:
         raise BadRequest(f"Invalid device {name!r}: storage pool {pool!r} doesn't exist")
+
+
+# Volume types a disk's `source` may name as "<type>/<volume>" (LXD 5.0): only custom volumes.
+_REFUSED_VOLUME_TYPES = {"container": "Using instance storage volumes is not supported",
+                         "virtual-machine": "Using instance storage volumes is not supported",
+                         "image": "Using image storage volumes is not supported"}
+
+
+def volume_source(source: str) -> str:
+    """The custom volume a `pool` disk's source names ("vol" or "custom/vol"); ValueError for
+    another volume type or a snapshot ("vol/snap": LXD 5.0 attaches no snapshots)."""
+    if source.startswith("/"):
+        raise ValueError("Storage volumes cannot be specified as absolute paths")
+    vtype, sep, vname = source.partition("/")
+    if not sep:
+        return source
+    if vtype in _REFUSED_VOLUME_TYPES:
+        raise ValueError(_REFUSED_VOLUME_TYPES[vtype])
+    if vtype != "custom":
+        raise ValueError(f"Unknown storage volume type prefix {vtype!r} in {source!r} (snapshots of custom "
+                         f"volumes can't be attached)")
+    if not vname or "/" in vname:
+        raise ValueError(f"Invalid storage volume name {vname!r} (snapshots of custom volumes can't be attached)")
+    return vname
+
+
+def is_volume_disk(dev: dict[str, str]) -> bool:
+    """A disk backed by a custom storage volume (pool + source, not the root disk)."""
+    return dev.get("type") == "disk" and bool(dev.get("pool")) and bool(dev.get("source")) \
+        and dev.get("path") != "/"
+
+
+def _check_volume_disk(name: str, dev: dict[str, str]) -> None:
+    if dev.get("shift"):
+        raise BadRequest(f'Invalid device {name!r}: the "shift" property cannot be used with custom storage '
+                         f'volumes (set security.shifted=true on the volume instead)')
+    try:
+        volume_source(dev["source"])
+    except ValueError as e:
+        raise BadRequest(f"Invalid device {name!r}: {e}") from None
 
 
 def _check_unix(name: str, dev: dict[str, str], *, profile: bool) -> None:

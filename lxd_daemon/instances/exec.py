@@ -136,22 +136,14 @@ async def start_process(services, inst, argv: list[str], env: dict[str, str], ui
                         cwd: str, *, init_pid: int, stdio: list[int] | None = None, pty: dict | None = None
                         ) -> tuple[Process, int | None]:
     """Attach argv to the running container. Returns the process and the pty master (or None)."""
-    from lxd_daemon.runtime.pool import WorkerError
-
-    pool = services.pool
-    worker = pool.pick(inst.lane)
-    config_path = str(Path(inst.log_dir) / "lxc.conf")
-    try:
-        result, fds = await pool.call_on(worker, "exec_attach", inst.name, str(inst.lxcpath), config_path,
-                                         list(argv), env, uid, gid, cwd, pty,
-                                         {"init_pid": init_pid, "privileged": bool(inst.privileged)},
-                                         fds=stdio or [])
-    except WorkerError as e:
-        raise BadRequest(f"Failed to run the command: {e}") from None
+    worker, pid, fds = await services.runtime.exec_attach(
+        name=inst.name, lxcpath=str(inst.lxcpath), config_path=str(Path(inst.log_dir) / "lxc.conf"),
+        lane=inst.lane, argv=list(argv), env=env, uid=uid, gid=gid, cwd=cwd, pty=pty, init_pid=init_pid,
+        privileged=bool(inst.privileged), stdio=stdio or [])
     master = fds[0] if fds else None
     for extra in fds[1:]:
         os.close(extra)
-    return Process(pool, worker, int(result["pid"])), master
+    return Process(services.pool, worker, pid), master
 
 
 def set_winsize(fd: int, width: int, height: int) -> None:

@@ -2,7 +2,7 @@
 
 Which keys can change live is data (instances.config.KEYS[k].live); this module holds the
 updaters those rows name. Keys without an updater take effect at the next start. All container
-work goes through the liblxc worker pool on the instance's lane (runtime/hotplug.py).
+work goes through the liblxc workers (runtime/client.py, runtime/hotplug.py) on the instance's lane.
 """
 
 from __future__ import annotations
@@ -52,11 +52,11 @@ def _bigger(a: str, b: str) -> bool:
     return ia > ib
 
 
-async def update_cgroups(pool, name: str, old_config: dict, new_config: dict, *, init_pid: int) -> None:
+async def update_cgroups(runtime, name: str, old_config: dict, new_config: dict, *, init_pid: int) -> None:
     todo = cgroup_changes(old_config, new_config, name=name)
     if not todo:
         return
-    failed = await pool.call("set_cgroup_files", init_pid, todo, name, lane=name)
+    failed = await runtime.set_cgroup_files(name, init_pid, todo)
     if failed:
         key, value, err = failed[0]
         raise BadRequest(f"Failed to set cgroup {key}={value} on the running instance: {err}")
@@ -97,14 +97,33 @@ def _monitor_lxcpath(name: str, init_pid: int) -> str | None:
     return cmd[len(prefix):-len(name) - 1] or None
 
 
-async def plug_device(pool, name: str, dname: str, dev: dict, *, init_pid: int, idmap: IdmapSet,
-                      privileged: bool = False, devices_dir: Path | None = None) -> None:
+async def plug_device(runtime, name: str, dname: str, dev: dict, *, init_pid: int, idmap: IdmapSet,
+                      privileged: bool = False, devices_dir: Path | None = None, disks=None) -> None:
+    """Add one device to the running container. `disks` (an instances.disks.DiskPrep) prepares
+    custom volume and block device disks; without it only host-path disks can be plugged."""
     kind = dev.get("type")
     root_uid, root_gid = (0, 0) if privileged else idmap.root_ids()
     target = devs.container_path(dev)
     if kind == "disk":
         if devs.is_root_disk(dev):
             return  # a root disk change applies at the next start
+        if dev.get("pool") or await asyncio.to_thread(lxcconf.is_block_source, dev):
+            if disks is None:
+                raise BadRequest(f"Invalid device {dname!r}: volume and block device disks can only be "
+                                 f"plugged by the daemon")
+            try:
+                prepared = await disks.prepare(dname, dev)
+                if prepared is None:
+                    return
+                options = {"kind": "dir" if prepared.is_dir else "file",
+                           "recursive": lxcconf.dev_bool(dev, "recursive"),
+                           "readonly": lxcconf.dev_bool(dev, "readonly"),
+                           "propagation": dev.get("propagation", ""), "shift": prepared.shift,
+                           "root_uid": root_uid, "root_gid": root_gid}
+                await runtime.hotplug_mount(name, init_pid, prepared.path, target, options, what=dname)
+            finally:
+                await disks.release()  # the container holds its own mount now
+            return
         source = dev["source"]
         if not await asyncio.to_thread(lxcconf.check_disk_source, dname, dev):
             return
@@ -119,7 +138,7 @@ async def plug_device(pool, name: str, dname: str, dev: dict, *, init_pid: int, 
         options = {"kind": "dir" if is_dir else "file", "recursive": lxcconf.dev_bool(dev, "recursive"),
                    "readonly": lxcconf.dev_bool(dev, "readonly"), "propagation": dev.get("propagation", ""),
                    "shift": shift, "root_uid": root_uid, "root_gid": root_gid}
-        await _worker(pool, name, "hotplug_mount", init_pid, source, target, options, what=dname)
+        await runtime.hotplug_mount(name, init_pid, source, target, options, what=dname)
     elif kind in ("unix-char", "unix-block"):
         info = await asyncio.to_thread(lxcconf.unix_node_info, dname, dev)
         if info is None:
@@ -130,18 +149,18 @@ async def plug_device(pool, name: str, dname: str, dev: dict, *, init_pid: int, 
                                 IdmapSet(()) if privileged else idmap)
         layout = lxcconf.host_layout()
         if privileged and layout.version("devices"):
-            failed = await pool.call("set_cgroup_files", init_pid,
-                                     [[layout.version("devices"), "devices.allow", lxcconf.device_rule(info)]],
-                                     name, lane=name)
+            failed = await runtime.set_cgroup_files(
+                name, init_pid, [[layout.version("devices"), "devices.allow", lxcconf.device_rule(info)]])
             if failed:
                 raise BadRequest(f"Failed to allow device {dname!r} in the instance's cgroup: {failed[0][2]}")
         options = {"kind": "file", "root_uid": root_uid, "root_gid": root_gid}
-        await _worker(pool, name, "hotplug_mount", init_pid, str(node), target, options, what=dname)
+        await runtime.hotplug_mount(name, init_pid, str(node), target, options, what=dname)
 
 
-async def unplug_device(pool, name: str, dname: str, dev: dict, *, init_pid: int,
+async def unplug_device(runtime, name: str, dname: str, dev: dict, *, init_pid: int,
                         privileged: bool = False, devices_dir: Path | None = None,
-                        keep_rules: frozenset[str] = frozenset(), idmap: IdmapSet | None = None) -> None:
+                        keep_rules: frozenset[str] = frozenset(), idmap: IdmapSet | None = None,
+                        disks=None) -> None:
     kind = dev.get("type")
     root_uid, root_gid = (0, 0) if privileged or idmap is None else idmap.root_ids()
     target = devs.container_path(dev)
@@ -149,9 +168,11 @@ async def unplug_device(pool, name: str, dname: str, dev: dict, *, init_pid: int
         if devs.is_root_disk(dev):
             return
         # The mount point goes too (LXD removes it; a directory only when it is empty).
-        await _worker(pool, name, "hotplug_unmount", init_pid, target, True, root_uid, root_gid, what=dname)
+        await runtime.hotplug_unmount(name, init_pid, target, True, root_uid, root_gid, what=dname)
+        if disks is not None and dev.get("pool"):
+            await disks.volume_detached(dname, dev)
     elif kind in ("unix-char", "unix-block"):
-        await _worker(pool, name, "hotplug_unmount", init_pid, target, True, root_uid, root_gid, what=dname)
+        await runtime.hotplug_unmount(name, init_pid, target, True, root_uid, root_gid, what=dname)
         ddir = await asyncio.to_thread(_devices_dir, name, devices_dir, init_pid)
         node = lxcconf.unix_node_path(ddir, dname, dev)
         layout = lxcconf.host_layout()
@@ -161,9 +182,8 @@ async def unplug_device(pool, name: str, dname: str, dev: dict, *, init_pid: int
             except BadRequest:
                 info = None
             if info is not None and lxcconf.device_rule(info) not in keep_rules:
-                await pool.call("set_cgroup_files", init_pid,
-                                [[layout.version("devices"), "devices.deny", lxcconf.device_rule(info)]],
-                                name, lane=name)
+                await runtime.set_cgroup_files(
+                    name, init_pid, [[layout.version("devices"), "devices.deny", lxcconf.device_rule(info)]])
         await asyncio.to_thread(_unlink, node)
 
 
@@ -172,16 +192,6 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
-
-
-async def _worker(pool, name: str, method: str, *args, what: str) -> None:
-    from lxd_daemon.runtime.pool import WorkerError
-
-    try:
-        await pool.call(method, *args, lane=name)
-    except WorkerError as e:
-        verb = "add" if method == "hotplug_mount" else "remove"
-        raise BadRequest(f"Failed to {verb} device {what!r} on the running instance: {e}") from None
 
 
 def _known_info(dev: dict) -> tuple[int, int, int] | None:
@@ -196,8 +206,9 @@ def _hotplug_kind(dev: dict) -> bool:
     return dev.get("type") in ("disk", "unix-char", "unix-block") and not devs.is_root_disk(dev)
 
 
-async def apply_live(pool, name: str, old: tuple[dict, dict], new: tuple[dict, dict], *, init_pid: int,
-                     idmap: IdmapSet, privileged: bool | None = None, devices_dir: Path | None = None) -> None:
+async def apply_live(runtime, name: str, old: tuple[dict, dict], new: tuple[dict, dict], *, init_pid: int,
+                     idmap: IdmapSet, privileged: bool | None = None, devices_dir: Path | None = None,
+                     disks=None) -> None:
     """Bring a running container from the old expanded (config, devices) to the new one.
 
     Devices that went away or changed are unplugged (deepest paths first), then new or changed
@@ -209,7 +220,7 @@ async def apply_live(pool, name: str, old: tuple[dict, dict], new: tuple[dict, d
     new_config, new_devices = new
     if privileged is None:
         privileged = idmap.empty
-    common = {"init_pid": init_pid, "privileged": privileged, "devices_dir": devices_dir}
+    common = {"init_pid": init_pid, "privileged": privileged, "devices_dir": devices_dir, "disks": disks}
 
     gone = [(n, d) for n, d in old_devices.items() if _hotplug_kind(d) and new_devices.get(n) != d]
     came = [(n, d) for n, d in new_devices.items() if _hotplug_kind(d) and old_devices.get(n) != d]
@@ -226,16 +237,16 @@ async def apply_live(pool, name: str, old: tuple[dict, dict], new: tuple[dict, d
 
     async with contextlib.AsyncExitStack() as undo:
         for dname, dev in gone:
-            await unplug_device(pool, name, dname, dev, keep_rules=keep_new, idmap=idmap, **common)
-            undo.push_async_callback(_quietly, plug_device, pool, name, dname, dev, idmap=idmap, **common)
+            await unplug_device(runtime, name, dname, dev, keep_rules=keep_new, idmap=idmap, **common)
+            undo.push_async_callback(_quietly, plug_device, runtime, name, dname, dev, idmap=idmap, **common)
         for dname, dev in came:
-            await plug_device(pool, name, dname, dev, idmap=idmap, **common)
-            undo.push_async_callback(_quietly, unplug_device, pool, name, dname, dev, keep_rules=keep_old,
+            await plug_device(runtime, name, dname, dev, idmap=idmap, **common)
+            undo.push_async_callback(_quietly, unplug_device, runtime, name, dname, dev, keep_rules=keep_old,
                                      idmap=idmap, **common)
         for kind in sorted(kinds):
-            undo.push_async_callback(_quietly, UPDATERS[kind], pool, name, new_config, old_config,
+            undo.push_async_callback(_quietly, UPDATERS[kind], runtime, name, new_config, old_config,
                                      init_pid=init_pid)
-            await UPDATERS[kind](pool, name, old_config, new_config, init_pid=init_pid)
+            await UPDATERS[kind](runtime, name, old_config, new_config, init_pid=init_pid)
         undo.pop_all()
 
 

@@ -83,6 +83,17 @@ RAW_FORBIDDEN: dict[str, str] = {
 # -- the spec -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DiskSource:
+    """What a prepared disk device bind-mounts: a host path (a custom volume's directory, the
+    host-side mount of a block device), whether it is a directory, and whether the mount is
+    idmapped to the container (shift)."""
+
+    path: str
+    is_dir: bool = True
+    shift: bool = False
+
+
 @dataclass
 class LxcSpec:
     name: str
@@ -100,6 +111,9 @@ class LxcSpec:
     extra: list[tuple[str, str]] = field(default_factory=list)
     prepare_host: bool = True          # write the seccomp file and device nodes (False: pure)
     devices_dir: Path | None = None    # host dir for unix device nodes (default lxcpath/name/devices)
+    # Disks whose host side was prepared for this start (instances/disks.py): custom volumes
+    # (mounted and shifted) and block devices (mounted on the host), by device name.
+    disk_sources: dict[str, DiskSource] = field(default_factory=dict)
     log_level: str = "warn"
 
     @property
@@ -342,7 +356,7 @@ _LIBLXC_VERDICTS: dict[tuple[str, str], bool] = {}
 _LIBLXC_VERDICTS_MAX = 4096
 
 
-async def check_raw_lxc(pool, text: str | None) -> None:
+async def check_raw_lxc(runtime, text: str | None) -> None:
     """Raise BadRequest unless raw.lxc is well formed, sets nothing the daemon manages, and
     every line is accepted by liblxc (asked through a worker: the daemon never loads liblxc)."""
     if not text:
@@ -350,8 +364,8 @@ async def check_raw_lxc(pool, text: str | None) -> None:
     validate_raw_lxc(text)
     items = parse_raw_lxc(text)
     todo = list(dict.fromkeys(it for it in items if it not in _LIBLXC_VERDICTS))
-    if todo and pool is not None:
-        answers = await pool.call("lxc_config_items_ok", [list(it) for it in todo])
+    if todo and runtime is not None:
+        answers = await runtime.config_items_ok([list(it) for it in todo])
         if len(_LIBLXC_VERDICTS) + len(todo) > _LIBLXC_VERDICTS_MAX:
             _LIBLXC_VERDICTS.clear()
         for it, ok in zip(todo, answers, strict=True):
@@ -398,6 +412,18 @@ def disk_mount_options(dev: dict[str, str], *, source_is_dir: bool, shift: bool)
 def dev_bool(dev: dict[str, str], key: str) -> bool:
     val = dev.get(key, "")
     return v.parse_bool(val) if val else False
+
+
+def path_name_encode(text: str) -> str:
+    """A path as one file name, as LXD encodes it ("-" doubled, then "/" -> "-")."""
+    return text.replace("-", "--").replace("/", "-")
+
+
+def disk_host_mount_path(devices_dir: Path, name: str, dev: dict[str, str]) -> Path:
+    """Where a block device disk's filesystem is mounted on the host before it is bind-mounted
+    into the container: <devices dir>/disk.<device>.<path>, as LXD names it."""
+    rel = devs.container_path(dev).lstrip("/")
+    return devices_dir / path_name_encode(f"disk.{name}.{rel}")
 
 
 def unix_node_path(spec_dir: Path, name: str, dev: dict[str, str]) -> Path:
@@ -564,28 +590,44 @@ def render(spec: LxcSpec, layout: CgroupLayout | None = None) -> Items:
 
 
 def check_disk_source(name: str, dev: dict[str, str]) -> bool:
-    """True when a host-path disk's source can be bind-mounted; False when it is missing and
-    optional; BadRequest when it is missing and required, or is a block device (mounting a
-    filesystem from a block device is not supported)."""
+    """True when a host-path disk's source exists (a path to bind-mount, or a block device whose
+    filesystem is mounted on the host first: instances/disks.py); False when it is missing and
+    optional; BadRequest when it is missing and required."""
     source = dev["source"]
     try:
-        st = os.stat(source)
+        os.stat(source)
     except FileNotFoundError:
         if devs.disk_required(dev):
             raise BadRequest(f"Missing source path {source!r} for disk {name!r}") from None
         return False
     except OSError as e:
         raise BadRequest(f"Invalid source path {source!r} for disk {name!r}: {e.strerror}") from None
-    if stat.S_ISBLK(st.st_mode):
-        raise BadRequest(f"Invalid device {name!r}: block device sources ({source}) are not supported, "
-                         f"only host paths")
     return True
 
 
+def is_block_source(dev: dict[str, str]) -> bool:
+    """Whether a host-path disk's source is a block device (its filesystem gets mounted)."""
+    try:
+        return stat.S_ISBLK(os.stat(dev.get("source", "")).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def disk_mount_entry(spec: LxcSpec, name: str, dev: dict[str, str]) -> str | None:
-    """The lxc.mount.entry for a host-path disk, or None for an optional disk whose source is gone."""
+    """The lxc.mount.entry for a disk, or None for an optional disk whose source is gone (or a
+    volume / block device disk that wasn't prepared: a pure render)."""
+    prepared = spec.disk_sources.get(name)
+    if prepared is not None:  # checked by instances/disks.py (idmapped mount support too)
+        target = devs.container_path(dev).lstrip("/")
+        opts = disk_mount_options(dev, source_is_dir=prepared.is_dir,
+                                  shift=prepared.shift and not spec.privileged)
+        return f"{escape_fstab(prepared.path)} {escape_fstab(target)} none {','.join(opts)} 0 0"
+    if dev.get("pool"):
+        return None
     source = dev["source"]
     if not check_disk_source(name, dev):
+        return None
+    if is_block_source(dev):
         return None
     shift = dev_bool(dev, "shift") and not spec.privileged
     if shift:

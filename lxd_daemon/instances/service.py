@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -25,15 +24,17 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from sqlalchemy import text
-
 from lxd_daemon import names
 from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound, NotImplementedYet
 from lxd_daemon.instances import idmap as idmaps
 from lxd_daemon.instances import state as rstate
 from lxd_daemon.instances import validation
+from lxd_daemon.instances.disks import DiskPrep, check_volumes, instance_stopped, unmount_under
 from lxd_daemon.instances.idmap import IdmapEntry, IdmapSet
 from lxd_daemon.instances.models import FrozenRootfs, Instance, Record, Runtime
+from lxd_daemon.instances.store import InstanceStore
+from lxd_daemon.instances.tracker import RuntimeTracker
+from lxd_daemon.runtime.client import StartFailed
 from lxd_daemon.util.revert import Revert
 from lxd_daemon.util.timefmt import EPOCH_TIME, rfc3339
 
@@ -99,11 +100,14 @@ class InstanceService:
         self.services = services
         self.db = services.db
         self.pool = services.pool
+        self.liblxc = services.runtime  # the typed client of the liblxc workers
+        self.store = InstanceStore(services.db, lambda p: services.profiles.profiles[p].id)
         self.lxd_dir: Path = services.lxd_dir
         self.lxcpath = self.lxd_dir / "containers"
         self.logs_root = self.lxd_dir / "logs"
         self.records: dict[str, Record] = {}
-        self.runtime: dict[str, Runtime] = {}
+        self.tracker = RuntimeTracker(self._on_exit)
+        self.runtime: dict[str, Runtime] = self.tracker.running  # name -> tracked init (read-only here)
         self._locks: dict[str, asyncio.Lock] = {}
         self._reserved: set[str] = set()
         self._unreachable: set[str] = set()  # running, but out of reach of liblxc's command socket
@@ -123,6 +127,23 @@ class InstanceService:
         t = asyncio.get_running_loop().create_task(coro)
         self._bg.add(t)
         t.add_done_callback(self._bg.discard)
+
+    async def _write_backup_yaml(self, name: str) -> None:
+        """Refresh $volume/backup.yaml (LXD's; `lxd recover` and imports read it)."""
+        from lxd_daemon.backups.config import update_instance_backup_yaml
+
+        async with self.backup_yaml_lock(name):
+            await update_instance_backup_yaml(self.services, name)
+
+    def backup_yaml_lock(self, name: str) -> asyncio.Lock:
+        """Held while backup.yaml is rewritten in the instance's volume (through a temporary file
+        beside it). A copy of the volume's tree (snapshot, copy) holds it too, so that it never
+        meets a temporary file that vanishes under it."""
+        locks = self.__dict__.setdefault("_yaml_locks", {})
+        lk = locks.get(name)
+        if lk is None:
+            lk = locks[name] = asyncio.Lock()
+        return lk
 
     def record(self, name: str) -> Record:
         rec = self.records.get(name)
@@ -266,7 +287,19 @@ class InstanceService:
     @contextlib.asynccontextmanager
     async def frozen_rootfs(self, name: str) -> AsyncIterator[FrozenRootfs]:
         if "/" in name:
-            raise NotImplementedYet("Instance snapshots are not implemented yet")
+            # A snapshot (publish from `c1/snap0`): its tree doesn't change while the lock is held.
+            parent, snap = name.split("/", 1)
+            async with self.lock(parent):
+                s = self.services.snapshots.get(parent, snap)
+                pool = self._root_pool(self.expanded(parent)[1], parent)
+                svol = self.services.storage.volumes.instance_volume(pool, parent).snapshot(s.name)
+                path = await pool.driver.mount_volume(svol)
+                uid, gid = IdmapSet.from_json(s.config.get("volatile.last_state.idmap")).root_ids()
+                try:
+                    yield FrozenRootfs(path / "rootfs", path, uid, gid)
+                finally:
+                    await pool.driver.unmount_volume(svol)
+            return
         async with self.lock(name):
             inst = await self.get(name)
             status, pid = self.status_of(name)
@@ -291,31 +324,9 @@ class InstanceService:
         self.loop = asyncio.get_running_loop()
         await asyncio.to_thread(self._prepare_dirs)
 
-        def q(session):
-            rows = session.execute(text(
-                "SELECT id, name, type, architecture, ephemeral, stateful, description, created_at, "
-                "last_used_at, pending, devices FROM instances")).all()
-            cfg = session.execute(text("SELECT instance_id, key, value FROM instances_config")).all()
-            profs = session.execute(text(
-                "SELECT ip.instance_id, p.name FROM instances_profiles ip JOIN profiles p ON p.id = ip.profile_id "
-                "ORDER BY ip.instance_id, ip.apply_order")).all()
-            return rows, cfg, profs
-
-        rows, cfg, profs = await self.db.run(q)
-        configs: dict[int, dict] = {}
-        for iid, k, v in cfg:
-            configs.setdefault(iid, {})[k] = v
-        plist: dict[int, list[str]] = {}
-        for iid, pname in profs:
-            plist.setdefault(iid, []).append(pname)
-        pending = []
-        for r in rows:
-            if r.pending:
-                pending.append((r.id, r.name))
-                continue
-            self.records[r.name] = Record(r.id, r.name, r.architecture, bool(r.ephemeral), bool(r.stateful),
-                                          r.description, r.created_at, r.last_used_at, configs.get(r.id, {}),
-                                          json.loads(r.devices), plist.get(r.id, []), r.type)
+        records, pending = await self.store.load()
+        for rec in records:
+            self.records[rec.name] = rec
         await self._sweep(pending)
         await asyncio.to_thread(self._restore_links)
         await self._find_running()
@@ -381,10 +392,7 @@ class InstanceService:
         for iid, name in pending:
             log.warning("removing half-created instance", extra={"instance": name})
 
-            def rm(session, iid=iid):
-                session.execute(text("DELETE FROM instances WHERE id=:i"), {"i": iid})
-
-            await self.db.run(rm)
+            await self.store.delete(iid)
         known = set(self.records)
         if storage is not None:  # volumes no record names, half-made image caches, trash
             await storage.volumes.sweep(("default", n) for n in known)
@@ -407,7 +415,7 @@ class InstanceService:
     async def _find_running(self) -> None:
         if not self.records:
             return
-        found = await self.pool.call("lxc_lookup", sorted(self.records), str(self.lxcpath))
+        found = await self.liblxc.lookup(sorted(self.records), str(self.lxcpath))
         for name, (st, pid) in found.items():
             if st in ("RUNNING", "FROZEN", "FREEZING", "THAWED") and pid > 0:
                 self._track(name, pid)
@@ -446,30 +454,10 @@ class InstanceService:
 
     # ------------------------------------------------------------------ runtime tracking
     def _track(self, name: str, pid: int) -> Runtime:
-        old = self.runtime.pop(name, None)
-        if old is not None:
-            self._unwatch(old)
-        pidfd = os.pidfd_open(pid)
-        # The container's own cgroup, resolved once while init is known to be alive: later
-        # reads of /proc/PID/cgroup could show the root cgroup of an exiting init.
-        rt = Runtime(pid=pid, start_time=rstate.proc_start_time(pid), pidfd=pidfd,
-                     cgroups=rstate.container_cgroups(name, pid))
-        self.runtime[name] = rt
-        self.loop.add_reader(pidfd, self._on_exit, name, rt)
-        return rt
-
-    def _unwatch(self, rt: Runtime) -> None:
-        if rt.pidfd >= 0:
-            with contextlib.suppress(Exception):
-                self.loop.remove_reader(rt.pidfd)
-            os.close(rt.pidfd)
-            rt.pidfd = -1
-        rt.exited.set()
+        return self.tracker.track(name, pid)
 
     def _on_exit(self, name: str, rt: Runtime) -> None:
-        self._unwatch(rt)
-        if self.runtime.get(name) is rt:
-            del self.runtime[name]
+        """init of a tracked container exited (the tracker no longer has it)."""
         self._spawn(self._cleanup_monitor(name))
         if not rt.stopping:
             self._spawn(self._unexpected_exit(name))
@@ -493,7 +481,7 @@ class InstanceService:
             if name not in self.records or name in self.runtime:
                 return
             for _ in range(40):
-                found = await self.pool.call("lxc_lookup", [name], str(self.lxcpath), lane=name)
+                found = await self.liblxc.lookup([name], str(self.lxcpath), lane=name)
                 st, pid = found.get(name, ["STOPPED", -1])
                 if st == "RUNNING" and pid > 0:
                     self._track(name, pid)
@@ -526,41 +514,12 @@ class InstanceService:
         rec = self.records.get(name)
         if rec is None:
             return
-        iid = rec.id
-
-        def w(session):
-            if last_used_at is not None:
-                session.execute(text("UPDATE instances SET last_used_at=:l WHERE id=:i"),
-                                {"l": last_used_at, "i": iid})
-            for k, v in values.items():
-                session.execute(text("DELETE FROM instances_config WHERE instance_id=:i AND key=:k"),
-                                {"i": iid, "k": k})
-                if v is not None:
-                    session.execute(text("INSERT INTO instances_config (instance_id, key, value) "
-                                         "VALUES (:i, :k, :v)"), {"i": iid, "k": k, "v": v})
-
-        await self.db.run(w)
+        await self.store.set_config_keys(rec.id, values, last_used_at=last_used_at)
         for k, v in values.items():
             if v is None:
                 rec.config.pop(k, None)
             else:
                 rec.config[k] = v
-
-    def _write_record_sql(self, session, rec: Record, *, pending: bool | None = None) -> None:
-        profiles = self.services.profiles.profiles
-        session.execute(text(
-            "UPDATE instances SET name=:n, architecture=:a, ephemeral=:e, stateful=:s, description=:d, "
-            "last_used_at=:l, devices=:dev" + (", pending=:p" if pending is not None else "") + " WHERE id=:i"),
-            {"n": rec.name, "a": rec.architecture, "e": rec.ephemeral, "s": rec.stateful, "d": rec.description,
-             "l": rec.last_used_at, "dev": json.dumps(rec.devices), "p": pending, "i": rec.id})
-        session.execute(text("DELETE FROM instances_config WHERE instance_id=:i"), {"i": rec.id})
-        for k, v in rec.config.items():
-            session.execute(text("INSERT INTO instances_config (instance_id, key, value) VALUES (:i, :k, :v)"),
-                            {"i": rec.id, "k": k, "v": v})
-        session.execute(text("DELETE FROM instances_profiles WHERE instance_id=:i"), {"i": rec.id})
-        for order, pname in enumerate(rec.profiles):
-            session.execute(text("INSERT INTO instances_profiles (instance_id, profile_id, apply_order) "
-                                 "VALUES (:i, :p, :o)"), {"i": rec.id, "p": profiles[pname].id, "o": order})
 
     # ------------------------------------------------------------------ rendering
     def etag(self, rec: Record) -> tuple:
@@ -590,7 +549,8 @@ class InstanceService:
         }
         if full:
             out["state"] = self.state_of(rec.name, status, pid, cached_net=cached_net)
-            out["snapshots"] = []
+            snaps = getattr(self.services, "snapshots", None)
+            out["snapshots"] = snaps.render_all(rec.name) if snaps is not None else []
             out["backups"] = []
         return out
 
@@ -643,6 +603,44 @@ class InstanceService:
     def release(self, name: str) -> None:
         self._reserved.discard(name)
 
+    async def adopt_record(self, rec: Record, pool, extra_sql=None) -> None:
+        """Record an instance whose volume exists on `pool` but whose rows were lost (`lxd
+        recover`; the caller holds the name through reserve()): the rows in one transaction
+        (`extra_sql(session, instance_id)` adds its own, e.g. snapshots), then the lxcpath link
+        and log directory. The volume is closed to every host user until a start opens it."""
+        vol = self.services.storage.volumes.instance_path(pool, rec.name)
+
+        def ins(session):
+            iid = self.store.insert(session, rec)
+            if extra_sql is not None:
+                extra_sql(session, iid)
+
+        await self.db.run(ins)
+
+        def links() -> None:
+            link = self.lxcpath / rec.name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(vol)
+            (self.logs_root / rec.name).mkdir(parents=True, exist_ok=True)
+            os.chmod(self.logs_root / rec.name, 0o700)
+            pool.driver.secure_instance_volume(vol, 0)
+
+        try:
+            await asyncio.to_thread(links)
+        except BaseException:
+            await self.store.delete(rec.id)
+            raise
+        self.records[rec.name] = rec
+
+    async def forget_record(self, name: str) -> None:
+        """Undo adopt_record(): the rows and links go, the volume stays."""
+        rec = self.records.pop(name, None)
+        if rec is None:
+            return
+        await self.store.delete(rec.id)
+        await asyncio.to_thread(_remove_paths, self.lxcpath / name)
+
     async def prepare_create(self, body) -> dict:
         """Validate a create request (before the operation starts); returns the plan."""
         name = body.name
@@ -655,6 +653,7 @@ class InstanceService:
         stype = source.get("type") or ("none" if not source else "")
         image = None
         src_rec = None
+        src_snap = None
         if stype == "image":
             if source.get("server") or source.get("mode") == "pull":
                 raise BadRequest("Creating instances from remote images is not supported yet")
@@ -667,9 +666,18 @@ class InstanceService:
             config["volatile.base_image"] = image["fingerprint"]
         elif stype == "copy":
             src = source.get("source") or ""
-            if "/" in src:
-                raise NotImplementedYet("Instance snapshots are not implemented yet (nothing to copy from)")
+            if "/" in src:  # `lxc copy c1/snap0 c2`: from a snapshot
+                src, _, snap_name = src.partition("/")
+                src_snap = self.services.snapshots.get(src, snap_name)
             src_rec = self.record(src)
+            if src_snap is not None:
+                # The snapshot's config, devices, profiles and architecture, under the source's id.
+                from dataclasses import replace as _replace
+
+                src_rec = _replace(src_rec, config=dict(src_snap.config),
+                                   devices={k: dict(v) for k, v in src_snap.devices.items()},
+                                   profiles=list(src_snap.profiles),
+                                   architecture=src_snap.architecture or src_rec.architecture)
             base = dict(src_rec.config)
             base = {k: v for k, v in base.items()
                     if not k.startswith("volatile.") or k in ("volatile.base_image", "volatile.last_state.idmap")}
@@ -691,16 +699,21 @@ class InstanceService:
         validation.validate_config(user_cfg)
         from lxd_daemon.instances.lxcconf import check_raw_lxc
 
-        await check_raw_lxc(self.pool, user_cfg.get("raw.lxc"))
+        await check_raw_lxc(self.liblxc, user_cfg.get("raw.lxc"))
         storage = self.services.storage
         validation.validate_devices(devices, pools=set(storage.pools) if storage else set())
         pinputs = [self.services.profiles.profiles[p].as_expand_input() for p in profiles]
         ec, ed = validation.expand(pinputs, config, devices)
         pool = self._root_pool(ed)
+        await check_volumes(self.services, ed)  # custom volumes named by disks exist
         arch = body.architecture or (image or {}).get("architecture") or (
             src_rec.architecture if src_rec else host_architecture())
+        with_snaps = stype == "copy" and src_snap is None and not (
+            source.get("instance_only") or source.get("container_only"))
         return {"name": name, "profiles": profiles, "config": config, "devices": devices, "image": image,
                 "source_rec": src_rec, "pool": pool, "expanded_config": ec, "architecture": arch,
+                "source_snapshot": src_snap.name if src_snap is not None else None,
+                "with_snapshots": with_snaps, "copy_snapshots": [],
                 "ephemeral": bool(body.ephemeral), "description": body.description or "", "stype": stype}
 
     async def _resolve_image(self, source: dict) -> dict:
@@ -758,6 +771,7 @@ class InstanceService:
             raise
         self.records[name] = rec
         self._idmap_claims.pop(name, None)  # recorded in rec.config's volatile.idmap.next now
+        self._spawn(self._write_backup_yaml(name))  # after the commit, off the launch's path
         marks["done_ms"] = _now() - t0
         log.debug("created", extra={"instance": name, **{k: round(v, 1) for k, v in marks.items()}})
         if plan["image"] is not None:
@@ -767,7 +781,7 @@ class InstanceService:
 
     async def _create_locked(self, plan: dict, rec: Record, revert: Revert, desired: IdmapSet, vol: Path,
                              link: Path, logdir: Path, marks: dict, t0: float) -> None:
-        name, pool, config, created = rec.name, plan["pool"], rec.config, rec.created_at
+        name, pool, config = rec.name, plan["pool"], rec.config
         volumes = self.services.storage.volumes
         # The volume (a leftover of a crash under this name is removed first: no record has it).
         disk_map = await self._make_volume(plan, vol, desired)
@@ -788,17 +802,17 @@ class InstanceService:
         finish_fs()  # three metadata syscalls: cheaper inline than a thread hop
         marks["fs_ms"] = _now() - t0
 
-        def ins(session):
-            iid = session.execute(text(
-                "INSERT INTO instances (name, type, architecture, ephemeral, stateful, description, "
-                "created_at, last_used_at, pending, devices) VALUES (:n, 'container', :a, :e, 0, :d, :c, '', 0, "
-                "'{}') RETURNING id"),
-                {"n": name, "a": rec.architecture, "e": rec.ephemeral, "d": rec.description,
-                 "c": created}).scalar_one()
-            rec.id = iid
-            self._write_record_sql(session, rec)
+        if plan.get("copy_snapshots"):
+            # The copied snapshots' rows, in the same transaction as the instance's.
+            snaps = self.services.snapshots
 
-        await self.db.run(ins)
+            def ins(session):
+                iid = self.store.insert(session, rec)
+                return snaps.insert_rows_sql(session, iid, plan["copy_snapshots"])
+
+            snaps.adopt(await self.db.run(ins))
+        else:
+            await self.store.add(rec)
 
     async def _make_volume(self, plan: dict, vol: Path, desired: IdmapSet) -> IdmapSet:
         """Create the instance volume through storage (whatever the pool's driver); returns the id
@@ -822,7 +836,27 @@ class InstanceService:
             src = plan["source_rec"]
             async with self.lock(src.name):
                 src_pool = self._root_pool(self.expanded(src.name)[1], src.name)
-                await volumes.copy_instance_volume(src_pool, src.name, pool, name)
+                src_name = src.name
+                if plan.get("source_snapshot"):
+                    src_name = f"{src.name}/{plan['source_snapshot']}"
+                elif plan.get("with_snapshots"):  # the snapshots as they are now, under the lock
+                    plan["copy_snapshots"] = self.services.snapshots.copy_records(src.name)
+                # A running source is frozen while its tree is copied, on drivers whose copies
+                # aren't atomic snapshots (dir), as LXD does.
+                cg = None
+                if (src_name == src.name and not src_pool.driver.info.cow_snapshots
+                        and self.status_of(src.name)[0] == "Running"):
+                    with contextlib.suppress(OSError, LXDError):
+                        await self._freeze_cg(src.name, self._cgroups(src.name), True)
+                        cg = self._cgroups(src.name)
+                try:
+                    async with self.backup_yaml_lock(src.name):
+                        await volumes.copy_instance_volume(src_pool, src_name, pool, name,
+                                                           snapshots=bool(plan.get("copy_snapshots")))
+                finally:
+                    if cg is not None:
+                        with contextlib.suppress(OSError, LXDError):
+                            await self._freeze_cg(src.name, cg, False)
             return IdmapSet.from_json(src.config.get("volatile.last_state.idmap"))
         # From the image: an image volume's CoW child, or a copy of the unpacked, shifted cache.
         fp = plan["image"]["fingerprint"]
@@ -854,12 +888,13 @@ class InstanceService:
             if config.get("raw.lxc") != rec.config.get("raw.lxc"):
                 from lxd_daemon.instances.lxcconf import check_raw_lxc
 
-                await check_raw_lxc(self.pool, config.get("raw.lxc"))
+                await check_raw_lxc(self.liblxc, config.get("raw.lxc"))
             storage = self.services.storage
             validation.validate_devices(devices, pools=set(storage.pools) if storage else set())
             pinputs = [self.services.profiles.profiles[p].as_expand_input() for p in profiles]
             new = validation.expand(pinputs, config, devices)
             old = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
+            await check_volumes(self.services, {k: d for k, d in new[1].items() if old[1].get(k) != d})
             # As LXD: the expanded devices need a root disk unless there are none at all (then
             # the container keeps its volume but can't start until it gets one back).
             if new[1] and validation.root_disk(new[1]) is None:
@@ -874,8 +909,9 @@ class InstanceService:
             newrec = Record(rec.id, name, architecture or rec.architecture, ephemeral, rec.stateful, description,
                             rec.created_at, rec.last_used_at, config, {k: dict(v) for k, v in devices.items()},
                             list(profiles), rec.type)
-            await self.db.run(lambda s: self._write_record_sql(s, newrec))
+            await self.store.save(newrec)
             self.records[name] = newrec
+            await self._write_backup_yaml(name)
 
     @staticmethod
     def _check_expanded(ec: dict) -> None:
@@ -891,8 +927,9 @@ class InstanceService:
         # that pid is still inside the container's own cgroup (an exiting init is in the root one).
         if not rstate.alive(pid, None) or not rstate.container_cgroups(name, pid):
             raise BadRequest("The instance isn't running")
-        await live.apply_live(self.pool, name, old, new, init_pid=pid, idmap=inst.idmap,
-                              privileged=inst.idmap.empty, devices_dir=self.devices_dir(name))
+        await live.apply_live(self.liblxc, name, old, new, init_pid=pid, idmap=inst.idmap,
+                              privileged=inst.idmap.empty, devices_dir=self.devices_dir(name),
+                              disks=DiskPrep(self, name, inst.idmap, privileged=inst.idmap.empty))
 
     async def check_profile_change(self, profile: str, config: dict, devices: dict) -> None:
         for n in self.names_using_profile(profile):
@@ -904,6 +941,8 @@ class InstanceService:
                 self._check_expanded(ec)
                 if ed:  # as in update(): no devices at all is allowed
                     self._root_pool(ed)
+                old_ed = self.expanded(n)[1]
+                await check_volumes(self.services, {k: d for k, d in ed.items() if old_ed.get(k) != d})
             except LXDError as e:
                 raise BadRequest(f"Failed to update instance {n!r}: {e.message}") from None
 
@@ -938,17 +977,17 @@ class InstanceService:
         except LXDError:
             pool = None
 
-        def rm(session):
-            session.execute(text("DELETE FROM instances WHERE id=:i"), {"i": rec.id})
-
-        await self.db.run(rm)
+        await self.store.delete(rec.id)
         del self.records[name]
+        if getattr(self.services, "snapshots", None) is not None:
+            self.services.snapshots.forget(rec.id)  # its rows went with it (ON DELETE CASCADE)
         # The lock stays: a task still waiting on it (monitor cgroup clean-up) and a new instance
         # of the same name must serialise on the same object.
         if pool is not None:
             # Renamed out of the way now (instant), removed in the background; a crash before
             # that finishes leaves a `.trash-*` volume, which the start-up sweep removes.
             await self.services.storage.volumes.delete_instance_volume(pool, "default", name)
+        await asyncio.to_thread(unmount_under, self.devices_dir(name))  # no disk mount left in it
         await asyncio.to_thread(_remove_paths, self.lxcpath / name, self.logs_root / name, self.devices_dir(name))
         from lxd_daemon.instances.lxcconf import remove_seccomp_policy
 
@@ -973,6 +1012,7 @@ class InstanceService:
                 (self.lxcpath / new).symlink_to(new_vol)
                 if (self.logs_root / name).exists():
                     os.rename(self.logs_root / name, self.logs_root / new)
+                unmount_under(self.devices_dir(name))
                 _remove_paths(self.devices_dir(name))  # re-made at the next start
 
             def back():
@@ -986,15 +1026,12 @@ class InstanceService:
                 revert.add(volumes.rename_instance_volume, pool, "default", new, name)
                 revert.add(asyncio.to_thread, back)
                 await asyncio.to_thread(mv)
-
-                def upd(session):
-                    session.execute(text("UPDATE instances SET name=:n WHERE id=:i"), {"n": new, "i": rec.id})
-
-                await self.db.run(upd)
+                await self.store.rename(rec.id, new)
                 revert.success()
             del self.records[name]
             rec.name = new
             self.records[new] = rec
+            await self._write_backup_yaml(new)
             from lxd_daemon.instances.lxcconf import remove_seccomp_policy
 
             await asyncio.to_thread(remove_seccomp_policy, self.lxcpath, name)  # re-made at the next start
@@ -1044,7 +1081,8 @@ class InstanceService:
         if rec.config.get("volatile.apply_template"):
             updates["volatile.apply_template"] = None
         conf = logdir / "lxc.conf"
-        text_ = self._render_lxc(name, idir, rootfs, logdir, ec, ed, desired)
+        disks = DiskPrep(self, name, desired, privileged=desired.empty)  # volumes, block devices
+        text_ = self._render_lxc(name, idir, rootfs, logdir, ec, ed, desired, await disks.prepare_all(ed))
 
         def write_conf():
             logdir.mkdir(parents=True, exist_ok=True)
@@ -1060,11 +1098,13 @@ class InstanceService:
             self._ensure_traversable()
         t3 = _now()
         try:
-            pid = await self.pool.call("lxc_start", name, str(self.lxcpath), str(conf), lane=name)
-        except Exception as e:
-            msg = getattr(e, "args", [str(e)])[0] if e.args else str(e)
+            await disks.mount_pending()  # block devices, mounted on the host only while liblxc starts
+            pid = await self.liblxc.start(name, str(self.lxcpath), str(conf))
+        except StartFailed as e:
             tail = _log_tail(logdir / "lxc.log")
-            raise LXDError(f"Failed to start the instance: {msg}" + (f"\n{tail}" if tail else "")) from None
+            raise LXDError(e.message + (f"\n{tail}" if tail else "")) from None
+        finally:
+            await disks.release()
         t4 = _now()
         self._track(name, pid)
         rec.last_used_at = rfc3339()
@@ -1081,13 +1121,13 @@ class InstanceService:
                                     "templates_ms": round(t2 - t1, 1), "config_ms": round(t3 - t2, 1),
                                     "liblxc_ms": round(t4 - t3, 1), "record_ms": round(t5 - t4, 1)})
 
-    def _render_lxc(self, name, idir, rootfs, logdir, ec, ed, idmap) -> str:
+    def _render_lxc(self, name, idir, rootfs, logdir, ec, ed, idmap, disk_sources=None) -> str:
         from lxd_daemon.instances import lxcconf
 
         spec = lxcconf.LxcSpec(name=name, lxcpath=self.lxcpath, rootfs=rootfs, log_file=logdir / "lxc.log",
                                console_log=logdir / "console.log", hostname=name, expanded_config=ec,
                                expanded_devices=ed, idmap=idmap, privileged=idmap.empty,
-                               devices_dir=self.devices_dir(name))
+                               devices_dir=self.devices_dir(name), disk_sources=disk_sources or {})
         return lxcconf.to_text(lxcconf.render(spec))
 
     async def _apply_templates(self, rec, idir, rootfs, ec, ed, idmap) -> None:
@@ -1118,7 +1158,7 @@ class InstanceService:
             raise BadRequest("The instance is already stopped")
         rt = self.runtime.get(name)
         if rt is None:
-            await self.pool.call("lxc_stop", name, str(self.lxcpath), lane=name)
+            await self.liblxc.stop(name, str(self.lxcpath))
             return "instance-stopped"
         rt.stopping = True
         try:
@@ -1154,6 +1194,8 @@ class InstanceService:
             await asyncio.to_thread(drv.secure_instance_volume, self.lxcpath / name, 0)
         except (LXDError, OSError) as e:
             log.warning("couldn't reset the volume's owner", extra={"instance": name, "err": str(e)})
+        with contextlib.suppress(LXDError):  # custom volumes no running container uses are unmounted
+            await instance_stopped(self, name, self.expanded(name)[1])
 
     async def _signal(self, rt: Runtime, sig: int) -> None:
         if rt.exited.is_set() or rt.pidfd < 0:
@@ -1226,6 +1268,8 @@ class InstanceService:
             self.record(name)
             if action == "start":
                 was = self.status_of(name)[0]
+                if was == "Stopped" and getattr(self.services, "snapshots", None) is not None:
+                    await self.services.snapshots.on_start_locked(name)  # `@startup` in snapshots.schedule
                 await self.start(name)
                 events.lifecycle("instance-resumed" if was == "Frozen" else "instance-started", src,
                                  requestor=requestor)
@@ -1309,13 +1353,7 @@ class InstanceService:
             await asyncio.gather(*(one(n) for n in groups[prio]), return_exceptions=True)
 
     async def close(self) -> None:
-        for rt in list(self.runtime.values()):
-            rt.stopping = True  # the daemon is exiting; containers keep running
-            if rt.pidfd >= 0:
-                with contextlib.suppress(Exception):
-                    self.loop.remove_reader(rt.pidfd)
-                os.close(rt.pidfd)
-                rt.pidfd = -1
+        self.tracker.close()  # the daemon is exiting; containers keep running
         if self._bg:  # let pending store writes and clean-ups finish (briefly)
             await asyncio.wait(list(self._bg), timeout=2)
         for t in list(self._bg):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lxd_daemon.api import instance_logs, instance_state, instances, profiles  # noqa: F401  (routes register)
+from lxd_daemon.instances import disks
 from lxd_daemon.instances.service import InstanceService
 from lxd_daemon.profiles.service import ProfileService
 
@@ -14,6 +15,12 @@ async def setup(services) -> list:
     svc = InstanceService(services)
     services.instances = svc
     await svc.load()
+    from lxd_daemon.api import instance_snapshots
+    from lxd_daemon.instances.snapshots import SnapshotService
+
+    snaps = SnapshotService(services)
+    await snaps.load()
+    services.snapshots = snaps
 
     async def project_used_by() -> list[str]:
         return ([f"/1.0/instances/{n}" for n in sorted(svc.records)]
@@ -32,14 +39,28 @@ async def setup(services) -> list:
             return out
 
         services.storage.used_by_providers.append(pool_used_by)
+        custom = getattr(services.storage, "custom", None)
+        if custom is not None:  # custom volumes: instances and profiles whose disks attach one
+            async def volume_used_by(pool: str, name: str, project: str = "default") -> list[str]:
+                return await disks.volume_used_by(svc, prof, pool, name, project)
+
+            custom.used_by_providers.append(volume_used_by)
     if services.images is not None and services.storage is not None:
         # Unpacked, shifted copies (image caches, image volumes) of a deleted image go with it.
         services.images.on_delete.append(services.storage.volumes.drop_image)
     services.startup_hooks.append(svc.autostart)
+    services.startup_hooks.append(snaps.start_scheduler)
     services.shutdown_hooks.append(svc.shutdown_all)
+    services.exit_hooks.append(snaps.close)
     services.exit_hooks.append(svc.close)
     services.server.advertise(
         "instances", "container_full", "instance_bulk_state_change", "profile_usedby",
         "container_last_used_at", "container_cpu_time", "id_map", "id_map_base", "instance_get_full",
         "api_filtering")
-    return [instances.router, profiles.router]
+    services.server.advertise(
+        "snapshot_expiry", "snapshot_expiry_creation", "snapshot_scheduling", "snapshot_schedule_aliases",
+        "container_only_migration", "container_incremental_copy", "instance_pool_move")
+    from lxd_daemon.backups import subsystem as backups_subsystem
+
+    backup_routers = await backups_subsystem.setup(services)
+    return [instance_snapshots.router, *backup_routers, instances.router, profiles.router]

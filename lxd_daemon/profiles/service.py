@@ -75,8 +75,7 @@ class ProfileService:
         """raw.lxc is checked by liblxc (through a worker) when it is set, as LXD does."""
         from lxd_daemon.instances.lxcconf import check_raw_lxc
 
-        inst = self.services.instances
-        await check_raw_lxc(inst.pool if inst is not None else None, config.get("raw.lxc"))
+        await check_raw_lxc(self.services.runtime, config.get("raw.lxc"))
 
     async def create(self, name: str, description: str, config: dict, devices: dict) -> Profile:
         validate_name(name)

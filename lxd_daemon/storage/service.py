@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
+from lxd_daemon.storage.custom import CustomVolumeService
 from lxd_daemon.storage.drivers import DRIVERS, Driver
 from lxd_daemon.storage.volumes import VolumeService
 from lxd_daemon.util.revert import Revert
@@ -41,6 +42,7 @@ class StorageService:
         self.used_by_providers = []  # async callables(pool_name) -> list[str]
         self._lock = asyncio.Lock()
         self.volumes = VolumeService(self)
+        self.custom = CustomVolumeService(self)  # custom volumes and their snapshots
         # name -> (usable here, version or why not), asked once at start-up.
         self.drivers_available: dict[str, tuple[bool, str]] = {}
 
@@ -96,7 +98,7 @@ class StorageService:
         return pool
 
     async def used_by(self, name: str) -> list[str]:
-        out: list[str] = []
+        out: list[str] = await self.custom.pool_volume_urls(name)
         for provider in self.used_by_providers:
             out.extend(await provider(name))
         return sorted(set(out))
@@ -164,6 +166,34 @@ class StorageService:
             self.pools[name] = pool
         self._advertise_driver()
         return pool
+
+    async def adopt(self, name: str, driver: Driver, description: str = "") -> Pool:
+        """Record a pool that exists on the host but has no record (`lxd recover`): the driver
+        (already mounted) is kept as it is, nothing is created on the host."""
+        config = dict(driver.config)
+        async with self._lock:
+            if name in self.pools:
+                raise Conflict(f"Storage pool {name!r} already exists")
+
+            def ins(session):
+                return session.execute(
+                    text("INSERT INTO storage_pools (name, driver, description, config) "
+                         "VALUES (:n, :d, :desc, :c) RETURNING id"),
+                    {"n": name, "d": driver.info.name, "desc": description, "c": json.dumps(config)}).scalar_one()
+
+            pool_id = await self.db.run(ins)
+            pool = Pool(pool_id, name, driver.info.name, description, config, driver)
+            self.pools[name] = pool
+        self._advertise_driver()
+        return pool
+
+    async def forget(self, name: str) -> None:
+        """Drop a pool's record only, leaving everything on the host (undoes adopt())."""
+        pool = self.pools.pop(name, None)
+        if pool is None:
+            return
+        await self.db.run(lambda s: s.execute(text("DELETE FROM storage_pools WHERE id=:i"), {"i": pool.id}))
+        self._advertise_driver()
 
     async def update(self, name: str, description: str, config: dict[str, str]) -> None:
         pool = self.get(name)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lxd_daemon.api import storage_pools
+from lxd_daemon.api import storage_pools, storage_volumes
 from lxd_daemon.storage.service import StorageService
 
 
@@ -11,5 +11,9 @@ async def setup(services) -> list:
     await storage.load()
     services.storage = storage
     services.exit_hooks.append(storage.volumes.close)
+    await storage.custom.load()  # finish or undo custom volume changes a crash interrupted
+    services.startup_hooks.append(storage.custom.startup)  # snapshots.schedule / snapshots.expiry
+    services.exit_hooks.append(storage.custom.close)
+    services.server.advertise(*storage_volumes.EXTENSIONS)
     services.server.advertise("storage")
-    return [storage_pools.router]
+    return [storage_pools.router, storage_volumes.router]

@@ -9,8 +9,11 @@ Written once over the Driver interface; drivers differ only by the flags in thei
 - The others keep the unpacked, shifted tree as a plain directory `images/<fp>/<uid>_<gid>` under
   the pool (the image cache), plus SPARES ready-made copies of it (`images/<fp>/.spare-<key>-*`)
   prepared in the background: a launch creates the volume and moves a spare's content into it
-  (a few renames), so the copy is off the launch's critical path; without a spare it copies
-  the cache (reflinks where the filesystem has them).
+  (a few renames), so the copy is off the launch's critical path; without a spare it waits for
+  the spare being copied, if any, else copies the cache (reflinks where the filesystem has them).
+  CACHE_IDLE_S after the last launch from a cache, its spares and the cache itself are removed
+  (each is a full copy of the image's tree where the filesystem has no reflinks); the next launch
+  unpacks the image again.
 
 Crash safety: every temporary thing has a name the start-up sweep recognises (`.tmp*` entries of
 the image caches, image volumes that are not `<fp>_<uid>_<gid>`, container volumes no instance
@@ -20,6 +23,7 @@ record names: `.trash-*` left by a delete, half-made volumes left by a create).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
@@ -27,7 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 
-from lxd_daemon.errors import BadRequest, Conflict, NotFound
+from lxd_daemon.errors import Conflict, NotFound
 from lxd_daemon.storage.drivers.base import Filler
 from lxd_daemon.storage.drivers.trees import copy_tree, remove_tree
 from lxd_daemon.storage.volume import DEFAULT_PROJECT, Volume, VolumeType
@@ -42,11 +46,16 @@ IMAGE_VOLUME = re.compile(r"^[0-9a-f]{64}_\d+_\d+$")
 class VolumeService:
     # Ready copies of each image cache kept for the next launches (drivers without optimised images).
     SPARES = 2
+    # The cache and its spares are for launches in quick succession: this long after the last
+    # launch from a cache they are removed (see the module's docstring).
+    CACHE_IDLE_S = 60.0
 
     def __init__(self, storage):
         self.storage = storage
         self._locks: dict[str, asyncio.Lock] = {}
         self._bg: set[asyncio.Task] = set()
+        self._idle: dict[Path, asyncio.TimerHandle] = {}  # cache -> when it and its spares expire
+        self._busy: dict[Path, int] = {}  # cache -> launches using it right now
 
     # -- helpers -----------------------------------------------------------------------------
     def _lock(self, key: str) -> asyncio.Lock:
@@ -63,6 +72,9 @@ class VolumeService:
     async def close(self) -> None:
         """Let background removals and spare copies finish briefly, then cancel them (what is left
         has a name the next start-up sweep removes)."""
+        for h in self._idle.values():
+            h.cancel()
+        self._idle.clear()
         if self._bg:
             await asyncio.wait(list(self._bg), timeout=2)
         for t in list(self._bg):
@@ -110,8 +122,16 @@ class VolumeService:
             image = await self._image_volume(pool, image_fp, unpack_fn, idmap_key)
             await self._create(pool, vol, lambda: drv.create_volume_from_image(vol, image))
         else:
-            cache = await self._image_cache(pool, image_fp, unpack_fn, idmap_key)
-            await self._create(pool, vol, lambda: drv.create_volume(vol, filler=self._fill_from_cache(cache)))
+            cache = self.cache_root(pool, image_fp) / idmap_key
+            self._busy[cache] = self._busy.get(cache, 0) + 1
+            try:
+                await self._image_cache(pool, image_fp, unpack_fn, idmap_key)
+                await self._create(pool, vol, lambda: drv.create_volume(vol, filler=self._fill_from_cache(cache)))
+            finally:
+                self._busy[cache] -= 1
+                if not self._busy[cache]:
+                    del self._busy[cache]
+                self._cache_idle_later(cache)
             self._spawn(self._refill_spare(cache))
         try:
             return await drv.mount_volume(vol)
@@ -139,21 +159,69 @@ class VolumeService:
             await self._create(pool, vol, lambda: pool.driver.create_volume_from_copy(vol, src, snapshots=snapshots))
         else:
             await self._clear_leftover(pool, vol)
-            if snapshots and await src_pool.driver.list_snapshots(src):
-                raise BadRequest("Copying an instance with its snapshots to another pool is not supported yet")
-            src_path = await src_pool.driver.mount_volume(src)
-            try:
-                async def fill(path: Path) -> None:
-                    await copy_tree(src_path, path, into=True)
+            snaps = await src_pool.driver.list_snapshots(src) if snapshots and not src.is_snapshot else []
+            if snaps:
+                await self._copy_across_with_snapshots(src_pool, src, pool, vol, snaps)
+            else:
+                src_path = await src_pool.driver.mount_volume(src)
+                try:
+                    async def fill(path: Path) -> None:
+                        await copy_tree(src_path, path, into=True)
 
-                await pool.driver.create_volume(vol, filler=fill)
-            finally:
-                await src_pool.driver.unmount_volume(src)
+                    await pool.driver.create_volume(vol, filler=fill)
+                finally:
+                    await src_pool.driver.unmount_volume(src)
         try:
             return await pool.driver.mount_volume(vol)
         except BaseException:
             await self._delete_now(pool, vol)
             raise
+
+    async def _copy_across_with_snapshots(self, src_pool, src: Volume, pool, vol: Volume, snaps: list[str]) -> None:
+        """A copy between pools (any two drivers) with snapshots: each snapshot's tree, oldest
+        first, is synced into the new volume and snapshotted there, then the volume itself.
+        Nothing is left on failure."""
+        async with Revert() as revert:
+            await pool.driver.create_volume(vol)
+            revert.add(self._delete_now, pool, vol)
+            await self.sync_into(src_pool, src, pool, vol, snaps)
+            revert.success()
+
+    async def sync_into(self, src_pool, src: Volume, pool, vol: Volume, snaps: list[str]) -> None:
+        """Make `vol` (which exists) hold the snapshots `snaps` of `src` (each synced into `vol`
+        and snapshotted there, oldest first), then `src`'s own content. Only what differs is
+        copied (rsync)."""
+        dst_path = await pool.driver.mount_volume(vol)
+        try:
+            for s in snaps:
+                ssrc = src.snapshot(s)
+                spath = await src_pool.driver.mount_volume(ssrc)
+                try:
+                    await sync_tree(spath, dst_path)
+                finally:
+                    await src_pool.driver.unmount_volume(ssrc)
+                await pool.driver.create_snapshot(vol.snapshot(s))
+            src_path = await src_pool.driver.mount_volume(src)
+            try:
+                await sync_tree(src_path, dst_path)
+            finally:
+                await src_pool.driver.unmount_volume(src)
+        except BaseException:
+            for s in snaps:
+                with contextlib.suppress(Exception):
+                    if await pool.driver.has_volume(vol.snapshot(s)):
+                        await pool.driver.delete_snapshot(vol.snapshot(s))
+            raise
+
+    async def refresh_instance_volume(self, src_pool, src: Volume, pool, vol: Volume, snaps: list[str]) -> None:
+        """`copy --refresh`: add the snapshots `snaps` of `src` to `vol` (which exists) and sync
+        its content to `src`'s, within a pool or between pools."""
+        if not await pool.driver.has_volume(vol):
+            raise NotFound(f"Storage volume {vol.name!r} not found on pool {pool.name!r}")
+        for s in snaps:
+            if await pool.driver.has_volume(vol.snapshot(s)):
+                await pool.driver.delete_snapshot(vol.snapshot(s))
+        await self.sync_into(src_pool, src, pool, vol, snaps)
 
     # -- image volumes (drivers with optimised images) -----------------------------------------
     async def _image_volume(self, pool, fp: str, unpack_fn: Unpack, key: str) -> Volume:
@@ -232,9 +300,16 @@ class VolumeService:
                 except OSError:
                     return False, spare  # e.g. a volume on another filesystem (EXDEV)
 
-            done, leftover = await asyncio.to_thread(from_spare)
-            if done:
-                return
+            refilling = self._lock(f"spare:{cache}")
+            while True:
+                done, leftover = await asyncio.to_thread(from_spare)
+                if done:
+                    return
+                if leftover is not None or not refilling.locked():
+                    break
+                # A spare is being copied: waiting for it beats a second copy competing with it.
+                while refilling.locked() and not self._spares(cache):
+                    await asyncio.sleep(0.02)
             if leftover is not None:
                 await remove_tree(leftover)
                 await remove_tree_contents(path)
@@ -260,6 +335,37 @@ class VolumeService:
             except Exception:
                 log.exception("preparing a spare root filesystem failed", extra={"cache": str(cache)})
 
+    def _cache_idle_later(self, cache: Path) -> None:
+        """(Re)arm the removal of `cache` and its spares CACHE_IDLE_S after this launch."""
+        old = self._idle.pop(cache, None)
+        if old is not None:
+            old.cancel()
+        self._idle[cache] = asyncio.get_running_loop().call_later(self.CACHE_IDLE_S, self._cache_idle, cache)
+
+    def _cache_idle(self, cache: Path) -> None:
+        self._idle.pop(cache, None)
+        if self._busy.get(cache) or self._lock(f"spare:{cache}").locked():  # in use: look again later
+            self._cache_idle_later(cache)
+            return
+        # One rename each, on the event loop, while no launch uses the cache: a launch starting
+        # now finds the whole cache or none; one claiming a spare in its thread gets it or not,
+        # never half of it. `.tmp-*` names are swept at start-up after a crash.
+        doomed = []
+        for sp in [*self._spares(cache), cache]:
+            tmp = cache.parent / f".tmp-idle-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(sp, tmp)
+                doomed.append(tmp)
+            except OSError:
+                continue
+
+        async def remove() -> None:
+            for tmp in doomed:
+                await remove_tree(tmp)
+
+        if doomed:
+            self._spawn(remove())
+
     async def drop_image(self, fp: str) -> None:
         """Forget an image on every pool (when it is deleted): its cache and spares, or its image
         volumes (instances made from them keep their own volumes)."""
@@ -271,7 +377,15 @@ class VolumeService:
                         if v.type is VolumeType.IMAGE and not v.is_snapshot and v.name.startswith(f"{fp}_"):
                             await self._delete_now(pool, v)
                 else:
-                    await remove_tree(self.cache_root(pool, fp))
+                    # Out of the way in one rename first: a launch of the same image imported
+                    # again meanwhile sees the whole cache or none, never a half-removed one.
+                    root = self.cache_root(pool, fp)
+                    gone = root.parent / f".tmp-drop-{uuid.uuid4().hex[:8]}"
+                    try:
+                        await asyncio.to_thread(os.rename, root, gone)
+                    except FileNotFoundError:
+                        continue
+                    await remove_tree(gone)
             except Exception:
                 log.exception("removing an image's volumes failed", extra={"pool": pool.name, "fingerprint": fp})
 
@@ -315,6 +429,32 @@ class VolumeService:
         return pool.driver.volume_path(vol.renamed(new))
 
     # -- start-up sweep ----------------------------------------------------------------------
+    async def _recoverable(self, pool, v: Volume) -> bool:
+        """Whether an instance volume no record names may hold an instance `lxd recover` can
+        bring back: not a temporary (`.trash-*`, `.tmp-*`, ...) and with a backup.yaml (written
+        once the record is committed). One naming another instance whose volume is on the pool
+        is a copy's leftover (a copy carries its source's); one naming an instance whose volume
+        is missing is kept (a rename cut short). A volume that can't be read is kept."""
+        if v.name.startswith("."):
+            return False
+        drv = pool.driver
+        try:
+            path = await drv.mount_volume(v)
+        except Exception as e:
+            log.warning("couldn't mount a volume to check it", extra={"pool": pool.name, "volume": v.name,
+                                                                     "err": str(e)})
+            return True
+        try:
+            named = await asyncio.to_thread(_backup_yaml_name, path / "backup.yaml")
+        finally:
+            try:
+                await drv.unmount_volume(v)
+            except Exception:
+                pass
+        if named is None:
+            return False
+        return named == v.name or not await drv.has_volume(v.renamed(named))
+
     async def sweep(self, known: Iterable[tuple[str, str]]) -> None:
         """Remove what a crash left behind on every pool: instance volumes no record names
         (half-made creates, `.trash-*` of deletes, `.restore-*` of restores), half-unpacked image
@@ -332,7 +472,10 @@ class VolumeService:
                     continue
                 stale = False
                 if v.type is VolumeType.CONTAINER:
-                    stale = (v.project, v.name) not in known
+                    # Without a record: a leftover only if provably unfinished (a temporary name, or
+                    # no backup.yaml naming it: written once the record is committed); otherwise
+                    # recoverable data whose rows were lost, kept for `lxd recover`.
+                    stale = (v.project, v.name) not in known and not await self._recoverable(pool, v)
                 elif v.type is VolumeType.IMAGE and drv.info.optimized_images:
                     stale = not IMAGE_VOLUME.match(v.name)
                 if stale:
@@ -345,9 +488,42 @@ class VolumeService:
             if not drv.info.optimized_images:
                 images = drv.volume_path(Volume(pool.name, VolumeType.IMAGE, "x")).parent
                 for fp in _listdir(images):
+                    if fp.startswith(".tmp"):  # a dropped image's cache being removed
+                        await remove_tree(images / fp)
+                        continue
                     for key in _listdir(images / fp):
                         if key.startswith(".tmp"):
                             await remove_tree(images / fp / key)
+
+
+def _backup_yaml_name(path: Path) -> str | None:
+    """The instance a volume's backup.yaml describes (None: no readable backup.yaml)."""
+    import yaml
+
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f.read(1 << 20))
+    except (OSError, yaml.YAMLError):
+        return None
+    inst = data.get("container") if isinstance(data, dict) else None
+    name = inst.get("name") if isinstance(inst, dict) else None
+    return name if isinstance(name, str) and name and "/" not in name else None
+
+
+async def sync_tree(src: Path, dst: Path) -> None:
+    """Make the existing directory `dst` hold what `src` holds (owners, modes, xattrs, ACLs,
+    hard links, device nodes), copying only what differs and removing what `src` lacks
+    (instance copies between pools and `copy --refresh`)."""
+    from lxd_daemon.errors import InsufficientStorage
+    from lxd_daemon.storage.drivers.tools import ToolError, run
+
+    try:
+        # --checksum: a file changed within the same second keeps its size and mtime (as LXD does).
+        await run("rsync", "-aHAX", "--numeric-ids", "--delete", "--checksum", "--", f"{src}/", f"{dst}/")
+    except ToolError as e:
+        if "No space left" in e.result.stderr:
+            raise InsufficientStorage(f"No space left on the storage pool: {e.result.stderr.strip()}") from None
+        raise
 
 
 def _listdir(path: Path) -> list[str]:

@@ -52,6 +52,8 @@ class InstancesPost(InstancePut):
 class InstancePost(Request):
     name: Name(names.instance) = ""
     migration: StrictBool = False
+    pool: StrictStr = ""  # with migration: move to this storage pool (instance_pool_move)
+    instance_only: StrictBool = False
 
 
 class InstanceStatePut(Request):
@@ -63,3 +65,25 @@ class InstanceStatePut(Request):
 
 class InstancesPut(Request):
     state: InstanceStatePut
+
+
+class InstanceSnapshotsPost(Request):
+    """POST /1.0/instances/NAME/snapshots. An absent `expires_at` means "from snapshots.expiry";
+    Go's zero time ("0001-01-01T00:00:00Z", `lxc snapshot --no-expiry`) means never."""
+
+    name: Name(names.snapshot) = ""
+    stateful: StrictBool = False
+    expires_at: StrictStr | None = None
+    description: StrictStr = ""
+
+
+class InstanceSnapshotPut(Request):
+    expires_at: StrictStr | None = None
+    description: StrictStr | None = None
+
+
+class InstanceSnapshotPost(Request):
+    name: Name(names.snapshot) = ""
+    migration: StrictBool = False
+    live: StrictBool = False
+    target: dict[StrictStr, Any] | None = None

@@ -249,6 +249,16 @@ def cleanup(workdir: Path, log=print) -> None:
     for mp in sorted(set(mounts), key=len, reverse=True):
         log(f"cleanup: unmounting {mp}")
         subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
+    # 3b. loop devices backed by files in the work dir (the storage suite's btrfs pools)
+    try:
+        out = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout
+    except OSError:
+        out = ""
+    for line in out.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].strip().startswith(base + "/"):
+            log(f"cleanup: detaching {parts[0]} ({parts[1].strip()})")
+            subprocess.run(["losetup", "-d", parts[0]], stderr=subprocess.DEVNULL)
     # 4. empty cgroups named after our containers (liblxc: lxc.payload.NAME, lxc.monitor.NAME)
     prefixes = {d.get("prefix") for d in state.get("daemons", []) if d.get("prefix")}
     for prefix in prefixes:

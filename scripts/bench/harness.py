@@ -1,8 +1,8 @@
 """Benchmark our daemon against LXD 5.0.2 (Debian `lxd`) in the same run, interleaved.
 
 Run through scripts/bench/run.sh (it installs Debian's lxd and cleans up even after a crash).
-Suites: api (issue 2), images (issue 3), containers (issue 4); `--only files` runs only the file
-transfer rows of containers. A suite a daemon cannot serve yet (its endpoint answers 404) is
+Suites: api (issue 2), images (issue 3), containers (issue 4), storage (issue 9, storage.py);
+`--only files` runs only the file transfer rows of containers. A suite a daemon cannot serve yet (its endpoint answers 404) is
 skipped for that daemon with a line saying so; LXD still runs, which validates the harness.
 """
 
@@ -32,9 +32,9 @@ from daemons import DEBIAN_LXD, LXC, OUR_LXD, REPO, Daemon, cleanup  # noqa: E40
 
 HERE = Path(__file__).resolve().parent
 VENV_PY = REPO / ".venv" / "bin" / "python"
-SUITES = ("api", "images", "containers")  # what a run without --only runs
+SUITES = ("api", "images", "containers", "storage")  # what a run without --only runs
 EXTRA_SUITES = ("files",)  # only with --only: a subset of a suite above, for quicker iterations
-ALIASES = {"issue2": "api", "issue3": "images", "issue4": "containers"}
+ALIASES = {"issue2": "api", "issue3": "images", "issue4": "containers", "issue9": "storage"}
 POOL = "default"
 
 
@@ -464,6 +464,12 @@ class Bench:
     def suite_containers(self) -> None:
         self.with_containers("containers", self._containers)
 
+    def suite_storage(self) -> None:
+        """Storage (issue 9): dir and btrfs pools, snapshots, copies, backups, Debian launches, disk use."""
+        import storage
+
+        storage.StorageSuite(self).run()
+
     def suite_files(self) -> None:
         """Only the file transfer rows of the containers suite (a quicker loop for that work)."""
         self.with_containers("files", self.file_rows)
@@ -669,7 +675,7 @@ class Bench:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[],
-                    help="run only this suite: api|images|containers (or issue2|issue3|issue4), or files "
+                    help="run only this suite: api|images|containers|storage (or issue2|3|4|9), or files "
                          "(only the file push/pull rows of containers); repeatable")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shorter cells (a smoke run)")
     ap.add_argument("--rounds", type=int, default=0, help="GET /1.0 rounds per cell (default 3, quick 1)")
@@ -679,6 +685,13 @@ def main(argv=None) -> int:
     ap.add_argument("--big-gzip", action="store_true", help="compress the big image with gzip -1 (default: none)")
     ap.add_argument("--file-mib", type=int, default=100, help="file push/pull size in MiB (default 100)")
     ap.add_argument("--file-rounds", type=int, default=0, help="file push/pull rounds (default 4, quick 2)")
+    ap.add_argument("--btrfs-size", type=int, default=8, help="storage: btrfs loop file size in GiB (default 8)")
+    ap.add_argument("--data-mb", type=int, default=500, help="storage: MB of data in the big containers (default 500)")
+    ap.add_argument("--debian-image", default="", help="storage: a Debian image file to use instead of building "
+                    "one with lxd-imagebuilder debian")
+    ap.add_argument("--debian-rounds", type=int, default=0, help="storage: Debian launch rounds (default 2, quick 1)")
+    ap.add_argument("--rest-s", type=int, default=75, help="storage: seconds of rest before the second disk "
+                    "measurement (default 75: our dir pools drop an image cache and its spares 60 s after the last launch)")
     ap.add_argument("--wait-load", type=float, default=0,
                     help="first wait (at most 10 min) until the 1-minute load average is below this")
     ap.add_argument("--verbose", action="store_true")

@@ -10,6 +10,7 @@ import pytest
 
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.instances import live
+from lxd_daemon.runtime.client import RuntimeClient
 from tests.helpers import LiveWorker, RawContainer, started_raw_container
 
 pytestmark = pytest.mark.integration
@@ -38,7 +39,7 @@ def running():
 
 def apply(c: RawContainer, old: tuple[dict, dict], new: tuple[dict, dict]) -> None:
     _WORKER[0].run(live.apply_live(
-        _WORKER[0].pool, c.name, old, new, init_pid=c.pid, idmap=c.idmap))  # devices dir: found via the monitor
+        RuntimeClient(_WORKER[0].pool), c.name, old, new, init_pid=c.pid, idmap=c.idmap))  # devices dir: found via the monitor
 
 
 def mounted(c: RawContainer, path: str) -> bool:

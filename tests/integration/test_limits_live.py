@@ -6,6 +6,7 @@ import pytest
 
 from lxd_daemon.instances import live
 from lxd_daemon.instances.lxcconf import host_layout
+from lxd_daemon.runtime.client import RuntimeClient
 from tests.helpers import LiveWorker, RawContainer, cgroup_file, started_raw_container
 
 pytestmark = pytest.mark.integration
@@ -33,7 +34,7 @@ def running():
 
 def apply(c: RawContainer, old: dict, new: dict) -> None:
     _WORKER[0].run(live.apply_live(
-        _WORKER[0].pool, c.name, (old, {}), (new, {}), init_pid=c.pid, idmap=c.idmap))
+        RuntimeClient(_WORKER[0].pool), c.name, (old, {}), (new, {}), init_pid=c.pid, idmap=c.idmap))
 
 
 def mem_key() -> str:

@@ -28,17 +28,6 @@ def fails(daemon, *args) -> str:
     return r.stderr
 
 
-def test_lxc_snapshot_says_not_implemented(daemon, ct):
-    err = fails(daemon, "snapshot", ct, "s0")
-    assert "Instance snapshots are not implemented yet" in err
-    assert "method not allowed" not in err
-    # still none, and the instance's snapshot list (read by `lxc info` and pylxd) still answers
-    assert daemon.api("GET", f"/1.0/instances/{ct}/snapshots").json()["metadata"] == []
-    assert "Snapshots:" not in daemon.lxc("info", ct).stdout
-    err = fails(daemon, "delete", f"{ct}/s0")
-    assert "not implemented yet" in err
-
-
 def test_lxc_snapshot_of_missing_instance_is_not_found(daemon):
     assert "Instance not found" in fails(daemon, "snapshot", f"{run_prefix()}-missing")
 
@@ -62,13 +51,7 @@ def test_adding_a_certificate_says_not_implemented(daemon):
     assert r.status_code == 404 and "not implemented yet" in r.json()["error"]
 
 
-def test_storage_volumes_say_not_implemented(daemon, ct):
-    assert "Storage volumes are not implemented yet" in fails(daemon, "storage", "volume", "list", "default")
-    assert "Storage volumes are not implemented yet" in fails(
-        daemon, "storage", "volume", "create", "default", f"{run_prefix()}-vol")
-    assert "Storage volumes are not implemented yet" in fails(
-        daemon, "storage", "volume", "show", "default", f"container/{ct}")
-    # a pool that does not exist is still "not found"
+def test_volumes_of_a_missing_pool_are_not_found(daemon):
     r = daemon.api("GET", "/1.0/storage-pools/nosuchpool/volumes")
     assert r.status_code == 404 and r.json()["error"] == "Storage pool not found"
 
@@ -81,18 +64,12 @@ def test_managed_networks_say_not_implemented(daemon):
 
 
 @pytest.mark.parametrize("method,path,words", [
-    ("POST", "/1.0/instances/{ct}/snapshots", "Instance snapshots are not implemented yet"),
-    ("POST", "/1.0/containers/{ct}/snapshots", "Instance snapshots are not implemented yet"),
-    ("POST", "/1.0/instances/{ct}/backups", "Instance backups (export and import) are not implemented yet"),
     ("GET", "/1.0/cluster", "Clustering is not implemented yet"),
     ("PUT", "/1.0/cluster", "Clustering is not implemented yet"),
     ("GET", "/1.0/cluster/members", "Clustering is not implemented yet"),
     ("GET", "/1.0/warnings", "Warnings are not implemented yet"),
     ("POST", "/1.0/networks", "Managed networks are not implemented yet"),
     ("PUT", "/1.0/networks/lo", "Managed networks are not implemented yet"),
-    ("GET", "/1.0/storage-pools/default/volumes/custom", "Storage volumes are not implemented yet"),
-    ("POST", "/1.0/storage-pools/default/volumes/custom", "Storage volumes are not implemented yet"),
-    ("GET", "/1.0/storage-pools/default/volumes/custom/v1/snapshots", "Storage volumes are not implemented yet"),
     ("GET", "/1.0/network-acls", "Network ACLs are not implemented yet"),
     ("GET", "/1.0/resources", "not implemented yet"),
 ])
@@ -106,37 +83,23 @@ def test_endpoints_answer_501_in_the_envelope(daemon, ct, method, path, words):
 
 
 def test_snapshot_and_backup_objects_are_not_found(daemon, ct):
-    for path in (f"/1.0/instances/{ct}/snapshots/s0", f"/1.0/instances/{ct}/backups/b0",
-                 f"/1.0/instances/{ct}/backups/b0/export"):
-        r = daemon.api("GET", path)
-        assert r.status_code == 404 and "not implemented yet" in r.json()["error"], (path, r.text)
+    # (instance snapshots exist now: tests/integration/test_snapshots.py)
+    r = daemon.api("GET", f"/1.0/instances/{ct}/snapshots/s0")
+    assert r.status_code == 404 and "not found" in r.json()["error"], r.text
     # and for an instance that does not exist, the instance is what is missing
     r = daemon.api("POST", f"/1.0/instances/{run_prefix()}-missing/snapshots", json={"name": "s0"})
     assert r.status_code == 404 and r.json()["error"] == "Instance not found"
 
 
-def test_pylxd_snapshot_create_gets_the_message(daemon, ct):
-    r = daemon.pylxd(
-        f"c = client.containers.get({ct!r})\n"
-        "try:\n"
-        "    c.snapshots.create('s0', wait=True)\n"
-        "except pylxd.exceptions.LXDAPIException as e:\n"
-        "    print('ERR', e)\n"
-        "print('SNAPS', len(c.snapshots.all()))\n")
-    assert r.returncode == 0, r.stderr
-    assert "ERR Instance snapshots are not implemented yet" in r.stdout
-    assert "SNAPS 0" in r.stdout
-
-
 def test_restore_publish_and_migration_say_not_implemented(daemon, ct):
-    assert "Instance snapshots are not implemented yet" in fails(daemon, "restore", ct, "s0")
-    assert "Instance snapshots are not implemented yet" in fails(daemon, "publish", f"{ct}/s0")
+    assert "not found" in fails(daemon, "restore", ct, "s0")  # (snapshots exist now; s0 doesn't)
+    assert "not found" in fails(daemon, "publish", f"{ct}/s0")
     r = daemon.api("POST", f"/1.0/instances/{ct}", json={"migration": True})
     assert r.status_code == 501 and r.json()["error"] == "Instance migration is not implemented yet"
     r = daemon.api("POST", "/1.0/instances", json={
         "name": f"{run_prefix()}-cp", "source": {"type": "copy", "source": f"{ct}/s0"}})
-    assert r.status_code == 501, r.text
-    assert "Instance snapshots are not implemented yet" in r.json()["error"]
+    assert r.status_code == 404, r.text
+    assert "not found" in r.json()["error"]
     name = f"{run_prefix()}-mig"
     r = daemon.api("POST", "/1.0/instances", json={
         "name": name, "source": {"type": "migration", "mode": "pull", "operation": "https://127.0.0.1:1/x"}})

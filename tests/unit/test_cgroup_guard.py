@@ -76,7 +76,7 @@ def _service(tmp_path):
 
     from lxd_daemon.instances.service import InstanceService
 
-    services = types.SimpleNamespace(db=None, pool=None, lxd_dir=tmp_path, storage=None,
+    services = types.SimpleNamespace(db=None, pool=None, runtime=None, lxd_dir=tmp_path, storage=None,
                                      profiles=types.SimpleNamespace(profiles={}))
     return InstanceService(services)
 

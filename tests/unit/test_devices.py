@@ -17,6 +17,9 @@ ROOT = {"type": "disk", "path": "/", "pool": "default"}
     {"type": "unix-char", "source": "/dev/null"},
     {"type": "unix-block", "path": "/dev/loop9", "uid": "1000", "gid": "1000", "mode": "0600", "required": "false"},
     {"type": "none"},
+    {"type": "disk", "pool": "default", "source": "vol1", "path": "/data", "readonly": "true"},
+    {"type": "disk", "pool": "default", "source": "custom/vol1", "path": "/data"},
+    {"type": "disk", "source": "/dev/loop0", "path": "/mnt/blk"},
 ])
 def test_valid_devices(dev):
     devs.validate_devices({"d": dev})
@@ -35,7 +38,12 @@ def test_valid_devices(dev):
     ({"type": "disk", "path": "data", "source": "/srv"}, "'path'"),
     ({"type": "disk", "path": "/data", "source": "srv"}, "absolute host path"),
     ({"type": "disk", "path": "/data", "source": "/srv", "size": "1GB"}, "size is only supported on the root disk"),
-    ({"type": "disk", "path": "/data", "source": "vol1", "pool": "default"}, "custom storage volumes"),
+    ({"type": "disk", "path": "/data", "source": "/srv", "pool": "default"}, "cannot be specified as absolute paths"),
+    ({"type": "disk", "path": "/data", "source": "vol1", "pool": "default", "shift": "true"}, "security.shifted"),
+    ({"type": "disk", "path": "/data", "source": "container/c1", "pool": "default"}, "instance storage volumes"),
+    ({"type": "disk", "path": "/data", "source": "image/abc", "pool": "default"}, "image storage volumes"),
+    ({"type": "disk", "path": "/data", "source": "vol1/snap0", "pool": "default"}, "snapshots"),
+    ({"type": "disk", "path": "/data", "source": "custom/vol1/snap0", "pool": "default"}, "snapshots"),
     ({"type": "disk", "path": "/data", "source": "/srv", "readonly": "perhaps"}, "'readonly'"),
     ({"type": "disk", "path": "/data", "source": "/srv", "propagation": "rweird"}, "'propagation'"),
     ({"type": "disk", "path": "/data", "source": "/srv", "colour": "red"}, "'colour'"),

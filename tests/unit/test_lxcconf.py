@@ -244,11 +244,29 @@ def test_apparmor_only_where_enabled(tmp_path, monkeypatch):
     assert d["lxc.apparmor.profile"] == "generated" and d["lxc.apparmor.allow_nesting"] == "1"
 
 
-def test_block_device_disk_source_refused(tmp_path):
+def test_block_device_disk_binds_its_host_side_mount(tmp_path):
+    """A block device disk binds where instances/disks.py mounted its filesystem on the host
+    (LXD's devices/<name>/disk.<dev>.<path>); a pure render without that preparation leaves it out."""
     import glob
 
     blocks = [p for p in glob.glob("/dev/*") if stat.S_ISBLK(os.stat(p).st_mode)] if os.path.isdir("/dev") else []
     if not blocks:
         pytest.skip("no block device node here")
-    with pytest.raises(BadRequest, match="block device"):
-        lxcconf.render(spec(tmp_path, devices={"d": {"type": "disk", "source": blocks[0], "path": "/mnt"}}), V1)
+    dev = {"type": "disk", "source": blocks[0], "path": "/mnt/my-blk", "readonly": "true"}
+    entries = [v for k, v in lxcconf.render(spec(tmp_path, devices={"d": dev}), V1) if k == "lxc.mount.entry"]
+    assert not any(blocks[0] in e for e in entries)
+    mnt = lxcconf.disk_host_mount_path(tmp_path / "devices", "d", dev)
+    assert mnt.name == "disk.d.mnt-my--blk"
+    s = spec(tmp_path, devices={"d": dev})
+    s.disk_sources = {"d": lxcconf.DiskSource(str(mnt))}
+    entries = [v for k, v in lxcconf.render(s, V1) if k == "lxc.mount.entry"]
+    assert f"{mnt} mnt/my-blk none bind,create=dir,ro 0 0" in entries
+
+
+def test_volume_disk_binds_the_prepared_volume(tmp_path):
+    dev = {"type": "disk", "pool": "default", "source": "vol1", "path": "/data"}
+    s = spec(tmp_path, devices={"v": dev})
+    assert not any("data" in v for k, v in lxcconf.render(s, V1) if k == "lxc.mount.entry")
+    s.disk_sources = {"v": lxcconf.DiskSource("/pool/custom/default_vol1", True, shift=True)}
+    entries = [v for k, v in lxcconf.render(s, V1) if k == "lxc.mount.entry"]
+    assert "/pool/custom/default_vol1 data none bind,create=dir,idmap=container 0 0" in entries

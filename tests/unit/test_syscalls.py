@@ -170,21 +170,24 @@ class FakePool:
     def __init__(self):
         self.calls = []
 
-    async def call(self, method, items):
+    async def call(self, method, items, lane=None):
         assert method == "lxc_config_items_ok"
         self.calls.append(list(items))
         return [k in ("lxc.environment", "lxc.cgroup2.memory.high") for k, _ in items]
 
 
 def test_check_raw_lxc_asks_liblxc_once_per_line():
-    pool = FakePool()
+    from lxd_daemon.runtime.client import RuntimeClient
+
+    fake = FakePool()
+    pool = RuntimeClient(fake)
     lxcconf._LIBLXC_VERDICTS.clear()
     asyncio.run(lxcconf.check_raw_lxc(pool, "lxc.environment = A=B\nlxc.cgroup2.memory.high = 100M"))
     asyncio.run(lxcconf.check_raw_lxc(pool, "lxc.environment = A=B"))
-    assert len(pool.calls) == 1
+    assert len(fake.calls) == 1
     with pytest.raises(BadRequest, match="lxc.notaconfigkey"):
         asyncio.run(lxcconf.check_raw_lxc(pool, "lxc.environment = A=B\nlxc.notaconfigkey = 1"))
-    assert pool.calls[-1] == [["lxc.notaconfigkey", "1"]]
+    assert fake.calls[-1] == [["lxc.notaconfigkey", "1"]]
     with pytest.raises(BadRequest, match="lxc.aa_profile"):
         asyncio.run(lxcconf.check_raw_lxc(pool, "lxc.aa_profile = unconfined"))
     with pytest.raises(BadRequest, match="lxc.idmap"):  # refused before asking liblxc

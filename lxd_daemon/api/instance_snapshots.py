@@ -1,0 +1,154 @@
+"""`/1.0/instances/{name}/snapshots` (and `/1.0/containers/...` for older clients and pylxd):
+list, create, get, update, rename, delete; plus `/internal/snapshots/tick`, one pass of the
+snapshot scheduler for a given minute (tests; local unix socket only)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from lxd_daemon.api.envelope import async_, etag_of, sync
+from lxd_daemon.api.request import check_etag, parse, recursion
+from lxd_daemon.errors import BadRequest, NotImplementedYet
+from lxd_daemon.instances.snapshots import parse_expires_at
+from lxd_daemon.services import get_services, requestor
+from lxd_daemon.wire.instances import InstanceSnapshotPost, InstanceSnapshotPut, InstanceSnapshotsPost
+
+router = APIRouter()
+PREFIXES = ("/1.0/instances", "/1.0/containers")
+
+
+def route(method: str, suffix: str):
+    """Register a handler under both prefixes; it receives `prefix` as its first argument."""
+
+    def deco(fn):
+        import inspect
+
+        sig = inspect.signature(fn)
+        sig = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "prefix"])
+        for prefix in PREFIXES:
+            async def handler(request: Request, _fn=fn, _prefix=prefix, **kw):
+                return await _fn(_prefix, request, **kw)
+
+            handler.__signature__ = sig
+            router.add_api_route(prefix + suffix, handler, methods=[method], name=f"snapshots:{method}:{prefix}{suffix}")
+        return fn
+
+    return deco
+
+
+def _resources(name: str, snap: str | None = None) -> dict:
+    out = {"instances": [f"/1.0/instances/{name}"], "containers": [f"/1.0/containers/{name}"]}
+    if snap:
+        out["instances_snapshots"] = [f"/1.0/instances/{name}/snapshots/{snap}"]
+        out["containers_snapshots"] = [f"/1.0/containers/{name}/snapshots/{snap}"]
+    return out
+
+
+def _snapshots(request: Request):
+    return get_services(request).snapshots
+
+
+@route("GET", "/{name}/snapshots")
+async def list_snapshots(prefix: str, request: Request, name: str) -> Response:
+    snaps = _snapshots(request)
+    level = recursion(request)
+    if level == 0:
+        return sync([f"{prefix}/{name}/snapshots/{s.name}" for s in snaps.list(name)])
+    return sync(snaps.render_all(name))
+
+
+@route("POST", "/{name}/snapshots")
+async def create_snapshot(prefix: str, request: Request, name: str) -> Response:
+    services = get_services(request)
+    snaps = services.snapshots
+    services.instances.record(name)
+    body = await parse(request, InstanceSnapshotsPost)
+    snap = body.name or snaps.next_name(name)
+    snaps.check_create(name, snap, body.stateful)
+    expires_at = body.expires_at if "expires_at" in body.model_fields_set else None
+    if expires_at is not None:
+        parse_expires_at(expires_at)
+    who = requestor(request)
+
+    async def run(op):
+        await snaps.create(name, snap, expires_at=expires_at, stateful=body.stateful,
+                           description=body.description, requestor=who)
+
+    op = services.ops.create(description="Snapshotting instance", resources=_resources(name, snap), run=run)
+    return async_(op.render())
+
+
+@route("GET", "/{name}/snapshots/{snapshot}")
+async def get_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
+    snaps = _snapshots(request)
+    s = snaps.get(name, snapshot)
+    return sync(snaps.render(s), etag=etag_of(s.expires_at, s.description))
+
+
+async def _update(request: Request, name: str, snapshot: str, replace: bool) -> Response:
+    services = get_services(request)
+    snaps = services.snapshots
+    s = snaps.get(name, snapshot)
+    check_etag(request, etag_of(s.expires_at, s.description))
+    body = await parse(request, InstanceSnapshotPut)
+    fields = body.model_fields_set
+    if replace:
+        expires_at = body.expires_at or ""
+        description = body.description or ""
+    else:
+        expires_at = body.expires_at if "expires_at" in fields else None
+        description = body.description if "description" in fields else None
+    if expires_at is not None:
+        parse_expires_at(expires_at)  # a bad time is a 400 before any operation
+    who = requestor(request)
+
+    async def run(op):
+        await snaps.update(name, snapshot, expires_at=expires_at, description=description, requestor=who)
+
+    op = services.ops.create(description="Updating snapshot", resources=_resources(name, snapshot), run=run)
+    return async_(op.render())
+
+
+@route("PUT", "/{name}/snapshots/{snapshot}")
+async def put_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
+    return await _update(request, name, snapshot, True)
+
+
+@route("PATCH", "/{name}/snapshots/{snapshot}")
+async def patch_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
+    return await _update(request, name, snapshot, False)
+
+
+@route("POST", "/{name}/snapshots/{snapshot}")
+async def rename_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
+    services = get_services(request)
+    snaps = services.snapshots
+    snaps.get(name, snapshot)
+    body = await parse(request, InstanceSnapshotPost)
+    if body.migration:
+        raise NotImplementedYet("Migrating instance snapshots is not implemented yet")
+    if not body.name:
+        raise BadRequest("A new snapshot name is required")
+    new = body.name
+    who = requestor(request)
+
+    async def run(op):
+        await snaps.rename(name, snapshot, new, requestor=who)
+
+    op = services.ops.create(description="Renaming snapshot", resources=_resources(name, snapshot), run=run)
+    return async_(op.render())
+
+
+@route("DELETE", "/{name}/snapshots/{snapshot}")
+async def delete_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
+    services = get_services(request)
+    snaps = services.snapshots
+    snaps.get(name, snapshot)
+    who = requestor(request)
+
+    async def run(op):
+        await snaps.delete(name, snapshot, requestor=who)
+
+    op = services.ops.create(description="Deleting snapshot", resources=_resources(name, snapshot), run=run)
+    return async_(op.render())

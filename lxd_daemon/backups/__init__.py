@@ -1,0 +1,1 @@
+"""Instance and custom volume backups in LXD's tarball layout, and backup.yaml."""

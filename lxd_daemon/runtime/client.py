@@ -1,0 +1,104 @@
+"""The typed client of the liblxc workers: the only place outside runtime/ that knows the worker
+methods' names and argument order, and that turns a worker's failure into an LXD error.
+
+Services call `services.runtime.<method>(...)`; the worker processes (runtime/worker.py and the
+@method handlers in runtime/) do the liblxc calls and the forks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lxd_daemon.errors import BadRequest, LXDError
+from lxd_daemon.runtime.pool import WorkerError, WorkerPool
+
+
+class StartFailed(LXDError):
+    """lxc-start failed; `reason` is liblxc's (or the worker's) message."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"Failed to start the instance: {reason}")
+        self.reason = reason
+
+
+def _reason(e: Exception) -> str:
+    return str(e.args[0]) if e.args else str(e)
+
+
+class RuntimeClient:
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+
+    # -- the workers -------------------------------------------------------------------------
+    async def version(self) -> str:
+        """liblxc's version as the workers see it."""
+        return await self.pool.call("version")
+
+    # -- container lifecycle -----------------------------------------------------------------
+    async def lookup(self, names: Sequence[str], lxcpath: str, *, lane: str | None = None) -> dict[str, tuple[str, int]]:
+        """{name: (liblxc state, init pid or -1)} for each name."""
+        found = await self.pool.call("lxc_lookup", list(names), lxcpath, lane=lane)
+        return {n: (st, int(pid)) for n, (st, pid) in found.items()}
+
+    async def start(self, name: str, lxcpath: str, conf: str) -> int:
+        """Boot the container from `conf`; returns its init pid. Raises StartFailed."""
+        try:
+            return int(await self.pool.call("lxc_start", name, lxcpath, conf, lane=name))
+        except WorkerError as e:
+            raise StartFailed(_reason(e)) from None
+
+    async def stop(self, name: str, lxcpath: str) -> None:
+        """Stop through liblxc (for a container the daemon doesn't track by pid)."""
+        try:
+            await self.pool.call("lxc_stop", name, lxcpath, lane=name)
+        except WorkerError as e:
+            raise LXDError(f"Failed to stop the instance: {_reason(e)}") from None
+
+    async def config_items_ok(self, items: list[list[str]]) -> list:
+        """liblxc's verdict on each [key, value] of a raw.lxc config (True, or why not)."""
+        return await self.pool.call("lxc_config_items_ok", [list(it) for it in items])
+
+    # -- cgroups and hotplug of a running container ------------------------------------------
+    async def set_cgroup_files(self, name: str, init_pid: int, items: list) -> list:
+        """Write [version, file, value] items into the container's cgroups; returns the
+        [file, value, error] of those that failed."""
+        return await self.pool.call("set_cgroup_files", init_pid, items, name, lane=name)
+
+    async def hotplug_mount(self, name: str, init_pid: int, source: str, target: str, options: dict, *,
+                            what: str) -> None:
+        try:
+            await self.pool.call("hotplug_mount", init_pid, source, target, options, lane=name)
+        except WorkerError as e:
+            raise BadRequest(f"Failed to add device {what!r} on the running instance: {e}") from None
+
+    async def hotplug_unmount(self, name: str, init_pid: int, target: str, remove: bool, root_uid: int,
+                              root_gid: int, *, what: str) -> None:
+        try:
+            await self.pool.call("hotplug_unmount", init_pid, target, remove, root_uid, root_gid, lane=name)
+        except WorkerError as e:
+            raise BadRequest(f"Failed to remove device {what!r} on the running instance: {e}") from None
+
+    # -- console and exec --------------------------------------------------------------------
+    async def console_open(self, name: str, lxcpath: str, config_path: str, ttynum: int, *,
+                           lane: str) -> list[int]:
+        """The console's pty master followed by the fds that keep it reserved."""
+        try:
+            _, fds = await self.pool.call_fds("console_open", name, lxcpath, config_path, ttynum, lane=lane)
+        except WorkerError as e:
+            raise LXDError(f"Failed to attach to the console: {e}") from None
+        return fds
+
+    async def exec_attach(self, *, name: str, lxcpath: str, config_path: str, lane: str, argv: list[str],
+                          env: dict[str, str], uid: int, gid: int, cwd: str, pty: dict | None,
+                          init_pid: int, privileged: bool, stdio: Sequence[int] = ()):
+        """Start argv in the container; returns (the worker that owns the process, its pid, the
+        fds sent back: the pty master first when `pty` is given)."""
+        worker = self.pool.pick(lane)
+        try:
+            result, fds = await self.pool.call_on(worker, "exec_attach", name, lxcpath, config_path, list(argv),
+                                                  env, uid, gid, cwd, pty,
+                                                  {"init_pid": init_pid, "privileged": privileged},
+                                                  fds=list(stdio))
+        except WorkerError as e:
+            raise BadRequest(f"Failed to run the command: {e}") from None
+        return worker, int(result["pid"]), fds
