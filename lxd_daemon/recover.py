@@ -407,7 +407,6 @@ class RecoverService:
             await self.db_run(lambda s: s.execute(text("DELETE FROM storage_volumes WHERE id=:i"), {"i": vid}))
 
         revert.add(undo)
-        await _notify(self.services, "custom_volume_recovered", pool.name, v.project, v.name)
 
     async def _import_instance(self, pool, fi: FoundInstance) -> None:
         inst = fi.instance
@@ -433,9 +432,9 @@ class RecoverService:
                          "a": str(s.get("architecture") or rec.architecture), "e": bool(s.get("ephemeral")),
                          "cfg": {k: str(v) for k, v in (s.get("config") or {}).items()},
                          "dev": s.get("devices") or {}, "pr": list(s.get("profiles") or [])})
-        snaps_svc = getattr(self.services, "snapshots", None)
+        snaps_svc = self.services.snapshots
         made: list = []
-        if snaps_svc is not None and hasattr(snaps_svc, "insert_rows_sql"):
+        if snaps_svc is not None:
             from lxd_daemon.instances.snapshots import Snapshot
 
             objs = [Snapshot(0, 0, r["n"], r["c"], r["x"], r["d"], False, r["a"], r["e"], r["cfg"], r["dev"],
@@ -459,8 +458,8 @@ class RecoverService:
 
     async def _forget_instance(self, name: str) -> None:
         rec = self.services.instances.records.get(name)
-        snaps_svc = getattr(self.services, "snapshots", None)
-        if rec is not None and snaps_svc is not None and hasattr(snaps_svc, "forget"):
+        snaps_svc = self.services.snapshots
+        if rec is not None and snaps_svc is not None:
             snaps_svc.forget(rec.id)
         await self.services.instances.forget_record(name)
 
@@ -492,22 +491,9 @@ class RecoverService:
         devices[key] = {"type": "disk", "path": "/", "pool": pool_name}
 
     async def _after_instance(self, fi: FoundInstance) -> None:
-        """Other subsystems learn of the record (snapshots loaded), backup.yaml is rewritten from it."""
-        await _notify(self.services, "instance_recovered", fi.volume.name)
+        """backup.yaml is rewritten from the recovered record; the creation is announced."""
         await update_instance_backup_yaml(self.services, fi.volume.name)
         self.services.events.lifecycle("instance-created", f"/1.0/instances/{fi.volume.name}")
-
-
-async def _notify(services, hook: str, *args) -> None:
-    """Call `hook` on the services that keep state in memory and define it (snapshots, custom
-    volumes), so that recovered rows are seen without a restart."""
-    for svc in (getattr(services, "snapshots", None), getattr(services, "volumes", None),
-                getattr(services, "custom_volumes", None)):
-        fn = getattr(svc, hook, None) if svc is not None else None
-        if fn is not None:
-            out = fn(*args)
-            if asyncio.iscoroutine(out):
-                await out
 
 
 def _read_small(path: Path, limit: int = 4 << 20) -> bytes | None:

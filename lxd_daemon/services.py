@@ -39,6 +39,9 @@ class Services:
     profiles: Any = None
     instances: Any = None
     networks: Any = None
+    snapshots: Any = None  # instance snapshots (instances/snapshots.py)
+    backups: Any = None
+    recover: Any = None  # made on first use (lxd recover)
     # The typed client of the liblxc workers (runtime/client.py), over `pool`.
     runtime: Any = field(init=False, default=None)
 

@@ -211,6 +211,6 @@ async def expire_now(request: Request) -> Response:
     backups = get_services(request).backups
     gone = await backups.expire()
     await backups.prune_orphans()
-    if getattr(get_services(request).storage, "custom", None) is not None:
+    if get_services(request).storage is not None:
         gone += await backups.volumes.expire()
     return sync(gone)

@@ -37,7 +37,7 @@ async def shutdown(request: Request) -> Response:
 
 def _recover_service(request: Request):
     services = get_services(request)
-    svc = getattr(services, "recover", None)
+    svc = services.recover
     if svc is None:
         from lxd_daemon.recover import RecoverService
 

@@ -14,14 +14,12 @@ driver), `pool`, `snapshots` (names), `optimized`, `optimized_header`, `type` (`
 from __future__ import annotations
 
 import asyncio
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import yaml
 
 from lxd_daemon import names
+from lxd_daemon.util.atomic import atomic_write
 
 BACKUP_YAML = "backup.yaml"
 TYPES = ("container", "virtual-machine", "custom")
@@ -78,8 +76,12 @@ class BackupIndex:
         return out
 
 
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml's: much faster than the pure-Python one
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _dump(data: dict) -> str:
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.dump(data, Dumper=_DUMPER, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def _short_snapshot_name(name: str) -> str:
@@ -221,7 +223,7 @@ def config_from_dict(data, where: str = "backup.yaml") -> BackupConfig:
 
 def _load(text: str | bytes, where: str):
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_LOADER)
     except yaml.YAMLError as e:
         raise ValueError(f"{where} is not valid YAML: {e}") from None
 
@@ -272,30 +274,14 @@ def instance_volume_dict(name: str, created_at: str, config: dict | None = None,
             "created_at": created_at}
 
 
-async def _snapshot_dicts(services, name: str) -> list[dict]:
-    """The instance's snapshots as GET .../snapshots?recursion=1 renders them (empty while
-    instance snapshots are not available)."""
-    snaps = getattr(services, "snapshots", None)
-    if snaps is None:
-        return []
-    for meth in ("render_all", "render_list", "list_rendered"):
-        fn = getattr(snaps, meth, None)
-        if fn is not None:
-            out = fn(name)
-            if asyncio.iscoroutine(out):
-                out = await out
-            return list(out)
-    return []
-
-
 async def instance_backup_config(services, name: str) -> BackupConfig:
     """backup.yaml's content for instance `name`, from its records."""
     svc = services.instances
     rec = svc.record(name)
     inst = svc.render(rec)
     pool = svc._root_pool(svc.expanded(name)[1], name)
-    pool_dict = await services.storage.render(pool)
-    snapshots = await _snapshot_dicts(services, name)
+    pool_dict = services.storage.describe(pool)
+    snapshots = services.snapshots.render_all(name) if services.snapshots is not None else []
     vol = instance_volume_dict(name, rec.created_at)
     vol_snaps = [{"config": {}, "description": "", "name": s.get("name", ""), "content_type": "filesystem",
                   "created_at": s.get("created_at", ""), "expires_at": s.get("expires_at", "")}
@@ -310,21 +296,6 @@ async def instance_backup_config(services, name: str) -> BackupConfig:
     return build_config(inst, snapshots, pool_dict, vol, vol_snaps, profiles)
 
 
-def write_file_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".backup.yaml.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o600)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 async def write_instance_backup_yaml(services, name: str) -> None:
     """Write $volume/backup.yaml for instance `name` (only once its record is committed)."""
     svc = services.instances
@@ -332,7 +303,8 @@ async def write_instance_backup_yaml(services, name: str) -> None:
         return
     cfg = await instance_backup_config(services, name)
     path = svc.volume_dir(name) / BACKUP_YAML
-    await asyncio.to_thread(write_file_atomic, path, _dump(cfg.to_dict()))
+    data = cfg.to_dict()
+    await asyncio.to_thread(lambda: atomic_write(path, _dump(data).encode(), 0o600, durable=False))
 
 
 async def update_instance_backup_yaml(services, name: str) -> None:

@@ -109,7 +109,7 @@ class BackupService:
     async def load(self) -> None:
         await asyncio.to_thread(self._prepare)
         await self.sweep()
-        if self.services.storage is not None and getattr(self.services.storage, "custom", None) is not None:
+        if self.services.storage is not None:
             await self.volumes.sweep()
 
     def _prepare(self) -> None:
@@ -155,7 +155,7 @@ class BackupService:
             try:
                 await self.expire()
                 await self.prune_orphans()
-                if getattr(self.services.storage, "custom", None) is not None:
+                if self.services.storage is not None:
                     await self.volumes.expire()
             except asyncio.CancelledError:
                 raise
@@ -241,10 +241,8 @@ class BackupService:
         return self.services.server.config.get("backups.compression_algorithm") or bcreate.DEFAULT_COMPRESSION
 
     def _snapshot_names(self, name: str) -> list[str]:
-        snaps = getattr(self.services, "snapshots", None)
-        if snaps is None:
-            return []
-        return list(snaps.names(name))
+        snaps = self.services.snapshots
+        return list(snaps.names(name)) if snaps is not None else []
 
     async def create(self, name: str, bname: str, *, expires_at: str = "", instance_only: bool = False,
                      optimized: bool = False, compression: str = "gzip") -> BackupRow:
@@ -513,7 +511,7 @@ class BackupService:
                         await brestore.clear_dir(path)
                         await brestore.extract_tree(plan.path, res.compression, main, path, exclude_backup_yaml=True)
                 await asyncio.to_thread(drv.secure_instance_volume, path, 0)
-                snapsvc = getattr(self.services, "snapshots", None)
+                snapsvc = self.services.snapshots
                 added: list = []
 
                 def extra(session, iid: int) -> None:

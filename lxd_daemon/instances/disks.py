@@ -20,7 +20,6 @@ As LXD 5.0 does:
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import os
 import stat
@@ -41,13 +40,8 @@ def _true(value: str | None) -> bool:
     return (value or "").lower() in TRUE
 
 
-async def _maybe(value):
-    return await value if inspect.isawaitable(value) else value
-
-
 def _custom(services):
-    storage = getattr(services, "storage", None)
-    custom = getattr(storage, "custom", None) if storage is not None else None
+    custom = services.storage.custom if services.storage is not None else None
     if custom is None:
         raise BadRequest("Custom storage volumes are not available on this server")
     return custom
@@ -68,7 +62,7 @@ def uses_volume(devices: dict[str, dict], pool: str, name: str) -> bool:
 
 
 async def _get_volume(services, pool: str, name: str, project: str = "default"):
-    return await _maybe(_custom(services).get(pool, name, project=project))
+    return await _custom(services).get(pool, name, project=project)
 
 
 async def check_volumes(services, devices: dict[str, dict], *, project: str = "default") -> None:
@@ -210,7 +204,7 @@ class DiskPrep:
             raise BadRequest(f"Invalid device {dname!r}: {e}") from None
         pool = dev["pool"]
         try:
-            vol = await _maybe(custom.get(pool, vname, project=self.project))
+            vol = await custom.get(pool, vname, project=self.project)
         except NotFound:
             if devs.disk_required(dev):
                 raise BadRequest(f"Storage volume {vname!r} doesn't exist on storage pool {pool!r} "
@@ -219,7 +213,7 @@ class DiskPrep:
         if str(getattr(vol, "content_type", "filesystem")) == "block":
             raise BadRequest(f"Invalid device {dname!r}: custom block volumes cannot be used on containers")
         try:
-            path = Path(await _maybe(custom.mount(pool, vname, project=self.project)))
+            path = Path(await custom.mount(pool, vname, project=self.project))
         except LXDError as e:
             raise BadRequest(f"Failed mounting storage volume {vname!r} on storage pool {pool!r}: "
                              f"{e.message}") from None
@@ -229,7 +223,7 @@ class DiskPrep:
             lock = _VOLUME_LOCKS.setdefault((self.project, pool, vname), asyncio.Lock())
             async with lock:
                 # re-read under the lock: a parallel start may just have shifted it
-                vol = await _maybe(custom.get(pool, vname, project=self.project))
+                vol = await custom.get(pool, vname, project=self.project)
                 await self._shift_volume(pool, vname, dict(getattr(vol, "config", {}) or {}), path)
         shift = shifted and not self.privileged
         if shift:
@@ -276,8 +270,8 @@ class DiskPrep:
             log.info("shifted storage volume", extra={"pool": pool, "volume": vname, "entries": n})
         text = nxt.to_json()
         if config.get("volatile.idmap.last") != text or config.get("volatile.idmap.next") != text:
-            await _maybe(_custom(self.services).set_config_keys(
-                pool, vname, {"volatile.idmap.last": text, "volatile.idmap.next": text}, project=self.project))
+            await _custom(self.services).set_config_keys(
+                pool, vname, {"volatile.idmap.last": text, "volatile.idmap.next": text}, project=self.project)
 
     async def volume_detached(self, dname: str, dev: dict) -> None:
         """After a volume disk left the container: storage unmounts the volume (a no-op for dir
@@ -320,10 +314,9 @@ class DiskPrep:
 
 
 async def unmount_if_unused(svc, pool: str, vname: str, *, exclude: str, project: str = "default") -> None:
-    custom = getattr(getattr(svc.services, "storage", None), "custom", None)
-    unmount = getattr(custom, "unmount", None)
-    if unmount is None:
+    if svc.services.storage is None:
         return
+    unmount = svc.services.storage.custom.unmount
     for other in list(svc.records):
         if other == exclude or svc.status_of(other)[0] == "Stopped":
             continue
@@ -333,7 +326,7 @@ async def unmount_if_unused(svc, pool: str, vname: str, *, exclude: str, project
         except LXDError:
             continue
     try:
-        await _maybe(unmount(pool, vname, project=project))
+        await unmount(pool, vname, project=project)
     except Exception as e:  # the container is without it either way
         log.warning("couldn't unmount a custom volume", extra={"volume": vname, "err": str(e)})
 

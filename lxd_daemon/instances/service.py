@@ -114,6 +114,7 @@ class InstanceService:
         # Maps chosen by a create whose record doesn't exist yet: name -> (map, isolated).
         self._idmap_claims: dict[str, tuple[IdmapSet, bool]] = {}
         self._bg: set[asyncio.Task] = set()
+        self._yaml_locks: dict[str, asyncio.Lock] = {}  # see backup_yaml_lock()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ helpers
@@ -135,14 +136,18 @@ class InstanceService:
         async with self.backup_yaml_lock(name):
             await update_instance_backup_yaml(self.services, name)
 
+    def refresh_backup_yaml(self, name: str) -> None:
+        """Rewrite backup.yaml in the background, after a change is committed (off the request's
+        path; each write renders the state current when it runs, under backup_yaml_lock)."""
+        self._spawn(self._write_backup_yaml(name))
+
     def backup_yaml_lock(self, name: str) -> asyncio.Lock:
         """Held while backup.yaml is rewritten in the instance's volume (through a temporary file
         beside it). A copy of the volume's tree (snapshot, copy) holds it too, so that it never
         meets a temporary file that vanishes under it."""
-        locks = self.__dict__.setdefault("_yaml_locks", {})
-        lk = locks.get(name)
+        lk = self._yaml_locks.get(name)
         if lk is None:
-            lk = locks[name] = asyncio.Lock()
+            lk = self._yaml_locks[name] = asyncio.Lock()
         return lk
 
     def record(self, name: str) -> Record:
@@ -549,7 +554,7 @@ class InstanceService:
         }
         if full:
             out["state"] = self.state_of(rec.name, status, pid, cached_net=cached_net)
-            snaps = getattr(self.services, "snapshots", None)
+            snaps = self.services.snapshots
             out["snapshots"] = snaps.render_all(rec.name) if snaps is not None else []
             out["backups"] = []
         return out
@@ -771,7 +776,7 @@ class InstanceService:
             raise
         self.records[name] = rec
         self._idmap_claims.pop(name, None)  # recorded in rec.config's volatile.idmap.next now
-        self._spawn(self._write_backup_yaml(name))  # after the commit, off the launch's path
+        self.refresh_backup_yaml(name)  # after the commit, off the launch's path
         marks["done_ms"] = _now() - t0
         log.debug("created", extra={"instance": name, **{k: round(v, 1) for k, v in marks.items()}})
         if plan["image"] is not None:
@@ -911,7 +916,7 @@ class InstanceService:
                             list(profiles), rec.type)
             await self.store.save(newrec)
             self.records[name] = newrec
-            await self._write_backup_yaml(name)
+            self.refresh_backup_yaml(name)
 
     @staticmethod
     def _check_expanded(ec: dict) -> None:
@@ -979,7 +984,7 @@ class InstanceService:
 
         await self.store.delete(rec.id)
         del self.records[name]
-        if getattr(self.services, "snapshots", None) is not None:
+        if self.services.snapshots is not None:
             self.services.snapshots.forget(rec.id)  # its rows went with it (ON DELETE CASCADE)
         # The lock stays: a task still waiting on it (monitor cgroup clean-up) and a new instance
         # of the same name must serialise on the same object.
@@ -1031,7 +1036,7 @@ class InstanceService:
             del self.records[name]
             rec.name = new
             self.records[new] = rec
-            await self._write_backup_yaml(new)
+            self.refresh_backup_yaml(new)
             from lxd_daemon.instances.lxcconf import remove_seccomp_policy
 
             await asyncio.to_thread(remove_seccomp_policy, self.lxcpath, name)  # re-made at the next start
@@ -1268,7 +1273,7 @@ class InstanceService:
             self.record(name)
             if action == "start":
                 was = self.status_of(name)[0]
-                if was == "Stopped" and getattr(self.services, "snapshots", None) is not None:
+                if was == "Stopped" and self.services.snapshots is not None:
                     await self.services.snapshots.on_start_locked(name)  # `@startup` in snapshots.schedule
                 await self.start(name)
                 events.lifecycle("instance-resumed" if was == "Frozen" else "instance-started", src,

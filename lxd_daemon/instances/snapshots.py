@@ -345,7 +345,7 @@ class SnapshotService:
     def _refresh_backup_yaml(self, name: str) -> None:
         svc = self.instances
         if name in svc.records:
-            svc._spawn(_quietly(svc._write_backup_yaml(name)))
+            svc.refresh_backup_yaml(name)
 
     # -- delete / rename / update ----------------------------------------------------------
     async def delete(self, name: str, snap: str, requestor: dict | None = None) -> None:
@@ -446,7 +446,7 @@ class SnapshotService:
             rec.architecture = s.architecture or rec.architecture
             rec.ephemeral = s.ephemeral
             await svc.store.save(rec)
-            await svc._write_backup_yaml(name)
+            svc.refresh_backup_yaml(name)
             if was_running:
                 await svc.start(name)
         self._events().lifecycle("instance-restored", f"/1.0/instances/{name}", {"snapshot": snap},

@@ -39,7 +39,7 @@ async def setup(services) -> list:
             return out
 
         services.storage.used_by_providers.append(pool_used_by)
-        custom = getattr(services.storage, "custom", None)
+        custom = services.storage.custom
         if custom is not None:  # custom volumes: instances and profiles whose disks attach one
             async def volume_used_by(pool: str, name: str, project: str = "default") -> list[str]:
                 return await disks.volume_used_by(svc, prof, pool, name, project)

@@ -30,7 +30,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from lxd_daemon import names
-from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound
+from lxd_daemon.errors import BadRequest, Conflict, NotFound
 from lxd_daemon.storage.drivers.tools import run
 from lxd_daemon.storage.drivers.trees import copy_tree
 from lxd_daemon.storage.volume import DEFAULT_PROJECT, ContentType, Volume, VolumeType
@@ -149,7 +149,7 @@ class CustomVolumeService:
         self.db = storage.db
         # Async callables (pool, name, project) -> URLs of the instances and profiles whose
         # disk devices use the volume.
-        self.used_by_providers: list[Callable[[str, str, str], Awaitable[list[str]]]] = [self._devices_using]
+        self.used_by_providers: list[Callable[[str, str, str], Awaitable[list[str]]]] = []  # instances/subsystem.py adds the disks'
         self._locks: dict[str, asyncio.Lock] = {}
         self._task: asyncio.Task | None = None
 
@@ -263,30 +263,6 @@ class CustomVolumeService:
         for provider in self.used_by_providers:
             out.extend(await provider(pool, name, project))
         return sorted(set(out))
-
-    async def _devices_using(self, pool: str, name: str, project: str) -> list[str]:
-        """Instances and profiles with a `disk` device whose `pool` and `source` (`vol` or
-        `custom/vol`) name the volume (the disk device code may register a finer provider)."""
-        services = self.storage.services
-        out: list[str] = []
-
-        def uses(devices: dict) -> bool:
-            return any(d.get("type") == "disk" and d.get("pool") == pool
-                       and d.get("source") in (name, f"custom/{name}")
-                       for d in devices.values())
-
-        profiles = getattr(services, "profiles", None)
-        if profiles is not None:
-            out += [f"/1.0/profiles/{n}" for n, p in profiles.profiles.items() if uses(p.devices)]
-        instances = getattr(services, "instances", None)
-        if instances is not None:
-            for n in list(instances.records):
-                try:
-                    if uses(instances.expanded(n)[1]):
-                        out.append(f"/1.0/instances/{n}")
-                except LXDError:  # deleted meanwhile
-                    continue
-        return out
 
     async def _refuse_in_use(self, pool: str, name: str, project: str) -> None:
         if await self.used_by(pool, name, project):
@@ -701,8 +677,8 @@ class CustomVolumeService:
             await p.driver.restore_snapshot(rec.volume.snapshot(snap))
 
     def _running_users(self, urls: list[str]) -> list[str]:
-        instances = getattr(self.storage.services, "instances", None)
-        runtime = getattr(instances, "runtime", {}) if instances is not None else {}
+        instances = self.storage.services.instances
+        runtime = instances.runtime if instances is not None else {}
         out = []
         for u in urls:
             if u.startswith("/1.0/instances/"):

@@ -103,10 +103,14 @@ class StorageService:
             out.extend(await provider(name))
         return sorted(set(out))
 
-    async def render(self, pool: Pool) -> dict:
+    def describe(self, pool: Pool) -> dict:
+        """The pool as the API renders it, without `used_by` (which looks at every instance,
+        profile and volume)."""
         return {"name": pool.name, "driver": pool.driver_name, "description": pool.description,
-                "config": dict(pool.config), "used_by": await self.used_by(pool.name),
-                "status": "Created", "locations": ["none"]}
+                "config": dict(pool.config), "status": "Created", "locations": ["none"]}
+
+    async def render(self, pool: Pool) -> dict:
+        return {**self.describe(pool), "used_by": await self.used_by(pool.name)}
 
     @staticmethod
     def _validate_config(driver: str, config: dict[str, str]) -> dict[str, str]:

@@ -204,6 +204,26 @@ class StorageSuite:
     def delete(self, c, name: str) -> None:
         self.b.force_delete(c, name)
 
+    def settle(self, d, timeout: float = 120) -> None:
+        """Wait until the daemon's background removals are done (our daemon deletes a volume by
+        renaming it to `.trash-*` and removing it afterwards; LXD removes it before answering), so
+        that one round's deletes do not slow the next round's launches."""
+        pools = d.lxd_dir / "storage-pools"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            busy = False
+            for pool in (os.listdir(pools) if pools.is_dir() else []):
+                for sub in ("containers", "containers-snapshots", "images"):
+                    try:
+                        if any(e.startswith((".trash-", ".tmp-drop-", ".tmp-idle-"))
+                               for e in os.listdir(pools / pool / sub)):
+                            busy = True
+                    except OSError:
+                        continue
+            if not busy:
+                return
+            time.sleep(0.2)
+
     @staticmethod
     def delete_image(c, fp: str) -> None:
         """Delete an image and wait for the operation, as `lxc image delete` does."""
@@ -324,7 +344,7 @@ class StorageSuite:
                     out["copy"] = self.copy(c, name, cp, "dir") * 1000
                 finally:
                     self.delete(c, cp)
-                    time.sleep(1)
+                    self.settle(d)
             return out
 
         s, e = self.interleave("dir 500 MB snapshot/copy", n, active, cycle)
@@ -385,7 +405,7 @@ class StorageSuite:
                 f.unlink(missing_ok=True)
                 with d.http() as c:
                     self.delete(c, new)
-                time.sleep(1)
+                self.settle(d)
             return out
 
         s, e = self.interleave("btrfs 500 MB export/import", n, active, cycle)
@@ -440,7 +460,7 @@ class StorageSuite:
                         for name in made:
                             self.delete(c, name)
                         self.delete_image(c, dfp)
-                        time.sleep(2)  # let background removals finish before the next round
+                        self.settle(d)
                 self.log(f"{d.label} Debian on {kind}: first {out['first']:.0f} ms, then "
                          + ", ".join(f"{x:.0f}" for x in out["each"]) + " ms")
                 return out
@@ -462,6 +482,7 @@ class StorageSuite:
         for d in active:
             made = []
             pool_dir = d.lxd_dir / "storage-pools" / DIR_POOL
+            self.settle(d)
             try:
                 with d.http() as c:
                     if c.request("GET", f"/1.0/images/{dfp}").status == 404:
