@@ -137,19 +137,10 @@ class RecoverService:
 
     def _unknown_pool_driver(self, p: dict) -> Driver:
         storage = self.services.storage
-        from lxd_daemon.storage.service import POOL_NAME
-
         name, driver = p["name"], p["driver"]
-        if not POOL_NAME.match(name):
-            raise BadRequest(f"Invalid storage pool name {name!r}")
         if not driver:
             raise BadRequest(f"Storage pool {name!r} has no record: its driver is needed to recover it")
-        if driver not in DRIVERS:
-            raise BadRequest(f"Storage pool driver {driver!r} is not supported by this server "
-                             f"(supported: {', '.join(sorted(DRIVERS))})")
-        ok, why = storage.drivers_available.get(driver, (True, ""))
-        if not ok:
-            raise BadRequest(f"Storage pool driver {driver!r} can't run on this server: {why}")
+        storage.check_name_and_driver(name, driver)
         if not p["config"].get("source"):
             raise BadRequest(f"Storage pool {name!r} has no record: its source is needed to recover it")
         config = storage._validate_config(driver, dict(p["config"]))

@@ -70,3 +70,27 @@ def names(ready):
         ready.lxc("delete", "-f", n, check=False)
     for n in made:
         ready.lxc("profile", "delete", n, check=False)
+
+
+_BTRFS_POOLS = iter(range(1, 10_000))
+
+
+@pytest.fixture(scope="module")
+def btrfs_pool(ready):
+    """A btrfs pool on a 1 GiB loop file the shared daemon makes for one test module; whatever
+    the module leaves on it (instances, custom volumes) is deleted with it."""
+    d = ready
+    drivers = {x["Name"] for x in d.api("GET", "/1.0").json()["metadata"]["environment"]["storage_supported_drivers"]}
+    if "btrfs" not in drivers:
+        pytest.skip("btrfs can't run on this host")
+    name = f"{run_prefix()}-bt{next(_BTRFS_POOLS)}"
+    r = d.api("POST", "/1.0/storage-pools", json={"name": name, "driver": "btrfs", "config": {"size": "1GiB"}})
+    assert r.status_code == 201, r.text
+    yield name
+    for inst in d.api("GET", "/1.0/instances?recursion=1").json()["metadata"] or []:
+        if inst["expanded_devices"].get("root", {}).get("pool") == name:
+            d.lxc("delete", "-f", inst["name"], check=False)
+    for v in d.api("GET", f"/1.0/storage-pools/{name}/volumes/custom").json().get("metadata") or []:
+        d.lxc("storage", "volume", "delete", name, v.rsplit("/", 1)[-1], check=False)
+    r = d.api("DELETE", f"/1.0/storage-pools/{name}")
+    assert r.status_code == 200, r.text

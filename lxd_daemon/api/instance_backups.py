@@ -6,6 +6,7 @@ tarball), list, get, rename, delete, and `.../export` (the file); and `lxc impor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -16,33 +17,19 @@ from starlette.responses import Response
 
 from lxd_daemon.api import socket_body
 from lxd_daemon.api.envelope import async_, sync
+from lxd_daemon.api.instances import instance_routes
 from lxd_daemon.api.request import parse, recursion
+from lxd_daemon.backups.restore import GrowingFile
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.backups import BackupPost, InstanceBackupsPost
 
 log = logging.getLogger("lxd.backups")
 router = APIRouter()
-PREFIXES = ("/1.0/instances", "/1.0/containers")
+UPLOAD_BATCH = 1 << 20
 
 
-def route(method: str, suffix: str):
-    """Register a handler under both prefixes; it receives `prefix` as its first argument."""
-
-    def deco(fn):
-        import inspect
-
-        sig = inspect.signature(fn)
-        sig = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "prefix"])
-        for prefix in PREFIXES:
-            async def handler(request: Request, _fn=fn, _prefix=prefix, **kw):
-                return await _fn(_prefix, request, **kw)
-
-            handler.__signature__ = sig
-            router.add_api_route(prefix + suffix, handler, methods=[method], name=f"backups:{method}:{prefix}{suffix}")
-        return fn
-
-    return deco
+route = instance_routes(router)
 
 
 def _resources(name: str, backup: str | None = None) -> dict:
@@ -149,17 +136,36 @@ async def receive_upload(request: Request, path) -> int:
         body = await socket_body.take(request, 0)
         if body is not None:
             return await body.copy_to(fd)
+        # (A chunked body, as `lxc import` sends: gathered into big writes, not one thread hop
+        # per ASGI piece.)
         total = 0
+        batch: list[bytes] = []
+        pending = 0
         try:
             async for chunk in request.stream():
                 if chunk:
-                    await asyncio.to_thread(socket_body._write_all, fd, memoryview(chunk))
-                    total += len(chunk)
+                    batch.append(chunk)
+                    pending += len(chunk)
+                if pending >= UPLOAD_BATCH or len(batch) >= 512:
+                    total += await asyncio.to_thread(_writev_all, fd, batch)
+                    batch, pending = [], 0
         except ClientDisconnect:
             raise BadRequest("The upload was interrupted") from None
+        if batch:
+            total += await asyncio.to_thread(_writev_all, fd, batch)
         return total
     finally:
         await asyncio.to_thread(os.close, fd)
+
+
+def _writev_all(fd: int, pieces: list[bytes]) -> int:
+    """Write the pieces in order (one writev where the file takes them all)."""
+    total = sum(len(p) for p in pieces)
+    done = os.writev(fd, pieces)
+    if done < total:  # a short write: the rest one piece at a time
+        rest = memoryview(b"".join(pieces))[done:]
+        socket_body._write_all(fd, rest)
+    return total
 
 
 async def import_instance(prefix: str, request: Request) -> Response:
@@ -170,17 +176,57 @@ async def import_instance(prefix: str, request: Request) -> Response:
     new_name = request.headers.get("x-lxd-name", "")
     upload = svc.new_upload()
     t0 = time.monotonic()
+    # The tarball is checked (and an optimised one received) while it arrives: the scan follows
+    # the upload's file (restore.GrowingFile).
+    growing = GrowingFile(upload)
+
+    async def receive() -> int:
+        try:
+            n = await receive_upload(request, upload)
+        except BaseException as e:
+            growing.fail(e)
+            raise
+        growing.finish()
+        log.debug("import uploaded", extra={"bytes": n, "upload_ms": round((time.monotonic() - t0) * 1000),
+                                            "chunked": "transfer-encoding" in request.headers})
+        return n
+
+    uploading = asyncio.ensure_future(receive())
     try:
-        size = await receive_upload(request, upload)
-        if size == 0:
-            raise BadRequest("The backup file is empty")
+        try:
+            plan = await svc.prepare_import(upload, pool, new_name, source=growing)
+        except BaseException as e:
+            # The rest of the body is still read (the client gets the answer, not a broken
+            # pipe); an interrupted upload says best what went wrong.
+            growing.stop()
+            try:
+                await uploading
+            except BadRequest as ue:
+                if not isinstance(e, asyncio.CancelledError):
+                    raise ue from None
+            except BaseException:
+                pass
+            raise
         t1 = time.monotonic()
-        plan = await svc.prepare_import(upload, pool, new_name)
-        log.debug("import checked", extra={"bytes": size, "upload_ms": round((t1 - t0) * 1000),
-                                           "scan_ms": round((time.monotonic() - t1) * 1000)})
+        try:
+            size = await uploading
+        except BaseException:
+            if plan.received is not None:
+                with contextlib.suppress(Exception):
+                    await services.storage.volumes._delete_now(plan.pool, plan.received)
+            services.instances.release(plan.name)
+            services.instances._idmap_claims.pop(plan.name, None)
+            raise
+        log.debug("import checked", extra={"bytes": size, "upload_and_scan_ms": round((t1 - t0) * 1000)})
     except BaseException:
+        if not uploading.done():
+            uploading.cancel()
+            with contextlib.suppress(BaseException):
+                await uploading
         await svc.discard_upload(upload)
         raise
+    finally:
+        growing.dispose()
     who = requestor(request)
     name = plan.name
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from lxd_daemon.api.envelope import async_, etag_of, sync
+from lxd_daemon.api.instances import instance_routes
 from lxd_daemon.api.request import check_etag, parse, recursion
 from lxd_daemon.errors import BadRequest, NotImplementedYet
 from lxd_daemon.instances.snapshots import parse_expires_at
@@ -15,26 +16,9 @@ from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.instances import InstanceSnapshotPost, InstanceSnapshotPut, InstanceSnapshotsPost
 
 router = APIRouter()
-PREFIXES = ("/1.0/instances", "/1.0/containers")
 
 
-def route(method: str, suffix: str):
-    """Register a handler under both prefixes; it receives `prefix` as its first argument."""
-
-    def deco(fn):
-        import inspect
-
-        sig = inspect.signature(fn)
-        sig = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "prefix"])
-        for prefix in PREFIXES:
-            async def handler(request: Request, _fn=fn, _prefix=prefix, **kw):
-                return await _fn(_prefix, request, **kw)
-
-            handler.__signature__ = sig
-            router.add_api_route(prefix + suffix, handler, methods=[method], name=f"snapshots:{method}:{prefix}{suffix}")
-        return fn
-
-    return deco
+route = instance_routes(router)
 
 
 def _resources(name: str, snap: str | None = None) -> dict:

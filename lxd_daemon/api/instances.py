@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -16,27 +18,28 @@ router = APIRouter()
 PREFIXES = ("/1.0/instances", "/1.0/containers")
 
 
-def route(method: str, suffix: str):
-    """Register a handler under both prefixes; it receives `prefix` as its first argument."""
+def instance_routes(target: APIRouter):
+    """The `route(method, suffix)` decorator of a router serving instance URLs: the handler is
+    registered under both prefixes and receives `prefix` as its first argument."""
 
-    def deco(fn):
-        for prefix in PREFIXES:
-            async def handler(request: Request, _fn=fn, _prefix=prefix, **kw):
-                return await _fn(_prefix, request, **kw)
+    def route(method: str, suffix: str):
+        def deco(fn):
+            sig = inspect.signature(fn)
+            sig = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "prefix"])
+            for prefix in PREFIXES:
+                async def handler(request: Request, _fn=fn, _prefix=prefix, **kw):
+                    return await _fn(_prefix, request, **kw)
 
-            handler.__signature__ = _signature_for(fn)
-            router.add_api_route(prefix + suffix, handler, methods=[method])
-        return fn
+                handler.__signature__ = sig
+                target.add_api_route(prefix + suffix, handler, methods=[method])
+            return fn
 
-    return deco
+        return deco
+
+    return route
 
 
-def _signature_for(fn):
-    import inspect
-
-    sig = inspect.signature(fn)
-    params = [p for p in sig.parameters.values() if p.name != "prefix"]
-    return sig.replace(parameters=params)
+route = instance_routes(router)
 
 
 def resources(prefix: str, *names: str) -> dict:

@@ -180,9 +180,21 @@ def _tar_to_gzip(argv: list[str], out: Path) -> None:
 class _Counting:
     """A write-only stream that knows its position (tarfile asks tell(); a pipe can't answer)."""
 
-    def __init__(self, raw):
+    def __init__(self, raw, plain: bool = False):
         self.raw = raw
         self.pos = 0
+        self.plain = plain  # raw is the tarball's file itself (no compressor in between)
+
+    def direct_fd(self) -> int | None:
+        """The file's descriptor, flushed, for a tool to write a member straight into (the caller
+        then reports what it added with advanced()); None when a compressor is in between."""
+        if not self.plain:
+            return None
+        self.raw.flush()
+        return self.raw.fileno()
+
+    def advanced(self, n: int) -> None:
+        self.pos += n
 
     def write(self, data) -> int:
         self.raw.write(data)
@@ -211,7 +223,7 @@ class _Compressed:
             self.proc = subprocess.Popen(prog, stdin=subprocess.PIPE, stdout=self.file, stderr=subprocess.PIPE)
             self.sink = _Counting(self.proc.stdin)
         else:
-            self.sink = _Counting(self.file)
+            self.sink = _Counting(self.file, plain=True)
 
     def close(self, ok: bool) -> None:
         try:

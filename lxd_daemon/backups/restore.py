@@ -203,13 +203,17 @@ def _is_optimised_member(name: str) -> bool:
     return name == "backup/optimized_header.yaml" or (name.endswith(".bin") and name.count("/") <= 2)
 
 
-def scan(path: Path, spool_dir: Path | None = None, hooks: StreamedMembers | None = None) -> ScanResult:
+def scan(path: Path, spool_dir: Path | None = None, hooks: StreamedMembers | None = None,
+         source: GrowingFile | None = None) -> ScanResult:
     """Check the whole tarball (blocking; run it in a thread). Optimised members are handed to
     `hooks` as the scan reaches them (StreamedMembers: the driver receives them meanwhile), else
-    copied into `spool_dir` (made here); with neither, a tarball holding them is refused."""
+    copied into `spool_dir` (made here); with neither, a tarball holding them is refused.
+    With `source` (the upload still being written to `path`), an uncompressed tarball is
+    checked as it arrives (its members' data is skipped, not read: the driver reads optimised
+    members from the file itself); a compressed one once it has all arrived."""
     error: BaseException | None = None
     try:
-        return _scan(path, spool_dir, hooks)
+        return _scan(path, spool_dir, hooks, source)
     except BaseException as e:
         error = e
         raise
@@ -218,9 +222,20 @@ def scan(path: Path, spool_dir: Path | None = None, hooks: StreamedMembers | Non
             hooks.on_end(error)
 
 
-def _scan(path: Path, spool_dir: Path | None, hooks: StreamedMembers | None) -> ScanResult:
-    compression = detect_compression(path)
-    proc, stream = _open_stream(path, compression)
+def _scan(path: Path, spool_dir: Path | None, hooks: StreamedMembers | None,
+          source: GrowingFile | None = None) -> ScanResult:
+    if source is not None:
+        source.wait_for(261)
+        compression = detect_compression(path)
+        if compression != "none":
+            source.wait_done()
+            source = None
+    else:
+        compression = detect_compression(path)
+    if source is not None:
+        proc, stream = None, source
+    else:
+        proc, stream = _open_stream(path, compression)
     checker = _Checker(None)
     index_text: bytes | None = None
     backup_yaml: dict[str, bytes] = {}
@@ -230,7 +245,7 @@ def _scan(path: Path, spool_dir: Path | None, hooks: StreamedMembers | None) -> 
     count = 0
     try:
         try:
-            tf = tarfile.open(fileobj=stream, mode="r|")
+            tf = tarfile.open(fileobj=stream, mode="r:" if source is not None else "r|")
             for m in tf:
                 count += 1
                 name, key, inner = checker.check(m)
@@ -252,7 +267,8 @@ def _scan(path: Path, spool_dir: Path | None, hooks: StreamedMembers | None) -> 
                                 raise BadRequest(f"Invalid backup: {name} is too big")
                             hooks.on_header(tf.extractfile(m).read())
                         else:
-                            hooks.on_bin(name, tf.extractfile(m))
+                            region = (source, m.offset_data, m.size) if source is not None else None
+                            hooks.on_bin(name, tf.extractfile(m), region)
                         continue
                     if spool_dir is None:
                         raise BadRequest("Invalid backup: unexpected optimised member " + repr(name))
@@ -410,6 +426,126 @@ def spool_member(scan_result: ScanResult):
     return member
 
 
+class GrowingFile:
+    """A reader of a file that an upload is still writing (`lxc import`: the tarball is checked
+    and its optimised streams received while it arrives). Reads wait until the bytes they ask
+    for are there, or the upload ended (then a short read: a truncated tarball) or failed (its
+    error). The writer reports only the end (finish() or fail()); progress is the file's size."""
+
+    POLL = 0.002
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = -1
+        self.pos = 0
+        self.name = str(path)
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._stopped = False
+
+    # -- the writer's side -----------------------------------------------------------------
+    def finish(self) -> None:
+        self._done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._done.set()
+
+    def stop(self) -> None:
+        """Nobody reads any more (the import gave up): waiting readers give up too."""
+        self._stopped = True
+        self._done.set()
+
+    def dispose(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- the readers' side -------------------------------------------------------------------
+    def _check(self) -> None:
+        if self._error is not None:
+            e = self._error
+            raise e if isinstance(e, LXDError) else BadRequest(f"The upload failed: {e}")
+        if self._stopped:
+            raise BadRequest("The import was stopped")
+
+    def wait_for(self, pos: int) -> int:
+        """Wait until the file holds byte `pos` or the upload ended; returns the file's size."""
+        while True:
+            done = self._done.is_set()
+            if self.fd < 0:
+                try:
+                    self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    if done:
+                        self._check()
+                        raise BadRequest("The backup file is empty") from None
+                    self._done.wait(self.POLL)
+                    continue
+            size = os.fstat(self.fd).st_size
+            if size > pos:
+                return size
+            if done:
+                self._check()
+                return size
+            self._done.wait(self.POLL)
+
+    def wait_done(self) -> None:
+        self._done.wait()
+        self._check()
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            self.wait_done()
+            n = os.fstat(self.fd).st_size - self.pos if self.fd >= 0 else 0
+        out = bytearray()
+        while len(out) < n:
+            size = self.wait_for(self.pos)
+            if size <= self.pos:
+                break
+            data = os.pread(self.fd, min(n - len(out), size - self.pos), self.pos)
+            if not data:
+                break
+            out += data
+            self.pos += len(data)
+        return bytes(out)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0:
+            self.pos = offset
+        elif whence == 1:
+            self.pos += offset
+        else:
+            self.wait_done()
+            self.pos = os.fstat(self.fd).st_size + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        """The scan is done with it (the owner disposes of the descriptor)."""
+
+    def copy_region(self, offset: int, size: int, fd: int) -> None:
+        """Copy `size` bytes at `offset` into `fd` (a pipe) as they arrive, without a copy in user
+        space (sendfile); BrokenPipeError when the pipe's reader is gone."""
+        pos, end = offset, offset + size
+        while pos < end:
+            avail = self.wait_for(pos)
+            if avail <= pos:
+                raise BadRequest("Invalid backup: the tarball is truncated (an optimised stream ends early)")
+            n = os.sendfile(fd, self.fd, pos, min(end, avail) - pos)
+            if n == 0:
+                raise BadRequest("Invalid backup: the tarball is truncated (an optimised stream ends early)")
+            pos += n
+
+
 class StreamedMembers:
     """The scan's hooks for an optimised import without spooling: the scan (in its thread) hands
     each optimised member over as it reaches it and waits while the consumer (the driver's
@@ -425,6 +561,7 @@ class StreamedMembers:
         self._started: asyncio.Future = loop.create_future()
         self.header: bytes | None = None
         self.current: tuple[str, object] | None = None
+        self.region: tuple[GrowingFile, int, int] | None = None  # where the current member's data is
         self.passed: set[str] = set()
         self.wanted: str | None = None
         self.closed = False  # the consumer is done: the scan passes over the rest
@@ -451,13 +588,14 @@ class StreamedMembers:
             self.header = data
         self._settle(self._started)
 
-    def on_bin(self, name: str, f) -> None:
+    def on_bin(self, name: str, f, region=None) -> None:
         self._settle(self._started)
         with self.cv:
             if self.closed:
                 self.passed.add(name)
                 return
             self.current = (name, f)
+            self.region = region
             self.cv.notify_all()
             # Never go on while a consumer's read of this member is under way (one stream).
             while self.reading or not self.closed:
@@ -545,6 +683,32 @@ class _StreamedMember:
         if not data:
             self.close()
         return data
+
+    def pipe_into(self, fd: int) -> None:
+        """Write the member's bytes into `fd` (a tool's stdin pipe; blocking: run it in a thread):
+        straight from the uploaded file when the scan says where they are, else read and written."""
+        o = self.owner
+        with o.cv:
+            if self.f is None:
+                self._attach()
+            if o.current is None or o.current[0] != self.name:
+                raise BadRequest(f"Invalid backup: the optimised member {self.name} could not be read")
+            region = o.region
+            o.reading += 1
+        try:
+            if region is not None:
+                src, offset, size = region
+                src.copy_region(offset, size, fd)
+            else:
+                while data := self.f.read(CHUNK):
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+        finally:
+            with o.cv:
+                o.reading -= 1
+                o.cv.notify_all()
+        self.close()
 
     def close(self) -> None:
         if self.finished:

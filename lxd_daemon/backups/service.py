@@ -412,7 +412,8 @@ class BackupService:
             raise
         return {"name": name, "pool": pool, "record": rec, "snapshots": snaps, "snapshot_names": snap_names}
 
-    async def prepare_import(self, upload: Path, pool_name: str = "", new_name: str = "") -> ImportPlan:
+    async def prepare_import(self, upload: Path, pool_name: str = "", new_name: str = "",
+                             source: brestore.GrowingFile | None = None) -> ImportPlan:
         """Scan the uploaded tarball and decide everything an import needs; BadRequest, NotFound
         or Conflict before anything is made. The name is reserved (the caller releases it).
 
@@ -421,7 +422,7 @@ class BackupService:
         is removed if anything fails (and by the start-up sweep after a crash)."""
         svc = self.services.instances
         stream = brestore.StreamedMembers(asyncio.get_running_loop())
-        scan = asyncio.ensure_future(asyncio.to_thread(brestore.scan, upload, None, stream))
+        scan = asyncio.ensure_future(asyncio.to_thread(brestore.scan, upload, None, stream, source))
         decided: dict | None = None
         received = None
         try:

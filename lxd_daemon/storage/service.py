@@ -129,7 +129,8 @@ class StorageService:
                 raise BadRequest(f"Invalid value for source {value!r}: must be an absolute path")
         return cls.validate_pool_config(dict(config))
 
-    async def create(self, name: str, driver: str, description: str, config: dict[str, str]) -> Pool:
+    def check_name_and_driver(self, name: str, driver: str) -> None:
+        """A new pool's name is valid and its driver known and usable on this host."""
         if not POOL_NAME.match(name):
             raise BadRequest(f"Invalid storage pool name {name!r}")
         if driver not in DRIVERS:
@@ -138,10 +139,15 @@ class StorageService:
         ok, why = self.drivers_available.get(driver, (True, ""))
         if not ok:
             raise BadRequest(f"Storage pool driver {driver!r} can't run on this server: {why}")
+
+    async def create(self, name: str, driver: str, description: str, config: dict[str, str]) -> Pool:
+        self.check_name_and_driver(name, driver)
         config = self._validate_config(driver, dict(config))
         async with self._lock:
             if name in self.pools:
                 raise Conflict(f"Storage pool {name!r} already exists")
+            if config.get("source"):
+                await asyncio.to_thread(self._check_source_free, name, config["source"])
 
             def prepare() -> None:
                 self.root.mkdir(parents=True, exist_ok=True)
@@ -170,6 +176,24 @@ class StorageService:
             self.pools[name] = pool
         self._advertise_driver()
         return pool
+
+    def _check_source_free(self, name: str, source: str) -> None:
+        """Refuse a `source` that another pool uses (the same path, one inside it or one holding
+        it) or that lies within $LXD_DIR (other than the new pool's own directory)."""
+        real = os.path.realpath(source)
+        for other in self.pools.values():
+            theirs = other.config.get("source", "")
+            if theirs and os.path.realpath(theirs) == real:
+                raise BadRequest(f"Source path {source!r} is already used by storage pool {other.name!r}")
+        lxd_dir = os.path.realpath(self.services.lxd_dir)
+        if _within(real, lxd_dir) and real != os.path.realpath(self.root / name):
+            raise BadRequest(f"Source path {source!r} is within the LXD directory ({lxd_dir})")
+        for other in self.pools.values():
+            theirs = os.path.realpath(other.config.get("source", "") or other.driver.mount_path)
+            if _within(real, theirs):
+                raise BadRequest(f"Source path {source!r} is inside the source of storage pool {other.name!r}")
+            if _within(theirs, real):
+                raise BadRequest(f"Source path {source!r} holds the source of storage pool {other.name!r}")
 
     async def adopt(self, name: str, driver: Driver, description: str = "") -> Pool:
         """Record a pool that exists on the host but has no record (`lxd recover`): the driver
@@ -233,3 +257,8 @@ class StorageService:
         del self.pools[name]
         await pool.driver.delete_pool()
         self._advertise_driver()
+
+
+def _within(path: str, top: str) -> bool:
+    """Whether `path` is `top` or below it (both real paths)."""
+    return path == top or path.startswith(top.rstrip("/") + "/")

@@ -300,20 +300,6 @@ def test_lxc_import_of_a_corrupt_file_says_why(ready, names, tmp_path):
 
 
 # -- btrfs: optimised backups (send streams) and generic ones between drivers ----------------------
-@pytest.fixture(scope="module")
-def btrfs_pool(ready):
-    from tests.helpers import run_prefix
-
-    name = run_prefix() + "bt"
-    ready.lxc("storage", "create", name, "btrfs", "size=1GiB")
-    yield name
-    for inst in ready.api("GET", "/1.0/instances?recursion=1").json()["metadata"]:
-        if inst["expanded_devices"].get("root", {}).get("pool") == name:
-            ready.lxc("delete", "-f", inst["name"], check=False)
-    for v in ready.api("GET", f"/1.0/storage-pools/{name}/volumes/custom").json().get("metadata") or []:
-        ready.lxc("storage", "volume", "delete", name, v.rsplit("/", 1)[-1], check=False)
-    ready.lxc("storage", "delete", name)
-
 
 def test_btrfs_optimized_export_import_and_to_dir(ready, names, btrfs_pool, tmp_path):
     d = ready

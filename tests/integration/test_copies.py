@@ -7,20 +7,8 @@ import os
 
 import pytest
 
-from tests.helpers import run_prefix
-
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def btrfs_pool(ready):
-    name = run_prefix() + "cb"
-    ready.lxc("storage", "create", name, "btrfs", "size=1GiB")
-    yield name
-    for inst in ready.api("GET", "/1.0/instances?recursion=1").json()["metadata"]:
-        if inst["expanded_devices"].get("root", {}).get("pool") == name:
-            ready.lxc("delete", "-f", inst["name"], check=False)
-    ready.lxc("storage", "delete", name)
 
 
 def push(d, inst, text, tmp_path):

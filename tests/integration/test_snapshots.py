@@ -9,20 +9,10 @@ import json
 
 import pytest
 
-from tests.helpers import run_prefix, wait_op
+from tests.helpers import wait_op
 
 pytestmark = pytest.mark.integration
 
-
-@pytest.fixture(scope="module")
-def btrfs_pool(ready):
-    name = run_prefix() + "bt"
-    ready.lxc("storage", "create", name, "btrfs", "size=1GiB")
-    yield name
-    for inst in ready.api("GET", "/1.0/instances?recursion=1").json()["metadata"]:
-        if inst["expanded_devices"].get("root", {}).get("pool") == name:
-            ready.lxc("delete", "-f", inst["name"], check=False)
-    ready.lxc("storage", "delete", name)
 
 
 @pytest.fixture(params=["dir", "btrfs"])

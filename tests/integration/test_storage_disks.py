@@ -54,20 +54,6 @@ def c1(ready):
     ready.lxc("delete", "-f", name, check=False)
 
 
-@pytest.fixture(scope="module")
-def btrfs_pool(ready):
-    """A btrfs pool on a loop file the daemon makes (and removes)."""
-    d = ready
-    env = d.api("GET", "/1.0").json()["metadata"]["environment"]
-    if "btrfs" not in {x["Name"] for x in env["storage_supported_drivers"]}:
-        pytest.skip("btrfs can't run on this host")
-    name = run_prefix() + "-bt"
-    r = d.api("POST", "/1.0/storage-pools", json={"name": name, "driver": "btrfs", "config": {"size": "512MiB"}})
-    assert r.status_code == 201, r.text
-    yield name
-    r = d.api("DELETE", f"/1.0/storage-pools/{name}")
-    assert r.status_code == 200, r.text
-
 
 @pytest.fixture(params=["dir", "btrfs"])
 def pool(request, ready):

@@ -21,24 +21,6 @@ from tests.helpers import run_prefix, wait_for, wait_op
 pytestmark = pytest.mark.integration
 
 
-def _drivers(d) -> set[str]:
-    env = d.api("GET", "/1.0").json()["metadata"]["environment"]
-    return {x["Name"] for x in env["storage_supported_drivers"]}
-
-
-@pytest.fixture(scope="module")
-def btrfs_pool(ready):
-    d = ready
-    if "btrfs" not in _drivers(d):
-        pytest.skip("btrfs can't run on this host")
-    name = run_prefix() + "-btrfs"
-    r = d.api("POST", "/1.0/storage-pools", json={"name": name, "driver": "btrfs", "config": {"size": "1GiB"}})
-    assert r.status_code == 201, r.text
-    yield name
-    for v in d.api("GET", f"/1.0/storage-pools/{name}/volumes/custom").json()["metadata"] or []:
-        d.api("DELETE", v)
-    r = d.api("DELETE", f"/1.0/storage-pools/{name}")
-    assert r.status_code == 200, r.text
 
 
 @pytest.fixture(params=["dir", "btrfs"])

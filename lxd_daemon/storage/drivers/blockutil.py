@@ -202,7 +202,13 @@ class TarMembers:
 
     async def add_from_tool(self, name: str, *argv: str) -> None:
         """Run a tool writing a stream to stdout, spool it (the tar header needs its size) and add
-        it as member `name`."""
+        it as member `name`. Into an uncompressed tarball file the tool writes straight at the
+        member's place instead, and the header is written over its placeholder after."""
+        direct = getattr(self.tar.fileobj, "direct_fd", None)
+        fd = direct() if direct is not None else None
+        if fd is not None:
+            await self._add_direct(fd, name, argv)
+            return
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=self.spool_dir, prefix=".backup_") as tmp:
             await tools.run_stream(*argv, sink=file_sink(tmp))
@@ -212,6 +218,43 @@ class TarMembers:
             info.size = size
             info.mode = 0o600
             await asyncio.to_thread(self.tar.addfile, info, tmp)
+
+    async def _add_direct(self, fd: int, name: str, argv: tuple[str, ...]) -> None:
+        # A GNU header's length depends on the name only (a size past 8 GiB is written in
+        # base-256 in the same field), so a placeholder of that length can be replaced in place.
+        tar = self.tar
+        start = os.lseek(fd, 0, os.SEEK_CUR)
+
+        def header(size: int) -> bytes:
+            info = tarfile.TarInfo(name)
+            info.size = size
+            info.mode = 0o600
+            return info.tobuf(tarfile.GNU_FORMAT, tar.encoding, tar.errors)
+
+        hlen = len(header(0))
+        await asyncio.to_thread(_write_fd, fd, bytes(hlen))
+        await tools.run_to_fd(*argv, fd=fd)
+
+        def finish() -> int:
+            end = os.lseek(fd, 0, os.SEEK_CUR)
+            size = end - start - hlen
+            pad = -size % tarfile.BLOCKSIZE
+            _write_fd(fd, bytes(pad))
+            hdr = header(size)
+            if len(hdr) != hlen:  # pragma: no cover - see above
+                raise LXDError(f"The tar header of {name} changed length")
+            os.pwrite(fd, hdr, start)
+            return hlen + size + pad
+
+        total = await asyncio.to_thread(finish)
+        tar.offset += total
+        tar.fileobj.advanced(total)
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def remove_empty_dir(path: Path) -> None:

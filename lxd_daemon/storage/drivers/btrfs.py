@@ -40,7 +40,7 @@ import yaml
 from lxd_daemon.errors import BadRequest, Conflict, InsufficientStorage, LXDError, NotFound
 from lxd_daemon.storage.drivers import blockutil, btrfs_ioctl
 from lxd_daemon.storage.drivers.base import Driver, Filler
-from lxd_daemon.storage.drivers.tools import ToolError, run, run_stream
+from lxd_daemon.storage.drivers.tools import ToolError, run, run_fed, run_stream
 from lxd_daemon.storage.volume import DriverInfo, Volume, VolumeType
 from lxd_daemon.util.sizes import parse_byte_size
 
@@ -226,6 +226,8 @@ class BtrfsDriver(Driver):
             raise
 
     async def _prepare_device(self, dev: str) -> None:
+        if not await asyncio.to_thread(os.path.lexists, dev):
+            raise BadRequest(f"Invalid value for pool key 'source': the device {dev} doesn't exist")
         if not await asyncio.to_thread(blockutil.is_block_device, dev):
             raise BadRequest(f"Invalid value for pool key 'source' {dev!r}: not a block device")
         if await self._device_in_use(dev):
@@ -247,6 +249,9 @@ class BtrfsDriver(Driver):
             if entries:
                 raise BadRequest(f"The btrfs filesystem on {dev} is not empty")
             return
+        if fstype:
+            # As mkfs.btrfs without -f: a device holding another filesystem is never formatted over.
+            raise BadRequest(f"The block device {dev} already holds a {fstype} filesystem")
         await run("mkfs.btrfs", "-f", "-q", "-L", self.pool_name, dev)
 
     @staticmethod
@@ -848,7 +853,10 @@ class BtrfsDriver(Driver):
                 f = member(mname)
             except (KeyError, FileNotFoundError):
                 raise BadRequest(f"The backup has no member {mname}") from None
-            await run_stream("btrfs", "receive", "-C", "-e", str(into), source=blockutil.file_chunks(f))
+            if hasattr(f, "pipe_into"):  # an upload's member: fed from a thread, no copy in the loop
+                await run_fed("btrfs", "receive", "-C", "-e", str(into), feed=f.pipe_into)
+            else:
+                await run_stream("btrfs", "receive", "-C", "-e", str(into), source=blockutil.file_chunks(f))
 
         await self._receive_all(vol, snapshots, items, receive)
 

@@ -100,6 +100,7 @@ class DirDriver(Driver):
         linked = source != str(mount)
 
         def mk() -> None:
+            _require_empty(source)
             if linked:
                 if mount.is_symlink() or mount.exists():
                     raise BadRequest(f"{mount} already exists")
@@ -119,7 +120,10 @@ class DirDriver(Driver):
 
     async def delete_pool(self) -> None:
         if self.mount_path.is_symlink():
-            # A `source` the user brought stays as it is: only the link to it goes.
+            # A `source` the user brought stays, emptied of the (by now empty) layout made in it,
+            # so that a pool can be made on it again; only the link to it goes.
+            for sub in self.TYPE_DIR_MODES:
+                await asyncio.to_thread(remove_empty_dir, self.mount_path / sub)
             self.mount_path.unlink()
             return
         await self._remove(self.mount_path)
@@ -325,6 +329,17 @@ class DirDriver(Driver):
     async def list_snapshots(self, vol: Volume) -> list[str]:
         sdir = self.snapshots_dir(vol.parent())
         return await asyncio.to_thread(_by_age, sdir)
+
+
+def _require_empty(source: str) -> None:
+    """A pool's source holds nothing yet (`lost+found` alone is fine at a mount point), so that
+    a pool never takes over files it didn't make; a missing source is made later."""
+    try:
+        entries = os.listdir(source)
+    except FileNotFoundError:
+        return
+    if entries and not (entries == ["lost+found"] and os.path.ismount(source)):
+        raise BadRequest(f"Source path {source!r} isn't empty")
 
 
 def _listdir(path: Path) -> list[str]:

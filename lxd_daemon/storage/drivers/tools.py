@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -85,6 +86,93 @@ async def run_stream(*argv: str, source: Source | None = None, sink: Sink | None
             result = Result(result.argv, result.returncode, "", result.stderr)
     else:
         result = await _stream_subprocess(tuple(argv), source, sink)
+    if check and result.returncode != 0:
+        raise ToolError(result)
+    return result
+
+
+async def run_to_fd(*argv: str, fd: int, check: bool = True) -> Result:
+    """Run a tool whose stdout is the open descriptor `fd` (written at its current offset, with
+    no copy through this process: a backup's `btrfs send` straight into the tarball). With a
+    replaced runner (tests) its stdout is written to `fd` instead."""
+    if _runner is not _subprocess:
+        result = await _runner(tuple(argv), None)
+        data = memoryview(result.stdout.encode(errors="surrogateescape"))
+        while data:
+            data = data[await asyncio.to_thread(os.write, fd, data):]
+        result = Result(result.argv, result.returncode, "", result.stderr)
+    else:
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd,
+                                                    stderr=asyncio.subprocess.PIPE)
+        try:
+            _, err = await proc.communicate()
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+                with contextlib.suppress(Exception):
+                    await proc.wait()
+            raise
+        result = Result(tuple(argv), proc.returncode or 0, "", err.decode(errors="replace"))
+    if check and result.returncode != 0:
+        raise ToolError(result)
+    return result
+
+
+PIPE_SIZE = 1 << 20
+
+
+async def run_fed(*argv: str, feed: Callable[[int], None], check: bool = True) -> Result:
+    """Run a tool whose stdin is fed by `feed(fd)` (blocking, run in a thread: it writes into the
+    pipe with big writes or sendfile, not through the event loop). feed's own error (a bad
+    upload) wins over the tool's. With a replaced runner (tests) what feed writes is gathered
+    and handed to it."""
+    if _runner is not _subprocess:
+        import tempfile
+
+        def gather() -> bytes:
+            with tempfile.TemporaryFile() as t:
+                feed(t.fileno())
+                t.seek(0)
+                return t.read()
+
+        result = await _runner(tuple(argv), await asyncio.to_thread(gather))
+    else:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            import fcntl
+
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=r, stdout=asyncio.subprocess.PIPE,
+                                                        stderr=asyncio.subprocess.PIPE)
+        except BaseException:
+            os.close(w)
+            raise
+        finally:
+            os.close(r)
+
+        def fill() -> None:
+            try:
+                feed(w)
+            except BrokenPipeError:
+                pass  # the tool exited early: its status and stderr say why
+            finally:
+                os.close(w)
+
+        feeder = asyncio.ensure_future(asyncio.to_thread(fill))
+        try:
+            out, err = await proc.communicate()
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+                with contextlib.suppress(Exception):
+                    await proc.wait()
+            with contextlib.suppress(BaseException):
+                await feeder
+            raise
+        await feeder  # its error (e.g. a truncated upload) says best what went wrong
+        result = Result(tuple(argv), proc.returncode or 0, out.decode(errors="replace"),
+                        err.decode(errors="replace"))
     if check and result.returncode != 0:
         raise ToolError(result)
     return result
