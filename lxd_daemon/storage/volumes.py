@@ -522,7 +522,7 @@ async def sync_tree(src: Path, dst: Path) -> None:
         await run("rsync", "-aHAX", "--numeric-ids", "--delete", "--checksum", "--", f"{src}/", f"{dst}/")
     except ToolError as e:
         if "No space left" in e.result.stderr:
-            raise InsufficientStorage(f"No space left on the storage pool: {e.result.stderr.strip()}") from None
+            raise InsufficientStorage(f"No space left on the storage pool: {next(ln for ln in e.result.stderr.splitlines() if 'No space left' in ln).strip()}") from None
         raise
 
 

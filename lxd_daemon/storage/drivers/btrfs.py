@@ -4,7 +4,8 @@
 Where the pool lives (`source`):
 - nothing: a loop file `$LXD_DIR/disks/<pool>.img` of `size` (LXD's default: a fifth of the free
   space, 5 to 30 GiB) that the driver makes and owns; `source` then names it;
-- `/dev/...`: a block device, formatted unless it already holds an empty btrfs filesystem;
+- `/dev/...`: a block device, not mounted: formatted when blank, reused when it holds an empty btrfs
+  filesystem, refused when it holds anything else;
 - `/path`: an existing, empty directory or subvolume on a mounted btrfs filesystem (bind-mounted).
 The filesystem is mounted at the pool's mount path with `btrfs.mount_options` (default
 `user_subvol_rm_allowed`); loop files are attached by mount(8) with autoclear, so unmounting the

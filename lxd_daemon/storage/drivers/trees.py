@@ -20,7 +20,7 @@ async def copy_tree(src: Path, dst: Path, *, into: bool = False) -> None:
         await run("cp", "-a", "--reflink=auto", "--no-target-directory", "--", str(src), str(dst))
     except ToolError as e:
         if "No space left" in e.result.stderr:
-            raise InsufficientStorage(f"No space left on the storage pool: {e.result.stderr.strip()}") from None
+            raise InsufficientStorage(f"No space left on the storage pool: {next(ln for ln in e.result.stderr.splitlines() if 'No space left' in ln).strip()}") from None
         raise
 
 
