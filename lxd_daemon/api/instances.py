@@ -61,6 +61,8 @@ async def list_instances(prefix: str, request: Request) -> Response:
     if level == 0 and not flt.clauses:
         return sync([f"{prefix}/{n}" for n in names])
     rendered = await svc.render_many(names, full=level >= 2)
+    if level >= 2:
+        await _fill_backups(get_services(request), rendered)
     if flt.clauses:
         rendered = [r for r in rendered if flt.match(r)]
     if level == 0:
@@ -163,7 +165,19 @@ async def get_instance(prefix: str, request: Request, name: str) -> Response:
     rec = svc.record(name)
     full = recursion(request) >= 1 and request.url.path.startswith("/1.0/instances")
     out = svc.render(rec, full=full)
+    if full:
+        await _fill_backups(get_services(request), [out])
     return sync(out, etag=etag_of(*svc.etag(rec)))
+
+
+async def _fill_backups(services, rendered: list[dict]) -> None:
+    """`backups` of full instance renders (the records are in the database, not in memory)."""
+    if services.backups is None or not rendered:
+        return
+    by_id = await services.backups.rendered_by_instance()
+    for out in rendered:
+        rec = services.instances.records.get(out["name"])
+        out["backups"] = by_id.get(rec.id, []) if rec is not None else []
 
 
 async def _update(prefix: str, request: Request, name: str, replace: bool) -> Response:

@@ -207,6 +207,13 @@ class BackupService:
         rec = self.services.instances.record(name)
         return await self._rows(rec.id)
 
+    async def rendered_by_instance(self) -> dict[int, list[dict]]:
+        """Every instance's backups as the API renders them, by instance id (one query)."""
+        out: dict[int, list[dict]] = {}
+        for row in await self._rows():
+            out.setdefault(row.owner_id, []).append(self.render("", row))
+        return out
+
     async def get(self, name: str, bname: str) -> BackupRow:
         for row in await self.list(name):
             if row.name == bname:
@@ -422,7 +429,10 @@ class BackupService:
         is removed if anything fails (and by the start-up sweep after a crash)."""
         svc = self.services.instances
         stream = brestore.StreamedMembers(asyncio.get_running_loop())
-        scan = asyncio.ensure_future(asyncio.to_thread(brestore.scan, upload, None, stream, source))
+        # (On a thread of its own: it waits for the upload, whose writes need the executor's threads.)
+        from lxd_daemon.storage.drivers.tools import in_own_thread
+
+        scan = asyncio.ensure_future(in_own_thread(brestore.scan, upload, None, stream, source))
         decided: dict | None = None
         received = None
         try:

@@ -455,3 +455,14 @@ def test_kill_during_import_leaves_nothing(fresh_daemon, tmp_path):
     r = _import_raw(d, blob, n)
     assert wait_op(d, r, timeout=120)["status"] == "Success"
     assert (vol / "rootfs" / "hello").read_text() == "hi"
+
+
+def test_full_instance_render_lists_backups(ready, names):
+    d = ready
+    c = names("full")
+    d.lxc("init", "busybox", c)
+    wait_op(d, d.api("POST", f"/1.0/instances/{c}/backups", json={"name": "b0", "instance_only": True}))
+    full = d.api("GET", f"/1.0/instances/{c}?recursion=1").json()["metadata"]
+    assert [b["name"] for b in full["backups"]] == ["b0"] and full["backups"][0]["instance_only"] is True
+    listed = [i for i in d.api("GET", "/1.0/instances?recursion=2").json()["metadata"] if i["name"] == c]
+    assert [b["name"] for b in listed[0]["backups"]] == ["b0"]

@@ -70,7 +70,12 @@ def test_growing_file_follows_the_writer(tmp_path):
     t.start()
     r, w = os.pipe()
     got = bytearray()
-    reader = threading.Thread(target=lambda: got.extend(iter(lambda: os.read(r, 1 << 16), b"")))
+
+    def read_all() -> None:
+        while chunk := os.read(r, 1 << 16):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read_all)
     reader.start()
     g.copy_region(1000, len(data) - 2000, w)  # waits for bytes not yet written
     os.close(w)
@@ -87,8 +92,12 @@ def test_growing_file_follows_the_writer(tmp_path):
     g = GrowingFile(path)
     t = threading.Thread(target=writer, args=(1 << 20, False))
     t.start()
-    with pytest.raises(BadRequest, match="truncated"):
-        g.copy_region(0, 2 << 20, os.open(os.devnull, os.O_WRONLY))
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        with pytest.raises(BadRequest, match="truncated"):
+            g.copy_region(0, 2 << 20, null)
+    finally:
+        os.close(null)
     t.join()
     g.dispose()
     os.unlink(path)

@@ -184,6 +184,13 @@ class BtrfsDriver(Driver):
             opts = f"loop,{opts}" if opts else "loop"  # mount(8) attaches it with autoclear
         argv = ["mount", "-t", "btrfs"] + (["-o", opts] if opts else []) + [dev, str(self.mount_path)]
         await run(*argv)
+        if kind == "loop":
+            # Direct I/O from the loop device to its file (as LXD sets it up): the pool's data is
+            # not cached twice nor copied once more, which halves the cost of big writes
+            # (`btrfs receive` of an import). Best effort: a filesystem without O_DIRECT keeps it off.
+            loopdev = await blockutil.find_loop(self._loop_file())
+            if loopdev:
+                await run("losetup", "--direct-io=on", loopdev, check=False)
 
     async def _umount(self) -> None:
         if not await asyncio.to_thread(blockutil.mounted, self.mount_path):

@@ -121,6 +121,34 @@ async def run_to_fd(*argv: str, fd: int, check: bool = True) -> Result:
 PIPE_SIZE = 1 << 20
 
 
+async def in_own_thread(fn: Callable, *args):
+    """fn(*args) on a thread of its own: for work that waits on something else (an upload still
+    arriving) and must not hold one of the default executor's few threads, which that something
+    else may need. If the caller is cancelled the thread still runs to its end."""
+    import threading
+
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(outcome: tuple) -> None:
+        if not done.done():
+            if outcome[1] is None:
+                done.set_result(outcome[0])
+            else:
+                done.set_exception(outcome[1])
+
+    def run() -> None:
+        try:
+            outcome = (fn(*args), None)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            outcome = (None, e)
+        with contextlib.suppress(RuntimeError):  # the loop is gone
+            loop.call_soon_threadsafe(settle, outcome)
+
+    threading.Thread(target=run, name="lxd-stream", daemon=True).start()
+    return await done
+
+
 async def run_fed(*argv: str, feed: Callable[[int], None], check: bool = True) -> Result:
     """Run a tool whose stdin is fed by `feed(fd)` (blocking, run in a thread: it writes into the
     pipe with big writes or sendfile, not through the event loop). feed's own error (a bad
@@ -159,7 +187,7 @@ async def run_fed(*argv: str, feed: Callable[[int], None], check: bool = True) -
             finally:
                 os.close(w)
 
-        feeder = asyncio.ensure_future(asyncio.to_thread(fill))
+        feeder = asyncio.ensure_future(in_own_thread(fill))
         try:
             out, err = await proc.communicate()
         except BaseException:
