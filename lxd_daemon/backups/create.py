@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lxd_daemon.backups.config import BackupConfig, BackupIndex, render_index_yaml
 from lxd_daemon.errors import BadRequest, LXDError
+from lxd_daemon.storage.drivers import tools
 from lxd_daemon.storage.volume import Volume, VolumeType
 
 try:  # ISA-L deflates gzip many times faster than gzip(1) (and releases the GIL meanwhile)
@@ -88,21 +89,11 @@ def _stage(staging: Path, index: BackupIndex, backup_yaml: str | None, main_dir:
 
 
 async def _run(argv: list[str], what: str) -> None:
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.PIPE)
-    try:
-        _, err = await proc.communicate()
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0:
-        msg = err.decode(errors="replace").strip().splitlines()
-        # tar answers 1 for "file changed as we read it" (a running container): the file is fine.
-        if not (argv[0] == "tar" and proc.returncode == 1):
-            detail = msg[-1] if msg else f"exit status {proc.returncode}"
-            raise LXDError(f"{what} failed: {detail}")
+    res = await tools.run(*argv, check=False)
+    # tar answers 1 for "file changed as we read it" (a running container): the file is fine.
+    if res.returncode != 0 and not (argv[0] == "tar" and res.returncode == 1):
+        msg = res.stderr.strip().splitlines()
+        raise LXDError(f"{what} failed: {msg[-1] if msg else f'exit status {res.returncode}'}")
 
 
 async def write_generic(driver, vol: Volume, snapshots: list[str], index: BackupIndex, backup_yaml: str | None,

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from lxd_daemon.backups.config import BackupConfig, BackupIndex, parse_backup_yaml, parse_index_yaml
 from lxd_daemon.errors import BadRequest, InsufficientStorage, LXDError
+from lxd_daemon.storage.drivers import tools
 
 try:  # ISA-L inflates gzip several times faster than gzip(1)
     from isal import igzip_threaded as _igzip
@@ -352,16 +353,8 @@ async def extract_tree(path: Path, compression: str, member: str, dest: Path, *,
         rc, err = await asyncio.to_thread(_gunzip_into_tar, path, argv)
         _check_tar(rc, err)
         return
-    proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                                stderr=subprocess.PIPE)
-    try:
-        _, err = await proc.communicate()
-    except BaseException:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    _check_tar(proc.returncode, err)
+    res = await tools.run(*argv, check=False)
+    _check_tar(res.returncode, res.stderr.encode())
 
 
 def _check_tar(rc: int, err: bytes) -> None:

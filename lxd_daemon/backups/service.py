@@ -276,15 +276,7 @@ class BackupService:
                                            compression=compression, dest=dest)
                 revert.add(asyncio.to_thread, _remove, dest)
 
-                def ins(session):
-                    return session.execute(text(
-                        "INSERT INTO instances_backups (instance_id, name, created_at, expires_at, instance_only, "
-                        "optimized_storage, compression_algorithm) VALUES (:i, :n, :c, :e, :o, :opt, :comp) "
-                        "RETURNING id"),
-                        {"i": rec.id, "n": bname, "c": row.created_at, "e": expires_at, "o": instance_only,
-                         "opt": optimized, "comp": compression}).scalar_one()
-
-                row.id = await self.db.run(ins)
+                row.id = await self.db.run(lambda session: _insert_row(session, "instances_backups", row))
                 revert.success()
         return row
 
@@ -722,15 +714,7 @@ class VolumeBackups:
                                            optimized=use_optimized, compression=compression, dest=dest)
                 revert.add(asyncio.to_thread, _remove, dest)
 
-                def ins(session):
-                    return session.execute(text(
-                        "INSERT INTO storage_volumes_backups (volume_id, name, created_at, expires_at, volume_only, "
-                        "optimized_storage, compression_algorithm) VALUES (:v, :n, :c, :e, :o, :opt, :comp) "
-                        "RETURNING id"),
-                        {"v": rec.id, "n": bname, "c": row.created_at, "e": expires_at, "o": volume_only,
-                         "opt": optimized, "comp": compression}).scalar_one()
-
-                row.id = await self.db.run(ins)
+                row.id = await self.db.run(lambda session: _insert_row(session, "storage_volumes_backups", row))
                 revert.success()
         return row
 
@@ -874,3 +858,16 @@ class VolumeBackups:
                 await drv.rename_volume(tmp, name)
                 revert.success()
 
+
+# The two backup tables: (owner column, "only" column).
+_BACKUP_TABLES = {"instances_backups": ("instance_id", "instance_only"),
+                  "storage_volumes_backups": ("volume_id", "volume_only")}
+
+
+def _insert_row(session, table: str, row: BackupRow) -> int:
+    owner, only = _BACKUP_TABLES[table]
+    return session.execute(text(
+        f"INSERT INTO {table} ({owner}, name, created_at, expires_at, {only}, optimized_storage, "
+        "compression_algorithm) VALUES (:i, :n, :c, :e, :o, :opt, :comp) RETURNING id"),
+        {"i": row.owner_id, "n": row.name, "c": row.created_at, "e": row.expires_at, "o": row.only,
+         "opt": row.optimized, "comp": row.compression}).scalar_one()

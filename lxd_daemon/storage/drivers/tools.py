@@ -40,7 +40,13 @@ async def _subprocess(argv: tuple[str, ...], stdin: bytes | None) -> Result:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate(stdin)
+    try:
+        out, err = await proc.communicate(stdin)
+    except BaseException:  # cancelled: the tool must not outlive the operation that ran it
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        raise
     return Result(argv, proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
