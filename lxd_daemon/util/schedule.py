@@ -21,8 +21,6 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from croniter import croniter
-
 ALIASES: dict[str, str] = {
     "@hourly": "{m} * * * *",
     "@daily": "{m} {h} * * *",
@@ -51,6 +49,8 @@ def _check_cron(expr: str) -> None:
         raise ValueError(f"{_CRON_FORM} (got {expr!r})")
     if "@" in expr:
         raise ValueError(f"Unknown schedule alias in {expr!r}")
+    from croniter import croniter  # imported when a schedule is used (2.7 MB resident)
+
     try:
         ok = croniter.is_valid(expr)
     except Exception as e:  # croniter raises assorted types on odd input
@@ -101,6 +101,8 @@ def due(spec: str, at: datetime, subject_id: int = 0) -> bool:
     for expr in cron_specs(spec, subject_id):
         try:
             _check_cron(expr)
+            from croniter import croniter
+
             if croniter.match(expr, minute):
                 return True
         except (ValueError, KeyError):
