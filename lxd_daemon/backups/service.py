@@ -192,16 +192,7 @@ class BackupService:
 
     # -- records -----------------------------------------------------------------------------
     async def _rows(self, instance_id: int | None = None) -> list[BackupRow]:
-        def q(session):
-            sql = ("SELECT id, instance_id, name, created_at, expires_at, instance_only, optimized_storage, "
-                   "compression_algorithm FROM instances_backups")
-            if instance_id is not None:
-                return session.execute(text(sql + " WHERE instance_id=:i ORDER BY id"), {"i": instance_id}).all()
-            return session.execute(text(sql + " ORDER BY id")).all()
-
-        return [BackupRow(r.id, r.instance_id, r.name, r.created_at, r.expires_at or "", bool(r.instance_only),
-                          bool(r.optimized_storage), r.compression_algorithm or "")
-                for r in await self.db.run(q)]
+        return await self.db.run(lambda session: _select_rows(session, "instances_backups", instance_id))
 
     async def list(self, name: str) -> list[BackupRow]:
         rec = self.services.instances.record(name)
@@ -641,15 +632,7 @@ class VolumeBackups:
         await asyncio.to_thread(clean)
 
     async def _rows(self, volume_id: int | None = None) -> list[BackupRow]:
-        def q(session):
-            sql = ("SELECT id, volume_id, name, created_at, expires_at, volume_only, optimized_storage, "
-                   "compression_algorithm FROM storage_volumes_backups")
-            if volume_id is not None:
-                return session.execute(text(sql + " WHERE volume_id=:v ORDER BY id"), {"v": volume_id}).all()
-            return session.execute(text(sql + " ORDER BY id")).all()
-
-        return [BackupRow(r.id, r.volume_id, r.name, r.created_at, r.expires_at or "", bool(r.volume_only),
-                          bool(r.optimized_storage), r.compression_algorithm or "") for r in await self.db.run(q)]
+        return await self.db.run(lambda session: _select_rows(session, "storage_volumes_backups", volume_id))
 
     async def list(self, pool: str, name: str, project: str = "default") -> list[BackupRow]:
         rec = await self.custom.get(pool, name, project)
@@ -871,3 +854,16 @@ def _insert_row(session, table: str, row: BackupRow) -> int:
         "compression_algorithm) VALUES (:i, :n, :c, :e, :o, :opt, :comp) RETURNING id"),
         {"i": row.owner_id, "n": row.name, "c": row.created_at, "e": row.expires_at, "o": row.only,
          "opt": row.optimized, "comp": row.compression}).scalar_one()
+
+
+def _select_rows(session, table: str, owner_id: int | None) -> list[BackupRow]:
+    """The backup rows of one owner (or of all), oldest first."""
+    owner, only = _BACKUP_TABLES[table]
+    sql = (f"SELECT id, {owner} AS owner, name, created_at, expires_at, {only} AS only, optimized_storage, "
+           f"compression_algorithm FROM {table}")
+    if owner_id is None:
+        rows = session.execute(text(sql + " ORDER BY id")).all()
+    else:
+        rows = session.execute(text(sql + f" WHERE {owner}=:o ORDER BY id"), {"o": owner_id}).all()
+    return [BackupRow(r.id, r.owner, r.name, r.created_at, r.expires_at or "", bool(r.only),
+                      bool(r.optimized_storage), r.compression_algorithm or "") for r in rows]

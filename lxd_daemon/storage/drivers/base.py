@@ -157,6 +157,35 @@ class Driver(ABC):
 
         await asyncio.to_thread(mv)
 
+    async def _create_snapshot_entry(self, snap: Volume, require: Callable[[Volume], Awaitable[Path]],
+                                     make: Callable[[Path, Path], Awaitable[None]],
+                                     undo: Callable[[Path], Awaitable[None]] | None = None) -> None:
+        """Create snapshot `snap` as a directory entry of the pool (dir, btrfs): `make(src, dst)`
+        with `src` the parent volume's path (`require` finds it or raises NotFound). On failure
+        `undo(dst)` runs and the snapshots directory goes again if this call made it."""
+        import asyncio
+
+        from lxd_daemon.errors import BadRequest, Conflict
+        from lxd_daemon.storage.drivers.blockutil import mkdir_mode, remove_empty_dir
+
+        if not snap.is_snapshot:
+            raise BadRequest(f"{snap.name!r} is not a snapshot name")
+        src = await require(snap.parent())
+        dst = self.volume_path(snap)
+        if await asyncio.to_thread(os.path.lexists, dst):
+            raise Conflict(f"Snapshot {snap.snapshot_name!r} already exists")
+        sdir = dst.parent
+        made_dir = not await asyncio.to_thread(sdir.is_dir)
+        await asyncio.to_thread(mkdir_mode, sdir, 0o700)
+        try:
+            await make(src, dst)
+        except BaseException:
+            if undo is not None:
+                await undo(dst)
+            if made_dir:
+                await asyncio.to_thread(remove_empty_dir, sdir)
+            raise
+
     def make_mountpoint(self, vol: Volume) -> None:
         """The directory a mounted volume (LV, dataset) appears at, with the volume's mode."""
         path = self.volume_path(vol)

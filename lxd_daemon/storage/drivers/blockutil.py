@@ -257,6 +257,16 @@ def _write_fd(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+def mkdir_mode(path: Path, mode: int) -> None:
+    """Make directory `path` (and its parents) with `mode`; an existing one is left as it is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)
+
+
 def remove_empty_dir(path: Path) -> None:
     try:
         path.rmdir()

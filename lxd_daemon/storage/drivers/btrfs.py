@@ -591,7 +591,7 @@ class BtrfsDriver(Driver):
         try:
             if snaps:
                 sdir = self.snapshots_dir(vol)
-                await asyncio.to_thread(_mkdir_mode, sdir, 0o700)
+                await asyncio.to_thread(blockutil.mkdir_mode, sdir, 0o700)
                 made.append(sdir)
                 for s in snaps:
                     await self._snapshot(self.volume_path(src.snapshot(s)), sdir / s, readonly=True)
@@ -681,21 +681,10 @@ class BtrfsDriver(Driver):
 
     # -- snapshots ---------------------------------------------------------------------------
     async def create_snapshot(self, snap: Volume) -> None:
-        if not snap.is_snapshot:
-            raise BadRequest(f"{snap.name!r} is not a snapshot name")
-        src = await self._require(snap.parent())
-        dst = self.volume_path(snap)
-        if await asyncio.to_thread(os.path.lexists, dst):
-            raise Conflict(f"Snapshot {snap.snapshot_name!r} already exists")
-        sdir = dst.parent
-        made_dir = not await asyncio.to_thread(sdir.is_dir)
-        await asyncio.to_thread(_mkdir_mode, sdir, 0o700)
-        try:
+        async def make(src: Path, dst: Path) -> None:
             await self._snapshot(src, dst, readonly=True)
-        except BaseException:
-            if made_dir:
-                await asyncio.to_thread(blockutil.remove_empty_dir, sdir)
-            raise
+
+        await self._create_snapshot_entry(snap, self._require, make)
 
     async def delete_snapshot(self, snap: Volume) -> None:
         path = self.volume_path(snap)
@@ -888,7 +877,7 @@ class BtrfsDriver(Driver):
     async def _receive_into(self, vol: Volume, snapshots: list[str], items: list[tuple[str, str, bool, str]],
                             receive: Callable[[int, str, Path], Awaitable[None]], dst: Path, sdir: Path,
                             work: Path) -> None:
-        await asyncio.to_thread(_mkdir_mode, work, 0o700)
+        await asyncio.to_thread(blockutil.mkdir_mode, work, 0o700)
         made: list[Path] = []
         try:
             received: dict[tuple[str, str], tuple[Path, bool]] = {}
@@ -901,7 +890,7 @@ class BtrfsDriver(Driver):
                     raise BadRequest(f"The optimised stream {mname} did not hold one subvolume")
                 received[(name, rel)] = (into / got[0], ro)
             if snapshots:
-                await asyncio.to_thread(_mkdir_mode, sdir, 0o700)
+                await asyncio.to_thread(blockutil.mkdir_mode, sdir, 0o700)
                 made.append(sdir)
             for name in [*snapshots, ""]:
                 parts = {rel: v for (n, rel), v in received.items() if n == name}
@@ -1085,13 +1074,6 @@ def _listdir(path: Path) -> list[str]:
         return []
 
 
-def _mkdir_mode(path: Path, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir(mode=mode)
-    except FileExistsError:
-        return
-    os.chmod(path, mode)
 
 
 def blockutil_full(e: OSError) -> bool:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
 from lxd_daemon.storage.drivers.base import Driver, Filler
-from lxd_daemon.storage.drivers.blockutil import remove_empty_dir
+from lxd_daemon.storage.drivers.blockutil import mkdir_mode, remove_empty_dir
 from lxd_daemon.storage.drivers.tools import ToolError, run
 from lxd_daemon.storage.drivers.trees import copy_tree, remove_tree
 from lxd_daemon.storage.volume import DriverInfo, Volume, VolumeType
@@ -204,7 +204,7 @@ class DirDriver(Driver):
         try:
             if snaps:
                 sdir = self.snapshots_dir(vol)
-                await asyncio.to_thread(_mkdir_mode, sdir, 0o700)
+                await asyncio.to_thread(mkdir_mode, sdir, 0o700)
                 made.append(sdir)
                 for s in snaps:
                     await self._copy(self.volume_path(src.snapshot(s)), sdir / s)
@@ -282,22 +282,7 @@ class DirDriver(Driver):
 
     # -- snapshots ---------------------------------------------------------------------------
     async def create_snapshot(self, snap: Volume) -> None:
-        if not snap.is_snapshot:
-            raise BadRequest(f"{snap.name!r} is not a snapshot name")
-        src = await self._require(snap.parent())
-        dst = self.volume_path(snap)
-        if await asyncio.to_thread(os.path.lexists, dst):
-            raise Conflict(f"Snapshot {snap.snapshot_name!r} already exists")
-        sdir = dst.parent
-        made_dir = not await asyncio.to_thread(sdir.is_dir)
-        await asyncio.to_thread(_mkdir_mode, sdir, 0o700)
-        try:
-            await self._copy(src, dst)
-        except BaseException:
-            await self._remove(dst)
-            if made_dir:
-                await asyncio.to_thread(remove_empty_dir, sdir)
-            raise
+        await self._create_snapshot_entry(snap, self._require, self._copy, undo=self._remove)
 
     async def delete_snapshot(self, snap: Volume) -> None:
         path = self.volume_path(snap)
@@ -364,11 +349,4 @@ def _by_age(path: Path) -> list[str]:
     return [e for _, e in sorted(out)]
 
 
-def _mkdir_mode(path: Path, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir(mode=mode)
-    except FileExistsError:
-        return
-    os.chmod(path, mode)
 
