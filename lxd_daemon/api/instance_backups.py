@@ -19,7 +19,6 @@ from lxd_daemon.api import socket_body
 from lxd_daemon.api.envelope import async_, sync
 from lxd_daemon.api.instances import instance_routes
 from lxd_daemon.api.request import parse, recursion
-from lxd_daemon.backups.restore import GrowingFile
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.backups import BackupPost, InstanceBackupsPost
@@ -178,6 +177,8 @@ async def import_instance(prefix: str, request: Request) -> Response:
     t0 = time.monotonic()
     # The tarball is checked (and an optimised one received) while it arrives: the scan follows
     # the upload's file (restore.GrowingFile).
+    from lxd_daemon.backups.restore import GrowingFile
+
     growing = GrowingFile(upload)
 
     async def receive() -> int:

@@ -32,6 +32,7 @@ EXTENSIONS = (
     "storage_volume_state",
     "custom_volume_snapshot_expiry",
     "volume_snapshot_scheduling",
+    "custom_volume_refresh",
 )
 
 TYPES = ("container", "virtual-machine", "image", "custom")
@@ -246,7 +247,14 @@ async def _create(request: Request, pool: str, vtype: str | None) -> Response:
     # Checked before the operation starts: a typo gets its 404 at once.
     await storage.custom.get(src_pool, src.name.split("/", 1)[0], src_project)
     if src.refresh and await _exists(storage, pool, body.name, project):
-        raise NotImplementedYet("Refreshing a storage volume copy is not implemented yet")
+        async def refresh(op):
+            await storage.custom.refresh(pool, body.name, src_pool=src_pool, src_name=src.name, project=project,
+                                         src_project=src_project, volume_only=src.volume_only)
+            services.events.lifecycle("storage-volume-updated", url, {"type": "custom"}, requestor=who)
+
+        op = services.ops.create(description="Refreshing storage volume", resources=_resources(pool, body.name),
+                                 run=refresh)
+        return async_(op.render())
 
     async def run(op):
         await storage.custom.copy(pool, body.name, src_pool=src_pool, src_name=src.name, project=project,

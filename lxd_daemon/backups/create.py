@@ -26,11 +26,8 @@ from lxd_daemon.backups.config import BackupConfig, BackupIndex, render_index_ya
 from lxd_daemon.errors import BadRequest, LXDError
 from lxd_daemon.storage.drivers import tools
 from lxd_daemon.storage.volume import Volume, VolumeType
+from lxd_daemon.util import gz as gzutil
 
-try:  # ISA-L deflates gzip many times faster than gzip(1) (and releases the GIL meanwhile)
-    from isal import igzip_threaded as _igzip
-except ImportError:  # pragma: no cover - isal is a dependency; gzip(1) is the fallback
-    _igzip = None
 GZIP_LEVEL = 2  # ISA-L's default: about gzip -1's size, far faster than any gzip level
 CHUNK = 1 << 20
 
@@ -117,7 +114,7 @@ async def write_generic(driver, vol: Volume, snapshots: list[str], index: Backup
                     "--xattrs-include=*", "--warning=no-file-changed", "--warning=no-file-removed",
                     "--warning=no-file-ignored"]
             prog = COMPRESSORS[compression]
-            fast_gzip = compression == "gzip" and _igzip is not None
+            fast_gzip = compression == "gzip" and gzutil.available()
             if fast_gzip:
                 argv[argv.index("--file") + 1] = "-"  # tar's stream, compressed here
             elif prog is not None:
@@ -151,7 +148,7 @@ async def write_generic(driver, vol: Volume, snapshots: list[str], index: Backup
 
 def _tar_to_gzip(argv: list[str], out: Path) -> None:
     """Run tar writing to stdout and gzip its stream into `out` (blocking: run in a thread)."""
-    with tempfile.TemporaryFile() as errf, _igzip.open(out, "wb", compresslevel=GZIP_LEVEL, threads=1) as gz:
+    with tempfile.TemporaryFile() as errf, gzutil.open_gzip_out(out, GZIP_LEVEL) as gz:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errf)
         try:
             while True:
@@ -207,8 +204,8 @@ class _Compressed:
         self.file = open(out, "wb")  # noqa: SIM115 - closed in close()
         self.proc = None
         self.gz = None
-        if compression == "gzip" and _igzip is not None:
-            self.gz = _igzip.open(self.file, "wb", compresslevel=GZIP_LEVEL, threads=1)
+        if compression == "gzip" and gzutil.available():
+            self.gz = gzutil.open_gzip_out(self.file, GZIP_LEVEL)
             self.sink = _Counting(self.gz)
         elif prog is not None:
             self.proc = subprocess.Popen(prog, stdin=subprocess.PIPE, stdout=self.file, stderr=subprocess.PIPE)

@@ -31,13 +31,8 @@ from pathlib import Path
 from lxd_daemon.backups.config import BackupConfig, BackupIndex, parse_backup_yaml, parse_index_yaml
 from lxd_daemon.errors import BadRequest, InsufficientStorage, LXDError
 from lxd_daemon.storage.drivers import tools
+from lxd_daemon.util import gz
 
-try:  # ISA-L inflates gzip several times faster than gzip(1)
-    from isal import igzip_threaded as _igzip
-    from isal.isal_zlib import error as _inflate_error
-except ImportError:  # pragma: no cover - isal is a dependency; gzip(1) is the fallback
-    _igzip = None
-    _inflate_error = OSError
 CHUNK = 1 << 20
 
 MAGIC = [(b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd")]
@@ -187,8 +182,8 @@ class _Checker:
 def _open_stream(path: Path, compression: str):
     if compression == "none":
         return None, open(path, "rb")  # noqa: SIM115 - closed by the caller
-    if compression == "gzip" and _igzip is not None:
-        return None, _igzip.open(path, "rb", threads=1)
+    if compression == "gzip" and gz.available():
+        return None, gz.open_gzip(path)
     prog = DECOMPRESSORS[compression]
     if shutil.which(prog[0]) is None:
         raise BadRequest(f"Can't read a {compression}-compressed backup: {prog[0]} is not installed")
@@ -282,7 +277,7 @@ def _scan(path: Path, spool_dir: Path | None, hooks: StreamedMembers | None,
                     pass
                 else:
                     raise BadRequest(f"Invalid backup: unexpected member {name!r}")
-        except (tarfile.TarError, EOFError, OSError, ValueError, _inflate_error) as e:
+        except (tarfile.TarError, *gz.INFLATE_ERRORS) as e:
             raise BadRequest(f"Invalid backup: the tarball is truncated or corrupt ({e})") from None
         if count == 0:
             raise BadRequest("Invalid backup: the tarball is empty or corrupt")
@@ -341,7 +336,7 @@ async def extract_tree(path: Path, compression: str, member: str, dest: Path, *,
     argv = ["tar", "--extract", "--file", str(path), "-C", str(dest), f"--strip-components={depth}",
             "--numeric-owner", "--same-owner", "--same-permissions", "--xattrs", "--xattrs-include=*",
             "--no-overwrite-dir", "--delay-directory-restore", "--anchored", "--no-wildcards"]
-    fast_gzip = compression == "gzip" and _igzip is not None
+    fast_gzip = compression == "gzip" and gz.available()
     if fast_gzip:
         argv[argv.index("--file") + 1] = "-"  # fed the inflated stream here
     elif compression != "none":
@@ -350,7 +345,10 @@ async def extract_tree(path: Path, compression: str, member: str, dest: Path, *,
         argv.append(f"--exclude={member}/backup.yaml")
     argv.append(member)
     if fast_gzip:
-        rc, err = await asyncio.to_thread(_gunzip_into_tar, path, argv)
+        try:
+            rc, err = await asyncio.to_thread(gz.inflate_into, path, argv)
+        except gz.CorruptGzip as e:
+            raise LXDError(f"Unpacking the backup failed: {e}") from None
         _check_tar(rc, err)
         return
     res = await tools.run(*argv, check=False)
@@ -364,34 +362,6 @@ def _check_tar(rc: int, err: bytes) -> None:
         if "No space left" in err.decode(errors="replace"):
             raise InsufficientStorage(f"Unpacking the backup failed: the storage pool is full ({msg})")
         raise LXDError(f"Unpacking the backup failed: {msg}")
-
-
-def _gunzip_into_tar(path: Path, argv: list[str]) -> tuple[int, bytes]:
-    """Run tar reading stdin, fed the inflated tarball (blocking: run in a thread)."""
-    import tempfile
-
-    with tempfile.TemporaryFile() as errf, _igzip.open(path, "rb", threads=1) as src:
-        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errf)
-        try:
-            while True:
-                chunk = src.read(CHUNK)
-                if not chunk:
-                    break
-                proc.stdin.write(chunk)
-        except BrokenPipeError:
-            pass  # tar stopped early: its status and message say why
-        except (OSError, EOFError, ValueError, _inflate_error) as e:
-            proc.kill()
-            proc.wait()
-            raise LXDError(f"Unpacking the backup failed: {e}") from None
-        finally:
-            try:
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass
-        rc = proc.wait()
-        errf.seek(0)
-        return rc, errf.read()
 
 
 async def clear_dir(path: Path) -> None:

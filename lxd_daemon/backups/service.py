@@ -30,13 +30,16 @@ from pathlib import Path
 from sqlalchemy import text
 
 from lxd_daemon import names
-from lxd_daemon.backups import create as bcreate
-from lxd_daemon.backups import restore as brestore
 from lxd_daemon.backups.config import BACKUP_YAML, instance_backup_config, render_backup_yaml
 from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound
 from lxd_daemon.storage.volume import Volume, VolumeType
+from lxd_daemon.util.lazy import lazy_module
 from lxd_daemon.util.revert import Revert
 from lxd_daemon.util.timefmt import ZERO_TIME, parse_rfc3339, rfc3339
+
+# Loaded when a backup is made or imported (tar, compression, stream handling: ~1 MiB).
+bcreate = lazy_module("lxd_daemon.backups.create")
+brestore = lazy_module("lxd_daemon.backups.restore")
 
 log = logging.getLogger("lxd.backups")
 _AUTO = re.compile(r"^backup(\d+)$")

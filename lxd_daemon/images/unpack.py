@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lxd_daemon.errors import BadRequest, LXDError
 from lxd_daemon.images.formats import parse_metadata
+from lxd_daemon.util import gz
 
 TAR_FLAGS = ["--numeric-owner", "--same-owner", "--preserve-permissions", "--xattrs",
              "--xattrs-include=*", "--no-overwrite-dir", "--delay-directory-restore"]
@@ -31,6 +32,17 @@ def _run(cmd: list[str]) -> None:
 
 
 def _untar(archive: Path, dest: Path) -> None:
+    if gz.available() and gz.is_gzip(archive):
+        # Inflated here with ISA-L while tar writes the files: about half the time of tar -z.
+        argv = ["tar", "-x", "-f", "-", "-C", str(dest), *TAR_FLAGS]
+        try:
+            rc, err = gz.inflate_into(archive, argv)
+        except gz.CorruptGzip as e:
+            raise LXDError(f"Failed to unpack the image (gzip): {e}") from None
+        if rc != 0:
+            msg = err.decode(errors="replace").strip().splitlines()
+            raise LXDError(f"Failed to unpack the image (tar): {msg[-1] if msg else rc}")
+        return
     _run(["tar", "-x", "-f", str(archive), "-C", str(dest), *TAR_FLAGS])
 
 

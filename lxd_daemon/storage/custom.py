@@ -31,8 +31,7 @@ from sqlalchemy.exc import IntegrityError
 
 from lxd_daemon import names
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
-from lxd_daemon.storage.drivers.tools import run
-from lxd_daemon.storage.drivers.trees import copy_tree
+from lxd_daemon.storage.drivers.trees import copy_tree, sync_tree
 from lxd_daemon.storage.volume import DEFAULT_PROJECT, ContentType, Volume, VolumeType
 from lxd_daemon.util import schedule
 from lxd_daemon.util.revert import Revert
@@ -127,6 +126,16 @@ def _check_name(check: Callable[[object], str], name: str) -> None:
 
 def _tmp_name(name: str) -> str:
     return f"{TMP_PREFIX}{uuid.uuid4().hex[:8]}-{name}"
+
+
+def insert_snapshot_rows(session, vid: int, snapshots) -> None:
+    """Rows for volume `vid`'s snapshots (copies keep their names, dates, expiry and config)."""
+    for s in snapshots:
+        session.execute(
+            text("INSERT INTO storage_volumes_snapshots (volume_id, name, description, created_at, "
+                 "expires_at, config) VALUES (:v, :n, :d, :c, :e, :cfg)"),
+            {"v": vid, "n": s.name, "d": s.description, "c": s.created_at, "e": s.expires_at,
+             "cfg": json.dumps(s.config)})
 
 
 def _row_volume(pool: str, r) -> CustomVolume:
@@ -278,12 +287,7 @@ class CustomVolumeService:
                      "created_at, config) VALUES (:p, :proj, 'custom', :n, :d, :ct, :c, :cfg) RETURNING id"),
                 {"p": pool.id, "proj": project, "n": name, "d": description, "ct": content_type,
                  "c": created, "cfg": json.dumps(config)}).scalar_one()
-            for s in snapshots:
-                session.execute(
-                    text("INSERT INTO storage_volumes_snapshots (volume_id, name, description, created_at, "
-                         "expires_at, config) VALUES (:v, :n, :d, :c, :e, :cfg)"),
-                    {"v": vid, "n": s.name, "d": s.description, "c": s.created_at, "e": s.expires_at,
-                     "cfg": json.dumps(s.config)})
+            insert_snapshot_rows(session, vid, snapshots)
             return vid
 
         try:
@@ -366,7 +370,62 @@ class CustomVolumeService:
                 revert.success()
         return await self.get(pool, name, project)
 
+    async def refresh(self, pool: str, name: str, *, src_pool: str, src_name: str, project: str = DEFAULT_PROJECT,
+                      src_project: str = DEFAULT_PROJECT, volume_only: bool = False) -> CustomVolume:
+        """`storage volume copy --refresh` onto the existing `pool/name`: its snapshots that the
+        source lacks, or has under the same name but taken at another time, are removed; the
+        source's snapshots it lacks are added (oldest first), then its content is synced to the
+        source's. Only what differs is copied (rsync), within a pool or between pools."""
+        p, sp = self._pool(pool), self._pool(src_pool)
+        if "/" in src_name:
+            raise BadRequest("A snapshot can't be the source of a refresh")
+        src_rec = await self.get(src_pool, src_name, src_project)
+        if (src_pool, src_name, src_project) == (pool, name, project):
+            raise BadRequest("A volume can't be refreshed from itself")
+        async with self.lock(pool, name, project):
+            rec = await self.get(pool, name, project)
+            if rec.content_type != src_rec.content_type:
+                raise BadRequest(f"Can't refresh a {rec.content_type} volume from a {src_rec.content_type} one")
+            theirs = [] if volume_only else await self.snapshots(src_pool, src_name, src_project)
+            ours = await self.snapshots(pool, name, project)
+            by_name = {s.name: s for s in theirs}
+            stale = [s for s in ours if s.name not in by_name and not volume_only
+                     or s.name in by_name and by_name[s.name].created_at != s.created_at]
+            kept = {s.name for s in ours} - {s.name for s in stale}
+            missing = [s for s in theirs if s.name not in kept]
+            dst, src = rec.volume, src_rec.volume
+            for s in stale:
+                if await p.driver.has_volume(dst.snapshot(s.name)):
+                    await p.driver.delete_snapshot(dst.snapshot(s.name))
+                await self._delete_snapshot_row(s.id)
+            dpath = await p.driver.mount_volume(dst)
+            try:
+                for s in missing:
+                    ssrc = src.snapshot(s.name)
+                    spath = await sp.driver.mount_volume(ssrc)
+                    try:
+                        await sync_tree(spath, dpath)
+                    finally:
+                        await sp.driver.unmount_volume(ssrc)
+                    async with Revert() as revert:
+                        await p.driver.create_snapshot(dst.snapshot(s.name))
+                        revert.add(p.driver.delete_snapshot, dst.snapshot(s.name))
+                        await self._insert_snapshot_rows(rec.id, [s])
+                        revert.success()
+                spath = await sp.driver.mount_volume(src)
+                try:
+                    await sync_tree(spath, dpath)
+                finally:
+                    await sp.driver.unmount_volume(src)
+            finally:
+                await p.driver.unmount_volume(dst)
+        return await self.get(pool, name, project)
+
+    async def _insert_snapshot_rows(self, vid: int, snapshots: list[VolumeSnapshot]) -> None:
+        await self.db.run(lambda session: insert_snapshot_rows(session, vid, snapshots))
+
     async def _copy_between_pools(self, sp, src: Volume, snaps: list[VolumeSnapshot], p, dst: Volume) -> None:
+
         """Fill `dst` (new, on pool `p`) from `src` on pool `sp`: each snapshot in turn (oldest
         first: the tree synced to it, then snapshotted), then the volume itself."""
         sources = [src.snapshot(s.name) for s in snaps] + [src]
@@ -382,7 +441,7 @@ class CustomVolumeService:
                     first = False
                 else:
                     dpath = await p.driver.mount_volume(dst)
-                    await run("rsync", "-aHAX", "--numeric-ids", "--delete", "--", f"{spath}/", f"{dpath}/")
+                    await sync_tree(spath, dpath)
             finally:
                 await sp.driver.unmount_volume(s)
             if i < len(snaps):

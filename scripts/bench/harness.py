@@ -120,6 +120,14 @@ class Bench:
 
     # -- start-up ------------------------------------------------------------------------
     def start(self) -> None:
+        from daemons import needs_own_filesystem
+
+        why = "" if self.args.var_fs == "host" else needs_own_filesystem(self.workdir)
+        if why or self.args.var_fs == "ext4":
+            log(f"each daemon gets its own journaled ext4 for LXD_DIR ({why or '--var-fs ext4'})")
+            self.notes.append(f"LXD_DIRs on journaled ext4 loop filesystems of their own: {why or '--var-fs ext4'}")
+            for d in self.daemons:
+                d.own_filesystem(self.args.var_fs_gib)
         for d in self.daemons:
             log(f"starting {d.label}: {d.binary} (LXD_DIR={d.lxd_dir}, own network namespace)")
             t = time.perf_counter()
@@ -692,6 +700,13 @@ def main(argv=None) -> int:
     ap.add_argument("--debian-rounds", type=int, default=0, help="storage: Debian launch rounds (default 2, quick 1)")
     ap.add_argument("--rest-s", type=int, default=75, help="storage: seconds of rest before the second disk "
                     "measurement (default 75: our dir pools drop an image cache and its spares 60 s after the last launch)")
+    ap.add_argument("--var-fs", choices=("auto", "host", "ext4"), default="auto",
+                    help="where LXD_DIRs live: auto (their own journaled ext4 when the work dir is on ext4 "
+                    "without a journal, see daemons.needs_own_filesystem), host, or always ext4")
+    ap.add_argument("--var-fs-gib", type=int, default=40, help="size of each daemon's ext4 (sparse, default 40)")
+    ap.add_argument("--storage-steps", default="",
+                    help="storage: run only these steps, comma-separated (btrfs_busybox, dir_500, export_import, "
+                    "debian_launches, debian_disk)")
     ap.add_argument("--wait-load", type=float, default=0,
                     help="first wait (at most 10 min) until the 1-minute load average is below this")
     ap.add_argument("--verbose", action="store_true")

@@ -251,8 +251,15 @@ class StorageSuite:
                 self.log(f"storage: {d.label}: {skipped[d.key]}")
         try:
             if ready:
-                for step in (self.btrfs_busybox, self.dir_500, self.export_import, self.debian_launches,
-                             self.debian_disk):
+                steps = (self.btrfs_busybox, self.dir_500, self.export_import, self.debian_launches,
+                         self.debian_disk)
+                wanted = {s.strip() for s in self.args.storage_steps.split(",") if s.strip()}
+                unknown = wanted - {s.__name__ for s in steps}
+                if unknown:
+                    raise SystemExit(f"unknown --storage-steps: {', '.join(sorted(unknown))}")
+                for step in steps:
+                    if wanted and step.__name__ not in wanted:
+                        continue
                     b.load(f"before storage: {step.__name__}")
                     t = time.perf_counter()
                     try:

@@ -90,8 +90,9 @@ def test_host_users_cannot_reach_into_any_container(ready, names):
         for base in (d.lxd_dir / "containers" / n, pool / "containers" / n):
             paths += [str(base / "rootfs"), str(base / "rootfs" / "bin" / "busybox"), str(base / "metadata.yaml")]
     images = pool / "images"
+    # Image caches exist only on pools whose filesystem has reflinks (not this ext4); any there is
+    # is probed too.
     caches = [images / fp / key for fp in os.listdir(images) for key in os.listdir(images / fp)]
-    assert caches
     paths += [str(c / "rootfs" / "bin" / "busybox") for c in caches] + [str(images / "x")]
     got = probe(NOBODY, paths)
     assert set(got.values()) == {"EACCES"}, {p: e for p, e in got.items() if e != "EACCES"}

@@ -106,6 +106,7 @@ def test_auto_btrfs_on_a_loop_file_then_on_a_device(fresh_daemon, tmp_path):
 def test_preseed_pools_of_each_driver_and_the_root_disk(fresh_daemon, tmp_path):
     d = fresh_daemon.start()
     src = tmp_path / "dirsrc"
+    src.mkdir()
     seed = {
         "storage_pools": [
             {"name": "d1", "driver": "dir", "config": {"source": str(src)}, "description": "a dir pool"},

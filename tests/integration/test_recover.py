@@ -208,6 +208,7 @@ def test_recover_a_lost_dir_pool_kept_elsewhere(rd, tmp_path):
     d = rd
     pool = run_prefix() + "-dp"
     src = tmp_path / "src"
+    src.mkdir()
     d.lxc("storage", "create", pool, "dir", f"source={src}")
     try:
         d.lxc("storage", "volume", "create", pool, "v1")

@@ -99,6 +99,8 @@ def test_pool_on_a_path_in_use_or_missing_is_refused(ready, tmp_path):
             ("dir", str(d.lxd_dir), ["within the LXD directory"]),
             ("dir", str(Path(default_src) / "custom"), ["within the LXD directory"]),
             ("dir", str(full), ["isn't empty"]),
+            ("dir", str(tmp_path / "missing"), [str(tmp_path / "missing"), "doesn't exist"]),
+            ("dir", str(full / "somefile"), ["not a directory"]),
             ("btrfs", "/dev/" + p + "-nodisk", ["/dev/" + p + "-nodisk", "doesn't exist"]),
             ("btrfs", "/nonexistent/" + p, ["/nonexistent/" + p, "no such directory"]),
             ("btrfs", str(used), ["already used by storage pool", first]),

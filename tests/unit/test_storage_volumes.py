@@ -52,31 +52,45 @@ def entries(p: Path) -> list[str]:
     return sorted(os.listdir(p)) if p.is_dir() else []
 
 
-def test_dir_launches_use_the_cache_and_spares(tmp_path):
+def test_dir_launches_unpack_into_each_volume_without_a_cache(tmp_path):
+    """On a filesystem without reflinks (ext4 here) every launch unpacks the image into its own
+    volume, as LXD does: nothing else is kept in the pool."""
     vs, (pool,) = make(tmp_path)
     unpacked = []
 
     async def go():
         paths = await asyncio.gather(*(vs.create_instance_volume(pool, "default", f"c{i}", FP, unpacker(unpacked), "0_0")
                                        for i in range(3)))
-        assert len(unpacked) == 1  # unpacked once for concurrent launches
+        assert sorted(unpacked) == sorted(paths)  # each one unpacked into its own volume
         for i, p in enumerate(paths):
             assert p == pool.driver.mount_path / "containers" / f"c{i}"
             assert (p / "rootfs" / "hello").read_text() == "hi"
-        await asyncio.wait(list(vs._bg))
-        cache = pool.driver.mount_path / "images" / FP
-        assert entries(cache)[-1] == "0_0"
-        assert len([e for e in entries(cache) if e.startswith(".spare-0_0-")]) == VolumeService.SPARES
-        # The next launch takes a spare: one fewer until the refill.
-        p = await vs.create_instance_volume(pool, "default", "c9", FP, unpacker(unpacked), "0_0")
-        assert (p / "metadata.yaml").exists()
-        spares = [e for e in entries(cache) if e.startswith(".spare-")]
-        assert len(spares) == VolumeService.SPARES - 1
+        assert entries(pool.driver.mount_path / "images") == []
+        assert vs._reflinks == {pool.name: False} and not vs._bg and not vs._idle
         await vs.close()
-        assert not [e for e in entries(cache) if e.startswith(".tmp")]
+
+    asyncio.run(go())
+
+
+def test_dir_launches_on_a_reflink_filesystem_share_one_cache(reflink_dir):
+    """Where the filesystem has reflinks (btrfs here) the image is unpacked once per id map into
+    the pool's cache and every launch is a reflinked copy of it."""
+    vs, (pool,) = make(reflink_dir)
+    unpacked = []
+
+    async def go():
+        paths = await asyncio.gather(*(vs.create_instance_volume(pool, "default", f"c{i}", FP, unpacker(unpacked), "0_0")
+                                       for i in range(3)))
+        assert len(unpacked) == 1  # once, for concurrent launches
+        for p in paths:
+            assert (p / "rootfs" / "hello").read_text() == "hi"
+        cache = pool.driver.mount_path / "images" / FP
+        assert entries(cache) == ["0_0"]
+        await vs.create_instance_volume(pool, "default", "c9", FP, unpacker(unpacked), "0_0")
+        assert len(unpacked) == 1
         # A different id map gets its own cache.
         await vs.create_instance_volume(pool, "default", "u1", FP, unpacker(unpacked), "1000000_1000000")
-        assert len(unpacked) == 2 and (cache / "1000000_1000000").is_dir()
+        assert len(unpacked) == 2 and entries(cache) == ["0_0", "1000000_1000000"]
         await vs.close()
 
     asyncio.run(go())
@@ -99,7 +113,7 @@ def test_leftover_under_the_name_is_replaced(tmp_path):
         try:
             return await vs.create_instance_volume(pool, "default", "c1", FP, unpacker([]), "0_0")
         finally:
-            await vs.close()  # the spare copy finishes before the loop ends
+            await vs.close()
 
     p = asyncio.run(go())
     assert entries(p) == ["metadata.yaml", "rootfs"]
@@ -132,25 +146,27 @@ def test_delete_in_the_background_rename_and_copy(tmp_path):
     asyncio.run(go())
 
 
-def test_sweep_removes_leftovers_and_keeps_instances_and_spares(tmp_path):
+def test_sweep_removes_leftovers_and_keeps_instances_and_caches(tmp_path):
     vs, (pool,) = make(tmp_path)
     drv = pool.driver
 
     async def go():
         await vs.create_instance_volume(pool, "default", "keep", FP, unpacker([]), "0_0")
-        await asyncio.wait(list(vs._bg))
         c = drv.mount_path / "containers"
         for leftover in (".trash-x-1234", "half", ".restore-keep-1"):
             (c / leftover / "rootfs").mkdir(parents=True)
         (drv.mount_path / "containers-snapshots" / ".trash-x-1234" / "s0").mkdir(parents=True)
         cache = drv.mount_path / "images" / FP
-        (cache / ".tmp-0_0-dead").mkdir()
-        (cache / ".tmp-take-dead").mkdir()
+        # A finished cache (a pool with reflinks), a half-unpacked one, and a spare copy an
+        # earlier version kept next to it.
+        for e in ("0_0", ".tmp-0_0-dead", ".spare-0_0-1234"):
+            (cache / e / "rootfs").mkdir(parents=True)
+        (drv.mount_path / "images" / ".tmp-drop-1234").mkdir()
         await vs.sweep([("default", "keep")])
         assert entries(c) == ["keep"]
         assert entries(drv.mount_path / "containers-snapshots") == []
-        assert [e for e in entries(cache) if e.startswith(".tmp")] == []
-        assert len([e for e in entries(cache) if e.startswith(".spare-")]) == VolumeService.SPARES
+        assert entries(cache) == ["0_0"]
+        assert entries(drv.mount_path / "images") == [FP]
         await vs.drop_image(FP)
         assert not cache.exists() and (c / "keep" / "rootfs").is_dir()
 

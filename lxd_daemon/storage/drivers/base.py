@@ -341,7 +341,7 @@ class Driver(ABC):
             os.chmod(fdir, self.IMAGE_MODE)
             for key in os.listdir(fdir):
                 p = fdir / key
-                # Cache entries (`<uid>_<gid>`, spares, temporaries) only: an image volume's own
+                # Cache entries (`<uid>_<gid>`, temporaries) only: an image volume's own
                 # content (rootfs/, templates/) keeps its modes.
                 if (key[:1].isdigit() or key.startswith(".")) and not p.is_symlink() and p.is_dir():
                     os.chmod(p, self.INSTANCE_MODE)  # copied into containers/ as they are

@@ -8,7 +8,6 @@ import asyncio
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -16,6 +15,9 @@ from typing import BinaryIO
 
 from lxd_daemon.errors import BadRequest, InsufficientStorage, LXDError
 from lxd_daemon.storage.drivers import tools
+from lxd_daemon.util.lazy import lazy_module
+
+tarfile = lazy_module("tarfile")  # only backups write tarballs
 
 GiB = 1024 ** 3
 CHUNK = 1 << 20

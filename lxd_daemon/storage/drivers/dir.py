@@ -94,17 +94,21 @@ class DirDriver(Driver):
     # -- pools -------------------------------------------------------------------------------
     async def create_pool(self) -> None:
         """The layout under the pool's directory; with a `source` directory elsewhere, the pool's
-        directory is a link to it (made if missing). `source` is filled in with where it lives."""
+        directory is a link to it. `source` is filled in with where it lives."""
         mount = self.mount_path
         source = self.config.get("source") or str(mount)
         linked = source != str(mount)
 
         def mk() -> None:
+            if linked and not os.path.isdir(source):
+                # As LXD: a `source` the user names must be there (a typo never makes a pool in
+                # a new directory of its own).
+                why = "isn't a directory" if os.path.lexists(source) else "doesn't exist"
+                raise BadRequest(f"Source path {source!r} {why}")
             _require_empty(source)
             if linked:
                 if mount.is_symlink() or mount.exists():
                     raise BadRequest(f"{mount} already exists")
-                Path(source).mkdir(parents=True, exist_ok=True)
                 mount.parent.mkdir(parents=True, exist_ok=True)
                 mount.symlink_to(source)
             self.mount_path.mkdir(parents=True, exist_ok=True)
@@ -318,7 +322,7 @@ class DirDriver(Driver):
 
 def _require_empty(source: str) -> None:
     """A pool's source holds nothing yet (`lost+found` alone is fine at a mount point), so that
-    a pool never takes over files it didn't make; a missing source is made later."""
+    a pool never takes over files it didn't make."""
     try:
         entries = os.listdir(source)
     except FileNotFoundError:

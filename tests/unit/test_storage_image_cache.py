@@ -1,5 +1,5 @@
-"""A dir pool's image cache and its spare copies are removed once launches stop
-(VolumeService.CACHE_IDLE_S after the last one), over a real dir pool in a temporary directory."""
+"""A dir pool's image cache (kept only on filesystems with reflinks) is removed once launches stop
+(VolumeService.CACHE_IDLE_S after the last one), over a real dir pool on a btrfs loop file."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import asyncio
 from tests.unit.test_storage_volumes import FP, entries, make, unpacker
 
 
-def test_cache_and_spares_are_removed_after_the_last_launch(tmp_path, monkeypatch):
-    vs, (pool,) = make(tmp_path)
+def test_cache_is_removed_after_the_last_launch(reflink_dir, monkeypatch):
+    from lxd_daemon.storage import volumes
+
+    vs, (pool,) = make(reflink_dir)
     monkeypatch.setattr(type(vs), "CACHE_IDLE_S", 0.6)
     cache = pool.driver.mount_path / "images" / FP
-    spares = lambda: [e for e in entries(cache) if e.startswith(".spare-")]  # noqa: E731
     unpacked = []
 
     async def settle():
@@ -21,55 +22,48 @@ def test_cache_and_spares_are_removed_after_the_last_launch(tmp_path, monkeypatc
 
     async def go():
         await vs.create_instance_volume(pool, "default", "c1", FP, unpacker(unpacked), "0_0")
-        await settle()
-        assert len(spares()) == vs.SPARES
-        # A launch before the delay re-arms it: the cache and spares stay for the next ones.
-        await asyncio.sleep(0.2)
+        assert entries(cache) == ["0_0"]
+        # A launch before the delay re-arms it: the cache stays for the next ones.
+        await asyncio.sleep(0.4)
         await vs.create_instance_volume(pool, "default", "c2", FP, unpacker(unpacked), "0_0")
-        await asyncio.sleep(0.2)
-        assert spares() and "0_0" in entries(cache)
-        # A launch using the cache when the delay ends keeps it: c3's fill waits meanwhile.
+        await asyncio.sleep(0.4)
+        assert entries(cache) == ["0_0"]
+        # A launch copying from the cache when the delay ends keeps it: c3's copy waits meanwhile.
         release = asyncio.Event()
-        real_fill = vs._fill_from_cache
+        real_copy = volumes.copy_tree
 
-        def slow_fill(c):
-            inner = real_fill(c)
+        async def slow_copy(src, dst, **kw):
+            await release.wait()
+            await real_copy(src, dst, **kw)
 
-            async def fill(path):
-                await release.wait()
-                await inner(path)
-
-            return fill
-
-        monkeypatch.setattr(vs, "_fill_from_cache", slow_fill)
+        monkeypatch.setattr(volumes, "copy_tree", slow_copy)
         launch = asyncio.ensure_future(vs.create_instance_volume(pool, "default", "c3", FP, unpacker(unpacked), "0_0"))
         await asyncio.sleep(0.9)  # the delay armed by c2 ends meanwhile
-        assert "0_0" in entries(cache)
+        assert entries(cache) == ["0_0"]
         release.set()
         p = await launch
         assert (p / "rootfs" / "hello").read_text() == "hi"
-        monkeypatch.setattr(vs, "_fill_from_cache", real_fill)
+        monkeypatch.setattr(volumes, "copy_tree", real_copy)
         await asyncio.sleep(0.8)
         await settle()
-        assert entries(cache) == []  # idle: the cache and its spares are gone, temporaries too
+        assert entries(cache) == []  # idle: the cache is gone, temporaries too
         assert len(unpacked) == 1
-        # The next launch unpacks the image again and prepares spares again.
+        # The next launch unpacks the image again.
         p = await vs.create_instance_volume(pool, "default", "c4", FP, unpacker(unpacked), "0_0")
         assert (p / "rootfs" / "hello").read_text() == "hi" and len(unpacked) == 2
-        await settle()
-        assert len(spares()) == vs.SPARES and "0_0" in entries(cache)
+        assert entries(cache) == ["0_0"]
         await vs.close()
         assert vs._idle == {}
 
     asyncio.run(go())
 
 
-def test_a_dropped_image_cache_goes_out_of_the_way_in_one_rename(tmp_path, monkeypatch):
+def test_a_dropped_image_cache_goes_out_of_the_way_in_one_rename(reflink_dir, monkeypatch):
     """Deleting an image renames its cache away before removing it: the same image imported again
     and launched meanwhile finds the whole cache or none (it used to copy a half-removed one)."""
     from lxd_daemon.storage import volumes
 
-    vs, (pool,) = make(tmp_path)
+    vs, (pool,) = make(reflink_dir)
     images = pool.driver.mount_path / "images"
     seen = []
     real_remove = volumes.remove_tree
