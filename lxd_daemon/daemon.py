@@ -140,6 +140,8 @@ def prepare_dirs(lxd_dir: Path) -> None:
     for sub, mode in (("database", 0o700), ("logs", 0o700), ("containers", 0o711), ("images", 0o700),
                       ("storage-pools", 0o711), ("security", 0o700)):
         p = lxd_dir / sub
+        if p.is_symlink():  # images or backups on a custom volume (storage.images_volume)
+            continue
         p.mkdir(exist_ok=True)
         os.chmod(p, mode)
 

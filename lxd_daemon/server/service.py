@@ -85,6 +85,9 @@ class ServerService:
         self.storage_supported_drivers: list[dict] = []
         self.addresses: list[str] = []
         self.extensions: list[str] = list(CORE)
+        # key -> async fn(old, new): host work a changed key needs (storage.images_volume moves the
+        # image store), run before the change is recorded and undone (fn(new, old)) if that fails.
+        self.appliers: dict = {}
         self._static_env = self._build_static_env()
         self._cached: bytes | None = None
 
@@ -171,7 +174,17 @@ class ServerService:
                 else:
                     existing.value = value
 
-        await self.db.run(write)
+        from lxd_daemon.util.revert import Revert
+
+        async with Revert() as revert:
+            for key, value in plan.items():
+                fn = self.appliers.get(key)
+                old = self.config.values.get(key)
+                if fn is not None and old != value:
+                    await fn(old, value)
+                    revert.add(fn, value, old)
+            await self.db.run(write)
+            revert.success()
         self.config.apply(plan)
         self.invalidate()
         shown = {k: ("true" if k == "core.trust_password" and v is not None else v) for k, v in plan.items()}

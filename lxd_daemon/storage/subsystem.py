@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lxd_daemon.api import storage_pools, storage_volumes
+from lxd_daemon.storage.daemon_storage import DaemonStorage
 from lxd_daemon.storage.service import StorageService
 
 
@@ -14,6 +15,10 @@ async def setup(services) -> list:
     await storage.custom.load()  # finish or undo custom volume changes a crash interrupted
     services.startup_hooks.append(storage.custom.startup)  # snapshots.schedule / snapshots.expiry
     services.exit_hooks.append(storage.custom.close)
+    daemon_storage = DaemonStorage(services, storage)
+    daemon_storage.setup()  # storage.images_volume, storage.backups_volume
+    await daemon_storage.mount_all()
     services.server.advertise(*storage_volumes.EXTENSIONS)
+    services.server.advertise("daemon_storage")
     services.server.advertise("storage")
     return [storage_pools.router, storage_volumes.router]
