@@ -3,10 +3,11 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from lxd_daemon.db.models import Base
+import lxd_daemon.images.models  # noqa: F401  (its tables join the metadata)
+from lxd_daemon.db.models import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def run_migrations_online() -> None:

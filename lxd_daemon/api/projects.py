@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 from fastapi import APIRouter, Request
+from sqlalchemy import select, update
 from starlette.responses import Response
 
 from lxd_daemon.api.envelope import etag_of, sync
 from lxd_daemon.api.request import check_etag, parse, recursion
-from lxd_daemon.db.models import Project
+from lxd_daemon.db.models import projects
 from lxd_daemon.errors import BadRequest, NotFound, NotImplementedYet
 from lxd_daemon.services import get_services
 from lxd_daemon.wire import ProjectPut, ProjectsPost
@@ -21,7 +22,7 @@ async def _project(request: Request, name: str) -> dict:
     services = get_services(request)
 
     def load(session):
-        return session.query(Project).filter_by(name=name).one_or_none()
+        return session.execute(select(projects).where(projects.c.name == name)).one_or_none()
 
     row = await services.db.run(load)
     if row is None:
@@ -65,8 +66,7 @@ async def _update(request: Request, name: str, replace: bool) -> Response:
     description = body.description if (replace or "description" in fields) else p["description"]
 
     def write(session):
-        row = session.query(Project).filter_by(name=name).one()
-        row.description = description
+        session.execute(update(projects).where(projects.c.name == name).values(description=description))
 
     await get_services(request).db.run(write)
     get_services(request).events.lifecycle("project-updated", f"/1.0/projects/{name}")

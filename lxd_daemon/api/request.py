@@ -171,10 +171,10 @@ async def check_project(conn: HTTPConnection) -> None:
     except names.InvalidName:
         raise NotFound("Project not found") from None
     services = conn.app.state.services
-    from lxd_daemon.db.models import Project
+    from sqlalchemy import text
 
     def exists(session) -> bool:
-        return session.query(Project.id).filter_by(name=project).first() is not None
+        return session.execute(text("SELECT 1 FROM projects WHERE name=:n"), {"n": project}).first() is not None
 
     if not await services.db.run(exists):
         raise NotFound("Project not found")

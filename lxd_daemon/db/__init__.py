@@ -1,4 +1,4 @@
-"""The SQLite store: engine, ORM models, one repository per entity, migrations at start-up."""
+"""The SQLite store: engine, Core table definitions, migrations at start-up."""
 
 from lxd_daemon.db.engine import Database
 

@@ -19,14 +19,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, delete, select, update
 
 from lxd_daemon import names
 from lxd_daemon.api.envelope import etag_of
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
 from lxd_daemon.images import formats, tarscan
 from lxd_daemon.images.index import ImageIndex, Located, check_prefix, pick
-from lxd_daemon.images.models import Image, ImageAlias
+from lxd_daemon.images.models import images, images_aliases
 from lxd_daemon.images.multipart import MultipartParser, boundary_of
 from lxd_daemon.images.pipeline import UploadScan
 from lxd_daemon.images.store import AsyncSink, HashingWriter, ImageStore
@@ -62,7 +62,8 @@ def check_alias_name(name: str) -> None:
         raise BadRequest(e.message) from None
 
 
-def render(row: Image, aliases: list[ImageAlias]) -> dict:
+def render(row, aliases: list) -> dict:
+    """An image document from its row and alias rows (anything with those attributes)."""
     out = {
         "auto_update": row.auto_update,
         "properties": json.loads(row.properties),
@@ -126,22 +127,26 @@ class Upload:
                     p.unlink()
 
 
-_IMAGE_BY_FP = select(Image.id).where(Image.fingerprint == bindparam("fp"))
-_ALIAS_BY_NAME = select(ImageAlias.id).where(ImageAlias.name == bindparam("name"))
-_INSERT_IMAGE = Image.__table__.insert()
-_INSERT_ALIAS = ImageAlias.__table__.insert()
-_DELETE_IMAGE = Image.__table__.delete().where(Image.id == bindparam("id"))
+_I, _A = images.c, images_aliases.c
+_IMAGE_BY_FP = select(_I.id).where(_I.fingerprint == bindparam("fp"))
+_ALIAS_BY_NAME = select(_A.id).where(_A.name == bindparam("name"))
+_INSERT_IMAGE = images.insert()
+_INSERT_ALIAS = images_aliases.insert()
+_DELETE_IMAGE = images.delete().where(_I.id == bindparam("id"))
 # A fingerprint prefix as an index range: fingerprints are lower-case hex and "g" sorts after "f".
-_LOCATE = (select(Image.id, Image.fingerprint, Image.public, Image.layout, Image.compression, Image.rootfs_format)
-           .where(Image.fingerprint >= bindparam("lo"), Image.fingerprint < bindparam("hi")).limit(2))
-_LOCATE_PUBLIC = _LOCATE.where(Image.public.is_(True))
-_LOCATE_ALL = select(Image.id, Image.fingerprint, Image.public, Image.layout, Image.compression, Image.rootfs_format)
+_LOCATE = (select(_I.id, _I.fingerprint, _I.public, _I.layout, _I.compression, _I.rootfs_format)
+           .where(_I.fingerprint >= bindparam("lo"), _I.fingerprint < bindparam("hi")).limit(2))
+_LOCATE_PUBLIC = _LOCATE.where(_I.public.is_(True))
+_LOCATE_ALL = select(_I.id, _I.fingerprint, _I.public, _I.layout, _I.compression, _I.rootfs_format)
+# An alias row with the columns of its image that alias documents and checks need.
+_ALIAS_JOIN = (select(_A.id, _A.name, _A.description, _A.image_id, _I.fingerprint, _I.type, _I.public)
+               .join_from(images_aliases, images, _A.image_id == _I.id))
 
 
 def _prefix_query(prefix: str, public_only: bool):
-    q = select(Image).where(Image.fingerprint.startswith(prefix))
+    q = select(images).where(_I.fingerprint.startswith(prefix))
     if public_only:
-        q = q.where(Image.public.is_(True))
+        q = q.where(_I.public.is_(True))
     return q.limit(2)
 
 
@@ -187,7 +192,7 @@ class ImageService:
         """Load the file index unless it is loaded; False when a write raced with the load."""
         if not self._index.loaded:
             generation = self._index.generation
-            rows = await self.db.run(lambda session: session.connection().execute(_LOCATE_ALL).all())
+            rows = await self.db.run(lambda session: session.execute(_LOCATE_ALL).all())
             self._index.install([Located(*r) for r in rows], generation)
         return self._index.loaded
 
@@ -196,7 +201,7 @@ class ImageService:
         return p if p.exists() else None
 
     async def cleanup(self) -> list[str]:
-        known = set(await self.db.run(lambda s: list(s.scalars(select(Image.fingerprint)))))
+        known = set(await self.db.run(lambda s: list(s.scalars(select(_I.fingerprint)))))
         return await asyncio.to_thread(self.store.cleanup, known)
 
     # -- reading ---------------------------------------------------------------------------
@@ -204,21 +209,22 @@ class ImageService:
         return await self.db.run(fn)
 
     @staticmethod
-    def _find(session, prefix: str, public_only: bool = False) -> Image:
+    def _find(session, prefix: str, public_only: bool = False):
+        """The image row (every column) with this fingerprint or unique prefix."""
         prefix = check_prefix(prefix)
-        return pick(prefix, list(session.scalars(_prefix_query(prefix, public_only))))
+        return pick(prefix, session.execute(_prefix_query(prefix, public_only)).all())
 
     @staticmethod
     def _locate(session, prefix: str, public_only: bool = False):
         """_find's answer as a row of the columns that say where an image's files are (a prepared
-        Core query: exports, deletes and launches need no ORM object)."""
+        query: exports, deletes and launches need no other column)."""
         prefix = check_prefix(prefix)
         stmt = _LOCATE_PUBLIC if public_only else _LOCATE
-        return pick(prefix, session.connection().execute(stmt, {"lo": prefix, "hi": prefix + "g"}).all())
+        return pick(prefix, session.execute(stmt, {"lo": prefix, "hi": prefix + "g"}).all())
 
     @staticmethod
-    def _aliases_of(session, image_id: int) -> list[ImageAlias]:
-        return list(session.scalars(select(ImageAlias).where(ImageAlias.image_id == image_id)))
+    def _aliases_of(session, image_id: int) -> list:
+        return session.execute(select(images_aliases).where(_A.image_id == image_id)).all()
 
     async def get(self, fingerprint: str, *, public_only: bool = False) -> dict:
         """The image with this fingerprint or unique prefix (NotFound, or BadRequest if ambiguous)."""
@@ -230,12 +236,12 @@ class ImageService:
 
     async def list(self, *, public_only: bool = False) -> list[dict]:
         def load(session):
-            q = select(Image).order_by(Image.fingerprint)
+            q = select(images).order_by(_I.fingerprint)
             if public_only:
-                q = q.where(Image.public.is_(True))
-            rows = list(session.scalars(q))
-            by_image: dict[int, list[ImageAlias]] = {}
-            for a in session.scalars(select(ImageAlias)):
+                q = q.where(_I.public.is_(True))
+            rows = session.execute(q).all()
+            by_image: dict[int, list] = {}
+            for a in session.execute(select(images_aliases)):
                 by_image.setdefault(a.image_id, []).append(a)
             return [render(r, by_image.get(r.id, [])) for r in rows]
 
@@ -244,9 +250,9 @@ class ImageService:
     async def resolve(self, name: str) -> dict:
         """An image by alias, full fingerprint or unique prefix (raises NotFound)."""
         def load(session):
-            alias = session.scalars(select(ImageAlias).where(ImageAlias.name == name)).first()
+            alias = session.execute(select(_A.image_id).where(_A.name == name)).first()
             if alias is not None:
-                row = session.get(Image, alias.image_id)
+                row = session.execute(select(images).where(_I.id == alias.image_id)).first()
             else:
                 row = self._find(session, name)
             return render(row, self._aliases_of(session, row.id))
@@ -272,10 +278,9 @@ class ImageService:
         now = time.time()
 
         def write(session):
-            row = session.scalars(select(Image).where(Image.fingerprint == fingerprint)).first()
-            if row is None:
+            if not session.execute(update(images).where(_I.fingerprint == fingerprint)
+                                   .values(last_used_at=now)).rowcount:
                 raise NotFound("Image not found")
-            row.last_used_at = now
 
         await self.db.run(write)
 
@@ -460,7 +465,7 @@ class ImageService:
             exists = self._index.has(fingerprint)
         else:
             exists = await self.db.run(
-                lambda session: session.connection().execute(_IMAGE_BY_FP, {"fp": fingerprint}).first()) is not None
+                lambda session: session.execute(_IMAGE_BY_FP, {"fp": fingerprint}).first()) is not None
         if exists:
             raise Conflict(f"Image with same fingerprint already exists: {fingerprint}")
 
@@ -496,13 +501,10 @@ class ImageService:
                           source_image_type=source.get("image_type"))
         new_aliases = [SimpleNamespace(name=a["name"], description=a.get("description", "")) for a in aliases or []]
 
-        def insert(session):
+        def insert(conn):
             # On the database thread, which serialises every import: check, move the files into
             # place, write the rows. A failure removes the files again (the rows roll back).
-            # Prepared Core statements on the connection: an import writes a row or two, and the
-            # ORM's per-statement work would cost more than the rest of the transaction.
             try:
-                conn = session.connection()
                 if conn.execute(_IMAGE_BY_FP, {"fp": upload.fingerprint}).first():
                     raise Conflict(f"Image with same fingerprint already exists: {upload.fingerprint}")
                 self.store.install(upload.fingerprint, upload.meta, upload.rootfs)
@@ -544,21 +546,24 @@ class ImageService:
             current = render(row, [])
             if if_match is not None:
                 if_match(image_etag(current))
+            changes: dict[str, Any] = {}
             if replace or "public" in values:
-                row.public = bool(values.get("public", False))
+                changes["public"] = bool(values.get("public", False))
             if replace or "auto_update" in values:
-                row.auto_update = bool(values.get("auto_update", False))
+                changes["auto_update"] = bool(values.get("auto_update", False))
             if "properties" in values or replace:
                 props = values.get("properties") or {}
                 if not replace:
                     props = {**current["properties"], **props}
-                row.properties = json.dumps(props)
+                changes["properties"] = json.dumps(props)
             expires = parse_time(values.get("expires_at"))
             if expires is not None:  # LXD keeps the current expiry when given the zero time
-                row.expires_at = expires
+                changes["expires_at"] = expires
             if replace or "profiles" in values:
                 profiles = values.get("profiles")
-                row.profiles = json.dumps(profiles if profiles is not None else ["default"])
+                changes["profiles"] = json.dumps(profiles if profiles is not None else ["default"])
+            if changes:
+                session.execute(update(images).where(_I.id == row.id).values(changes))
             return row.fingerprint
 
         try:
@@ -570,7 +575,7 @@ class ImageService:
     async def delete(self, fingerprint: str, *, requestor: dict | None = None) -> None:
         def remove(session):
             row = self._locate(session, fingerprint)
-            session.connection().execute(_DELETE_IMAGE, {"id": row.id})  # its aliases go by cascade
+            session.execute(_DELETE_IMAGE, {"id": row.id})  # its aliases go by cascade
             return row.fingerprint
 
         async with self._finalize:
@@ -595,31 +600,30 @@ class ImageService:
 
     # -- aliases ---------------------------------------------------------------------------
     @staticmethod
-    def _alias_dict(alias: ImageAlias, image: Image) -> dict:
-        return {"name": alias.name, "description": alias.description, "target": image.fingerprint,
-                "type": image.type}
+    def _alias_dict(name: str, description: str, image) -> dict:
+        return {"name": name, "description": description, "target": image.fingerprint, "type": image.type}
 
     async def list_aliases(self, *, public_only: bool = False) -> list[dict]:
         def load(session):
-            q = select(ImageAlias, Image).join(Image, ImageAlias.image_id == Image.id).order_by(ImageAlias.name)
+            q = _ALIAS_JOIN.order_by(_A.name)
             if public_only:
-                q = q.where(Image.public.is_(True))
-            return [self._alias_dict(a, i) for a, i in session.execute(q)]
+                q = q.where(_I.public.is_(True))
+            return [self._alias_dict(r.name, r.description, r) for r in session.execute(q)]
 
         return await self.db.run(load)
 
     @staticmethod
-    def _get_alias(session, name: str, public_only: bool = False) -> tuple[ImageAlias, Image]:
-        row = session.execute(select(ImageAlias, Image).join(Image, ImageAlias.image_id == Image.id)
-                              .where(ImageAlias.name == name)).first()
-        if row is None or (public_only and not row[1].public):
+    def _get_alias(session, name: str, public_only: bool = False):
+        """The alias row joined with its image's columns (_ALIAS_JOIN)."""
+        row = session.execute(_ALIAS_JOIN.where(_A.name == name)).first()
+        if row is None or (public_only and not row.public):
             raise NotFound("Image alias not found")
-        return row[0], row[1]
+        return row
 
     async def get_alias(self, name: str, *, public_only: bool = False) -> dict:
         def load(session):
-            a, i = self._get_alias(session, name, public_only)
-            return self._alias_dict(a, i)
+            a = self._get_alias(session, name, public_only)
+            return self._alias_dict(a.name, a.description, a)
 
         return await self.db.run(load)
 
@@ -630,13 +634,12 @@ class ImageService:
             raise BadRequest("name and target are required")
 
         def write(session):
-            if session.scalars(select(ImageAlias.id).where(ImageAlias.name == name)).first():
+            if session.execute(_ALIAS_BY_NAME, {"name": name}).first():
                 raise Conflict(f"Alias {name!r} already exists")
             img = self._find(session, target)
-            a = ImageAlias(project="default", name=name, image_id=img.id, description=description)
-            session.add(a)
-            session.flush()
-            return self._alias_dict(a, img)
+            session.execute(_INSERT_ALIAS, {"project": "default", "name": name, "image_id": img.id,
+                                            "description": description})
+            return self._alias_dict(name, description, img)
 
         alias = await self.db.run(write)
         self.events.lifecycle("image-alias-created", f"/1.0/images/aliases/{name}",
@@ -649,15 +652,19 @@ class ImageService:
             raise BadRequest("The target field is required")
 
         def write(session):
-            a, img = self._get_alias(session, name)
+            a = self._get_alias(session, name)
             if if_match is not None:
-                if_match(alias_etag(self._alias_dict(a, img)))
+                if_match(alias_etag(self._alias_dict(a.name, a.description, a)))
+            target = a.fingerprint
+            changes: dict[str, Any] = {}
             if values.get("target") is not None and (replace or "target" in values):
                 img = self._find(session, values["target"])
-                a.image_id = img.id
+                changes["image_id"], target = img.id, img.fingerprint
             if replace or "description" in values:
-                a.description = values.get("description") or ""
-            return img.fingerprint
+                changes["description"] = values.get("description") or ""
+            if changes:
+                session.execute(update(images_aliases).where(_A.id == a.id).values(changes))
+            return target
 
         target = await self.db.run(write)
         self.events.lifecycle("image-alias-updated", f"/1.0/images/aliases/{name}", {"target": target},
@@ -667,10 +674,10 @@ class ImageService:
         check_alias_name(new_name)
 
         def write(session):
-            if session.scalars(select(ImageAlias.id).where(ImageAlias.name == new_name)).first():
+            if session.execute(_ALIAS_BY_NAME, {"name": new_name}).first():
                 raise Conflict(f"Alias {new_name!r} already exists")
-            a, _ = self._get_alias(session, name)
-            a.name = new_name
+            a = self._get_alias(session, name)
+            session.execute(update(images_aliases).where(_A.id == a.id).values(name=new_name))
 
         await self.db.run(write)
         self.events.lifecycle("image-alias-renamed", f"/1.0/images/aliases/{new_name}", {"old_name": name},
@@ -678,8 +685,8 @@ class ImageService:
 
     async def delete_alias(self, name: str, *, requestor: dict | None = None) -> None:
         def write(session):
-            a, _ = self._get_alias(session, name)
-            session.delete(a)
+            a = self._get_alias(session, name)
+            session.execute(delete(images_aliases).where(_A.id == a.id))
 
         await self.db.run(write)
         self.events.lifecycle("image-alias-deleted", f"/1.0/images/aliases/{name}", requestor=requestor)

@@ -10,9 +10,10 @@ import platform
 import socket
 from pathlib import Path
 
+from sqlalchemy import text
+
 from lxd_daemon import LXD_COMPAT_VERSION
 from lxd_daemon.api.envelope import etag_of, sync_body
-from lxd_daemon.db.models import ConfigEntry
 from lxd_daemon.events import EventHub
 from lxd_daemon.extensions import CORE
 from lxd_daemon.server.config import ServerConfig
@@ -165,14 +166,12 @@ class ServerService:
 
         def write(session) -> None:
             for key, value in plan.items():
-                existing = session.get(ConfigEntry, key)
                 if value is None:
-                    if existing is not None:
-                        session.delete(existing)
-                elif existing is None:
-                    session.add(ConfigEntry(key=key, value=value))
+                    session.execute(text("DELETE FROM config WHERE key=:k"), {"k": key})
                 else:
-                    existing.value = value
+                    session.execute(text("INSERT INTO config (key, value) VALUES (:k, :v) "
+                                         "ON CONFLICT (key) DO UPDATE SET value=excluded.value"),
+                                    {"k": key, "v": value})
 
         from lxd_daemon.util.revert import Revert
 
@@ -193,4 +192,4 @@ class ServerService:
 
 
 def load_config(session) -> dict[str, str]:
-    return {row.key: row.value for row in session.query(ConfigEntry).all()}
+    return {row.key: row.value for row in session.execute(text("SELECT key, value FROM config"))}

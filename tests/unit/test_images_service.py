@@ -193,20 +193,22 @@ def test_publish_through_the_frozen_rootfs_contract(env):
 
 
 def test_migration_matches_the_models(tmp_path):
-    """The migration is the schema's source of truth; the ORM models must agree with it."""
+    """The migrations are the schema's source of truth; the Core tables must agree with them."""
     import sqlite3
 
-    from lxd_daemon.images.models import Image, ImageAlias
+    from lxd_daemon.db.models import certificates, config, projects
+    from lxd_daemon.images.models import images, images_aliases
 
     db_path = tmp_path / "schema.db"
     migrate.upgrade(db_path)
     con = sqlite3.connect(db_path)
     try:
-        for model in (Image, ImageAlias):
-            cols = {r[1]: (r[3], r[5]) for r in con.execute(f"PRAGMA table_info({model.__tablename__})")}
-            assert set(cols) == {c.name for c in model.__table__.columns}, model.__tablename__
-            for c in model.__table__.columns:
-                assert bool(cols[c.name][0]) == (not c.nullable) or c.primary_key, (model.__tablename__, c.name)
+        for table in (config, certificates, projects, images, images_aliases):
+            cols = {r[1]: (r[3], r[5]) for r in con.execute(f"PRAGMA table_info({table.name})")}
+            assert set(cols) == {c.name for c in table.columns}, table.name
+            for c in table.columns:
+                assert bool(cols[c.name][0]) == (not c.nullable) or c.primary_key, (table.name, c.name)
+                assert bool(cols[c.name][1]) == c.primary_key, (table.name, c.name)
     finally:
         con.close()
 
