@@ -8,6 +8,8 @@ The shared default map gives container root the host range allotted to root in /
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,3 +292,29 @@ def _merge(entries: list[IdmapEntry]) -> list[IdmapEntry]:
     rest = [IdmapEntry(True, False, *k) for k in sorted(uids - gids)] + [
         IdmapEntry(False, True, *k) for k in sorted(gids - uids)]
     return sorted(both + rest, key=lambda e: (e.nsid, not e.isuid))
+
+
+def shift_tree(root: Path, old: IdmapSet, new: IdmapSet) -> int:
+    """Re-own every file under root from the `old` on-disk map to the `new` one (one chown pass).
+    Mode bits that chown clears (setuid/setgid) are put back. Returns the number of entries."""
+    count = 0
+
+    def one(path: str) -> None:
+        nonlocal count
+        st = os.lstat(path)
+        cu, cg = old.to_container(st.st_uid, st.st_gid) if not old.empty else (st.st_uid, st.st_gid)
+        if cu < 0 or cg < 0:
+            return
+        hu, hg = new.to_host(cu, cg) if not new.empty else (cu, cg)
+        if hu < 0 or hg < 0 or (hu, hg) == (st.st_uid, st.st_gid):
+            return
+        os.lchown(path, hu, hg)
+        count += 1
+        if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
+            os.chmod(path, stat.S_IMODE(st.st_mode))
+
+    one(str(root))
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for n in dirnames + filenames:
+            one(os.path.join(dirpath, n))
+    return count

@@ -1,26 +1,28 @@
 """Apply a config or device change to a running container (limits and device hotplug).
 
 Which keys can change live is data (instances.config.KEYS[k].live); this module holds the
-updaters those rows name. Keys without an updater take effect at the next start. All container
+updaters those rows name. Keys without an updater take effect at the next start. Devices are
+plugged by applying their RunConfig (lxd_daemon/devices/) to the running container. All container
 work goes through the liblxc workers (runtime/client.py, runtime/hotplug.py) on the instance's lane.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from lxd_daemon.devices.base import Device, DeviceContext
+from lxd_daemon.devices.registry import load_all
+from lxd_daemon.devices.runconfig import RunConfig, run_hooks
+from lxd_daemon.devices.unix import device_rule, known_info, make_node
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.instances import config as cfg
-from lxd_daemon.instances import devices as devs
 from lxd_daemon.instances import lxcconf
 from lxd_daemon.instances.idmap import IdmapSet
 from lxd_daemon.settings import lxd_dir_from_env
+from lxd_daemon.util.revert import Revert
 
 log = logging.getLogger("lxd.instances.live")
 
@@ -97,135 +99,78 @@ def _monitor_lxcpath(name: str, init_pid: int) -> str | None:
     return cmd[len(prefix):-len(name) - 1] or None
 
 
-async def plug_device(runtime, name: str, dname: str, dev: dict, *, init_pid: int, idmap: IdmapSet,
-                      privileged: bool = False, devices_dir: Path | None = None, disks=None) -> None:
-    """Add one device to the running container. `disks` (an instances.disks.DiskPrep) prepares
-    custom volume and block device disks; without it only host-path disks can be plugged."""
-    kind = dev.get("type")
-    root_uid, root_gid = (0, 0) if privileged else idmap.root_ids()
-    target = devs.container_path(dev)
-    if kind == "disk":
-        if devs.is_root_disk(dev):
-            return  # a root disk change applies at the next start
-        if dev.get("pool") or await asyncio.to_thread(lxcconf.is_block_source, dev):
-            if disks is None:
-                raise BadRequest(f"Invalid device {dname!r}: volume and block device disks can only be "
-                                 f"plugged by the daemon")
-            try:
-                prepared = await disks.prepare(dname, dev)
-                if prepared is None:
-                    return
-                options = {"kind": "dir" if prepared.is_dir else "file",
-                           "recursive": lxcconf.dev_bool(dev, "recursive"),
-                           "readonly": lxcconf.dev_bool(dev, "readonly"),
-                           "propagation": dev.get("propagation", ""), "shift": prepared.shift,
-                           "root_uid": root_uid, "root_gid": root_gid}
-                await runtime.hotplug_mount(name, init_pid, prepared.path, target, options, what=dname)
-            finally:
-                await disks.release()  # the container holds its own mount now
-            return
-        source = dev["source"]
-        if not await asyncio.to_thread(lxcconf.check_disk_source, dname, dev):
-            return
-        shift = lxcconf.dev_bool(dev, "shift") and not privileged
-        if shift:
-            from lxd_daemon.runtime.hotplug import idmapped_mounts_supported
-
-            if not await asyncio.to_thread(idmapped_mounts_supported, source):
-                raise BadRequest(f"Invalid device {dname!r}: shift=true needs idmapped mounts, which "
-                                 f"the filesystem of {source!r} doesn't support on this kernel")
-        is_dir = await asyncio.to_thread(os.path.isdir, source)
-        options = {"kind": "dir" if is_dir else "file", "recursive": lxcconf.dev_bool(dev, "recursive"),
-                   "readonly": lxcconf.dev_bool(dev, "readonly"), "propagation": dev.get("propagation", ""),
-                   "shift": shift, "root_uid": root_uid, "root_gid": root_gid}
-        await runtime.hotplug_mount(name, init_pid, source, target, options, what=dname)
-    elif kind in ("unix-char", "unix-block"):
-        info = await asyncio.to_thread(lxcconf.unix_node_info, dname, dev)
-        if info is None:
-            return
-        ddir = await asyncio.to_thread(_devices_dir, name, devices_dir, init_pid)
-        node = lxcconf.unix_node_path(ddir, dname, dev)
-        await asyncio.to_thread(lxcconf.make_unix_node, node, info, dev,
-                                IdmapSet(()) if privileged else idmap)
-        layout = lxcconf.host_layout()
-        if privileged and layout.version("devices"):
-            failed = await runtime.set_cgroup_files(
-                name, init_pid, [[layout.version("devices"), "devices.allow", lxcconf.device_rule(info)]])
-            if failed:
-                raise BadRequest(f"Failed to allow device {dname!r} in the instance's cgroup: {failed[0][2]}")
-        options = {"kind": "file", "root_uid": root_uid, "root_gid": root_gid}
-        await runtime.hotplug_mount(name, init_pid, str(node), target, options, what=dname)
+def _context(runtime, name: str, idmap: IdmapSet, privileged: bool, devices_dir: Path,
+             instances) -> DeviceContext:
+    return DeviceContext(instance=name, idmap=idmap, privileged=privileged, devices_dir=devices_dir,
+                         instances=instances, runtime=runtime)
 
 
-async def unplug_device(runtime, name: str, dname: str, dev: dict, *, init_pid: int,
-                        privileged: bool = False, devices_dir: Path | None = None,
-                        keep_rules: frozenset[str] = frozenset(), idmap: IdmapSet | None = None,
-                        disks=None) -> None:
-    kind = dev.get("type")
-    root_uid, root_gid = (0, 0) if privileged or idmap is None else idmap.root_ids()
-    target = devs.container_path(dev)
-    if kind == "disk":
-        if devs.is_root_disk(dev):
-            return
-        # The mount point goes too (LXD removes it; a directory only when it is empty).
-        await runtime.hotplug_unmount(name, init_pid, target, True, root_uid, root_gid, what=dname)
-        if disks is not None and dev.get("pool"):
-            await disks.volume_detached(dname, dev)
-    elif kind in ("unix-char", "unix-block"):
-        await runtime.hotplug_unmount(name, init_pid, target, True, root_uid, root_gid, what=dname)
-        ddir = await asyncio.to_thread(_devices_dir, name, devices_dir, init_pid)
-        node = lxcconf.unix_node_path(ddir, dname, dev)
-        layout = lxcconf.host_layout()
-        if privileged and layout.version("devices"):
-            try:
-                info = await asyncio.to_thread(lxcconf.unix_node_info, dname, dev)
-            except BadRequest:
-                info = None
-            if info is not None and lxcconf.device_rule(info) not in keep_rules:
-                await runtime.set_cgroup_files(
-                    name, init_pid, [[layout.version("devices"), "devices.deny", lxcconf.device_rule(info)]])
-        await asyncio.to_thread(_unlink, node)
+async def apply_run_config(runtime, name: str, dname: str, rc: RunConfig, ctx: DeviceContext, *,
+                           init_pid: int) -> None:
+    """Give a running container what a device's RunConfig says it needs: nodes made on the host,
+    cgroup rules allowed (privileged containers), mounts injected by the worker."""
+    if rc.interfaces or rc.items:
+        raise BadRequest(f"Device {dname!r} can't be added to a running instance")
+    for node in rc.nodes:
+        await asyncio.to_thread(make_node, node, ctx.node_idmap)
+    layout = lxcconf.host_layout()
+    if rc.cgroup_rules and ctx.privileged and layout.version("devices"):
+        failed = await runtime.set_cgroup_files(
+            name, init_pid, [[layout.version("devices"), "devices.allow", r.text()] for r in rc.cgroup_rules])
+        if failed:
+            raise BadRequest(f"Failed to allow device {dname!r} in the instance's cgroup: {failed[0][2]}")
+    root_uid, root_gid = ctx.root_ids
+    for m in rc.mounts:
+        await runtime.hotplug_mount(name, init_pid, m.source, m.target, m.hotplug_options(root_uid, root_gid),
+                                    what=dname)
 
 
-def _unlink(path: Path) -> None:
+async def plug_device(runtime, name: str, device: Device, ctx: DeviceContext, *, init_pid: int) -> None:
+    """Add one device to the running container: the device prepares the host (start()), its
+    RunConfig is applied, then its post_start hooks run (a block device's host mount goes)."""
+    rc = await device.start(ctx)
     try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
+        await apply_run_config(runtime, name, device.name, rc, ctx, init_pid=init_pid)
+    finally:
+        await run_hooks(rc.post_start)  # the container holds its own mount now
 
 
-def _known_info(dev: dict) -> tuple[int, int, int] | None:
-    """(type, major, minor) of a unix device when its config says so (no host lookups)."""
-    if not (dev.get("major") and dev.get("minor")):
-        return None
-    kind = stat.S_IFCHR if dev["type"] == "unix-char" else stat.S_IFBLK
-    return kind, int(dev["major"]), int(dev["minor"])
-
-
-def _hotplug_kind(dev: dict) -> bool:
-    return dev.get("type") in ("disk", "unix-char", "unix-block") and not devs.is_root_disk(dev)
+async def unplug_device(runtime, name: str, device: Device, ctx: DeviceContext, *, init_pid: int,
+                        keep_rules: frozenset[str] = frozenset()) -> None:
+    """Take one device out of the running container: what its stop() RunConfig lists is
+    unmounted (mount points removed) and its cgroup rules denied (unless `keep_rules` still
+    needs them), then its post_stop hooks and its remove() undo the host side."""
+    rc = await device.stop(ctx)
+    root_uid, root_gid = ctx.root_ids
+    for m in reversed(rc.mounts):
+        await runtime.hotplug_unmount(name, init_pid, m.target, True, root_uid, root_gid, what=device.name)
+    layout = lxcconf.host_layout()
+    deny = [r.text() for r in rc.cgroup_rules if r.text() not in keep_rules]
+    if deny and ctx.privileged and layout.version("devices"):
+        await runtime.set_cgroup_files(name, init_pid, [[layout.version("devices"), "devices.deny", r] for r in deny])
+    await run_hooks(rc.post_stop)
+    await device.remove(ctx)
 
 
 async def apply_live(runtime, name: str, old: tuple[dict, dict], new: tuple[dict, dict], *, init_pid: int,
                      idmap: IdmapSet, privileged: bool | None = None, devices_dir: Path | None = None,
-                     disks=None) -> None:
+                     instances=None) -> None:
     """Bring a running container from the old expanded (config, devices) to the new one.
 
     Devices that went away or changed are unplugged (deepest paths first), then new or changed
     ones are plugged; then changed limits are written to the cgroups. Keys without a live
     updater (security.*, raw.*) wait for the next start. When a step fails, the steps already
     done are undone (best effort, in reverse) and BadRequest is raised, so the container stays
-    as the old config describes; the caller stores the new config only when this returns."""
+    as the old config describes; the caller stores the new config only when this returns.
+    `instances` (the instance service) lets volume and block device disks be plugged."""
     old_config, old_devices = old
     new_config, new_devices = new
     if privileged is None:
         privileged = idmap.empty
-    common = {"init_pid": init_pid, "privileged": privileged, "devices_dir": devices_dir, "disks": disks}
 
-    gone = [(n, d) for n, d in old_devices.items() if _hotplug_kind(d) and new_devices.get(n) != d]
-    came = [(n, d) for n, d in new_devices.items() if _hotplug_kind(d) and old_devices.get(n) != d]
-    gone.sort(key=lambda nd: -devs.container_path(nd[1]).count("/"))
-    came.sort(key=lambda nd: (devs.container_path(nd[1]).count("/"), nd[0]))
+    gone = [d for d in load_all({n: c for n, c in old_devices.items() if new_devices.get(n) != c}) if d.hotpluggable]
+    came = [d for d in load_all({n: c for n, c in new_devices.items() if old_devices.get(n) != c}) if d.hotpluggable]
+    gone.sort(key=lambda d: -d.sort_key[0])
     keep_new = _kept_rules(new_devices)
     keep_old = _kept_rules(old_devices)
 
@@ -235,26 +180,28 @@ async def apply_live(runtime, name: str, old: tuple[dict, dict], new: tuple[dict
         if spec is not None and spec.live:
             kinds.add(spec.live)
 
-    async with contextlib.AsyncExitStack() as undo:
-        for dname, dev in gone:
-            await unplug_device(runtime, name, dname, dev, keep_rules=keep_new, idmap=idmap, **common)
-            undo.push_async_callback(_quietly, plug_device, runtime, name, dname, dev, idmap=idmap, **common)
-        for dname, dev in came:
-            await plug_device(runtime, name, dname, dev, idmap=idmap, **common)
-            undo.push_async_callback(_quietly, unplug_device, runtime, name, dname, dev, keep_rules=keep_old,
-                                     idmap=idmap, **common)
+    ctx = None
+    if gone or came:
+        ddir = await asyncio.to_thread(_devices_dir, name, devices_dir, init_pid)
+        ctx = _context(runtime, name, idmap, privileged, ddir, instances)
+    async with Revert() as revert:
+        for device in gone:
+            await unplug_device(runtime, name, device, ctx, init_pid=init_pid, keep_rules=keep_new)
+            revert.add(plug_device, runtime, name, device, ctx, init_pid=init_pid)
+        for device in came:
+            await plug_device(runtime, name, device, ctx, init_pid=init_pid)
+            revert.add(unplug_device, runtime, name, device, ctx, init_pid=init_pid, keep_rules=keep_old)
         for kind in sorted(kinds):
-            undo.push_async_callback(_quietly, UPDATERS[kind], runtime, name, new_config, old_config,
-                                     init_pid=init_pid)
+            revert.add(_quietly, UPDATERS[kind], runtime, name, new_config, old_config, init_pid=init_pid)
             await UPDATERS[kind](runtime, name, old_config, new_config, init_pid=init_pid)
-        undo.pop_all()
+        revert.success()
 
 
 def _kept_rules(devices: dict) -> frozenset[str]:
     """Device cgroup rules that must stay allowed: the defaults and the devices' own."""
     return frozenset(lxcconf.PRIVILEGED_DEVICES) | {
-        lxcconf.device_rule(info) for d in devices.values()
-        if d.get("type") in ("unix-char", "unix-block") and (info := _known_info(d))}
+        device_rule(info) for d in devices.values()
+        if d.get("type") in ("unix-char", "unix-block") and (info := known_info(d))}
 
 
 async def _quietly(fn, *args, **kwargs) -> None:

@@ -4,7 +4,8 @@ render(spec) returns LXC (key, value) pairs in order; to_text() turns them into 
 worker loads. The result is what LXD 5.0 generates for a container on a host without AppArmor
 or a network (no nic devices yet): id map, autodev, proc/sys/cgroup automounts, console and log
 files, dropped capabilities, a seccomp deny list, cgroup limits (v1 hierarchies or v2, detected
-once per process), bind mounts for disk and unix devices, environment, then raw.lxc last.
+once per process), what each device needs (its RunConfig from lxd_daemon/devices/: mount
+entries, device cgroup rules, network interfaces, items), environment, then raw.lxc last.
 
 render() touches the host only for what a start needs (spec.prepare_host): it writes the
 seccomp policy next to the log file and creates device nodes for unix-char/unix-block devices
@@ -16,18 +17,23 @@ from __future__ import annotations
 import functools
 import os
 import re
-import stat
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lxd_daemon.devices.base import DeviceContext
+from lxd_daemon.devices.disk import DiskSource, disk_host_mount_path
+from lxd_daemon.devices.registry import load_all
+from lxd_daemon.devices.runconfig import MountEntry, RunConfig
+from lxd_daemon.devices.unix import make_node
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.instances import config as cfg
-from lxd_daemon.instances import devices as devs
 from lxd_daemon.instances.idmap import IdmapSet
 from lxd_daemon.util import validate as v
 
 Items = list[tuple[str, str]]
+
+__all__ = ["DiskSource", "disk_host_mount_path"]  # kept importable from here (tests)
 
 # What LXD drops when AppArmor can't confine the container (mac_* are only kept for stacking).
 CAP_DROP = "sys_time sys_module sys_rawio mac_admin mac_override"
@@ -83,17 +89,6 @@ RAW_FORBIDDEN: dict[str, str] = {
 # -- the spec -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class DiskSource:
-    """What a prepared disk device bind-mounts: a host path (a custom volume's directory, the
-    host-side mount of a block device), whether it is a directory, and whether the mount is
-    idmapped to the container (shift)."""
-
-    path: str
-    is_dir: bool = True
-    shift: bool = False
-
-
 @dataclass
 class LxcSpec:
     name: str
@@ -111,9 +106,13 @@ class LxcSpec:
     extra: list[tuple[str, str]] = field(default_factory=list)
     prepare_host: bool = True          # write the seccomp file and device nodes (False: pure)
     devices_dir: Path | None = None    # host dir for unix device nodes (default lxcpath/name/devices)
-    # Disks whose host side was prepared for this start (instances/disks.py): custom volumes
+    # Disks whose host side was prepared for this start (devices/disk.py): custom volumes
     # (mounted and shifted) and block devices (mounted on the host), by device name.
     disk_sources: dict[str, DiskSource] = field(default_factory=dict)
+    # What each device needs, from its start() (devices/): by device name. None: described here
+    # from the devices' configs (a pure render for tests and previews; prepared disks from
+    # disk_sources).
+    run_configs: dict[str, RunConfig] | None = None
     log_level: str = "warn"
 
     @property
@@ -397,84 +396,6 @@ def _arch() -> str | None:
             "ppc64le": "linux64", "s390x": "linux64", "riscv64": "linux64"}.get(os.uname().machine)
 
 
-def disk_mount_options(dev: dict[str, str], *, source_is_dir: bool, shift: bool) -> list[str]:
-    opts = ["rbind" if dev_bool(dev, "recursive") else "bind", "create=dir" if source_is_dir else "create=file"]
-    if dev_bool(dev, "readonly"):
-        opts.append("ro")
-    prop = dev.get("propagation", "")
-    if prop:
-        opts.append(prop)
-    if shift:
-        opts.append("idmap=container")
-    return opts
-
-
-def dev_bool(dev: dict[str, str], key: str) -> bool:
-    val = dev.get(key, "")
-    return v.parse_bool(val) if val else False
-
-
-def path_name_encode(text: str) -> str:
-    """A path as one file name, as LXD encodes it ("-" doubled, then "/" -> "-")."""
-    return text.replace("-", "--").replace("/", "-")
-
-
-def disk_host_mount_path(devices_dir: Path, name: str, dev: dict[str, str]) -> Path:
-    """Where a block device disk's filesystem is mounted on the host before it is bind-mounted
-    into the container: <devices dir>/disk.<device>.<path>, as LXD names it."""
-    rel = devs.container_path(dev).lstrip("/")
-    return devices_dir / path_name_encode(f"disk.{name}.{rel}")
-
-
-def unix_node_path(spec_dir: Path, name: str, dev: dict[str, str]) -> Path:
-    rel = devs.container_path(dev).strip("/").replace("/", "-")
-    return spec_dir / f"unix.{name}.{rel}"
-
-
-def unix_node_info(name: str, dev: dict[str, str]) -> tuple[int, int, int] | None:
-    """(type bits, major, minor) of a unix device, from the config or the host node.
-
-    None when the host node is missing and the device isn't required."""
-    kind = stat.S_IFCHR if dev["type"] == "unix-char" else stat.S_IFBLK
-    if dev.get("major") and dev.get("minor"):
-        return kind, int(dev["major"]), int(dev["minor"])
-    src = dev.get("source") or dev.get("path")
-    try:
-        st = os.stat(src)
-    except OSError:
-        if devs.unix_required(dev):
-            raise BadRequest(f"Missing source path {src!r} for device {name!r}") from None
-        return None
-    if stat.S_IFMT(st.st_mode) != kind:
-        raise BadRequest(f"Invalid device {name!r}: {src!r} is not a {dev['type'][5:]} device")
-    return kind, os.major(st.st_rdev), os.minor(st.st_rdev)
-
-
-def make_unix_node(path: Path, info: tuple[int, int, int], dev: dict[str, str], idmap: IdmapSet) -> None:
-    """Create (or re-create) the host node that is bind-mounted into the container."""
-    kind, major, minor = info
-    mode = int(dev.get("mode") or "0660", 8)
-    uid, gid = int(dev.get("uid") or 0), int(dev.get("gid") or 0)
-    huid, hgid = idmap.to_host(uid, gid)
-    if huid < 0 or hgid < 0:
-        raise BadRequest(f"Invalid device: uid {uid} / gid {gid} are not mapped in the container")
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o711)
-    tmp = path.with_name(path.name + ".new")
-    try:
-        tmp.unlink()
-    except FileNotFoundError:
-        pass
-    os.mknod(tmp, kind | mode, os.makedev(major, minor))
-    os.chown(tmp, huid, hgid)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
-def device_rule(info: tuple[int, int, int]) -> str:
-    kind, major, minor = info
-    return f"{'c' if kind == stat.S_IFCHR else 'b'} {major}:{minor} rwm"
-
-
 # -- render -------------------------------------------------------------------------------------
 
 
@@ -563,23 +484,20 @@ def render(spec: LxcSpec, layout: CgroupLayout | None = None) -> Items:
                  soft if soft == hard else f"{soft}:{hard}"))
 
     # devices: shallower mount paths first, then by name
-    for dname, dev in sorted(spec.expanded_devices.items(),
-                             key=lambda kv: (devs.container_path(kv[1]).count("/"), kv[0])):
-        kind = dev.get("type")
-        if kind == "disk" and not devs.is_root_disk(dev):
-            entry = disk_mount_entry(spec, dname, dev)
-            if entry:
-                add(("lxc.mount.entry", entry))
-        elif kind in ("unix-char", "unix-block"):
-            for key, value in unix_device_items(spec, dname, dev, layout):
-                add((key, value))
+    run_configs = device_run_configs(spec)
+    for rc in run_configs:
+        items.extend(run_config_items(spec, rc, layout))
 
     # environment
     for key in sorted(conf):
         if key.startswith("environment.") and conf[key] != "":
             add(("lxc.environment", f"{key[len('environment.'):]}={conf[key]}"))
 
-    add(("lxc.net.0.type", "empty"))
+    nics = [nic for rc in run_configs for nic in rc.interfaces]
+    for index, nic in enumerate(nics):
+        items.extend(nic.lxc_items(index))
+    if not nics:
+        add(("lxc.net.0.type", "empty"))
     items.extend(spec.extra)
 
     raw = conf.get("raw.lxc", "")
@@ -589,70 +507,33 @@ def render(spec: LxcSpec, layout: CgroupLayout | None = None) -> Items:
     return items
 
 
-def check_disk_source(name: str, dev: dict[str, str]) -> bool:
-    """True when a host-path disk's source exists (a path to bind-mount, or a block device whose
-    filesystem is mounted on the host first: instances/disks.py); False when it is missing and
-    optional; BadRequest when it is missing and required."""
-    source = dev["source"]
-    try:
-        os.stat(source)
-    except FileNotFoundError:
-        if devs.disk_required(dev):
-            raise BadRequest(f"Missing source path {source!r} for disk {name!r}") from None
-        return False
-    except OSError as e:
-        raise BadRequest(f"Invalid source path {source!r} for disk {name!r}: {e.strerror}") from None
-    return True
+def device_run_configs(spec: LxcSpec) -> list[RunConfig]:
+    """Each device's RunConfig in start order: the ones the start path prepared (spec.run_configs),
+    or else described from the configs (disks prepared per spec.disk_sources)."""
+    devices = load_all(spec.expanded_devices)
+    if spec.run_configs is not None:
+        return [spec.run_configs[d.name] for d in devices if d.name in spec.run_configs]
+    ctx = DeviceContext(instance=spec.name, idmap=spec.idmap, privileged=spec.privileged,
+                        devices_dir=spec.device_dir, prepared=dict(spec.disk_sources))
+    return [device.run_config(ctx) for device in devices]
 
 
-def is_block_source(dev: dict[str, str]) -> bool:
-    """Whether a host-path disk's source is a block device (its filesystem gets mounted)."""
-    try:
-        return stat.S_ISBLK(os.stat(dev.get("source", "")).st_mode)
-    except (OSError, ValueError):
-        return False
+def mount_entry(m: MountEntry) -> str:
+    """A MountEntry as the value of lxc.mount.entry."""
+    return f"{escape_fstab(m.source)} {escape_fstab(m.target.lstrip('/'))} none {','.join(m.options())} 0 0"
 
 
-def disk_mount_entry(spec: LxcSpec, name: str, dev: dict[str, str]) -> str | None:
-    """The lxc.mount.entry for a disk, or None for an optional disk whose source is gone (or a
-    volume / block device disk that wasn't prepared: a pure render)."""
-    prepared = spec.disk_sources.get(name)
-    if prepared is not None:  # checked by instances/disks.py (idmapped mount support too)
-        target = devs.container_path(dev).lstrip("/")
-        opts = disk_mount_options(dev, source_is_dir=prepared.is_dir,
-                                  shift=prepared.shift and not spec.privileged)
-        return f"{escape_fstab(prepared.path)} {escape_fstab(target)} none {','.join(opts)} 0 0"
-    if dev.get("pool"):
-        return None
-    source = dev["source"]
-    if not check_disk_source(name, dev):
-        return None
-    if is_block_source(dev):
-        return None
-    shift = dev_bool(dev, "shift") and not spec.privileged
-    if shift:
-        from lxd_daemon.runtime.hotplug import idmapped_mounts_supported
-
-        if not idmapped_mounts_supported(source):
-            raise BadRequest(f"Invalid device {name!r}: shift=true needs idmapped mounts, which "
-                             f"the filesystem of {source!r} doesn't support on this kernel")
-    target = devs.container_path(dev).lstrip("/")
-    opts = disk_mount_options(dev, source_is_dir=os.path.isdir(source), shift=shift)
-    return f"{escape_fstab(source)} {escape_fstab(target)} none {','.join(opts)} 0 0"
-
-
-def unix_device_items(spec: LxcSpec, name: str, dev: dict[str, str], layout: CgroupLayout) -> Items:
-    info = unix_node_info(name, dev)
-    if info is None:
-        return []
-    node = unix_node_path(spec.device_dir, name, dev)
-    if spec.prepare_host:
-        make_unix_node(node, info, dev, IdmapSet(()) if spec.privileged else spec.idmap)
+def run_config_items(spec: LxcSpec, rc: RunConfig, layout: CgroupLayout) -> Items:
+    """What a device's RunConfig means at start: its device nodes made (with prepare_host), its
+    cgroup rules (privileged containers), its mount entries, its own items."""
     out: Items = []
+    if spec.prepare_host:
+        for node in rc.nodes:
+            make_node(node, IdmapSet(()) if spec.privileged else spec.idmap)
     if spec.privileged and layout.version("devices"):
-        out.append((layout.prefix("devices") + "devices.allow", device_rule(info)))
-    target = devs.container_path(dev).lstrip("/")
-    out.append(("lxc.mount.entry", f"{escape_fstab(str(node))} {escape_fstab(target)} none bind,create=file 0 0"))
+        out.extend((layout.prefix("devices") + "devices.allow", rule.text()) for rule in rc.cgroup_rules)
+    out.extend(("lxc.mount.entry", mount_entry(m)) for m in rc.mounts)
+    out.extend(rc.items)
     return out
 
 

@@ -25,12 +25,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from lxd_daemon import names
+from lxd_daemon.devices import lifecycle as device_lifecycle
+from lxd_daemon.devices.base import DeviceContext
+from lxd_daemon.devices.disk import check_volumes, unmount_under
+from lxd_daemon.devices.registry import load_all
 from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound, NotImplementedYet
 from lxd_daemon.instances import idmap as idmaps
 from lxd_daemon.instances import state as rstate
 from lxd_daemon.instances import validation
-from lxd_daemon.instances.disks import DiskPrep, check_volumes, instance_stopped, unmount_under
-from lxd_daemon.instances.idmap import IdmapEntry, IdmapSet
+from lxd_daemon.instances.idmap import IdmapEntry, IdmapSet, shift_tree
 from lxd_daemon.instances.models import FrozenRootfs, Instance, Record, Runtime
 from lxd_daemon.instances.store import InstanceStore
 from lxd_daemon.instances.tracker import RuntimeTracker
@@ -67,32 +70,6 @@ def host_architecture() -> str:
 
 def is_true(v: str | None) -> bool:
     return (v or "").lower() in TRUE
-
-
-def shift_tree(root: Path, old: IdmapSet, new: IdmapSet) -> int:
-    """Re-own every file under root from the `old` on-disk map to the `new` one (one chown pass).
-    Mode bits that chown clears (setuid/setgid) are put back. Returns the number of entries."""
-    count = 0
-
-    def one(path: str) -> None:
-        nonlocal count
-        st = os.lstat(path)
-        cu, cg = old.to_container(st.st_uid, st.st_gid) if not old.empty else (st.st_uid, st.st_gid)
-        if cu < 0 or cg < 0:
-            return
-        hu, hg = new.to_host(cu, cg) if not new.empty else (cu, cg)
-        if hu < 0 or hg < 0 or (hu, hg) == (st.st_uid, st.st_gid):
-            return
-        os.lchown(path, hu, hg)
-        count += 1
-        if not stat.S_ISLNK(st.st_mode) and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
-            os.chmod(path, stat.S_IMODE(st.st_mode))
-
-    one(str(root))
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for n in dirnames + filenames:
-            one(os.path.join(dirpath, n))
-    return count
 
 
 class InstanceService:
@@ -917,6 +894,10 @@ class InstanceService:
             await self.store.save(newrec)
             self.records[name] = newrec
             self.refresh_backup_yaml(name)
+            if status == "Stopped":  # devices that left remove what they keep on the host
+                gone = {k: d for k, d in old[1].items() if new[1].get(k) != d}
+                if gone:
+                    await device_lifecycle.remove_devices(load_all(gone), self.device_context(name, IdmapSet(())))
 
     @staticmethod
     def _check_expanded(ec: dict) -> None:
@@ -933,8 +914,7 @@ class InstanceService:
         if not rstate.alive(pid, None) or not rstate.container_cgroups(name, pid):
             raise BadRequest("The instance isn't running")
         await live.apply_live(self.liblxc, name, old, new, init_pid=pid, idmap=inst.idmap,
-                              privileged=inst.idmap.empty, devices_dir=self.devices_dir(name),
-                              disks=DiskPrep(self, name, inst.idmap, privileged=inst.idmap.empty))
+                              privileged=inst.idmap.empty, devices_dir=self.devices_dir(name), instances=self)
 
     async def check_profile_change(self, profile: str, config: dict, devices: dict) -> None:
         for n in self.names_using_profile(profile):
@@ -978,6 +958,10 @@ class InstanceService:
     async def _delete_locked(self, name: str, requestor: dict | None) -> None:
         rec = self.record(name)
         try:
+            devices = load_all(self.expanded(name)[1])
+        except LXDError:
+            devices = []
+        try:
             pool = self._root_pool(self.expanded(name)[1], name)
         except LXDError:
             pool = None
@@ -992,7 +976,9 @@ class InstanceService:
             # Renamed out of the way now (instant), removed in the background; a crash before
             # that finishes leaves a `.trash-*` volume, which the start-up sweep removes.
             await self.services.storage.volumes.delete_instance_volume(pool, "default", name)
-        await asyncio.to_thread(unmount_under, self.devices_dir(name))  # no disk mount left in it
+        # each device removes what it keeps on the host; then no disk mount may be left in its dir
+        await device_lifecycle.remove_devices(devices, self.device_context(name, IdmapSet(())))
+        await asyncio.to_thread(unmount_under, self.devices_dir(name))
         await asyncio.to_thread(_remove_paths, self.lxcpath / name, self.logs_root / name, self.devices_dir(name))
         from lxd_daemon.instances.lxcconf import remove_seccomp_policy
 
@@ -1086,30 +1072,37 @@ class InstanceService:
         if rec.config.get("volatile.apply_template"):
             updates["volatile.apply_template"] = None
         conf = logdir / "lxc.conf"
-        disks = DiskPrep(self, name, desired, privileged=desired.empty)  # volumes, block devices
-        text_ = self._render_lxc(name, idir, rootfs, logdir, ec, ed, desired, await disks.prepare_all(ed))
+        ctx = self.device_context(name, desired)
+        async with Revert() as revert:
+            # Each device prepares the host (volumes mounted and shifted, block devices mounted
+            # on the host); a later failure undoes the devices already started.
+            run_configs = await device_lifecycle.start_devices(load_all(ed), ctx, revert)
+            try:
+                text_ = await asyncio.to_thread(self._render_lxc, name, idir, rootfs, logdir, ec, ed, desired,
+                                                run_configs)
 
-        def write_conf():
-            logdir.mkdir(parents=True, exist_ok=True)
-            tmp = conf.with_name(".lxc.conf.tmp")
-            tmp.write_text(text_)
-            os.replace(tmp, conf)
+                def write_conf():
+                    logdir.mkdir(parents=True, exist_ok=True)
+                    tmp = conf.with_name(".lxc.conf.tmp")
+                    tmp.write_text(text_)
+                    os.replace(tmp, conf)
 
-        await asyncio.to_thread(write_conf)
-        # The volume directory: traversable by the container's root only (as LXD's start does).
-        await asyncio.to_thread(self._root_pool(ed).driver.secure_instance_volume, idir, desired.root_ids()[0])
-        await asyncio.to_thread(rstate.remove_monitor_cgroups, name)
-        if not idmap_empty(desired):
-            self._ensure_traversable()
-        t3 = _now()
-        try:
-            await disks.mount_pending()  # block devices, mounted on the host only while liblxc starts
-            pid = await self.liblxc.start(name, str(self.lxcpath), str(conf))
-        except StartFailed as e:
-            tail = _log_tail(logdir / "lxc.log")
-            raise LXDError(e.message + (f"\n{tail}" if tail else "")) from None
-        finally:
-            await disks.release()
+                await asyncio.to_thread(write_conf)
+                # The volume directory: traversable by the container's root only (as LXD's start does).
+                await asyncio.to_thread(self._root_pool(ed).driver.secure_instance_volume, idir,
+                                        desired.root_ids()[0])
+                await asyncio.to_thread(rstate.remove_monitor_cgroups, name)
+                if not idmap_empty(desired):
+                    self._ensure_traversable()
+                t3 = _now()
+                pid = await self.liblxc.start(name, str(self.lxcpath), str(conf))
+            except StartFailed as e:
+                tail = _log_tail(logdir / "lxc.log")
+                raise LXDError(e.message + (f"\n{tail}" if tail else "")) from None
+            finally:
+                # block devices' host-side mounts: only while liblxc starts the container
+                await device_lifecycle.post_start(run_configs)
+            revert.success()
         t4 = _now()
         self._track(name, pid)
         rec.last_used_at = rfc3339()
@@ -1126,14 +1119,19 @@ class InstanceService:
                                     "templates_ms": round(t2 - t1, 1), "config_ms": round(t3 - t2, 1),
                                     "liblxc_ms": round(t4 - t3, 1), "record_ms": round(t5 - t4, 1)})
 
-    def _render_lxc(self, name, idir, rootfs, logdir, ec, ed, idmap, disk_sources=None) -> str:
+    def _render_lxc(self, name, idir, rootfs, logdir, ec, ed, idmap, run_configs) -> str:
         from lxd_daemon.instances import lxcconf
 
         spec = lxcconf.LxcSpec(name=name, lxcpath=self.lxcpath, rootfs=rootfs, log_file=logdir / "lxc.log",
                                console_log=logdir / "console.log", hostname=name, expanded_config=ec,
                                expanded_devices=ed, idmap=idmap, privileged=idmap.empty,
-                               devices_dir=self.devices_dir(name), disk_sources=disk_sources or {})
+                               devices_dir=self.devices_dir(name), run_configs=run_configs)
         return lxcconf.to_text(lxcconf.render(spec))
+
+    def device_context(self, name: str, idmap: IdmapSet) -> DeviceContext:
+        """What instance `name`'s devices work with (devices/base.py)."""
+        return DeviceContext(instance=name, idmap=idmap, privileged=idmap.empty,
+                             devices_dir=self.devices_dir(name), instances=self, runtime=self.liblxc)
 
     async def _apply_templates(self, rec, idir, rootfs, ec, ed, idmap) -> None:
         from lxd_daemon.instances import templates
@@ -1199,8 +1197,10 @@ class InstanceService:
             await asyncio.to_thread(drv.secure_instance_volume, self.lxcpath / name, 0)
         except (LXDError, OSError) as e:
             log.warning("couldn't reset the volume's owner", extra={"instance": name, "err": str(e)})
-        with contextlib.suppress(LXDError):  # custom volumes no running container uses are unmounted
-            await instance_stopped(self, name, self.expanded(name)[1])
+        with contextlib.suppress(LXDError):  # each device undoes its host work (volumes unmounted...)
+            rec = self.record(name)
+            idmap = IdmapSet.from_json(rec.config.get("volatile.idmap.current"))
+            await device_lifecycle.stop_devices(load_all(self.expanded(name)[1]), self.device_context(name, idmap))
 
     async def _signal(self, rt: Runtime, sig: int) -> None:
         if rt.exited.is_set() or rt.pidfd < 0:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lxd_daemon.api import instance_logs, instance_state, instances, profiles  # noqa: F401  (routes register)
-from lxd_daemon.instances import disks
+from lxd_daemon.devices import disk as disks
 from lxd_daemon.instances.service import InstanceService
 from lxd_daemon.profiles.service import ProfileService
 

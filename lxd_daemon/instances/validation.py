@@ -1,10 +1,10 @@
 """Validation and expansion of instance/profile config and devices, as the instances core uses
-them: thin wrappers over instances.config and instances.devices."""
+them: thin wrappers over instances.config and the devices package."""
 
 from __future__ import annotations
 
+from lxd_daemon import devices as devmod
 from lxd_daemon.instances import config as cfgmod
-from lxd_daemon.instances import devices as devmod
 
 
 def validate_config(config: dict[str, str], *, profile: bool = False) -> None:

@@ -71,6 +71,11 @@ class RuntimeClient:
         except WorkerError as e:
             raise BadRequest(f"Failed to add device {what!r} on the running instance: {e}") from None
 
+    async def idmapped_mounts_supported(self, path: str) -> bool:
+        """Whether mounts of `path`'s filesystem can be idmapped on this kernel (probed once per
+        filesystem and worker)."""
+        return bool(await self.pool.call("idmap_supported", str(path)))
+
     async def hotplug_unmount(self, name: str, init_pid: int, target: str, remove: bool, root_uid: int,
                               root_gid: int, *, what: str) -> None:
         try:

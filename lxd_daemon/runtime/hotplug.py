@@ -1,5 +1,7 @@
 """Live changes to running containers, run inside the liblxc worker (registered with @worker.method):
-cgroup limits, and hot-plugging disk and unix devices.
+cgroup limits, and the mounts and device cgroup rules of a hot-plugged device (instances/live.py
+applies a device's RunConfig, lxd_daemon/devices/, through these primitives; nothing here knows
+device types).
 
 Mount injection uses the new mount API (Linux >= 5.2): the worker forks a child, which clones the
 host path as a detached mount (open_tree(OPEN_TREE_CLONE)), makes it read-only and/or idmapped to
@@ -285,6 +287,12 @@ def hotplug_mount(worker: Worker, pid: int, source: str, target: str, options: d
                  recursive=bool(options.get("recursive")), readonly=bool(options.get("readonly")),
                  propagation=options.get("propagation", ""), shift=bool(options.get("shift")),
                  root_uid=int(options.get("root_uid", 0)), root_gid=int(options.get("root_gid", 0)))
+
+
+@method()
+def idmap_supported(worker: Worker, path: str) -> bool:
+    """Whether mounts of `path`'s filesystem can be idmapped (the probe forks: done here)."""
+    return idmapped_mounts_supported(path)
 
 
 @method()

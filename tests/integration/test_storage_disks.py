@@ -254,6 +254,62 @@ def test_block_device_disk(ready, c1, loopdev, tmp_path):
         subprocess.run(["umount", str(mnt)], check=True)
 
 
+def test_failed_start_undoes_the_devices_already_prepared(ready, names, loopdev):
+    """A start that fails on a later device (a required source missing) undoes what the earlier
+    devices prepared on the host: the block device's host-side mount is gone, and the device
+    works at the next start once the bad one is removed."""
+    d = ready
+    c = names("undo")
+    ok(d, "init", "busybox", c)
+    ok(d, "config", "device", "add", c, "blk", "disk", f"source={loopdev}", "path=/mnt/blk")
+    ok(d, "config", "device", "add", c, "gone", "disk", "source=/nonexistent-h10", "path=/mnt/blk/deeper/x")
+    err = fails(d, "start", c)
+    assert "Missing source path" in err
+    devdir = d.lxd_dir / "devices" / c
+    assert host_mounts_under(devdir) == []
+    assert not (devdir / "disk.blk.mnt-blk").exists()
+    ok(d, "config", "device", "remove", c, "gone")
+    ok(d, "start", c)
+    try:
+        assert ok(d, "exec", c, "--", "cat", "/mnt/blk/hello") == "from the block device\n"
+        assert host_mounts_under(devdir) == []
+    finally:
+        ok(d, "delete", "-f", c)
+
+
+def test_shifted_host_path_and_unix_node_at_start(ready, names):
+    """At start: a host path with shift=true is idmapped (the filesystem probed by a worker), a
+    unix-char node is made in the devices directory; removing the unix device from the stopped
+    container removes its node."""
+    import shutil
+    import tempfile
+
+    from lxd_daemon.runtime.hotplug import idmapped_mounts_supported
+
+    d = ready
+    src = Path(tempfile.mkdtemp(prefix="h10-shift-"))
+    try:
+        src.chmod(0o711)
+        (src / "f").write_text("host root's\n")
+        if not idmapped_mounts_supported(src):
+            pytest.skip("no idmapped mounts for this filesystem here")
+        c = names("atstart")
+        ok(d, "init", "busybox", c)
+        ok(d, "config", "device", "add", c, "sh", "disk", f"source={src}", "path=/mnt/sh", "shift=true")
+        ok(d, "config", "device", "add", c, "nul", "unix-char", "path=/dev/mynull2", "major=1", "minor=3")
+        ok(d, "start", c)
+        assert ok(d, "exec", c, "--", "stat", "-c", "%u", "/mnt/sh/f").strip() == "0"
+        assert ok(d, "exec", c, "--", "sh", "-c", "echo hi > /dev/mynull2 && echo ok") == "ok\n"
+        node = d.lxd_dir / "devices" / c / "unix.nul.dev-mynull2"
+        assert node.is_char_device()
+        ok(d, "stop", c, "--force")
+        ok(d, "config", "device", "remove", c, "nul")
+        assert not node.exists()
+        ok(d, "delete", c)
+    finally:
+        shutil.rmtree(src, ignore_errors=True)
+
+
 def test_block_device_without_filesystem_is_refused(ready, c1, tmp_path):
     d = ready
     img = tmp_path / "blank.img"

@@ -245,7 +245,7 @@ def test_apparmor_only_where_enabled(tmp_path, monkeypatch):
 
 
 def test_block_device_disk_binds_its_host_side_mount(tmp_path):
-    """A block device disk binds where instances/disks.py mounted its filesystem on the host
+    """A block device disk binds where devices/disk.py mounted its filesystem on the host
     (LXD's devices/<name>/disk.<dev>.<path>); a pure render without that preparation leaves it out."""
     import glob
 
