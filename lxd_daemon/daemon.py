@@ -322,17 +322,50 @@ def _http_protocol():
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     from lxd_daemon.api.envelope import error_body
+    from lxd_daemon.api.socket_body import RAW_LIMIT as raw_limit
 
     request_line = re.compile(rb"\A\s*([!#$%&'*+.^_`|~0-9A-Za-z-]+) ")
     known = {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS", b"CONNECT", b"TRACE"}
 
     class LXDHttpToolsProtocol(HttpToolsProtocol):
         _head = b""
+        # The raw bytes of the connection's first request, until it is complete (or RAW_LIMIT):
+        # socket_body.take_chunked() decodes a chunked body's start from them.
+        _raw: list[bytes] | None = None
+        _raw_size = 0
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._raw = []
 
         def data_received(self, data: bytes) -> None:
             if not self._head or self.cycle is None or self.cycle.response_complete:
                 self._head = bytes(data[:64])  # the start of a request, to tell why it was refused
+            if self._raw is not None:
+                self._raw_size += len(data)
+                if self._raw_size > raw_limit:
+                    self._raw = None
+                else:
+                    self._raw.append(data)
             super().data_received(data)
+
+        def on_headers_complete(self) -> None:
+            super().on_headers_complete()
+            if self._raw is not None and not any(n == b"transfer-encoding" and b"chunked" in v.lower()
+                                                 for n, v in self.headers):
+                self._raw = None  # only a chunked body is ever decoded from them
+
+        def on_message_complete(self) -> None:
+            self._raw = None
+            super().on_message_complete()
+
+        @property
+        def raw_request(self) -> list[bytes] | None:
+            return self._raw
+
+        def take_raw_request(self) -> bytes | None:
+            raw, self._raw = self._raw, None
+            return b"".join(raw) if raw is not None else None
 
         def send_400_response(self, msg: str) -> None:
             m = request_line.match(self._head)

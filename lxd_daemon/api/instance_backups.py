@@ -19,7 +19,7 @@ from lxd_daemon.api import socket_body
 from lxd_daemon.api.envelope import async_, sync
 from lxd_daemon.api.instances import instance_routes
 from lxd_daemon.api.request import parse, recursion
-from lxd_daemon.errors import BadRequest
+from lxd_daemon.errors import BadRequest, LXDError
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.backups import BackupPost, InstanceBackupsPost
 
@@ -119,23 +119,78 @@ async def export_backup(prefix: str, request: Request, name: str, backup: str) -
     from lxd_daemon.api.images import FileParts
 
     services = get_services(request)
-    f, size = await services.backups.open_file(name, backup)
+    f, size, follow = await services.backups.open_export(name, backup)
     services.events.lifecycle("instance-backup-retrieved", f"/1.0/instances/{name}/backups/{backup}",
                               requestor=requestor(request))
-    return FileParts([(f, size)], media_type="application/octet-stream",
-                     headers={"Content-Disposition": f"attachment;filename={backup}"})
+    headers = {"Content-Disposition": f"attachment;filename={backup}"}
+    if follow is not None:
+        return FollowedFile(f, size, follow, headers)
+    return FileParts([(f, size)], media_type="application/octet-stream", headers=headers)
+
+
+class FollowedFile(Response):
+    """A backup file still being written (backups.create.StreamedBackup), sent as its writer
+    goes, with the Content-Length of the whole: with sendfile from a thread when the connection
+    allows it, else in chunks. If the writing fails, the response ends short of its length and
+    the connection closes: the client reports the download as failed, it never gets a short
+    file that looks complete."""
+
+    CHUNK = 4 << 20
+
+    def __init__(self, f, size: int, follow, headers: dict[str, str]):
+        super().__init__(media_type="application/octet-stream", headers=headers)
+        self.f = f
+        self.size = size
+        self.follow = follow
+        self.headers["content-length"] = str(size)
+
+    async def __call__(self, scope, receive, send) -> None:
+        sender = socket_body.FileSender.open(receive) if scope.get("method") == "GET" else None
+        try:
+            self.headers["connection"] = "close"
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            if scope.get("method") == "HEAD":
+                await send({"type": "http.response.body", "body": b""})
+                return
+            if sender is not None and sender.headers_flushed():
+                try:
+                    await sender.send_body([(self.f, self.size, self.follow)])
+                except (OSError, LXDError) as e:  # the writing failed, or the client went away
+                    log.warning("export of a backup being written ended early: %s", e)
+                finally:
+                    sender.completed()  # uvicorn ends the response (short, if it failed) and closes
+                await send({"type": "http.response.body", "body": b""})
+                return
+            fd, offset = self.f.fileno(), 0
+            while offset < self.size:
+                avail = min(self.size, await asyncio.to_thread(self.follow.wait, fd, offset))
+                data = await asyncio.to_thread(os.pread, fd, min(self.CHUNK, avail - offset), offset)
+                offset += len(data)
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        finally:
+            if sender is not None:
+                sender.close()
+            self.f.close()
 
 
 # -- uploads (lxc import, lxc storage volume import) -------------------------------------------------
-async def receive_upload(request: Request, path) -> int:
+async def receive_upload(request: Request, path, on_body=None) -> int:
     """Write the request body to `path` (a new file) without holding it in memory: spliced from the
-    socket when the connection allows it, else chunk by chunk."""
+    socket when the connection allows it, else chunk by chunk. on_body(body) is told the
+    socket_body.SocketBody that does it, if any, before it starts."""
     fd = await asyncio.to_thread(os.open, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        body = await socket_body.take(request, 0)
+        # (A chunked body, as `lxc import` sends, is taken over too: decoded in a thread.)
+        body = await socket_body.take(request, 0, chunked=True)
         if body is not None:
-            return await body.copy_to(fd)
-        # (A chunked body, as `lxc import` sends: gathered into big writes, not one thread hop
+            if on_body is not None:
+                on_body(body)
+            try:
+                return await body.copy_to(fd)
+            except ClientDisconnect:
+                raise BadRequest("The upload was interrupted") from None
+        # (Where the body can't be taken over: gathered into big writes, not one thread hop
         # per ASGI piece.)
         total = 0
         batch: list[bytes] = []
@@ -183,7 +238,7 @@ async def import_instance(prefix: str, request: Request) -> Response:
 
     async def receive() -> int:
         try:
-            n = await receive_upload(request, upload)
+            n = await receive_upload(request, upload, growing.set_router)
         except BaseException as e:
             growing.fail(e)
             raise

@@ -5,7 +5,9 @@ one copied four times in user space (uvloop's read buffer, httptools' slice, uvi
 the bytes given to the app) and each a round trip through the event loop: a 100 MiB upload costs
 more CPU there than writing it to disk. For a plain `Content-Length` body on a connection without
 TLS, take() hands the rest of the body to one thread of its own, which splices it from the
-socket through a pipe into the file without it entering user space at all.
+socket through a pipe into the file without it entering user space at all. A chunked body (the
+stock client's uploads) is decoded by such a thread too, when the caller asks for it
+(take(chunked=True), see take_chunked()).
 
 The hand-over (only with uvicorn's httptools protocol, which keeps no body bytes of its own
 beyond the ones it has parsed; anything else returns None and the caller reads the ASGI stream):
@@ -301,6 +303,11 @@ def _cycle_of(receive):
     return cycle
 
 
+def _is_chunked(request: Request) -> bool:
+    te = request.headers.get("transfer-encoding", "")
+    return te.strip().lower() == "chunked" and "content-length" not in request.headers
+
+
 def _content_length(request: Request) -> int:
     if "transfer-encoding" in request.headers:
         return -1
@@ -310,10 +317,13 @@ def _content_length(request: Request) -> int:
         return -1
 
 
-async def take(request: Request, min_size: int = MIN_SIZE, max_size: int = -1) -> SocketBody | None:
+async def take(request: Request, min_size: int = MIN_SIZE, max_size: int = -1,
+               chunked: bool = False) -> SocketBody | None:
     """The request's body as a SocketBody, or None (nothing received) when it is smaller than
-    min_size (or bigger than max_size), chunked or not on a connection this can take over: read
-    request.stream() then."""
+    min_size (or bigger than max_size), chunked (unless `chunked`: see take_chunked()) or not on
+    a connection this can take over: read request.stream() then."""
+    if chunked and _is_chunked(request):
+        return await take_chunked(request)
     length = _content_length(request)
     if length < min_size or (max_size >= 0 and length > max_size):
         return None
@@ -335,6 +345,359 @@ async def take(request: Request, min_size: int = MIN_SIZE, max_size: int = -1) -
     cycle.keep_alive = False
     sock_fd = os.dup(cycle.transport.get_extra_info("socket").fileno())
     return SocketBody(head, sock_fd, max(0, length - len(head)))
+
+
+# -- chunked request bodies --------------------------------------------------------------------
+#
+# `lxc import` (and every upload of the stock client) sends `Transfer-Encoding: chunked` in
+# pieces of 32 KiB: through uvicorn each piece costs a parser callback, a copy and an event-loop
+# wake-up. The takeover needs to know where in the chunk framing uvicorn's parser stopped, which
+# httptools does not tell; so the daemon's protocol (daemon.py) keeps the raw bytes of each
+# connection's first request (up to RAW_LIMIT) and take_chunked() decodes them again itself: its
+# result must equal what uvicorn delivered, else nothing is taken over. The rest is read from the
+# socket and decoded in a thread of its own, its data written to the file with pwritev (one copy)
+# or, for a range another thread asked for (ChunkedSocketBody.divert), into that thread's pipe.
+
+RAW_LIMIT = 1 << 20  # raw bytes kept per connection's first request (see daemon.py): uvicorn pauses reading
+# once 64 KiB of body wait for the app, so a takeover finds far less than this
+MAX_CHUNK_LINE = 4096  # a chunk-size line (with extensions) or trailer line longer than this is refused
+
+
+class ChunkedBodyError(ClientDisconnect):
+    """The chunked framing is broken (or the client left mid-body): the upload is incomplete."""
+
+
+class Dechunker:
+    """Incremental decoder of HTTP/1.1 chunked framing (RFC 9112 7.1): chunk-size lines (with
+    extensions, ignored), data, the CRLF after it, the last chunk and the trailer section."""
+
+    SIZE, DATA, DATA_END, TRAILER, DONE = range(5)
+
+    def __init__(self):
+        self.state = self.SIZE
+        self.left = 0  # data bytes still due in the current chunk
+        self.line = bytearray()
+
+    @property
+    def done(self) -> bool:
+        return self.state == self.DONE
+
+    def feed(self, buf, start: int, end: int) -> list[tuple[int, int]]:
+        """Decode buf[start:end]; returns the (start, stop) ranges of body data in it, in order.
+        Bytes after the end of the body are ignored (the connection closes after the answer)."""
+        out: list[tuple[int, int]] = []
+        i = start
+        while i < end and self.state != self.DONE:
+            if self.state == self.DATA:
+                n = min(self.left, end - i)
+                out.append((i, i + n))
+                i += n
+                self.left -= n
+                if not self.left:
+                    self.state = self.DATA_END
+                continue
+            j = buf.find(b"\n", i, end)
+            if j < 0:
+                self.line += buf[i:end]
+                if len(self.line) > MAX_CHUNK_LINE:
+                    raise ChunkedBodyError("a chunk line is too long")
+                break
+            if self.line:
+                self.line += buf[i:j]
+                line = bytes(self.line)
+                self.line.clear()
+            else:
+                line = bytes(buf[i:j])
+            i = j + 1
+            if len(line) > MAX_CHUNK_LINE:
+                raise ChunkedBodyError("a chunk line is too long")
+            self._line(line[:-1] if line.endswith(b"\r") else line)
+        return out
+
+    def _line(self, line: bytes) -> None:
+        if self.state == self.DATA_END:
+            if line:
+                raise ChunkedBodyError("a chunk's data is longer than its size")
+            self.state = self.SIZE
+        elif self.state == self.SIZE:
+            size = line.split(b";", 1)[0].strip()
+            try:
+                if not size or any(c not in b"0123456789abcdefABCDEF" for c in size) or len(size) > 15:
+                    raise ValueError
+                self.left = int(size, 16)
+            except ValueError:
+                raise ChunkedBodyError(f"invalid chunk size line {line[:40]!r}") from None
+            self.state = self.DATA if self.left else self.TRAILER
+        elif self.state == self.TRAILER and not line:
+            self.state = self.DONE
+
+
+class Diversion:
+    """Body bytes [start, end) written into another descriptor (a pipe) than the body's file; see
+    ChunkedSocketBody.divert()."""
+
+    def __init__(self, start: int, end: int, fd: int):
+        self.start = start
+        self.end = end
+        self.fd = fd
+        self.active = threading.Event()  # the claimer wrote what came before `start` into fd
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.broken = False  # fd took no more: the rest of the range goes to the file
+
+    def go(self) -> None:
+        self.active.set()
+
+    def abort(self, error: BaseException) -> None:
+        """The claimer gives up (its descriptor is gone): the reader writes the range to the file."""
+        self.error = error
+        self.broken = True
+        self.active.set()
+
+    def wait(self, stopped=lambda: False) -> None:
+        """Wait until the range went into fd; raises what stopped it."""
+        while not self.done.wait(POLL_MS / 1000):
+            if stopped():
+                raise _Stopped()
+        if self.error is not None:
+            raise self.error
+
+
+class ChunkedSocketBody(SocketBody):
+    """A chunked request body: `head` (decoded already) and the rest on the socket, decoded by
+    `decoder`, which stands where the head ended. Only copy_to() (and discard_rest) read it.
+
+    A part of the body can go elsewhere than the file (divert(): `lxc import`'s btrfs streams
+    go straight into `btrfs receive`, never written into the upload's file nor read back from
+    it); the file then has a hole there."""
+
+    def __init__(self, head: bytes, sock_fd: int, decoder: Dechunker):
+        super().__init__(head, sock_fd, 0 if decoder.done else 1)
+        self.decoder = decoder
+        self.pos = 0  # body bytes handled (written to the file or diverted)
+        self.finished = False
+        self._mu = threading.Lock()
+        self._div: Diversion | None = None
+
+    async def pieces(self, size: int = PIECE_SIZE):  # pragma: no cover - not used for chunked bodies
+        raise NotImplementedError("a chunked body is only copied to a file")
+        yield b""
+
+    # -- another thread's side ---------------------------------------------------------------------
+    def divert(self, offset: int, size: int, fd: int) -> Diversion | None:
+        """Have the body bytes [offset, offset + size) that are not in the file yet written into
+        `fd` instead, in order. None when they are all in the file already (or the body ended).
+        Otherwise the caller writes [offset, d.start) into fd itself (from the file), then calls
+        d.go() (or d.abort()), then d.wait()."""
+        with self._mu:
+            end = offset + size
+            if self.finished or self.pos >= end or self._div is not None:
+                return None
+            d = Diversion(max(self.pos, offset), end, fd)
+            self._div = d
+            return d
+
+    # -- in the copying thread -------------------------------------------------------------------
+    def _copy(self, fd: int) -> int:
+        try:
+            self._emit(fd, [memoryview(self.head)])
+            buf = bytearray(READ_BUFFER)
+            view = memoryview(buf)
+            dec = self.decoder
+            while not dec.done:
+                n = self._read_into(view)
+                ranges = dec.feed(buf, 0, n)
+                if ranges:
+                    self._emit(fd, [view[a:b] for a, b in ranges])
+            if os.fstat(fd).st_size < self.pos:  # it ended in a diverted range: the file's size is the body's
+                os.ftruncate(fd, self.pos)
+        except BaseException as e:
+            self._end_diversion(e if isinstance(e, OSError | ClientDisconnect) else ChunkedBodyError(str(e)))
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                self.discard_rest()
+            raise
+        finally:
+            with self._mu:
+                self.finished = True
+        self._end_diversion(ChunkedBodyError("the body ended before the part asked for"))
+        self.remaining = 0
+        return self.pos
+
+    def _end_diversion(self, error: BaseException) -> None:
+        with self._mu:
+            d, self._div = self._div, None
+        if d is not None and not d.done.is_set():
+            d.error = d.error or error
+            d.done.set()
+
+    def _emit(self, fd: int, pieces: list[memoryview]) -> None:
+        """Body bytes from self.pos on: into the file at their offset, or into a diversion."""
+        while pieces:
+            total = sum(len(p) for p in pieces)
+            with self._mu:  # (self.pos moves under the lock: divert() sees where the file ends up)
+                d = self._div
+                at = self.pos
+                if d is None or d.start >= at + total:
+                    self.pos += total
+                elif d.start > at:
+                    self.pos = d.start
+            if d is None or d.start >= at + total:
+                _pwritev_all(fd, pieces, at)
+                return
+            if d.start > at:
+                head, pieces = _split(pieces, d.start - at)
+                _pwritev_all(fd, head, at)
+                continue
+            # self.pos is inside the diverted range
+            while not d.active.wait(POLL_MS / 1000):
+                if self._stop.is_set():
+                    raise _Stopped()
+            part, pieces = _split(pieces, d.end - self.pos)
+            n = sum(len(p) for p in part)
+            if not d.broken:
+                try:
+                    _writev_all(d.fd, list(part))
+                except OSError as e:  # (the pipe's reader is gone: the rest goes to the file)
+                    d.error = e
+                    d.broken = True
+            if d.broken:
+                _pwritev_all(fd, part, self.pos)
+            self.pos += n
+            if self.pos >= d.end:
+                with self._mu:
+                    self._div = None
+                d.done.set()
+
+    def _read_into(self, view: memoryview) -> int:
+        while True:
+            try:
+                n = os.readv(self.sock_fd, [view])
+            except BlockingIOError:
+                self._wait_readable()
+                continue
+            if n == 0:
+                raise ChunkedBodyError("the client left before the end of the body")
+            return n
+
+    def discard_rest(self) -> None:
+        buf = bytearray(READ_BUFFER)
+        view = memoryview(buf)
+        with contextlib.suppress(OSError, ClientDisconnect, _Stopped):
+            while not self.decoder.done and self.sock_fd >= 0:
+                self.decoder.feed(buf, 0, self._read_into(view))
+        self.remaining = 0
+
+
+class _ReceivedBody(SocketBody):
+    """The fallback when a chunked body cannot be taken over after its first piece was received:
+    the rest comes through the ASGI receive channel."""
+
+    def __init__(self, head: bytes, receive):
+        super().__init__(head)
+        self._receive = receive
+
+    async def copy_to(self, fd: int) -> int:
+        written = await asyncio.to_thread(_write_all, fd, memoryview(self.head))
+        while True:
+            message = await self._receive()
+            if message["type"] != "http.request":
+                raise ClientDisconnect()
+            body = message.get("body", b"")
+            if body:
+                written += await asyncio.to_thread(_write_all, fd, memoryview(body))
+            if not message.get("more_body", False):
+                return written
+
+
+def _raw_keeper(cycle):
+    """The daemon's protocol instance behind uvicorn's cycle when it keeps raw request bytes."""
+    proto = getattr(getattr(cycle, "on_response", None), "__self__", None)
+    return proto if proto is not None and hasattr(proto, "raw_request") else None
+
+
+async def take_chunked(request: Request) -> SocketBody | None:
+    """A chunked body as a SocketBody read and decoded from the socket by a thread of its own, or
+    None (nothing received) where that cannot be done: read request.stream() then."""
+    cycle = _uvicorn_cycle(request)
+    keeper = _raw_keeper(cycle) if cycle is not None else None
+    if keeper is None or keeper.raw_request is None:
+        return None
+    message = await request.receive()
+    if message["type"] != "http.request":
+        raise ClientDisconnect()
+    head = message.get("body", b"")
+    if not message.get("more_body", False):
+        return SocketBody(head)
+    # From here to the return there is no await: uvicorn cannot read or parse meanwhile.
+    cycle.flow.pause_reading()
+    head += bytes(cycle.body)
+    cycle.body = cycle.body[:0]
+    if not cycle.more_body:  # the rest had arrived already
+        return SocketBody(head)
+    raw = keeper.take_raw_request()
+    decoded = _decode_raw(raw) if raw is not None else None
+    if decoded is None or decoded[0] != head:
+        return _ReceivedBody(head, request.receive)
+    cycle.keep_alive = False
+    sock_fd = os.dup(cycle.transport.get_extra_info("socket").fileno())
+    return ChunkedSocketBody(head, sock_fd, decoded[1])
+
+
+def _decode_raw(raw: bytes) -> tuple[bytes, Dechunker] | None:
+    """The body data in a request's raw bytes (request head included) and the decoder where they
+    end, or None if they cannot be decoded."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    dec = Dechunker()
+    try:
+        ranges = dec.feed(raw, end + 4, len(raw))
+    except ChunkedBodyError:
+        return None
+    view = memoryview(raw)
+    return b"".join(view[a:b] for a, b in ranges), dec
+
+
+def _split(pieces: list[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
+    """(the first n bytes of pieces, the rest)."""
+    head: list[memoryview] = []
+    for i, p in enumerate(pieces):
+        if n <= 0:
+            return head, pieces[i:]
+        if len(p) <= n:
+            head.append(p)
+            n -= len(p)
+        else:
+            head.append(p[:n])
+            return head, [p[n:], *pieces[i + 1:]]
+    return head, []
+
+
+def _writev_all(fd: int, pieces: list[memoryview]) -> None:
+    """Write the pieces in order (the list is changed), with as few writev as it takes."""
+    i = 0
+    while i < len(pieces):
+        n = os.writev(fd, pieces[i:i + 1024])
+        while i < len(pieces) and n >= len(pieces[i]):
+            n -= len(pieces[i])
+            i += 1
+        if n:
+            pieces[i] = pieces[i][n:]
+
+
+def _pwritev_all(fd: int, pieces: list[memoryview], offset: int) -> int:
+    """Write the pieces at `offset` (the list is changed), with as few pwritev as it takes."""
+    total = sum(len(p) for p in pieces)
+    i = 0
+    while i < len(pieces):
+        n = os.pwritev(fd, pieces[i:i + 1024], offset)
+        offset += n
+        while i < len(pieces) and n >= len(pieces[i]):
+            n -= len(pieces[i])
+            i += 1
+        if n:
+            pieces[i] = pieces[i][n:]
+    return total
 
 
 # -- response bodies ---------------------------------------------------------------------------
@@ -372,13 +735,15 @@ class FileSender:
         return self._cycle.transport.get_write_buffer_size() == 0
 
     async def send_body(self, pieces: list) -> None:
-        """Write the pieces (bytes, or (file, size) read from the file's current offset)."""
+        """Write the pieces (bytes, or (file, size) read from the file's current offset, or
+        (file, size, follow) for a file still being written: follow.wait(fd, offset, stop)
+        blocks until the file holds bytes past offset and returns its size, or raises)."""
         def run() -> None:
             for piece in pieces:
                 if isinstance(piece, bytes | bytearray | memoryview):
                     self._write(memoryview(piece))
                 else:
-                    self._sendfile(piece[0].fileno(), piece[1])
+                    self._sendfile(piece[0].fileno(), piece[1], piece[2] if len(piece) > 2 else None)
 
         await in_own_thread(run, self._stop, "lxd-send")
 
@@ -400,12 +765,15 @@ class FileSender:
             except BlockingIOError:
                 self._wait_writable()
 
-    def _sendfile(self, fd: int, size: int) -> None:
+    def _sendfile(self, fd: int, size: int, follow=None) -> None:
         offset = os.lseek(fd, 0, os.SEEK_CUR)
         end = offset + size
+        avail = end if follow is None else offset
         while offset < end:
+            if offset >= avail:
+                avail = min(end, follow.wait(fd, offset, self._stop))
             try:
-                n = os.sendfile(self.sock_fd, fd, offset, end - offset)
+                n = os.sendfile(self.sock_fd, fd, offset, avail - offset)
             except BlockingIOError:
                 self._wait_writable()
                 continue

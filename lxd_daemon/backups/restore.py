@@ -18,6 +18,7 @@ one member tree at a time with its leading components stripped.
 from __future__ import annotations
 
 import asyncio
+import errno
 import io
 import os
 import posixpath
@@ -405,6 +406,7 @@ class GrowingFile:
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._stopped = False
+        self.router = None  # see set_router()
 
     # -- the writer's side -----------------------------------------------------------------
     def finish(self) -> None:
@@ -495,9 +497,41 @@ class GrowingFile:
     def close(self) -> None:
         """The scan is done with it (the owner disposes of the descriptor)."""
 
+    def set_router(self, body) -> None:
+        """The upload's body, when it can hand a part of itself to a pipe directly (divert():
+        socket_body.ChunkedSocketBody); copy_region() then asks it to."""
+        if hasattr(body, "divert"):
+            self.router = body
+
     def copy_region(self, offset: int, size: int, fd: int) -> None:
-        """Copy `size` bytes at `offset` into `fd` (a pipe) as they arrive, without a copy in user
-        space (sendfile); BrokenPipeError when the pipe's reader is gone."""
+        """Copy `size` bytes at `offset` into `fd` (a pipe) as they arrive; BrokenPipeError when
+        the pipe's reader is gone. What is in the file already goes with sendfile; what has not
+        arrived yet, the upload's reader writes into the pipe itself when it can (set_router):
+        those bytes are never written into the file (which keeps a hole there) nor read back."""
+        d = self.router.divert(offset, size, fd) if self.router is not None else None
+        if d is None:
+            self._copy_from_file(offset, size, fd)
+            return
+        try:
+            self._copy_from_file(offset, d.start - offset, fd)
+        except BaseException as e:
+            d.abort(e)
+            raise
+        d.go()
+        try:
+            d.wait(lambda: self._stopped)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise BrokenPipeError(str(e)) from None
+            raise BadRequest(f"The upload failed: {e}") from None
+        except Exception as e:
+            if isinstance(e, LXDError):
+                raise
+            raise BadRequest("Invalid backup: the tarball is truncated (an optimised stream ends early)") from None
+
+    def _copy_from_file(self, offset: int, size: int, fd: int) -> None:
         pos, end = offset, offset + size
         while pos < end:
             avail = self.wait_for(pos)

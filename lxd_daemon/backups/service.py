@@ -3,7 +3,10 @@ instance imports from backup tarballs.
 
 A backup file is written under a temporary name and renamed into place, then its row is
 inserted; a crash leaves at most a `.tmp-*` file (swept at start-up) or a file without a row
-(swept too). Files live in a directory per instance id (stable across renames); directories of
+(swept too). An uncompressed optimised backup is committed (row inserted, operation done) as
+soon as it can be read, before its file is complete (create.StreamedBackup: `lxc export` then
+downloads it while it is written); a crash meanwhile leaves a row without a file, which the
+start-up sweep removes too. Files live in a directory per instance id (stable across renames); directories of
 instances that are gone are swept. Expired backups are deleted by a task that wakes each minute.
 
 An import scans the whole tarball first (restore.scan: paths, links, devices, index.yaml), then
@@ -97,6 +100,10 @@ class BackupService:
         self.root: Path = services.lxd_dir / "backups"
         self._task: asyncio.Task | None = None
         self.volumes = VolumeBackups(self)  # the custom volume side
+        # Backups committed while still being written (create.StreamedBackup), by (instance id,
+        # name): (the backup, set when its writing ended); and the tasks writing them.
+        self._writing: dict[tuple[int, str], tuple[bcreate.StreamedBackup, asyncio.Event]] = {}
+        self._bg: set[asyncio.Task] = set()
 
     # -- paths -------------------------------------------------------------------------------
     def instance_dir(self, instance_id: int) -> Path:
@@ -121,12 +128,20 @@ class BackupService:
             os.chmod(p, 0o700)
 
     async def sweep(self) -> None:
-        """Remove temporaries (half-written files, uploads, spools) and files without rows."""
+        """Remove temporaries (half-written files, uploads, spools), files without rows, and rows
+        without files (a backup committed while it was written, cut short by a crash)."""
         def q(session):
-            return session.execute(text("SELECT instance_id, name FROM instances_backups")).all()
+            return session.execute(text("SELECT id, instance_id, name FROM instances_backups")).all()
 
-        rows = {(str(r.instance_id), r.name) for r in await self.db.run(q)}
+        found = await self.db.run(q)
+        rows = {(str(r.instance_id), r.name) for r in found}
         ids = {str(r.id) for r in self.services.instances.records.values()}
+        idir0 = self.root / "instances"
+        lost = await asyncio.to_thread(lambda: [r.id for r in found if str(r.instance_id) in ids and not os.path.lexists(
+            idir0 / str(r.instance_id) / r.name)])
+        for row_id in lost:
+            log.warning("removing the record of backup %s: its file is missing (its writing was cut short)", row_id)
+            await self._delete_row(row_id)
 
         def clean() -> None:
             for e in _listdir(self.root):
@@ -151,6 +166,11 @@ class BackupService:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        # Backups still being written are given up (removed: the start-up sweep would anyway).
+        for t in list(self._bg):
+            t.cancel()
+        if self._bg:
+            await asyncio.gather(*self._bg, return_exceptions=True)
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -247,6 +267,39 @@ class BackupService:
 
     async def create(self, name: str, bname: str, *, expires_at: str = "", instance_only: bool = False,
                      optimized: bool = False, compression: str = "gzip") -> BackupRow:
+        """Make the backup; returns once it is committed. An uncompressed optimised backup is
+        committed as soon as it can be read (create.StreamedBackup): a task of its own then
+        finishes writing it, the instance's lock held until it is done."""
+        loop = asyncio.get_running_loop()
+        committed: asyncio.Future = loop.create_future()
+        task = loop.create_task(self._create(name, bname, committed, expires_at=expires_at,
+                                             instance_only=instance_only, optimized=optimized,
+                                             compression=compression))
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        try:
+            return await asyncio.shield(committed)
+        except asyncio.CancelledError:
+            if not committed.done():
+                task.cancel()
+            raise
+
+    async def _create(self, name: str, bname: str, committed: asyncio.Future, **kw) -> None:
+        try:
+            await self._create_locked(name, bname, committed, **kw)
+        except BaseException as e:
+            if not committed.done():
+                if isinstance(e, asyncio.CancelledError):
+                    committed.cancel()
+                else:
+                    committed.set_exception(e)
+            elif not isinstance(e, asyncio.CancelledError):
+                log.error("writing backup %s/%s failed after it was committed: %s (it was removed)", name, bname, e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+    async def _create_locked(self, name: str, bname: str, committed: asyncio.Future, *, expires_at: str,
+                             instance_only: bool, optimized: bool, compression: str) -> None:
         svc = self.services.instances
         async with svc.lock(name):
             rec = svc.record(name)
@@ -264,15 +317,39 @@ class BackupService:
                 await asyncio.to_thread(_remove, dest)  # a file without a row: a crash's leftover
             yaml_text = render_backup_yaml(cfg.instance, cfg.snapshots, cfg.pool, cfg.volume,
                                            cfg.volume_snapshots, profiles=cfg.profiles)
-            async with Revert() as revert:
+            # A stopped instance's volume doesn't change while its lock is held (and backup.yaml's
+            # lock: no rewrite of it meanwhile): the driver may send it as it is.
+            live = use_optimized and svc.status_of(name)[0] == "Stopped"
+            async with Revert() as revert, (svc.backup_yaml_lock(name) if live else contextlib.nullcontext()):
+                if bcreate.streams_while_written(drv, use_optimized, compression):
+                    key = (rec.id, bname)
+                    ended = asyncio.Event()
+                    try:
+                        async with bcreate.streamed_backup(drv, pool.name, vol, name=name, btype="container",
+                                                           snapshots=snapshots, config=cfg, dest=dest,
+                                                           live=live) as sb:
+                            row.id = await self.db.run(lambda session: _insert_row(session, "instances_backups", row))
+                            revert.add(self._delete_row, row.id)
+                            self._writing[key] = (sb, ended)
+                            committed.set_result(row)
+                        revert.add(asyncio.to_thread, _remove, dest)
+                    finally:
+                        if self._writing.get(key, (None, None))[1] is ended:
+                            del self._writing[key]
+                        ended.set()
+                    revert.success()
+                    return
                 await bcreate.write_backup(drv, pool.name, vol, name=name, btype="container", snapshots=snapshots,
                                            config=cfg, backup_yaml=yaml_text, optimized=use_optimized,
-                                           compression=compression, dest=dest)
+                                           compression=compression, dest=dest, live=live)
                 revert.add(asyncio.to_thread, _remove, dest)
 
                 row.id = await self.db.run(lambda session: _insert_row(session, "instances_backups", row))
                 revert.success()
-        return row
+        committed.set_result(row)
+
+    async def _delete_row(self, row_id: int) -> None:
+        await self.db.run(lambda s: s.execute(text("DELETE FROM instances_backups WHERE id=:i"), {"i": row_id}))
 
     async def rename(self, name: str, bname: str, new: str) -> None:
         try:
@@ -295,8 +372,25 @@ class BackupService:
 
     async def delete(self, name: str, bname: str) -> None:
         row = await self.get(name, bname)
-        await self.db.run(lambda s: s.execute(text("DELETE FROM instances_backups WHERE id=:i"), {"i": row.id}))
+        writing = self._writing.get((row.owner_id, row.name))
+        if writing is not None:  # still being written: once it is done (or gone)
+            await writing[1].wait()
+            row = await self.get(name, bname)
+        await self._delete_row(row.id)
         await asyncio.to_thread(_remove, self.instance_file(row))
+
+    async def open_export(self, name: str, bname: str) -> tuple[object, int, bcreate.StreamedBackup | None]:
+        """(file, size, None) to export a backup; (file, final size, the backup) for a backup
+        still being written: the reader follows it (StreamedBackup.wait)."""
+        row = await self.get(name, bname)
+        writing = self._writing.get((row.owner_id, row.name))
+        if writing is not None:
+            # (On the event loop: the writer's descriptor stays open while this runs.)
+            f = writing[0].reopen()
+            if f is not None:
+                return f, writing[0].total, writing[0]
+        f, size = await self.open_file(name, bname)
+        return f, size, None
 
     async def open_file(self, name: str, bname: str) -> tuple[object, int]:
         row = await self.get(name, bname)

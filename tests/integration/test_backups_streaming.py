@@ -6,7 +6,9 @@ Also the two building blocks without a daemon: TarMembers' in-place member and G
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import tarfile
 import threading
@@ -110,6 +112,51 @@ def test_growing_file_follows_the_writer(tmp_path):
     g.dispose()
 
 
+def test_streamed_backup_is_readable_before_it_is_written(tmp_path):
+    """StreamedBackup with `cat` for a stream: committed (sizes known) before the writer is done,
+    read through FollowedFile's plain ASGI path (no socket takeover outside uvicorn) while it is
+    written, and the result is the tarball TarFile would write."""
+    from lxd_daemon.api.instance_backups import FollowedFile
+    from lxd_daemon.backups.create import StreamedBackup
+
+    srcs = []
+    for i, size in enumerate((3 << 20, 1000)):
+        p = tmp_path / f"s{i}"
+        p.write_bytes(os.urandom(size))
+        srcs.append(p)
+    names = ["backup/snapshots/s0.bin", "backup/container.bin"]
+    out = tmp_path / "b.tar"
+
+    async def run() -> bytes:
+        sb = StreamedBackup(out, b"index: 1\n", b"subvolumes: []\n",
+                            [(n, ["cat", str(p)]) for n, p in zip(names, srcs, strict=True)])
+        await sb.start()
+        assert sb.total > 0
+        f = sb.reopen()
+        got = bytearray()
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            got.extend(message.get("body", b""))
+
+        reading = asyncio.ensure_future(FollowedFile(f, sb.total, sb, {})({"type": "http", "method": "GET"},
+                                                                           receive, send))
+        await sb.finish()
+        sb.close()
+        await reading
+        assert len(got) == sb.total == out.stat().st_size
+        return bytes(got)
+
+    data = asyncio.run(run())
+    assert data == out.read_bytes()
+    with tarfile.open(out) as tf:
+        assert tf.getnames() == ["backup/index.yaml", "backup/optimized_header.yaml", *names]
+        for n, p in zip(names, srcs, strict=True):
+            assert tf.extractfile(n).read() == p.read_bytes()
+
+
 # -- through the daemon -----------------------------------------------------------------------------
 def _leftovers(d, pool: str) -> list[str]:
     out = []
@@ -188,3 +235,182 @@ def test_uncompressed_optimized_export_and_pipelined_import(ready, names, btrfs_
     v3 = d.lxd_dir / "storage-pools" / btrfs_pool / "containers" / c3
     assert (v3 / "rootfs" / "big").read_bytes() == big
     assert not _leftovers(d, btrfs_pool)
+
+
+# -- an uncompressed optimised export read while it is written ----------------------------------------
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _writing_send(d) -> int | None:
+    """The daemon's `btrfs send` writing into a backup file (not the one only counting bytes)."""
+    backups = str(d.lxd_dir / "backups")
+    for pid in _children(d.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if argv[:2] == [b"btrfs", b"send"] and os.readlink(f"/proc/{pid}/fd/1").startswith(backups):
+                return pid
+        except OSError:
+            continue
+    return None
+
+
+def _big_stopped_container(d, names, pool: str, mb: int):
+    name = names("sw")
+    d.lxc("init", "busybox", name, "-s", pool)
+    vol = d.lxd_dir / "storage-pools" / pool / "containers" / name
+    with open(vol / "rootfs" / "big", "wb") as f:
+        for _ in range(mb):
+            f.write(os.urandom(1 << 20))
+    return name, vol
+
+
+def _is_ro(path) -> bool:
+    r = subprocess.run(["btrfs", "property", "get", "-ts", str(path), "ro"], capture_output=True, text=True)
+    return r.stdout.strip() == "ro=true"
+
+
+def test_export_committed_before_written_is_complete_and_valid(ready, names, btrfs_pool, tmp_path):
+    """The stock client's export of a stopped container: the volume itself is sent (read-only
+    meanwhile, writable again after), the download follows the file being written, and the
+    tarball is whole: the same members and bytes as the volume's stream."""
+    d = ready
+    name, vol = _big_stopped_container(d, names, btrfs_pool, 64)
+    out = tmp_path / "e.tar"
+    d.lxc("export", name, str(out), "--optimized-storage", "--compression", "none")
+    with tarfile.open(out, "r:") as tf:
+        sizes = {m.name: m.size for m in tf.getmembers()}
+    assert set(sizes) == {"backup/index.yaml", "backup/optimized_header.yaml", "backup/container.bin"}
+    assert sizes["backup/container.bin"] > 64 << 20
+    assert not _is_ro(vol) and not [e for e in os.listdir(vol.parent) if e.startswith(".")]
+    (vol / "rootfs" / "after").write_text("writable")  # the volume is writable again
+    assert d.api("GET", f"/1.0/instances/{name}/backups").json()["metadata"] == []  # lxc deleted it
+    new = names("sw2")
+    d.lxc("import", str(out), new, "--storage", btrfs_pool)
+    got = d.lxd_dir / "storage-pools" / btrfs_pool / "containers" / new / "rootfs" / "big"
+    assert got.stat().st_size == 64 << 20
+    assert _sha(got) == _sha(vol / "rootfs" / "big")
+    assert not _is_ro(got.parent.parent)
+
+
+def _sha(p) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_export_whose_send_dies_midway_fails_for_the_client(ready, names, btrfs_pool, tmp_path):
+    """The backup is committed once every stream's size is known, while the file is still
+    being written; when the writing `btrfs send` dies after that, the download ends short of its
+    Content-Length and `lxc export` fails (no file that looks complete), the backup is gone and
+    the volume is writable again."""
+    d = ready
+    name, vol = _big_stopped_container(d, names, btrfs_pool, 160)
+    out = tmp_path / "cut.tar"
+    proc = subprocess.Popen(["lxc", "export", name, str(out), "--optimized-storage", "--compression", "none"],
+                            env=d.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        deadline = time.monotonic() + 30
+        while writer is None and time.monotonic() < deadline and proc.poll() is None:
+            writer = _writing_send(d)
+        assert writer is not None, "the writing btrfs send was not seen"
+        os.kill(writer, signal.SIGSTOP)  # (a child of the daemon this test suite started)
+        # the backup is committed (sizes counted) and the download starts, then waits for bytes
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (out.exists() and out.stat().st_size > 0):
+            time.sleep(0.01)
+        assert out.exists() and out.stat().st_size > 0, "the download did not start"
+        assert d.api("GET", f"/1.0/instances/{name}/backups").json()["metadata"] != []
+        os.kill(writer, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if writer is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(writer, signal.SIGKILL)
+    assert proc.returncode != 0, err
+    assert "EOF" in err or "unexpected" in err.lower(), err
+    size = out.stat().st_size if out.exists() else 0
+    assert size < 160 << 20  # never the whole thing
+    for _ in range(100):
+        if d.api("GET", f"/1.0/instances/{name}/backups").json()["metadata"] == [] and not _is_ro(vol):
+            break
+        time.sleep(0.05)
+    assert d.api("GET", f"/1.0/instances/{name}/backups").json()["metadata"] == []
+    assert not _is_ro(vol)
+    assert not [e for e in os.listdir(d.lxd_dir / "backups") if e.startswith(".")]
+    for iid in os.listdir(d.lxd_dir / "backups" / "instances"):
+        assert not [e for e in os.listdir(d.lxd_dir / "backups" / "instances" / iid) if e.startswith(".tmp")]
+    assert not [e for e in os.listdir(vol.parent) if e.startswith(".")]
+    # and the next export works
+    d.lxc("export", name, str(out), "--optimized-storage", "--compression", "none")
+    with tarfile.open(out, "r:") as tf:
+        assert tf.getmember("backup/container.bin").size > 160 << 20
+
+
+def test_kill_while_a_committed_backup_is_written(fresh_daemon):
+    """SIGKILL after the backup was committed (its row inserted, the operation done) while its
+    file is still being written, the volume read-only for the send: after the restart there is
+    no backup (no row, no file), the volume is writable again and exports anew."""
+    from tests.integration import test_storage_crash as crash
+
+    d = fresh_daemon
+    crash.start_ready(d)
+    r = d.api("POST", "/1.0/storage-pools", json={"name": "bt", "driver": "btrfs", "config": {"size": "1GiB"}})
+    if r.status_code != 201 and "btrfs" in r.text:
+        d.stop()
+        pytest.skip("btrfs can't run on this host")
+    assert r.status_code == 201, r.text
+    pool = d.lxd_dir / "storage-pools" / "bt"
+    try:
+        d.lxc("init", "busybox", "c1", "-s", "bt")
+        vol = pool / "containers" / "c1"
+        with open(vol / "rootfs" / "big", "wb") as f:
+            for _ in range(160):
+                f.write(os.urandom(1 << 20))
+        before = crash.host_state(d)
+        stopped: list[int] = []
+
+        def cond() -> bool:
+            if not stopped:
+                pid = _writing_send(d)
+                if pid is None:
+                    return False
+                os.kill(pid, signal.SIGSTOP)  # held mid-file (a child of this test's daemon)
+                stopped.append(pid)
+            return bool(crash.db_rows(d, "SELECT name FROM instances_backups"))
+
+        crash.kill_when(d, lambda: crash.post_async(d, "/1.0/instances/c1/backups", {
+            "name": "b1", "compression_algorithm": "none", "optimized_storage": True}), cond)
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert _is_ro(vol) and [e for e in os.listdir(pool / "containers") if e.startswith(".sendro-")]
+        crash.restart_after_kill(d)
+        crash.assert_consistent(d, pool, before, btrfs=True)
+        assert d.api("GET", "/1.0/instances/c1/backups").json()["metadata"] == []
+        assert not _is_ro(vol)
+        (vol / "rootfs" / "after").write_text("writable")
+        out = d.lxd_dir.parent / "again.tar"
+        d.lxc("export", "c1", str(out), "--optimized-storage", "--compression", "none")
+        with tarfile.open(out, "r:") as tf:
+            assert tf.getmember("backup/container.bin").size > 160 << 20
+        out.unlink()
+    finally:
+        if d.proc is not None:
+            d.lxc("delete", "-f", "c1", check=False)
+            d.api("DELETE", "/1.0/storage-pools/bt")

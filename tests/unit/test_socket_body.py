@@ -25,10 +25,11 @@ BIG = 3 << 20
 class Sink:
     """An ASGI app writing each request's body to `out`, the way the file API does."""
 
-    def __init__(self, out: Path, append: bool = False, timeout: float = 10):
+    def __init__(self, out: Path, append: bool = False, timeout: float = 10, chunked: bool = False):
         self.out = out
         self.append = append
         self.timeout = timeout
+        self.chunked = chunked
         self.results: list[dict] = []
 
     async def __call__(self, scope, receive, send) -> None:
@@ -37,13 +38,13 @@ class Sink:
         fd = os.open(self.out, flags, 0o600)
         result = {"path": None, "error": None}
         try:
-            body = await socket_body.take(request)
+            body = await (socket_body.take(request, 0, chunked=True) if self.chunked else socket_body.take(request))
             if body is None:
                 result["path"] = "stream"
                 async for chunk in request.stream():
                     os.write(fd, chunk)
             else:
-                result["path"] = "socket"
+                result["path"] = "socket" if body.sock_fd >= 0 or not self.chunked else type(body).__name__
                 result["written"] = await asyncio.wait_for(body.copy_to(fd), self.timeout)
         except (ClientDisconnect, TimeoutError) as e:
             result["error"] = type(e).__name__
@@ -375,3 +376,166 @@ def test_files_are_sent_with_sendfile_and_the_connection_closes(tmp_path):
     assert b"connection: close" in got["head"].lower()
     assert f"content-length: {len(data) + 12}".encode() in got["head2"].lower()
     assert b"connection: close" not in got["head2"].lower()
+
+
+# -- chunked bodies ------------------------------------------------------------------------------
+def chunked(data: bytes, sizes, ext: bool = False, trailer: bytes = b"") -> bytes:
+    """data in chunks of the given sizes (cycled), then the last chunk and the trailer section."""
+    out, i, k = [], 0, 0
+    while i < len(data):
+        n = sizes[k % len(sizes)]
+        k += 1
+        piece = data[i:i + n]
+        i += n
+        out.append(b"%x%s\r\n%s\r\n" % (len(piece), b";name=value" if ext and k % 3 == 0 else b"", piece))
+    return b"".join(out) + b"0\r\n" + trailer + b"\r\n"
+
+
+@pytest.mark.parametrize("pause", [False, True])
+def test_chunked_first_request_is_taken_over(tmp_path, pause):
+    """A chunked body (the stock client's uploads: 32 KiB chunks) on a connection's first request:
+    decoded from the socket by a thread, whatever pieces the bytes arrive in."""
+    data = os.urandom(BIG + 12345)
+    wire = chunked(data, [32768, 1, 7000, 65536 * 3], ext=True, trailer=b"X-Sum: 1\r\n")
+    app = Sink(tmp_path / "out", chunked=True)
+    seen = {}
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head())
+            if pause:  # the body arrives in odd pieces, splitting chunk lines
+                for i in range(0, len(wire), 100003):
+                    s.sendall(wire[i:i + 100003])
+                    time.sleep(0.002)
+            else:
+                s.sendall(wire)
+            seen["head"], seen["closed"] = read_response(s)
+
+    serve(tmp_path, app, client)
+    assert app.results == [{"path": "socket", "error": None, "written": len(data)}]
+    assert (tmp_path / "out").read_bytes() == data
+    assert b"connection: close" in seen["head"] and seen["closed"]
+
+
+def test_chunked_body_split_anywhere_decodes_the_same():
+    data = os.urandom(5000)
+    wire = chunked(data, [1000, 1, 333], ext=True, trailer=b"A: b\r\n")
+    for step in (1, 2, 3, 7, 64, 4096):
+        dec = socket_body.Dechunker()
+        got = bytearray()
+        buf = bytearray(wire)
+        for i in range(0, len(wire), step):
+            for a, b in dec.feed(buf, i, min(i + step, len(wire))):
+                got += buf[a:b]
+        assert dec.done and bytes(got) == data, step
+
+
+@pytest.mark.parametrize("bad", [b"zz\r\nabc\r\n", b"3\r\nabcdef\r\n", b"1" * 5000])
+def test_broken_chunk_framing_is_refused(bad):
+    dec = socket_body.Dechunker()
+    with pytest.raises(socket_body.ChunkedBodyError):
+        dec.feed(bytearray(bad), 0, len(bad))
+
+
+def test_chunked_client_gone_mid_body_is_a_disconnect(tmp_path):
+    data = os.urandom(BIG)
+    wire = chunked(data, [32768])
+    app = Sink(tmp_path / "out", chunked=True)
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head() + wire[: len(wire) // 2])
+            time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while not app.results and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    serve(tmp_path, app, client)
+    assert app.results == [{"path": "socket", "error": "ChunkedBodyError"}]
+
+
+def test_chunked_body_on_a_kept_alive_connection_streams(tmp_path):
+    """Only a connection's first request keeps its raw bytes: a later chunked request streams
+    through uvicorn and the connection stays open."""
+    small = os.urandom(1000)
+    data = os.urandom(BIG)
+    app = Sink(tmp_path / "out", chunked=True, append=True)
+    closed = []
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head(len(small)) + small)
+            closed.append(read_response(s)[1])
+            s.sendall(head() + chunked(data, [32768]))
+            closed.append(read_response(s)[1])
+
+    serve(tmp_path, app, client)
+    assert [r["path"] for r in app.results] == ["SocketBody", "stream"]  # (the first one whole)
+    assert closed == [False, False]
+    assert (tmp_path / "out").read_bytes() == small + data
+
+
+class Diverter:
+    """An ASGI app copying a chunked body to `out` while another thread has the range
+    [at, at + size) written into a pipe instead, as `lxc import` does with a btrfs stream."""
+
+    def __init__(self, out: Path, at: int, size: int):
+        self.out, self.at, self.size = out, at, size
+        self.piped = bytearray()
+        self.result: dict = {}
+
+    async def __call__(self, scope, receive, send) -> None:
+        request = Request(scope, receive)
+        fd = os.open(self.out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        r, w = os.pipe()
+        body = await socket_body.take(request, 0, chunked=True)
+        assert isinstance(body, socket_body.ChunkedSocketBody)
+
+        def claim() -> None:
+            while os.fstat(fd).st_size <= self.at:  # some of the range is in the file already
+                time.sleep(0.001)
+            d = body.divert(self.at, self.size, w)
+            assert d is not None and d.start >= self.at
+            self.result["start"] = d.start
+            os.write(w, os.pread(fd, d.start - self.at, self.at))
+            d.go()
+            d.wait()
+            os.close(w)
+
+        def drain() -> None:
+            while chunk := os.read(r, 1 << 16):
+                self.piped.extend(chunk)
+            os.close(r)
+
+        threads = [threading.Thread(target=claim), threading.Thread(target=drain)]
+        for t in threads:
+            t.start()
+        self.result["written"] = await body.copy_to(fd)
+        for t in threads:
+            await asyncio.to_thread(t.join, 10)
+        os.close(fd)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+def test_a_range_of_a_chunked_body_is_diverted_into_a_pipe(tmp_path):
+    data = os.urandom(BIG)
+    at, size = 100_003, 2_000_001
+    wire = chunked(data, [32768])
+    app = Diverter(tmp_path / "out", at, size)
+
+    def client(path):
+        with connect(path) as s:
+            s.sendall(head())
+            for i in range(0, len(wire), 65536):  # slowly: the range is claimed while it arrives
+                s.sendall(wire[i:i + 65536])
+                time.sleep(0.001)
+            read_response(s)
+
+    serve(tmp_path, app, client)
+    assert app.result["written"] == len(data)
+    assert bytes(app.piped) == data[at:at + size]
+    got = (tmp_path / "out").read_bytes()
+    start = app.result["start"]
+    assert len(got) == len(data) and got[:start] == data[:start] and got[at + size:] == data[at + size:]
+    assert got[start:at + size] == bytes(at + size - start)  # never written: a hole

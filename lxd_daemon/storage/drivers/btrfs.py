@@ -24,6 +24,8 @@ volumes), nested subvolumes as `<member>_<encoded path>.bin`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -74,6 +76,59 @@ def _snapshot_by_ioctl(src: Path, dst: Path, readonly: bool) -> bool:
         return True
     except OSError:
         return False
+
+
+# BTRFS_IOC_SUBVOL_GETFLAGS / SETFLAGS (a u64 of BTRFS_SUBVOL_* flags): the read-only flag of a
+# live volume sent as it is (see BtrfsDriver.sends_live). Unlike `btrfs property set -f ro false`,
+# clearing the flag this way leaves the subvolume as it was (its received UUID included).
+_SUBVOL_GETFLAGS = btrfs_ioctl._ioc(btrfs_ioctl._IOC_READ, 25, 8)
+_SUBVOL_SETFLAGS = btrfs_ioctl._ioc(btrfs_ioctl._IOC_WRITE, 26, 8)
+_LIVE_SEND = ".sendro-"
+
+
+def _subvol_flags(fd: int) -> int:
+    buf = bytearray(8)
+    fcntl.ioctl(fd, _SUBVOL_GETFLAGS, buf)
+    return struct.unpack("=Q", buf)[0]
+
+
+def _make_live_ro(path: Path, marker: Path) -> bool:
+    """Make subvolume `path` read-only, `marker` made first; False (nothing changed) when it has
+    nested subvolumes or is read-only already."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if btrfs_ioctl.has_children(str(path)):
+            return False
+        flags = _subvol_flags(fd)
+        if flags & btrfs_ioctl.SUBVOL_RDONLY:
+            return False
+        os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        try:
+            fcntl.ioctl(fd, _SUBVOL_SETFLAGS, struct.pack("=Q", flags | btrfs_ioctl.SUBVOL_RDONLY))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(marker)
+            raise
+        return True
+    finally:
+        os.close(fd)
+
+
+def _end_live_ro(path: Path, marker: Path) -> None:
+    """Make subvolume `path` writable again, then remove `marker`."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+    if fd >= 0:
+        try:
+            flags = _subvol_flags(fd)
+            if flags & btrfs_ioctl.SUBVOL_RDONLY:
+                fcntl.ioctl(fd, _SUBVOL_SETFLAGS, struct.pack("=Q", flags & ~btrfs_ioctl.SUBVOL_RDONLY))
+        finally:
+            os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(marker)
 
 
 def _destroy_by_ioctl(path: Path) -> bool:
@@ -338,6 +393,8 @@ class BtrfsDriver(Driver):
             base = self.mount_path / sub
             for entry in await asyncio.to_thread(_listdir, base):
                 if entry.startswith(_HIDDEN) and base / entry not in self._busy:
+                    if entry.startswith(_LIVE_SEND):  # a send of the volume was cut short
+                        await asyncio.to_thread(_end_live_ro, base / entry[len(_LIVE_SEND):], base / entry)
                     await self._delete_tree(base / entry)
 
     def _temp(self, vol: Volume, kind: str) -> Path:
@@ -809,20 +866,64 @@ class BtrfsDriver(Driver):
         finally:
             self._busy.discard(path)
 
-    async def backup_volume_optimized(self, vol: Volume, snapshots: list[str], out: BinaryIO) -> list[str]:
-        frozen = await self._frozen(vol)
+    # backup_volume_optimized(live=True) sends a volume that does not change meanwhile (a stopped
+    # instance's, its lock held) from where it is, made read-only for the time of the send,
+    # instead of from a fresh read-only snapshot: the data is then read through the volume's
+    # own page cache (a snapshot's files are other inodes, whose pages all come from the disk:
+    # 500 MB cost ~0.4 s more). A marker (`.sendro-<vol>`, made before the flag is set and
+    # removed after it is cleared; the flag's transaction commits the marker too) lets the
+    # start-up sweep make the volume writable again after a crash.
+    sends_live = True
+
+    async def _live_source(self, vol: Volume) -> tuple[Path, Path] | None:
+        """(volume path, marker) with the volume made read-only, or None (nested subvolumes, or
+        already read-only: a snapshot is sent then)."""
+        path = self.volume_path(vol)
+        marker = path.parent / f"{_LIVE_SEND}{path.name}"
+        self._busy.add(marker)
         try:
-            header, sends = await self._plan(vol, snapshots, frozen)
+            done = await asyncio.to_thread(_make_live_ro, path, marker)
+        except BaseException:
+            self._busy.discard(marker)
+            raise
+        if not done:
+            self._busy.discard(marker)
+            return None
+        return path, marker
+
+    async def _end_live(self, path: Path, marker: Path) -> None:
+        try:
+            await asyncio.to_thread(_end_live_ro, path, marker)
+        finally:
+            self._busy.discard(marker)
+
+    @contextlib.asynccontextmanager
+    async def optimized_sends(self, vol: Volume, snapshots: list[str],
+                              live: bool = False) -> AsyncIterator[tuple[bytes, list[tuple[str, list[str]]]]]:
+        """`backup/optimized_header.yaml`'s bytes and the streams of an optimised backup of `vol`,
+        (member name, `btrfs send` argv) in order, sendable (and sent alike, run after run) until
+        the context ends: what they send is held read-only meanwhile (see sends_live)."""
+        held = await self._live_source(vol) if live else None
+        source = held[0] if held is not None else await self._frozen(vol)
+        try:
+            header, sends = await self._plan(vol, snapshots, source)
+            yield yaml.safe_dump(header, sort_keys=False).encode(), sends
+        finally:
+            if held is not None:
+                await self._end_live(*held)
+            else:
+                await self._drop_frozen(source)
+
+    async def backup_volume_optimized(self, vol: Volume, snapshots: list[str], out: BinaryIO,
+                                      live: bool = False) -> list[str]:
+        async with self.optimized_sends(vol, snapshots, live) as (data, sends):
             members = blockutil.TarMembers(out, self.mount_path.parent.parent / "backups")
-            data = yaml.safe_dump(header, sort_keys=False).encode()
             await asyncio.to_thread(_add_bytes, members.tar, "backup/optimized_header.yaml", data)
             names = ["backup/optimized_header.yaml"]
             for member, argv in sends:
                 await members.add_from_tool(member, *argv)
                 names.append(member)
             return names
-        finally:
-            await self._drop_frozen(frozen)
 
     async def restore_volume_optimized(self, vol: Volume, snapshots: list[str],
                                        member: Callable[[str], BinaryIO]) -> None:
@@ -898,7 +999,7 @@ class BtrfsDriver(Driver):
                     raise BadRequest(f"The optimised backup has no stream for {'snapshot ' + name if name else 'the volume'}")
                 target = sdir / name if name else dst
                 made.append(target)
-                await self._assemble(parts, target, readonly=bool(name))
+                await self._place(parts, target, readonly=bool(name))
             await asyncio.to_thread(os.chmod, dst, self._mode(vol))
         except BaseException as e:
             for p in reversed(made):
@@ -909,6 +1010,18 @@ class BtrfsDriver(Driver):
             raise
         await self._delete_tree(work)
         await self._apply_size(vol)
+
+    async def _place(self, parts: dict[str, tuple[Path, bool]], target: Path, readonly: bool) -> None:
+        """Put what was received in place. The volume itself, when it is one subvolume, is made
+        writable (its received UUID cleared, as `btrfs property set -f` does) and moved there: a
+        snapshot of it would first write all its data out (~0.3 s for 500 MB). Snapshots, and
+        nested subvolumes, are assembled from snapshots."""
+        if len(parts) == 1 and not readonly:
+            root, _ = parts["/"]
+            await self._set_ro(root, False)
+            await asyncio.to_thread(os.rename, root, target)
+            return
+        await self._assemble(parts, target, readonly)
 
     async def _assemble(self, parts: dict[str, tuple[Path, bool]], target: Path, readonly: bool) -> None:
         root, _ = parts["/"]

@@ -127,6 +127,57 @@ async def run_to_fd(*argv: str, fd: int, check: bool = True) -> Result:
 PIPE_SIZE = 1 << 20
 
 
+async def run_count(*argv: str, check: bool = True) -> tuple[Result, int]:
+    """Run a tool only to learn how many bytes it writes to stdout (they are dropped in the
+    kernel: spliced from its pipe into /dev/null, never copied into this process)."""
+    if _runner is not _subprocess:
+        result = await _runner(tuple(argv), None)
+        n = len(result.stdout.encode(errors="surrogateescape"))
+        result = Result(result.argv, result.returncode, "", result.stderr)
+    else:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            import fcntl
+
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        try:
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=w,
+                                                        stderr=asyncio.subprocess.PIPE)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+
+        def drain() -> int:
+            total = 0
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                while m := os.splice(r, null, PIPE_SIZE):
+                    total += m
+            finally:
+                os.close(null)
+                os.close(r)
+            return total
+
+        counting = asyncio.ensure_future(in_own_thread(drain))  # ends when the tool's stdout closes
+        try:
+            _, err = await proc.communicate()
+        except BaseException:
+            if proc.returncode is None:
+                proc.kill()
+                with contextlib.suppress(Exception):
+                    await proc.wait()
+            with contextlib.suppress(BaseException):
+                await counting
+            raise
+        n = await counting
+        result = Result(tuple(argv), proc.returncode or 0, "", err.decode(errors="replace"))
+    if check and result.returncode != 0:
+        raise ToolError(result)
+    return result, n
+
+
 async def in_own_thread(fn: Callable, *args):
     """fn(*args) on a thread of its own: for work that waits on something else (an upload still
     arriving) and must not hold one of the default executor's few threads, which that something
