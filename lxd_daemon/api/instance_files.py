@@ -153,14 +153,15 @@ async def files_post(request: Request, name: str) -> Response:
     services, inst = await get_instance(request, name)
     path = request.query_params.get("path")
     spec = files.parse_headers(request.headers)
-    if spec.type == "directory":
-        await read_body(request, SYMLINK_LIMIT)
-        await asyncio.to_thread(_with_root, inst, files.mkdir, path, spec)
-    elif spec.type == "symlink":
-        target = await read_body(request, SYMLINK_LIMIT)
-        await asyncio.to_thread(_with_root, inst, files.symlink, path, target, spec)
-    else:
-        await _push_file(request, inst, path, spec)
+    async with services.instances.volume_writes(inst.name):
+        if spec.type == "directory":
+            await read_body(request, SYMLINK_LIMIT)
+            await asyncio.to_thread(_with_root, inst, files.mkdir, path, spec)
+        elif spec.type == "symlink":
+            target = await read_body(request, SYMLINK_LIMIT)
+            await asyncio.to_thread(_with_root, inst, files.symlink, path, target, spec)
+        else:
+            await _push_file(request, inst, path, spec)
     _lifecycle(request, services, inst, "instance-file-pushed", path)
     return sync({})
 
@@ -204,7 +205,8 @@ async def files_delete(request: Request, name: str) -> Response:
     path = request.query_params.get("path")
     if path is None:
         raise BadRequest("Missing path argument")
-    await asyncio.to_thread(_with_root, inst, files.delete, path)
+    async with services.instances.volume_writes(inst.name):
+        await asyncio.to_thread(_with_root, inst, files.delete, path)
     _lifecycle(request, services, inst, "instance-file-deleted", path)
     return sync({})
 

@@ -77,7 +77,8 @@ async def templates_post(request: Request, name: str) -> Response:
     path = request.query_params.get("path")
     metadata.template_file(inst, path)  # validate the name before reading the body
     data = await read_body(request, TEMPLATE_LIMIT)
-    await asyncio.to_thread(metadata.write_template, inst, path, data)
+    async with services.instances.volume_writes(inst.name):
+        await asyncio.to_thread(metadata.write_template, inst, path, data)
     _lifecycle(request, services, inst, "instance-metadata-template-created", {"path": path})
     return sync({})
 
@@ -85,7 +86,8 @@ async def templates_post(request: Request, name: str) -> Response:
 async def templates_delete(request: Request, name: str) -> Response:
     services, inst = await get_instance(request, name)
     path = request.query_params.get("path")
-    await asyncio.to_thread(metadata.delete_template, inst, path)
+    async with services.instances.volume_writes(inst.name):
+        await asyncio.to_thread(metadata.delete_template, inst, path)
     _lifecycle(request, services, inst, "instance-metadata-template-deleted", {"path": path})
     return sync({})
 

@@ -101,6 +101,18 @@ class InstanceService:
             lk = self._locks[name] = asyncio.Lock()
         return lk
 
+    @contextlib.asynccontextmanager
+    async def volume_writes(self, name: str):
+        """Around a write into the instance's volume from outside (file push/delete, templates):
+        while the instance is stopped it holds the instance's lock, so that it waits for, and holds
+        off, the changes that take the stopped volume to themselves (an optimised backup sends a
+        stopped instance's btrfs volume as it is, read-only meanwhile)."""
+        if self.status_of(name)[0] == "Running":
+            yield
+            return
+        async with self.lock(name):
+            yield
+
     def _spawn(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)
         self._bg.add(t)

@@ -414,3 +414,30 @@ def test_kill_while_a_committed_backup_is_written(fresh_daemon):
         if d.proc is not None:
             d.lxc("delete", "-f", "c1", check=False)
             d.api("DELETE", "/1.0/storage-pools/bt")
+
+
+def test_file_writes_wait_for_a_live_send_of_a_stopped_instance(ready, names, btrfs_pool, tmp_path):
+    """An optimised backup sends a stopped instance's btrfs volume as it is, read-only meanwhile:
+    file pushes and deletes into that instance wait for it instead of failing."""
+    d = ready
+    c1 = names("lw")
+    d.lxc("init", "busybox", c1, "-s", btrfs_pool)
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        for _ in range(20):
+            f.write(os.urandom(10 << 20))
+    d.lxc("file", "push", str(big), f"{c1}/root/big")
+    small = tmp_path / "small"
+    small.write_text("pushed during the backup")
+    for i in range(3):
+        r = d.api("POST", f"/1.0/instances/{c1}/backups",
+                  json={"name": f"b{i}", "optimized_storage": True, "compression_algorithm": "none"})
+        assert r.status_code == 202, r.text
+        time.sleep(0.05 * i)
+        d.lxc("file", "push", str(small), f"{c1}/root/small{i}")
+        d.lxc("file", "delete", f"{c1}/root/small{i}")
+        assert wait_op(d, r)["status"] == "Success"
+    vol = d.lxd_dir / "storage-pools" / btrfs_pool / "containers" / c1 / "rootfs" / "root"
+    (vol / "writable").write_text("x")  # the volume is writable again
+    d.lxc("file", "push", str(small), f"{c1}/root/small")
+    assert (vol / "small").read_text() == "pushed during the backup"
