@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.helpers import Daemon, ensure_containers_ready, run_prefix
+from tests.helpers import Daemon, ensure_containers_ready, release_host_state, run_prefix
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,6 +31,7 @@ def fresh_daemon(tmp_path):
     d = Daemon(lxd_dir=tmp_path / "var", conf_dir=tmp_path / "conf")
     yield d
     d.stop()
+    release_host_state(d.lxd_dir)  # what a failed test's pools left mounted
 
 
 @pytest.fixture

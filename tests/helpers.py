@@ -428,3 +428,20 @@ class PtyProcess:
             self.proc.kill()
             self.proc.wait()
         os.close(self.master)
+
+
+def release_host_state(base: Path) -> None:
+    """Unmount what is mounted under `base` (deepest first) and detach loop devices whose backing
+    file is under it: what a daemon of a failed test may leave (a btrfs pool on a loop file)."""
+    import subprocess
+
+    base = str(Path(base).resolve())
+    with open("/proc/self/mountinfo") as f:
+        points = [ln.split()[4].encode().decode("unicode_escape") for ln in f]
+    for mp in sorted({p for p in points if p == base or p.startswith(base + "/")}, key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
+    out = subprocess.run(["losetup", "-n", "-O", "NAME,BACK-FILE", "-l"], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[1].strip().startswith(base + "/"):
+            subprocess.run(["losetup", "-d", parts[0]], capture_output=True)
