@@ -317,6 +317,22 @@ def _content_length(request: Request) -> int:
         return -1
 
 
+async def _receive_head(request: Request, cycle) -> tuple[bytes, bool]:
+    """The body's first piece through uvicorn (which answers `Expect: 100-continue`) plus what it
+    has parsed but not delivered; then, with no await after the first piece, reading on the
+    transport is paused. Returns (those bytes, whether more of the body is still to come)."""
+    message = await request.receive()
+    if message["type"] != "http.request":
+        raise ClientDisconnect()
+    head = message.get("body", b"")
+    if not message.get("more_body", False):
+        return head, False
+    cycle.flow.pause_reading()
+    head += bytes(cycle.body)
+    cycle.body = cycle.body[:0]
+    return head, bool(cycle.more_body)  # not more: the rest had arrived already
+
+
 async def take(request: Request, min_size: int = MIN_SIZE, max_size: int = -1,
                chunked: bool = False) -> SocketBody | None:
     """The request's body as a SocketBody, or None (nothing received) when it is smaller than
@@ -330,18 +346,10 @@ async def take(request: Request, min_size: int = MIN_SIZE, max_size: int = -1,
     cycle = _uvicorn_cycle(request)
     if cycle is None:
         return None
-    message = await request.receive()
-    if message["type"] != "http.request":
-        raise ClientDisconnect()
-    head = message.get("body", b"")
-    if not message.get("more_body", False):
+    head, more = await _receive_head(request, cycle)
+    if not more:
         return SocketBody(head)
     # From here to the return there is no await: uvicorn cannot read or parse meanwhile.
-    cycle.flow.pause_reading()
-    head += bytes(cycle.body)
-    cycle.body = cycle.body[:0]
-    if not cycle.more_body:  # the rest had arrived already
-        return SocketBody(head)
     cycle.keep_alive = False
     sock_fd = os.dup(cycle.transport.get_extra_info("socket").fileno())
     return SocketBody(head, sock_fd, max(0, length - len(head)))
@@ -622,18 +630,10 @@ async def take_chunked(request: Request) -> SocketBody | None:
     keeper = _raw_keeper(cycle) if cycle is not None else None
     if keeper is None or keeper.raw_request is None:
         return None
-    message = await request.receive()
-    if message["type"] != "http.request":
-        raise ClientDisconnect()
-    head = message.get("body", b"")
-    if not message.get("more_body", False):
+    head, more = await _receive_head(request, cycle)
+    if not more:
         return SocketBody(head)
     # From here to the return there is no await: uvicorn cannot read or parse meanwhile.
-    cycle.flow.pause_reading()
-    head += bytes(cycle.body)
-    cycle.body = cycle.body[:0]
-    if not cycle.more_body:  # the rest had arrived already
-        return SocketBody(head)
     raw = keeper.take_raw_request()
     decoded = _decode_raw(raw) if raw is not None else None
     if decoded is None or decoded[0] != head:

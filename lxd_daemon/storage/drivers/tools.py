@@ -36,17 +36,27 @@ class ToolError(LXDError):
 Runner = Callable[[tuple[str, ...], bytes | None], Awaitable[Result]]
 
 
+async def _communicate(proc, stdin: bytes | None = None, helper: asyncio.Future | None = None) -> tuple:
+    """proc.communicate(stdin). If that is cancelled or fails, the tool is killed (it must not
+    outlive the operation that ran it) and `helper` (a thread feeding or draining it) is awaited."""
+    try:
+        return await proc.communicate(stdin)
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+            with contextlib.suppress(Exception):
+                await proc.wait()
+        if helper is not None:
+            with contextlib.suppress(BaseException):
+                await helper
+        raise
+
+
 async def _subprocess(argv: tuple[str, ...], stdin: bytes | None) -> Result:
     proc = await asyncio.create_subprocess_exec(
         *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await proc.communicate(stdin)
-    except BaseException:  # cancelled: the tool must not outlive the operation that ran it
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
+    out, err = await _communicate(proc, stdin)
     return Result(argv, proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
@@ -110,14 +120,7 @@ async def run_to_fd(*argv: str, fd: int, check: bool = True) -> Result:
     else:
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=fd,
                                                     stderr=asyncio.subprocess.PIPE)
-        try:
-            _, err = await proc.communicate()
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                with contextlib.suppress(Exception):
-                    await proc.wait()
-            raise
+        _, err = await _communicate(proc)
         result = Result(tuple(argv), proc.returncode or 0, "", err.decode(errors="replace"))
     if check and result.returncode != 0:
         raise ToolError(result)
@@ -161,16 +164,7 @@ async def run_count(*argv: str, check: bool = True) -> tuple[Result, int]:
             return total
 
         counting = asyncio.ensure_future(in_own_thread(drain))  # ends when the tool's stdout closes
-        try:
-            _, err = await proc.communicate()
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                with contextlib.suppress(Exception):
-                    await proc.wait()
-            with contextlib.suppress(BaseException):
-                await counting
-            raise
+        _, err = await _communicate(proc, helper=counting)
         n = await counting
         result = Result(tuple(argv), proc.returncode or 0, "", err.decode(errors="replace"))
     if check and result.returncode != 0:
@@ -245,16 +239,7 @@ async def run_fed(*argv: str, feed: Callable[[int], None], check: bool = True) -
                 os.close(w)
 
         feeder = asyncio.ensure_future(in_own_thread(fill))
-        try:
-            out, err = await proc.communicate()
-        except BaseException:
-            if proc.returncode is None:
-                proc.kill()
-                with contextlib.suppress(Exception):
-                    await proc.wait()
-            with contextlib.suppress(BaseException):
-                await feeder
-            raise
+        out, err = await _communicate(proc, helper=feeder)
         await feeder  # its error (e.g. a truncated upload) says best what went wrong
         result = Result(tuple(argv), proc.returncode or 0, out.decode(errors="replace"),
                         err.decode(errors="replace"))
