@@ -130,6 +130,16 @@ async def run_to_fd(*argv: str, fd: int, check: bool = True) -> Result:
 PIPE_SIZE = 1 << 20
 
 
+def _big_pipe() -> tuple[int, int]:
+    """A pipe of PIPE_SIZE (fewer wake-ups between a tool and the thread feeding or draining it)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        import fcntl
+
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    return r, w
+
+
 async def run_count(*argv: str, check: bool = True) -> tuple[Result, int]:
     """Run a tool only to learn how many bytes it writes to stdout (they are dropped in the
     kernel: spliced from its pipe into /dev/null, never copied into this process)."""
@@ -138,11 +148,7 @@ async def run_count(*argv: str, check: bool = True) -> tuple[Result, int]:
         n = len(result.stdout.encode(errors="surrogateescape"))
         result = Result(result.argv, result.returncode, "", result.stderr)
     else:
-        r, w = os.pipe2(os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            import fcntl
-
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        r, w = _big_pipe()
         try:
             proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL, stdout=w,
                                                         stderr=asyncio.subprocess.PIPE)
@@ -216,11 +222,7 @@ async def run_fed(*argv: str, feed: Callable[[int], None], check: bool = True) -
 
         result = await _runner(tuple(argv), await asyncio.to_thread(gather))
     else:
-        r, w = os.pipe2(os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            import fcntl
-
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        r, w = _big_pipe()
         try:
             proc = await asyncio.create_subprocess_exec(*argv, stdin=r, stdout=asyncio.subprocess.PIPE,
                                                         stderr=asyncio.subprocess.PIPE)
