@@ -661,9 +661,9 @@ class _StreamedMember:
                 raise BadRequest(f"Invalid backup: the optimised member {self.name} is missing")
             o.cv.wait()
 
-    def read(self, n: int = -1) -> bytes:
-        if self.finished:
-            return b""
+    def _begin_read(self):
+        """Attach to the member being scanned (waiting for it) and count this reader in; returns
+        where its bytes are in the uploaded file, if the scan knows (else None)."""
         o = self.owner
         with o.cv:
             if self.f is None:
@@ -671,6 +671,13 @@ class _StreamedMember:
             if o.current is None or o.current[0] != self.name:
                 raise BadRequest(f"Invalid backup: the optimised member {self.name} could not be read")
             o.reading += 1
+            return o.region
+
+    def read(self, n: int = -1) -> bytes:
+        if self.finished:
+            return b""
+        o = self.owner
+        self._begin_read()
         try:
             data = self.f.read(n)
         finally:
@@ -685,13 +692,7 @@ class _StreamedMember:
         """Write the member's bytes into `fd` (a tool's stdin pipe; blocking: run it in a thread):
         straight from the uploaded file when the scan says where they are, else read and written."""
         o = self.owner
-        with o.cv:
-            if self.f is None:
-                self._attach()
-            if o.current is None or o.current[0] != self.name:
-                raise BadRequest(f"Invalid backup: the optimised member {self.name} could not be read")
-            region = o.region
-            o.reading += 1
+        region = self._begin_read()
         try:
             if region is not None:
                 src, offset, size = region

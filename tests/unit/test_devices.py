@@ -1,7 +1,7 @@
 import pytest
 
+from lxd_daemon import devices as devs
 from lxd_daemon.errors import BadRequest
-from lxd_daemon.instances import devices as devs
 
 ROOT = {"type": "disk", "path": "/", "pool": "default"}
 
