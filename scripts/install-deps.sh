@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(
   lxc lxc-dev pkg-config gcc python3-dev python3-venv lvm2  # lvm2: the lvm driver (on hosts with device-mapper)
-  busybox-static squashfs-tools xz-utils zstd bzip2 rsync btrfs-progs dnsmasq-base nftables
+  busybox-static squashfs-tools xz-utils zstd bzip2 rsync btrfs-progs dnsmasq-base nftables python3-nftables  # nftables: the daemon's firewall tables, through libnftables
   criu uidmap lxd-client python3-pylxd debootstrap curl iproute2 systemd
   ansible  # the third-party client tests drive the daemon with community.general's lxd plugins
 )
@@ -32,6 +32,9 @@ PY=/usr/bin/python3
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
+# Debian's nftables bindings (ctypes over libnftables, no PyPI release): visible in the venv.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+ln -sfn /usr/lib/python3/dist-packages/nftables "$site/nftables"
 stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
 if [ ! -e "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from tests.helpers import Daemon, ensure_containers_ready, release_host_state, run_prefix
+from tests.netns import NetNS
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,6 +33,27 @@ def fresh_daemon(tmp_path):
     yield d
     d.stop()
     release_host_state(d.lxd_dir)  # what a failed test's pools left mounted
+
+
+@pytest.fixture(scope="module")
+def net_daemon(tmp_path_factory):
+    """A daemon of the test module's own inside a network namespace the module made, with a
+    dir pool, the default profile's root disk and the busybox image: network tests create
+    bridges, nics and nftables tables only there. The namespace (and what is left in it) goes
+    when the module is done."""
+    base = tmp_path_factory.mktemp("lxdnet")
+    ns = NetNS(run_prefix() + "ns").create()
+    d = Daemon(lxd_dir=base / "var", conf_dir=base / "conf", netns=ns)
+    try:
+        d.start()
+        ensure_containers_ready(d)
+        yield d
+    finally:
+        for inst in (d.api("GET", "/1.0/instances").json().get("metadata") or []) if d.proc else []:
+            d.lxc("delete", "-f", inst.rsplit("/", 1)[-1], check=False)
+        d.stop()
+        release_host_state(d.lxd_dir)
+        ns.destroy()
 
 
 @pytest.fixture

@@ -49,6 +49,8 @@ class Daemon:
     proc: subprocess.Popen | None = None
     log: Path | None = None
     extra_env: dict = field(default_factory=dict)
+    # A tests.netns.NetNS to run the daemon in (network tests), or None: the host's namespace.
+    netns: object = None
 
     @property
     def socket(self) -> Path:
@@ -64,7 +66,8 @@ class Daemon:
     def start(self, *args: str, wait: bool = True) -> Daemon:
         self.log = self.lxd_dir.parent / (self.lxd_dir.name + ".log")
         with open(self.log, "ab") as logf:
-            self.proc = subprocess.Popen([sys.executable, "-m", "lxd_daemon", "--debug", *args],
+            prefix = self.netns.prefix() if self.netns is not None else []
+            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "lxd_daemon", "--debug", *args],
                                          env=self.env, stdout=logf, stderr=subprocess.STDOUT)
         if wait:
             self.waitready()
