@@ -505,6 +505,12 @@ class StorageSuite:
                         last = now
                         time.sleep(1)
                     after[d.key] = [last / 1e6]
+                    self.log(f"{d.label}: dir pool by entry (bytes): " + ", ".join(
+                        f"{e}={du_bytes(pool_dir / e)}" for e in sorted(os.listdir(pool_dir))))
+                    for j, name in enumerate(made):
+                        sub = pool_dir / "containers" / name
+                        if sub.exists():
+                            self.log(f"{d.label}: {name}: {du_bytes(sub)} bytes")
                     time.sleep(self.args.rest_s)
                     rest[d.key] = [du_bytes(pool_dir) / 1e6]
                     total[d.key] = [sum(du_bytes(d.lxd_dir / e) for e in os.listdir(d.lxd_dir)
