@@ -43,6 +43,7 @@ def net_daemon(tmp_path_factory):
     when the module is done."""
     base = tmp_path_factory.mktemp("lxdnet")
     ns = NetNS(run_prefix() + "ns").create()
+    ns.share(base)
     d = Daemon(lxd_dir=base / "var", conf_dir=base / "conf", netns=ns)
     try:
         d.start()
@@ -52,8 +53,8 @@ def net_daemon(tmp_path_factory):
         for inst in (d.api("GET", "/1.0/instances").json().get("metadata") or []) if d.proc else []:
             d.lxc("delete", "-f", inst.rsplit("/", 1)[-1], check=False)
         d.stop()
-        release_host_state(d.lxd_dir)
         ns.destroy()
+        release_host_state(d.lxd_dir)
 
 
 @pytest.fixture

@@ -2,8 +2,10 @@
 (its bridges, veths, nftables tables and dnsmasq live and die there), and every address a test
 uses lives in such a namespace or on loopback.
 
-`nsenter --net=` is used rather than `ip netns exec`, which remounts /sys and so hides the cgroup
-mounts the daemon needs.
+Programs run inside through scripts/netns-exec: the network namespace plus a mount namespace
+where /sys shows that namespace's interfaces and /sys/fs/cgroup is the host's (plain `nsenter
+--net` shows the host's /sys/class/net, `ip netns exec` hides the cgroup mounts). A directory made
+shared with share() (the daemon's LXD_DIR) shows the mounts the daemon makes there on the host too.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 NETNS_DIR = Path("/run/netns")
+NETNS_EXEC = Path(__file__).resolve().parent.parent / "scripts" / "netns-exec"
 
 
 class NetNS:
@@ -27,6 +30,7 @@ class NetNS:
             raise ValueError(f"bad namespace name {name!r}")
         self.name = name
         self.path = NETNS_DIR / name
+        self.shared: list[Path] = []
 
     def create(self) -> NetNS:
         subprocess.run(["ip", "netns", "add", self.name], check=True, capture_output=True)
@@ -35,7 +39,16 @@ class NetNS:
 
     def prefix(self) -> list[str]:
         """The command prefix that runs a program inside the namespace."""
-        return ["nsenter", f"--net={self.path}"]
+        return ["/usr/bin/python3", str(NETNS_EXEC), str(self.path), "--"]
+
+    def share(self, path: Path) -> None:
+        """Make `path` a shared mount (bound on itself), so that what programs inside mount under
+        it is seen on the host; undone by destroy()."""
+        path = Path(path).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "--bind", str(path), str(path)], check=True, capture_output=True)
+        self.shared.append(path)
+        subprocess.run(["mount", "--make-shared", str(path)], check=True, capture_output=True)
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60,
             input: str | None = None) -> subprocess.CompletedProcess:
@@ -78,6 +91,9 @@ class NetNS:
                     pass
             time.sleep(0.1)
         subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+        for path in reversed(self.shared):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        self.shared.clear()
 
     def __enter__(self) -> NetNS:
         return self.create()
