@@ -1,7 +1,7 @@
 """Start, initialise, stop and clean up the two daemons under test.
 
-Both run in a network namespace of their own (`unshare --net`, loopback up): LXD 5.0.2 looks up
-internet hosts at start-up, and running ours the same way keeps the conditions equal. Each gets a
+Both run in a network namespace of their own (scripts/netns-exec --new: loopback up, a sysfs of
+that namespace, the host's cgroup tree): LXD 5.0.2 looks up internet hosts at start-up, and running ours the same way keeps the conditions equal. Each gets a
 temporary LXD_DIR (and LXD_CONF for the `lxc` client) inside the run's work directory, whose name
 carries the run's unique prefix. Everything a run leaves behind is found again from that work
 directory and its state file (state.json), so `cleanup(workdir)` also works from another process
@@ -88,11 +88,16 @@ class Daemon:
         self.lxd_dir.mkdir(mode=0o711, parents=True, exist_ok=True)
         os.chmod(self.lxd_dir, 0o711)
         self.conf_dir.mkdir(mode=0o700, exist_ok=True)
-        # unshare(1) without --fork execs: the shell then execs the daemon, so the pid we get is
-        # the daemon's own pid.
-        script = 'ip link set lo up && exec "$0" --logfile "$1"'
+        # A network namespace of its own with a sysfs of its own (scripts/netns-exec: daemons look
+        # at /sys/class/net for their bridges); LXD_DIR is made a shared mount first so that the
+        # pools the daemon mounts there show in ours (du). netns-exec execs: the pid we get is the
+        # daemon's own pid.
+        if not os.path.ismount(self.lxd_dir):
+            subprocess.run(["mount", "--bind", str(self.lxd_dir), str(self.lxd_dir)], check=True, timeout=60)
+        subprocess.run(["mount", "--make-shared", str(self.lxd_dir)], check=True, timeout=60)
         with open(self.log, "ab") as logf:
-            proc = subprocess.Popen(["unshare", "--net", "sh", "-c", script, str(self.binary), str(self.log)],
+            proc = subprocess.Popen(["/usr/bin/python3", str(REPO / "scripts" / "netns-exec"), "--new", "--",
+                                     str(self.binary), "--logfile", str(self.log)],
                                     env=self.env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.pid = proc.pid
@@ -297,7 +302,7 @@ def cleanup(workdir: Path, log=print) -> None:
                     mounts.append(mp)
     except OSError:
         pass
-    for mp in sorted(set(mounts), key=len, reverse=True):
+    for mp in sorted(mounts, key=len, reverse=True):  # twice where two are stacked (LXD_DIR)
         log(f"cleanup: unmounting {mp}")
         subprocess.run(["umount", "-l", mp], stderr=subprocess.DEVNULL)
     # 3b. loop devices backed by files in the work dir (the storage suite's btrfs pools)

@@ -1,7 +1,8 @@
 """Benchmark our daemon against LXD 5.0.2 (Debian `lxd`) in the same run, interleaved.
 
 Run through scripts/bench/run.sh (it installs Debian's lxd and cleans up even after a crash).
-Suites: api (issue 2), images (issue 3), containers (issue 4), storage (issue 9, storage.py);
+Suites: api (issue 2), images (issue 3), containers (issue 4), storage (issue 9, storage.py),
+networks (issue 10, networks.py);
 `--only files` runs only the file transfer rows of containers. A suite a daemon cannot serve yet (its endpoint answers 404) is
 skipped for that daemon with a line saying so; LXD still runs, which validates the harness.
 """
@@ -32,9 +33,9 @@ from daemons import DEBIAN_LXD, LXC, OUR_LXD, REPO, Daemon, cleanup  # noqa: E40
 
 HERE = Path(__file__).resolve().parent
 VENV_PY = REPO / ".venv" / "bin" / "python"
-SUITES = ("api", "images", "containers", "storage")  # what a run without --only runs
+SUITES = ("api", "images", "containers", "storage", "networks")  # what a run without --only runs
 EXTRA_SUITES = ("files",)  # only with --only: a subset of a suite above, for quicker iterations
-ALIASES = {"issue2": "api", "issue3": "images", "issue4": "containers", "issue9": "storage"}
+ALIASES = {"issue2": "api", "issue3": "images", "issue4": "containers", "issue9": "storage", "issue10": "networks"}
 POOL = "default"
 
 
@@ -478,6 +479,12 @@ class Bench:
 
         storage.StorageSuite(self).run()
 
+    def suite_networks(self) -> None:
+        """Networks (issue 10): a managed bridge per daemon, launches to a DHCP lease, `lxc list`."""
+        import networks
+
+        networks.NetworksSuite(self).run()
+
     def suite_files(self) -> None:
         """Only the file transfer rows of the containers suite (a quicker loop for that work)."""
         self.with_containers("files", self.file_rows)
@@ -683,7 +690,7 @@ class Bench:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[],
-                    help="run only this suite: api|images|containers|storage (or issue2|3|4|9), or files "
+                    help="run only this suite: api|images|containers|storage|networks (or issue2|3|4|9|10), or files "
                          "(only the file push/pull rows of containers); repeatable")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shorter cells (a smoke run)")
     ap.add_argument("--rounds", type=int, default=0, help="GET /1.0 rounds per cell (default 3, quick 1)")

@@ -507,7 +507,7 @@ class StorageSuite:
                     after[d.key] = [last / 1e6]
                     self.log(f"{d.label}: dir pool by entry (bytes): " + ", ".join(
                         f"{e}={du_bytes(pool_dir / e)}" for e in sorted(os.listdir(pool_dir))))
-                    for j, name in enumerate(made):
+                    for name in made:
                         sub = pool_dir / "containers" / name
                         if sub.exists():
                             self.log(f"{d.label}: {name}: {du_bytes(sub)} bytes")
