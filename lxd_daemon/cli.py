@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="for --auto: with --storage-create-device/--storage-create-loop, the name of the "
                         "new pool (default: default); otherwise an existing source to use (not with dir)")
     i.add_argument("--network-address", help="address to listen on for --auto")
-    i.add_argument("--network-port", type=int, default=8443)
+    i.add_argument("--network-port", type=int, default=None, help="port for --network-address (default 8443)")
     i.add_argument("--trust-password", help="trust password for --auto")
 
     r = sub.add_parser(

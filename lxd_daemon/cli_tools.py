@@ -160,14 +160,32 @@ def _storage_configured(client: Client, pool: dict, args) -> bool:
     return configured
 
 
+def https_address(address: str, port: int | None) -> str:
+    """`--network-address`/`--network-port` as `core.https_address` (an IPv6 address in brackets;
+    an address that carries its own port keeps it), as LXD writes it."""
+    port = 8443 if port is None else port
+    if not 0 < port < 65536:
+        raise InitError(f"Invalid --network-port {port}: a port number (1-65535)")
+    if address.startswith("["):
+        return address if "]:" in address else f"{address}:{port}"
+    if address.count(":") > 1:  # a bare IPv6 address
+        return f"[{address}]:{port}"
+    if ":" in address:
+        return address
+    return f"{address}:{port}"
+
+
 def auto_seed(args, client: Client | None = None) -> dict:
     seed: dict = {"config": {}}
+    port = getattr(args, "network_port", None)
     if args.network_address:
-        seed["config"]["core.https_address"] = f"{args.network_address}:{args.network_port}"
+        seed["config"]["core.https_address"] = https_address(args.network_address, port)
         if args.trust_password:
             seed["config"]["core.trust_password"] = args.trust_password
+    elif port is not None:
+        raise InitError("--network-port can't be used without --network-address")
     elif args.trust_password:
-        raise InitError("--trust-password needs --network-address")
+        raise InitError("--trust-password can't be used without --network-address")
     pool = _auto_pool(args)
     if pool is not None and not (client is not None and _storage_configured(client, pool, args)):
         seed["storage_pools"] = [pool]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 
 from fastapi import APIRouter, Request
@@ -164,7 +165,8 @@ async def get_instance(prefix: str, request: Request, name: str) -> Response:
     svc = get_services(request).instances
     rec = svc.record(name)
     full = recursion(request) >= 1 and request.url.path.startswith("/1.0/instances")
-    out = svc.render(rec, full=full)
+    # a full render reads the container's state (/proc, cgroups, its links over netlink): in a thread
+    out = await asyncio.to_thread(svc.render, rec, full=True) if full else svc.render(rec)
     if full:
         await _fill_backups(get_services(request), [out])
     return sync(out, etag=etag_of(*svc.etag(rec)))

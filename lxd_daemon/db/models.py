@@ -34,3 +34,16 @@ projects = Table(
     Column("description", Text, nullable=False, default=""),
     Column("config", Text, nullable=False, default="{}"),
 )
+
+# Managed networks (migration 0005).
+networks = Table(
+    "networks", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("project", String, nullable=False, default="default"),
+    Column("name", String, nullable=False),
+    Column("type", String, nullable=False, default="bridge"),
+    Column("description", Text, nullable=False, default=""),
+    Column("config", Text, nullable=False, default="{}"),
+    Column("status", String, nullable=False, default="Created"),
+    UniqueConstraint("project", "name"),
+)

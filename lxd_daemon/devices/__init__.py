@@ -16,6 +16,8 @@ The interface (devices/base.py `Device`), for a device `name` with config dict `
                                 after the container stopped only the hooks run
     async remove(ctx)           the device left the instance (unplugged, instance deleted): drop
                                 what it keeps on the host between starts (a unix node)
+    async adopt(ctx)            the daemon started and found the container running (ctx.init_pid):
+                                take back what start() left running (a proxy's forwarder)
 
 `DeviceContext` (base.py) carries the instance name, id map, privileged flag, devices directory,
 project, the instance service (for volumes; None in raw-container tests), the runtime client
@@ -36,7 +38,12 @@ post_start / post_stop hooks. Two appliers consume it:
 
 For nic/proxy: lxcconf.render already renders RunConfig.interfaces as lxc.net.N.* (and the
 `lxc.net.0.type = empty` fallback only when no device gives one); live.apply_run_config refuses
-interfaces and items on a running container until a worker method attaches them.
+items on a running container.
+nic (devices/nic/, one module per nictype): live.apply_run_config moves RunConfig.interfaces into
+a running container through a worker (runtime/nics.py), unplug_device takes them out again.
+proxy (devices/proxy.py): a supervised forwarder process per device (networks/forwarder.py),
+spawned by a post_start hook (ctx.init_pid), adopted after a daemon restart (Device.adopt,
+lifecycle.adopt_devices); nat=true: DNAT rules through services.networks.firewall.
 
 Types are registered in registry.DEVICE_TYPES (type name -> class); registry.load(name, config)
 makes the object, registry.validate_devices checks a whole devices dict. To add a type: a module

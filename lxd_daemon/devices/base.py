@@ -77,6 +77,8 @@ class DeviceContext:
                  so that a later pure run_config() (lxcconf.render) describes the prepared device
     runtime      the runtime client (runtime/client.py), for host probes that fork and so must
                  run in a worker (idmapped mount support); None: probed in this process (tests)
+    init_pid     the running container's init pid where known (set once liblxc started it, for
+                 post_start hooks; at adoption after a daemon restart); 0: ask ctx.instances
     """
 
     instance: str
@@ -87,6 +89,7 @@ class DeviceContext:
     instances: Any = None
     prepared: dict[str, Any] = field(default_factory=dict)
     runtime: Any = None
+    init_pid: int = 0
 
     @property
     def root_ids(self) -> tuple[int, int]:
@@ -174,3 +177,7 @@ class Device:
     async def remove(self, ctx: DeviceContext) -> None:
         """The device left the instance (hot-unplugged, or the instance deleted): remove what it
         keeps on the host between starts."""
+
+    async def adopt(self, ctx: DeviceContext) -> None:
+        """The daemon (re)started while the container runs (ctx.init_pid): take back what start()
+        left running on the host (a supervised process) without disturbing the container."""

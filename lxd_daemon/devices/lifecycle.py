@@ -50,6 +50,17 @@ async def stop_devices(devices: list[Device], ctx: DeviceContext) -> None:
                         exc_info=True)
 
 
+async def adopt_devices(devices: list[Device], ctx: DeviceContext) -> None:
+    """The daemon started and found the container running: each device takes back its host
+    side (failures are logged: the container keeps running either way)."""
+    for device in devices:
+        try:
+            await device.adopt(ctx)
+        except Exception:
+            log.warning("a device's adoption step failed", extra={"device": device.name, "instance": ctx.instance},
+                        exc_info=True)
+
+
 async def remove_devices(devices: list[Device], ctx: DeviceContext) -> None:
     """The instance is deleted: each device removes what it keeps on the host between starts."""
     for device in reversed(devices):

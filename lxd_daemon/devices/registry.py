@@ -6,19 +6,20 @@ import re
 
 from lxd_daemon.devices.base import Device
 from lxd_daemon.devices.disk import Disk
+from lxd_daemon.devices.nic import Nic
 from lxd_daemon.devices.none import NoneDevice
+from lxd_daemon.devices.proxy import Proxy
 from lxd_daemon.devices.unix import UnixBlock, UnixChar
 from lxd_daemon.errors import BadRequest
 
-DEVICE_TYPES: dict[str, type[Device]] = {cls.type: cls for cls in (Disk, UnixChar, UnixBlock, NoneDevice)}
+DEVICE_TYPES: dict[str, type[Device]] = {cls.type: cls for cls in (Disk, UnixChar, UnixBlock, NoneDevice, Nic,
+                                                                      Proxy)}
 
 # Device types LXD has that this daemon does not implement (yet): a clear 400 rather than "unknown".
 NOT_YET = {
-    "nic": "nic devices are not supported yet",
     "infiniband": "infiniband devices are not supported",
     "gpu": "gpu devices are not supported",
     "usb": "usb devices are not supported",
-    "proxy": "proxy devices are not supported",
     "unix-hotplug": "unix-hotplug devices are not supported",
     "tpm": "tpm devices are not supported",
     "pci": "pci devices are not supported",

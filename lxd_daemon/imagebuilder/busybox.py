@@ -85,8 +85,15 @@ for dev in /sys/class/net/*; do
 	ifc=${dev##*/}
 	case "$ifc" in lo|'*') continue ;; esac
 	ip link set "$ifc" up 2>/dev/null
-	# -b: go to the background if no lease comes at once; -S: log to syslog, not the console.
-	udhcpc -b -S -i "$ifc" -p "/run/udhcpc.$ifc.pid" -s /usr/share/udhcpc/default.script >/dev/null 2>&1
+	# An interface that came configured (a routed or ipvlan nic: its addresses are set by the
+	# host) keeps what it has.
+	case "$(ip -4 addr show dev "$ifc" 2>/dev/null)" in *inet\ *) continue ;; esac
+	# One client per interface, all at once and in the background (an interface without a DHCP
+	# server holds up neither the boot nor the others): it asks three times a second apart, then
+	# again every 5 s, and renews. -S: log to syslog, not the console. IPv6 comes from the kernel
+	# (SLAAC) as the interface is up.
+	udhcpc -f -T 1 -A 5 -S -i "$ifc" -p "/run/udhcpc.$ifc.pid" -s /usr/share/udhcpc/default.script \
+		>/dev/null 2>&1 </dev/null &
 done
 exit 0
 """
@@ -104,12 +111,17 @@ UDHCPC_SCRIPT = r"""#!/bin/sh
 [ -n "$1" ] || exit 1
 case "$1" in
 deconfig)
-	ip -4 addr flush dev "$interface" 2>/dev/null
+	# only the address this client set goes (others were set by hand or by the host)
+	[ -s "/run/udhcpc.$interface.addr" ] && ip addr del "$(cat "/run/udhcpc.$interface.addr")" dev "$interface" 2>/dev/null
+	rm -f "/run/udhcpc.$interface.addr"
 	ip link set "$interface" up
 	;;
 bound|renew)
-	ip -4 addr flush dev "$interface" 2>/dev/null
-	ip addr add "$ip/${mask:-24}" ${broadcast:+broadcast "$broadcast"} dev "$interface"
+	new="$ip/${mask:-24}"
+	old=$(cat "/run/udhcpc.$interface.addr" 2>/dev/null)
+	[ -n "$old" ] && [ "$old" != "$new" ] && ip addr del "$old" dev "$interface" 2>/dev/null
+	ip addr replace "$new" ${broadcast:+broadcast "$broadcast"} dev "$interface"
+	echo "$new" > "/run/udhcpc.$interface.addr"
 	if [ -n "$router" ]; then
 		while ip -4 route del default dev "$interface" 2>/dev/null; do :; done
 		for r in $router; do ip route add default via "$r" dev "$interface"; break; done

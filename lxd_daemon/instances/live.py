@@ -14,10 +14,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from lxd_daemon.devices.base import Device, DeviceContext
-from lxd_daemon.devices.registry import load_all
-from lxd_daemon.devices.runconfig import RunConfig, run_hooks
+from lxd_daemon.devices.registry import load, load_all
+from lxd_daemon.devices.runconfig import NetInterface, RunConfig, run_hooks
 from lxd_daemon.devices.unix import device_rule, known_info, make_node
-from lxd_daemon.errors import BadRequest
+from lxd_daemon.errors import BadRequest, LXDError
 from lxd_daemon.instances import config as cfg
 from lxd_daemon.instances import lxcconf
 from lxd_daemon.instances.idmap import IdmapSet
@@ -109,7 +109,7 @@ async def apply_run_config(runtime, name: str, dname: str, rc: RunConfig, ctx: D
                            init_pid: int) -> None:
     """Give a running container what a device's RunConfig says it needs: nodes made on the host,
     cgroup rules allowed (privileged containers), mounts injected by the worker."""
-    if rc.interfaces or rc.items:
+    if rc.items:
         raise BadRequest(f"Device {dname!r} can't be added to a running instance")
     for node in rc.nodes:
         await asyncio.to_thread(make_node, node, ctx.node_idmap)
@@ -123,6 +123,48 @@ async def apply_run_config(runtime, name: str, dname: str, rc: RunConfig, ctx: D
     for m in rc.mounts:
         await runtime.hotplug_mount(name, init_pid, m.source, m.target, m.hotplug_options(root_uid, root_gid),
                                     what=dname)
+    for nic in rc.interfaces:
+        await plug_interface(runtime, name, dname, nic, init_pid=init_pid)
+
+
+def _interface_options(nic: NetInterface) -> dict:
+    """What the worker sets on a moved interface: MAC, MTU, and the lxc.net-style addresses and
+    gateways of its `extra` items (a routed nic's)."""
+    extra = dict.fromkeys(("ipv4.gateway", "ipv6.gateway"), "")
+    addresses = []
+    for key, value in nic.extra:
+        if key in ("ipv4.address", "ipv6.address"):
+            addresses.append(value)
+        elif key in extra:
+            extra[key] = value
+    gateways = [g for g in (extra["ipv4.gateway"], extra["ipv6.gateway"]) if g and g != "dev"]
+    return {"hwaddr": nic.hwaddr, "mtu": nic.mtu, "addresses": addresses, "gateways": gateways}
+
+
+async def plug_interface(runtime, name: str, dname: str, nic: NetInterface, *, init_pid: int) -> None:
+    """Move a nic's interface into the running container: a host interface ("phys": a veth
+    peer or a physical nic) as it is; a macvlan is made on the host first (a temporary name)."""
+    from lxd_daemon.devices.nic.common import random_ifname
+    from lxd_daemon.networks import netlink
+
+    made = ""
+    link = nic.link
+    if nic.type == "macvlan":
+        made = link = random_ifname("mac")
+        mode = dict(nic.extra).get("macvlan.mode", "bridge")
+        try:
+            await asyncio.to_thread(netlink.create_macvlan, made, nic.link, mode, mtu=nic.mtu,
+                                    hwaddr=nic.hwaddr or None)
+        except LXDError as e:
+            raise BadRequest(f"Failed to add device {dname!r} on the running instance: {e.message}") from None
+    elif nic.type != "phys":
+        raise BadRequest(f"Device {dname!r} ({nic.type} interface) can't be added to a running instance")
+    try:
+        await runtime.nic_attach(name, init_pid, link, nic.name, _interface_options(nic), what=dname)
+    except BaseException:
+        if made:
+            await asyncio.to_thread(netlink.delete_link, made)
+        raise
 
 
 async def plug_device(runtime, name: str, device: Device, ctx: DeviceContext, *, init_pid: int) -> None:
@@ -131,6 +173,12 @@ async def plug_device(runtime, name: str, device: Device, ctx: DeviceContext, *,
     rc = await device.start(ctx)
     try:
         await apply_run_config(runtime, name, device.name, rc, ctx, init_pid=init_pid)
+    except BaseException:
+        if rc.interfaces:  # a nic's host side (a veth pair, its filters) goes again
+            await run_hooks(rc.post_start)
+            stopped = await device.stop(ctx)
+            await run_hooks(stopped.post_stop)
+        raise
     finally:
         await run_hooks(rc.post_start)  # the container holds its own mount now
 
@@ -142,6 +190,9 @@ async def unplug_device(runtime, name: str, device: Device, ctx: DeviceContext, 
     needs them), then its post_stop hooks and its remove() undo the host side."""
     rc = await device.stop(ctx)
     root_uid, root_gid = ctx.root_ids
+    for nic in rc.interfaces:  # a physical nic goes back to the host as `link`; the others go
+        await runtime.nic_detach(name, init_pid, nic.name, nic.link if nic.type == "phys" else "",
+                                 what=device.name)
     for m in reversed(rc.mounts):
         await runtime.hotplug_unmount(name, init_pid, m.target, True, root_uid, root_gid, what=device.name)
     layout = lxcconf.host_layout()
@@ -168,8 +219,15 @@ async def apply_live(runtime, name: str, old: tuple[dict, dict], new: tuple[dict
     if privileged is None:
         privileged = idmap.empty
 
-    gone = [d for d in load_all({n: c for n, c in old_devices.items() if new_devices.get(n) != c}) if d.hotpluggable]
-    came = [d for d in load_all({n: c for n, c in new_devices.items() if old_devices.get(n) != c}) if d.hotpluggable]
+    # a device that can take the change as it is (a nic's limits or filters) keeps running
+    in_place = [d for d in load_all({n: c for n, c in new_devices.items() if n in old_devices
+                                     and old_devices[n] != c})
+                if getattr(d, "updates_live", None) and d.updates_live(old_devices[d.name])]
+    kept = {d.name for d in in_place}
+    gone = [d for d in load_all({n: c for n, c in old_devices.items() if new_devices.get(n) != c and n not in kept})
+            if d.hotpluggable]
+    came = [d for d in load_all({n: c for n, c in new_devices.items() if old_devices.get(n) != c and n not in kept})
+            if d.hotpluggable]
     gone.sort(key=lambda d: -d.sort_key[0])
     keep_new = _kept_rules(new_devices)
     keep_old = _kept_rules(old_devices)
@@ -181,13 +239,16 @@ async def apply_live(runtime, name: str, old: tuple[dict, dict], new: tuple[dict
             kinds.add(spec.live)
 
     ctx = None
-    if gone or came:
+    if gone or came or in_place:
         ddir = await asyncio.to_thread(_devices_dir, name, devices_dir, init_pid)
         ctx = _context(runtime, name, idmap, privileged, ddir, instances)
     async with Revert() as revert:
         for device in gone:
             await unplug_device(runtime, name, device, ctx, init_pid=init_pid, keep_rules=keep_new)
             revert.add(plug_device, runtime, name, device, ctx, init_pid=init_pid)
+        for device in in_place:
+            await device.update_live(old_devices[device.name], ctx)
+            revert.add(load(device.name, old_devices[device.name]).update_live, new_devices[device.name], ctx)
         for device in came:
             await plug_device(runtime, name, device, ctx, init_pid=init_pid)
             revert.add(unplug_device, runtime, name, device, ctx, init_pid=init_pid, keep_rules=keep_old)

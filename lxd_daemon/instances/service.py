@@ -566,10 +566,22 @@ class InstanceService:
             if cached_net and rt.net is not None and now - rt.net_at < self.NET_TTL:
                 net = rt.net
             else:
-                net = rstate.network(pid)
+                net = rstate.network(pid, self._nic_host_names(name))
                 rt.net, rt.net_at = net, now
         return rstate.full_state(pid, "FROZEN" if status == "Frozen" else "THAWED",
                                  rt.cgroups if rt is not None and rt.cgroups else None, net)
+
+    def _nic_host_names(self, name: str) -> dict[str, str]:
+        """{interface inside: host end} of the instance's veth-based nics (their volatile keys)."""
+        rec = self.records.get(name)
+        if rec is None or not any(k.endswith(".host_name") for k in rec.config):
+            return {}
+        out = {}
+        for dname, dev in self.expanded(name)[1].items():
+            host = rec.config.get(f"volatile.{dname}.host_name")
+            if dev.get("type") == "nic" and host:
+                out[dev.get("name") or rec.config.get(f"volatile.{dname}.name", "")] = host
+        return out
 
     async def render_many(self, names: list[str], *, full: bool) -> list[dict]:
         recs = [self.records[n] for n in names if n in self.records]
@@ -700,11 +712,15 @@ class InstanceService:
         ec, ed = validation.expand(pinputs, config, devices)
         pool = self._root_pool(ed)
         await check_volumes(self.services, ed)  # custom volumes named by disks exist
+        from lxd_daemon.devices.nic import check_nics
+
+        await check_nics(self.services, ed, instance=name, expanded=ed)  # networks exist, addresses are free
         arch = body.architecture or (image or {}).get("architecture") or (
             src_rec.architecture if src_rec else host_architecture())
         with_snaps = stype == "copy" and src_snap is None and not (
             source.get("instance_only") or source.get("container_only"))
         return {"name": name, "profiles": profiles, "config": config, "devices": devices, "image": image,
+                "expanded_devices": ed,
                 "source_rec": src_rec, "pool": pool, "expanded_config": ec, "architecture": arch,
                 "source_snapshot": src_snap.name if src_snap is not None else None,
                 "with_snapshots": with_snaps, "copy_snapshots": [],
@@ -739,6 +755,9 @@ class InstanceService:
             config["volatile.idmap.base"] = str(desired.root_ids()[0])
         config["volatile.idmap.next"] = desired.to_json()
         config.setdefault("volatile.uuid", str(uuid.uuid4()))
+        from lxd_daemon.devices.nic.common import volatile_defaults
+
+        config.update(volatile_defaults(plan.get("expanded_devices") or {}, config))  # nics' MAC and name
         if plan["stype"] == "image":
             config["volatile.apply_template"] = "create"
         elif plan["stype"] == "copy":
@@ -888,7 +907,16 @@ class InstanceService:
             pinputs = [self.services.profiles.profiles[p].as_expand_input() for p in profiles]
             new = validation.expand(pinputs, config, devices)
             old = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
+            from lxd_daemon.devices.nic.common import drop_gone, keep_volatile, volatile_defaults
+
+            config.update(keep_volatile(rec.config, config, new[1]))  # the nics' kept MAC, name, host end
+            config.update(volatile_defaults(new[1], config))
+            config = drop_gone(config, old[1], new[1])
             await check_volumes(self.services, {k: d for k, d in new[1].items() if old[1].get(k) != d})
+            from lxd_daemon.devices.nic import check_nics
+
+            await check_nics(self.services, {k: d for k, d in new[1].items() if old[1].get(k) != d}, instance=name,
+                             expanded=new[1])
             # As LXD: the expanded devices need a root disk unless there are none at all (then
             # the container keeps its volume but can't start until it gets one back).
             if new[1] and validation.root_disk(new[1]) is None:
@@ -900,6 +928,9 @@ class InstanceService:
             status, pid = self.status_of(name)
             if status != "Stopped":
                 await self._apply_live(name, old, new, pid)
+                from lxd_daemon.devices.nic.common import after_live
+
+                config = after_live(self.records[name].config, config, new[1])
             newrec = Record(rec.id, name, architecture or rec.architecture, ephemeral, rec.stateful, description,
                             rec.created_at, rec.last_used_at, config, {k: dict(v) for k, v in devices.items()},
                             list(profiles), rec.type)
@@ -1038,6 +1069,9 @@ class InstanceService:
             from lxd_daemon.instances.lxcconf import remove_seccomp_policy
 
             await asyncio.to_thread(remove_seccomp_policy, self.lxcpath, name)  # re-made at the next start
+            from lxd_daemon.devices.nic import forget_hosts
+
+            await forget_hosts(self.services, name, self.expanded(new)[1])  # DHCP entries of the old name
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, name: str) -> None:
@@ -1108,6 +1142,7 @@ class InstanceService:
                     self._ensure_traversable()
                 t3 = _now()
                 pid = await self.liblxc.start(name, str(self.lxcpath), str(conf))
+                ctx.init_pid = pid  # for the devices' post_start hooks (proxy forwarders)
             except StartFailed as e:
                 tail = _log_tail(logdir / "lxc.log")
                 raise LXDError(e.message + (f"\n{tail}" if tail else "")) from None
@@ -1139,6 +1174,23 @@ class InstanceService:
                                expanded_devices=ed, idmap=idmap, privileged=idmap.empty,
                                devices_dir=self.devices_dir(name), run_configs=run_configs)
         return lxcconf.to_text(lxcconf.render(spec))
+
+    async def adopt_devices(self) -> None:
+        """Start-up (a hook): the devices of each running container take back their host side
+        (a proxy's forwarder is adopted, not started twice)."""
+        for name in sorted(self.records):
+            status, pid = self.status_of(name)
+            if status == "Stopped" or pid <= 0:
+                continue
+            try:
+                devices = load_all(self.expanded(name)[1])
+            except LXDError:
+                continue
+            if devices:
+                idmap = IdmapSet.from_json(self.records[name].config.get("volatile.idmap.current"))
+                ctx = self.device_context(name, idmap)
+                ctx.init_pid = pid
+                await device_lifecycle.adopt_devices(devices, ctx)
 
     def device_context(self, name: str, idmap: IdmapSet) -> DeviceContext:
         """What instance `name`'s devices work with (devices/base.py)."""

@@ -338,12 +338,137 @@ def _ifaces_v6(pid: int) -> dict[str, list[dict]]:
     return out
 
 
-def network(pid: int) -> dict:
-    """Per-interface counters and addresses inside the container's network namespace."""
+# -- links of a container's network namespace, over rtnetlink without forking ------------------
+# A netlink socket belongs to the network namespace it was made in: a short-lived thread enters
+# the container's namespace (setns affects only the calling thread), makes the socket and asks
+# for the links, and ends (so no thread of the daemon stays in a container's namespace).
+
+RTM_GETLINK, RTM_GETADDR, NLMSG_DONE, NLMSG_ERROR = 18, 22, 3, 2
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU = 1, 3, 4
+IFF_UP, IFF_BROADCAST, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x2, 0x8, 0x10
+_CLONE_NEWNET = 0x40000000
+_libc = None
+
+
+def _link_type(flags: int) -> str:
+    if flags & IFF_LOOPBACK:
+        return "loopback"
+    if flags & IFF_POINTOPOINT:
+        return "point-to-point"
+    if flags & IFF_BROADCAST:
+        return "broadcast"
+    return "unknown"
+
+
+def _dump_links(sock: socket.socket) -> dict[str, dict]:
+    req = struct.pack("=IHHII", 32, RTM_GETLINK, 0x1 | 0x300, 1, 0) + struct.pack("=BxHiII", 0, 0, 0, 0, 0)
+    sock.send(req)
+    out: dict[str, dict] = {}
+    while True:
+        data = sock.recv(65536)
+        off = 0
+        while off + 16 <= len(data):
+            mlen, mtype = struct.unpack_from("=IH", data, off)
+            if mlen < 16:
+                return out
+            if mtype in (NLMSG_DONE, NLMSG_ERROR):
+                return out
+            _fam, _ty, _idx, flags = struct.unpack_from("=BxHiI", data, off + 16)
+            attrs: dict[int, bytes] = {}
+            a = off + 32
+            end = off + mlen
+            while a + 4 <= end:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4:
+                    break
+                attrs[atype & 0x3FFF] = data[a + 4:a + alen]
+                a += (alen + 3) & ~3
+            name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace")
+            if name:
+                mac = attrs.get(IFLA_ADDRESS, b"")
+                out[name] = {"hwaddr": ":".join(f"{b:02x}" for b in mac) if len(mac) == 6 else "",
+                             "mtu": struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0,
+                             "state": "up" if flags & IFF_UP else "down", "type": _link_type(flags),
+                             "index": _idx, "inet": []}
+            off += (mlen + 3) & ~3
+
+
+def _dump_inet(sock: socket.socket, links: dict[str, dict]) -> None:
+    """Each link's IPv4 addresses (RTM_GETADDR), into links[name]["inet"]."""
+    by_index = {info["index"]: info for info in links.values()}
+    req = struct.pack("=IHHII", 24, RTM_GETADDR, 0x1 | 0x300, 2, 0) + struct.pack("=BBBBI", socket.AF_INET, 0, 0, 0, 0)
+    sock.send(req)
+    while True:
+        data = sock.recv(65536)
+        off = 0
+        while off + 16 <= len(data):
+            mlen, mtype = struct.unpack_from("=IH", data, off)
+            if mlen < 16 or mtype in (NLMSG_DONE, NLMSG_ERROR):
+                return
+            _fam, plen, _fl, scope, index = struct.unpack_from("=BBBBI", data, off + 16)
+            a, end, local = off + 24, off + mlen, None
+            while a + 4 <= end:
+                alen, atype = struct.unpack_from("=HH", data, a)
+                if alen < 4:
+                    break
+                if atype in (1, 2) and alen == 8:  # IFA_ADDRESS, IFA_LOCAL (wins)
+                    if atype == 2 or local is None:
+                        local = socket.inet_ntoa(data[a + 4:a + 8])
+                a += (alen + 3) & ~3
+            info = by_index.get(index)
+            if info is not None and local:
+                info["inet"].append({"family": "inet", "address": local, "netmask": str(plen),
+                                     "scope": {0: "global", 253: "link", 254: "local"}.get(scope, "global")})
+            off += (mlen + 3) & ~3
+
+
+def netns_links(pid: int) -> dict[str, dict]:
+    """{ifname: {hwaddr, mtu, state, type}} of the network namespace of process `pid` ({} when
+    it can't be read)."""
+    global _libc
+    import ctypes
+    import threading
+
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    result: dict[str, dict] = {}
+
+    def run() -> None:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                return
+        finally:
+            os.close(fd)
+        try:
+            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as sock:
+                sock.settimeout(2)
+                result.update(_dump_links(sock))
+                _dump_inet(sock, result)
+        except OSError:
+            return
+
+    t = threading.Thread(target=run, name="netns-links", daemon=True)
+    t.start()
+    t.join()
+    return result
+
+
+def network(pid: int, host_names: dict[str, str] | None = None) -> dict:
+    """Per-interface counters and addresses inside the container's network namespace, with each
+    link's MAC, MTU, state and type, and the host end of the nic (`host_names`: ifname -> host
+    interface, from the nics' volatile keys)."""
     raw = _read(f"/proc/{pid}/net/dev")
     if raw is None:
         return {}
     v4, v6 = _ifaces_v4(pid), _ifaces_v6(pid)
+    # only a container with interfaces besides lo (a nic) costs the netlink round (a thread)
+    linkinfo = netns_links(pid) if any(
+        line.partition(":")[0].strip() not in ("lo", "") for line in raw.splitlines()[2:]) else {}
+    host_names = host_names or {}
     out: dict[str, dict] = {}
     for line in raw.splitlines()[2:]:
         name, _, rest = line.partition(":")
@@ -360,16 +485,20 @@ def network(pid: int) -> dict:
                          "packets_sent": tx_p, "errors_received": rx_e, "errors_sent": tx_e,
                          "packets_dropped_inbound": rx_d, "packets_dropped_outbound": tx_d},
             "hwaddr": "" if lo else "",
-            "host_name": "",
+            "host_name": host_names.get(name, ""),
             "mtu": 65536 if lo else 1500,
             "state": "up" if (lo and v4.get(name)) or rx_p or tx_p or v4.get(name) or v6.get(name) else "down",
             "type": "loopback" if lo else "broadcast",
         }
+        info = linkinfo.get(name)
+        if info is not None:
+            out[name].update(hwaddr="" if lo else info["hwaddr"], mtu=info["mtu"] or out[name]["mtu"],
+                             state=info["state"], type=info["type"], addresses=info["inet"] + v6.get(name, []))
     return out
 
 
 def full_state(pid: int, frozen_hint: str | None = None, cg: dict[str, str] | None = None,
-               net: dict | None = None) -> dict:
+               net: dict | None = None, host_names: dict[str, str] | None = None) -> dict:
     """The `state` object of a running container with init `pid` (cgroup dirs `cg` and the
     network part `net` if already known)."""
     if cg is None:
@@ -383,7 +512,7 @@ def full_state(pid: int, frozen_hint: str | None = None, cg: dict[str, str] | No
         "disk": {},
         "memory": {"usage": u["memory"], "usage_peak": u["memory_peak"], "swap_usage": u["swap"],
                    "swap_usage_peak": u["swap_peak"]},
-        "network": network(pid) if net is None else net,
+        "network": network(pid, host_names) if net is None else net,
         "pid": pid,
         "processes": u["processes"],
         "cpu": {"usage": u["cpu"]},

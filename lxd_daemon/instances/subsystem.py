@@ -48,6 +48,14 @@ async def setup(services) -> list:
     if services.images is not None and services.storage is not None:
         # Unpacked, shifted copies (image caches, image volumes) of a deleted image go with it.
         services.images.on_delete.append(services.storage.volumes.drop_image)
+    services.startup_hooks.append(svc.adopt_devices)  # before autostart: running containers first
+
+    async def reconcile_proxies() -> None:
+        from lxd_daemon.devices.proxy import reconcile_nat
+
+        await reconcile_nat(svc)
+
+    services.startup_hooks.append(reconcile_proxies)
     services.startup_hooks.append(svc.autostart)
     services.startup_hooks.append(snaps.start_scheduler)
     services.shutdown_hooks.append(svc.shutdown_all)
@@ -57,6 +65,13 @@ async def setup(services) -> list:
         "instances", "container_full", "instance_bulk_state_change", "profile_usedby",
         "container_last_used_at", "container_cpu_time", "id_map", "id_map_base", "instance_get_full",
         "api_filtering")
+    services.server.advertise(  # nic devices (devices/nic/)
+        "instance_nic_network", "container_nic_ipvlan", "container_nic_ipfilter", "container_nic_routed",
+        "container_nic_routed_gateway", "container_nic_routed_host_address", "container_nic_ipvlan_gateway",
+        "container_nic_ipvlan_mode", "container_nic_routed_limits")
+    services.server.advertise(  # proxy devices (devices/proxy.py)
+        "proxy", "proxy_unix", "proxy_udp", "proxy_unix_dac_properties", "proxy_tcp_udp_multi_port_handling",
+        "proxy_haproxy_protocol", "proxy_nat")
     services.server.advertise(
         "snapshot_expiry", "snapshot_expiry_creation", "snapshot_scheduling", "snapshot_schedule_aliases",
         "container_only_migration", "container_incremental_copy", "instance_pool_move")

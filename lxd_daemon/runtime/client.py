@@ -83,6 +83,23 @@ class RuntimeClient:
         except WorkerError as e:
             raise BadRequest(f"Failed to remove device {what!r} on the running instance: {e}") from None
 
+    async def nic_attach(self, name: str, init_pid: int, link: str, ifname: str, options: dict, *,
+                         what: str) -> None:
+        """Move host interface `link` into the running container as `ifname` (runtime/nics.py)."""
+        try:
+            await self.pool.call("nic_attach", init_pid, link, ifname, options, lane=name)
+        except WorkerError as e:
+            raise BadRequest(f"Failed to add device {what!r} on the running instance: {e}") from None
+
+    async def nic_detach(self, name: str, init_pid: int, ifname: str, give_back: str = "", *,
+                         what: str) -> None:
+        """Take interface `ifname` out of the running container (deleted, or given back as
+        `give_back`)."""
+        try:
+            await self.pool.call("nic_detach", init_pid, ifname, give_back, lane=name)
+        except WorkerError as e:
+            raise BadRequest(f"Failed to remove device {what!r} on the running instance: {e}") from None
+
     # -- console and exec --------------------------------------------------------------------
     async def console_open(self, name: str, lxcpath: str, config_path: str, ttynum: int, *,
                            lane: str) -> list[int]:

@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     import lxd_daemon.runtime.attach  # noqa: F401  (methods register themselves on import)
     import lxd_daemon.runtime.hotplug  # noqa: F401
     import lxd_daemon.runtime.lxcops  # noqa: F401
+    import lxd_daemon.runtime.nics  # noqa: F401
     _give_back_startup_memory()
 
     Worker(sock).run()

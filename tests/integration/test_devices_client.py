@@ -71,7 +71,7 @@ def test_unix_char_hotplug_through_client(daemon, ct):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["eth0", "nic", "nictype=bridged", "parent=br0"], "nic devices are not supported yet"),
+    (["eth0", "nic", "nictype=bridged"], "bridged nics need a parent"),
     (["x", "floppy"], "unknown device type"),
     (["x", "disk", "source=/tmp", "path=/x", "colour=red"], "'colour'"),
     (["x", "disk", "source=/tmp", "path=/x", "propagation=sideways"], "'propagation'"),

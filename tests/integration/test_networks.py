@@ -1,5 +1,6 @@
 """Issue 8, item 12: GET /1.0/networks lists the host's interfaces as unmanaged networks,
-read-only, as LXD 5.0.2 does (stock `lxc network list/show/info`, curl, Debian's pylxd)."""
+read-only, as LXD 5.0.2 does (stock `lxc network list/show/info`, curl, Debian's pylxd).
+Managed networks: tests/integration/test_networks_managed.py (in a namespace of their own)."""
 
 from __future__ import annotations
 
@@ -56,15 +57,32 @@ def test_unknown_network_is_404(daemon):
         envelope_ok(r.json())
 
 
-def test_writes_are_refused_as_not_implemented(daemon):
-    for method, path in (("POST", "/1.0/networks"), ("PUT", "/1.0/networks/lo"),
-                         ("PATCH", "/1.0/networks/lo"), ("POST", "/1.0/networks/lo"),
-                         ("DELETE", "/1.0/networks/lo")):
+def test_host_interfaces_cannot_be_changed(daemon):
+    """Only managed networks change; a host interface is LXD's "Failed loading network" (404)."""
+    for method, path in (("PUT", "/1.0/networks/lo"), ("PATCH", "/1.0/networks/lo"),
+                         ("POST", "/1.0/networks/lo"), ("DELETE", "/1.0/networks/lo"),
+                         ("GET", "/1.0/networks/lo/leases")):
         r = daemon.api(method, path, json={"name": "x", "config": {}})
-        assert r.status_code == 501, (method, path, r.text)
-        assert "Managed networks are not implemented yet" in r.json()["error"]
+        assert r.status_code == 404, (method, path, r.text)
+        assert r.json()["error"] == "Failed loading network: Network not found"
     assert daemon.api("DELETE", "/1.0/networks/nosuchif0").status_code == 404
     assert os.path.exists("/sys/class/net/lo")
+
+
+def test_creates_refused_before_touching_the_host(daemon):
+    """This daemon runs in the host's namespace: only requests refused before any host change
+    are sent (managed networks are created in tests/integration/test_networks_managed.py, inside
+    a namespace of their own)."""
+    before = host_interfaces()
+    for body, message in (({"name": "x"}, "Network interface is too short (minimum 2 characters)"),
+                          ({"name": "lo"}, "Network interface 'lo' already exists"),
+                          ({"name": "y" * 16}, "Network interface is too long (maximum 15 characters)"),
+                          ({"name": "tq0", "type": "nosuch"}, "Unknown network type 'nosuch'"),
+                          ({}, "No name provided")):
+        r = daemon.api("POST", "/1.0/networks", json=body)
+        assert r.status_code == 400, (body, r.text)
+        assert message in r.json()["error"]
+    assert host_interfaces() == before
 
 
 def test_stock_client(daemon):

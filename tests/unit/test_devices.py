@@ -26,7 +26,7 @@ def test_valid_devices(dev):
 
 
 @pytest.mark.parametrize("dev,fragment", [
-    ({"type": "nic", "nictype": "bridged"}, "nic devices are not supported yet"),
+    ({"type": "nic", "nictype": "bridged"}, "bridged nics need a parent"),
     ({"type": "gpu"}, "gpu devices are not supported"),
     ({"type": "floppy"}, "unknown device type 'floppy'"),
     ({"path": "/x"}, "missing device type"),

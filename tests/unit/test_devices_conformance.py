@@ -28,6 +28,7 @@ class Case:
     bad: list[tuple[dict, str]]    # invalid configs and a fragment of the error
     live: dict                     # a config that starts without a daemon (tmp paths filled in)
     needs_root: bool = False       # plugging it makes a device node
+    daemon_only: bool = False      # its start needs the instance service (a supervised process)
 
 
 def _cases(tmp) -> dict[str, Case]:
@@ -51,6 +52,39 @@ def _cases(tmp) -> dict[str, Case]:
             live={"type": "unix-block", "path": "/dev/myloop", "major": "7", "minor": "250"},
             needs_root=True),
         "none": Case(good=[{"type": "none"}], bad=[], live={"type": "none"}),
+        # physical on "lo": its start only reads the host (liblxc moves the interface in)
+        "nic": Case(
+            good=[{"type": "nic", "nictype": "bridged", "parent": "br0", "limits.max": "10Mbit",
+                   "hwaddr": "00:16:3e:00:00:01", "security.mac_filtering": "true"},
+                  {"type": "nic", "network": "lxdbr0", "ipv4.address": "10.0.0.5"},
+                  {"type": "nic", "nictype": "macvlan", "parent": "eth0", "mtu": "1400"},
+                  {"type": "nic", "nictype": "ipvlan", "parent": "eth0", "ipv4.address": "10.0.0.5,10.0.0.6"},
+                  {"type": "nic", "nictype": "p2p", "host_name": "vethx"},
+                  {"type": "nic", "nictype": "routed", "ipv4.address": "10.0.0.9", "ipv6.address": "fd00::9"}],
+            bad=[({"type": "nic"}, "need a nictype or a network"),
+                 ({"type": "nic", "nictype": "macvlan"}, "need a parent"),
+                 ({"type": "nic", "nictype": "bridged", "parent": "b", "hwaddr": "zz"}, "not a MAC address"),
+                 ({"type": "nic", "nictype": "bridged", "parent": "b", "ipv4.address": "10.0.0.2"}, "managed network"),
+                 ({"type": "nic", "nictype": "routed"}, "need ipv4.address or ipv6.address"),
+                 ({"type": "nic", "nictype": "wifi", "parent": "b"}, "unsupported nictype"),
+                 ({"type": "nic", "nictype": "p2p", "name": "a/b"}, "not a valid interface name")],
+            live={"type": "nic", "nictype": "physical", "parent": "lo", "name": "eth7"}),
+        # a forwarder process per device: the daemon's (tests/integration/test_proxy.py)
+        "proxy": Case(
+            good=[{"type": "proxy", "listen": "tcp:0.0.0.0:80-81,90", "connect": "tcp:127.0.0.1:80"},
+                  {"type": "proxy", "listen": "udp:[::1]:53", "connect": "udp:[fd00::2]:53", "bind": "instance"},
+                  {"type": "proxy", "listen": "unix:/run/a.sock", "connect": "unix:@b", "mode": "0600",
+                   "uid": "1", "gid": "2", "security.uid": "1000"},
+                  {"type": "proxy", "listen": "tcp:10.0.0.1:80", "connect": "tcp:10.0.0.5:8080", "nat": "true"}],
+            bad=[({"type": "proxy", "connect": "tcp:127.0.0.1:1"}, "'listen'"),
+                 ({"type": "proxy", "listen": "tcp:127.0.0.1:1", "connect": "tcp:localhost:1"}, "Not an IP address"),
+                 ({"type": "proxy", "listen": "tcp:1.2.3.4:1", "connect": "tcp:1.2.3.4:1-2"}, "Mismatch"),
+                 ({"type": "proxy", "listen": "tcp:0.0.0.0:1", "connect": "tcp:1.2.3.4:1", "nat": "true"},
+                  "wildcard"),
+                 ({"type": "proxy", "listen": "tcp:1.2.3.4:1", "connect": "tcp:1.2.3.4:1", "bind": "x"},
+                  "binding side")],
+            live={"type": "proxy", "listen": "unix:@x", "connect": "tcp:127.0.0.1:1", "bind": "instance"},
+            daemon_only=True),
     }
 
 
@@ -81,6 +115,7 @@ class FakeRuntime:
     def __init__(self):
         self.mounts: dict[str, tuple[str, dict]] = {}
         self.rules: set[str] = set()
+        self.nics: dict[str, str] = {}
 
     async def hotplug_mount(self, name, init_pid, source, target, options, *, what):
         assert target.startswith("/") and target not in self.mounts
@@ -89,6 +124,13 @@ class FakeRuntime:
     async def hotplug_unmount(self, name, init_pid, target, remove, root_uid, root_gid, *, what):
         assert remove
         self.mounts.pop(target)
+
+    async def nic_attach(self, name, init_pid, link, ifname, options, *, what):
+        assert ifname not in self.nics
+        self.nics[ifname] = link
+
+    async def nic_detach(self, name, init_pid, ifname, give_back="", *, what):
+        assert self.nics.pop(ifname) == give_back  # a physical nic goes back under its own name
 
     async def set_cgroup_files(self, name, init_pid, items):
         for _ver, key, value in items:
@@ -104,6 +146,8 @@ def _ctx(tmp_path, privileged: bool) -> DeviceContext:
 @pytest.mark.parametrize("privileged", [False, True])
 def test_start_renders_like_a_pure_render(kind, tmp_path, privileged):
     case = _cases(tmp_path)[kind]
+    if case.daemon_only:
+        pytest.skip("its start needs the daemon")
     (tmp_path / "src").mkdir()
     devices = {"root": {"type": "disk", "path": "/", "pool": "default"}, "d": case.live}
     device = load("d", case.live)
@@ -131,6 +175,8 @@ def test_start_renders_like_a_pure_render(kind, tmp_path, privileged):
 @pytest.mark.parametrize("privileged", [False, True])
 def test_hotplug_round_trip(kind, tmp_path, privileged):
     case = _cases(tmp_path)[kind]
+    if case.daemon_only:
+        pytest.skip("its start needs the daemon")
     if case.needs_root and os.geteuid() != 0:
         pytest.skip("mknod needs root")
     (tmp_path / "src").mkdir()
@@ -142,10 +188,13 @@ def test_hotplug_round_trip(kind, tmp_path, privileged):
     async def go():
         await live.plug_device(rt, "c1", device, ctx, init_pid=1)
         plugged = (dict(rt.mounts), set(rt.rules))
+        plugged_nics.update(rt.nics)
         await live.unplug_device(rt, "c1", device, ctx, init_pid=1)
         return plugged
 
+    plugged_nics: dict[str, str] = {}
     mounts, rules = asyncio.run(go())
+    assert plugged_nics == {n.name: n.link for n in device.run_config(ctx).interfaces}
     rc = device.run_config(ctx)
     assert set(mounts) == {m.target for m in rc.mounts}
     for m in rc.mounts:
@@ -154,13 +203,15 @@ def test_hotplug_round_trip(kind, tmp_path, privileged):
     assert rules == ({r.text() for r in rc.cgroup_rules} if privileged and layout_has_devices else set())
     for node in rc.nodes:
         assert not os.path.exists(node.path)  # made for the plug, gone with the device
-    assert rt.mounts == {} and rt.rules == set()  # what was added is taken away again
+    assert rt.mounts == {} and rt.rules == set() and rt.nics == {}  # what was added is taken away again
     if device.hotpluggable:
-        assert rc.mounts  # a hot-pluggable device of these types always mounts something
+        assert rc.mounts or rc.interfaces  # a hot-pluggable device always adds something
 
 
 def test_stop_takes_back_what_start_mounted(kind, tmp_path):
     case = _cases(tmp_path)[kind]
+    if case.daemon_only:
+        pytest.skip("its start needs the daemon")
     (tmp_path / "src").mkdir()
     device = load("d", case.live)
     ctx = _ctx(tmp_path, False)
@@ -194,6 +245,9 @@ def test_volume_and_block_disks_need_the_daemon(tmp_path):
     with pytest.raises(BadRequest, match="plugged by the daemon"):
         asyncio.run(load("v", dev).start(ctx))
     assert load("v", dev).run_config(ctx).empty()
+    proxy = {"type": "proxy", "listen": "tcp:127.0.0.1:1", "connect": "tcp:127.0.0.1:2"}
+    with pytest.raises(BadRequest, match="started by the daemon"):
+        asyncio.run(load("p", proxy).start(ctx))
 
 
 def test_a_failed_start_undoes_the_devices_started(tmp_path):
