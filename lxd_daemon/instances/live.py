@@ -143,13 +143,22 @@ def _interface_options(nic: NetInterface) -> dict:
 
 async def plug_interface(runtime, name: str, dname: str, nic: NetInterface, *, init_pid: int) -> None:
     """Move a nic's interface into the running container: a host interface ("phys": a veth
-    peer or a physical nic) as it is; a macvlan is made on the host first (a temporary name)."""
+    peer or a physical nic) as it is; a veth pair (host end in its bridge) or a macvlan is made
+    on the host first, the container's end under a temporary name."""
     from lxd_daemon.devices.nic.common import random_ifname
     from lxd_daemon.networks import netlink
 
     made = ""
     link = nic.link
-    if nic.type == "macvlan":
+    if nic.type == "veth":  # what liblxc does at start: the pair, its host end in the bridge
+        link = random_ifname("veth")
+        try:
+            await asyncio.to_thread(netlink.create_veth, nic.host_name, link, mtu=nic.mtu,
+                                    peer_hwaddr=nic.hwaddr or None, master=nic.link or None)
+        except LXDError as e:
+            raise BadRequest(f"Failed to add device {dname!r} on the running instance: {e.message}") from None
+        made = nic.host_name
+    elif nic.type == "macvlan":
         made = link = random_ifname("mac")
         mode = dict(nic.extra).get("macvlan.mode", "bridge")
         try:

@@ -503,6 +503,19 @@ class InstanceService:
                 await self._delete_locked(name, None)
 
     # ------------------------------------------------------------------ DB helpers
+    def set_volatile_soon(self, name: str, values: dict[str, str | None]) -> None:
+        """Set volatile keys in memory now and in the store in the background (the one DB thread
+        keeps writes in order): for runtime state recorded on a hot path (a nic's host_name)."""
+        rec = self.records.get(name)
+        if rec is None:
+            return
+        for k, v in values.items():
+            if v is None:
+                rec.config.pop(k, None)
+            else:
+                rec.config[k] = v
+        self._spawn(_quietly(self.store.set_config_keys(rec.id, dict(values))))
+
     async def _set_volatile(self, name: str, values: dict[str, str | None], *,
                             last_used_at: str | None = None) -> None:
         rec = self.records.get(name)

@@ -169,12 +169,15 @@ def stop_stale(state_dir: Path) -> None:
         (state_dir / PID_FILE).unlink()
 
 
-def _atomic_write(path: Path, text: str, mode: int = 0o644) -> None:
+def _atomic_write(path: Path, text: str, mode: int = 0o644, *, sync: bool = True) -> None:
+    """Replace `path` with `text` atomically; `sync=False` for files rewritten at every use (a
+    nic's host entry: a start rewrites it, so a crash can't lose more than the next start makes)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.chmod(tmp, mode)
     os.replace(tmp, path)
 
@@ -391,8 +394,14 @@ class Dnsmasq:
         if hostname and self.cfg.dns_mode == "managed":
             fields.append(hostname)
         hosts = self.state_dir / HOSTS_DIR
+        text = ",".join(fields) + "\n"
+        try:
+            if (hosts / key).read_text() == text:
+                return  # a restart of the same nic: dnsmasq has it already
+        except OSError:
+            pass
         hosts.mkdir(mode=0o755, parents=True, exist_ok=True)
-        _atomic_write(hosts / key, ",".join(fields) + "\n")
+        _atomic_write(hosts / key, text, sync=False)
         self._hup()
 
     def drop_host(self, key: str) -> None:

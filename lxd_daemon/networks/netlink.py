@@ -196,16 +196,23 @@ def set_addresses(name: str, wanted: list[ipaddress.IPv4Interface | ipaddress.IP
 
 @_blocking
 def create_veth(host_name: str, peer_name: str, *, mtu: int | None = None,
-                peer_hwaddr: str | None = None) -> None:
-    """A veth pair; the host end is brought up (the peer is configured by whoever moves it)."""
+                peer_hwaddr: str | None = None, master: str | None = None) -> None:
+    """A veth pair; the host end is put in bridge `master` (if given) and brought up (the peer
+    is configured by whoever moves it). Without `mtu`, both ends take the master's."""
     what = f"create veth pair {host_name!r}/{peer_name!r}"
     with _ipr(what) as ipr:
+        midx = _need(ipr, master, f"attach {host_name!r} to {master!r}") if master else None
+        if mtu is None and midx is not None:
+            links = ipr.get_links(midx)
+            mtu = links[0].get("mtu") if links else None
         peer: dict = {"ifname": peer_name}
         if mtu is not None:
             peer["mtu"] = int(mtu)
         if peer_hwaddr:
             peer["address"] = peer_hwaddr
         kw = {"mtu": int(mtu)} if mtu is not None else {}
+        if midx is not None:
+            kw["master"] = midx
         ipr.link("add", ifname=host_name, kind="veth", peer=peer, **kw)
         try:
             ipr.link("set", index=_need(ipr, host_name, what), state="up")

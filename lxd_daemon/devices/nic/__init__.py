@@ -101,11 +101,17 @@ class Nic(Device):
         rec = svc.records.get(ctx.instance) if svc is not None else None
         return (rec.config.get(f"volatile.{self.name}.{key}", "") if rec is not None else "")
 
-    async def set_volatile(self, ctx: DeviceContext, values: dict[str, str | None]) -> None:
+    async def set_volatile(self, ctx: DeviceContext, values: dict[str, str | None], *,
+                           background: bool = False) -> None:
+        """Write volatile.<dev>.* keys; `background`: in memory now, the store in the background."""
         svc = ctx.instances
         if svc is None or ctx.instance not in svc.records:
             return
-        await svc._set_volatile(ctx.instance, {f"volatile.{self.name}.{k}": v for k, v in values.items()})
+        keys = {f"volatile.{self.name}.{k}": v for k, v in values.items()}
+        if background:
+            svc.set_volatile_soon(ctx.instance, keys)
+        else:
+            await svc._set_volatile(ctx.instance, keys)
 
     async def hwaddr(self, ctx: DeviceContext) -> str:
         """The MAC address: the config's, else the kept volatile one (made and kept now if none)."""

@@ -184,14 +184,15 @@ def needs_hwaddr(dev: dict) -> bool:
 
 @dataclass(frozen=True)
 class NicPrepared:
-    """What a nic's start() made on the host for the container to take: the interface liblxc
-    moves in (`link`, "phys"), or none for the types liblxc creates itself."""
+    """What a nic's start() prepared for the container: the interface liblxc moves in (`link`,
+    "phys"), or none for the types liblxc creates itself (a veth pair, a macvlan)."""
 
     name: str                    # inside the container
     hwaddr: str = ""
     mtu: int | None = None
     host_name: str = ""          # the host end of a veth pair
-    link: str = ""               # what liblxc / the hotplug moves in
+    link: str = ""               # what liblxc / the hotplug moves in (a pair start() made)
+    bridge: str = ""             # the bridge the host end of a pair liblxc makes joins
 
 
 def keep_volatile(old_config: dict[str, str], new_config: dict[str, str], devices: dict[str, dict]) -> dict[str, str]:

@@ -33,13 +33,6 @@ async def host(fn: Callable, *args, **kwargs):
         raise BadRequest(str(e)) from None
 
 
-def link_mtu(name: str) -> int | None:
-    try:
-        return int(netlink().link_state(name).get("mtu") or 0) or None
-    except LXDError:
-        return None
-
-
 def limits_of(dev: dict) -> tuple[int | None, int | None]:
     """(ingress, egress) in bits/s: limits.max sets both unless given one by one."""
     top = dev.get("limits.max", "")
@@ -62,48 +55,68 @@ def networks(ctx: DeviceContext):
 
 async def start_veth(nic, ctx: DeviceContext, *, bridge: str = "", routed: bool = False,
                      network=None) -> RunConfig:
-    """Make the pair, set up its host end, record host_name, and describe the peer as the
-    container's interface. `network`: the managed network object for DHCP entries/filters."""
+    """Set up the host side of a veth pair, record host_name, and describe the container's end.
+
+    bridged and p2p: the pair is described, not made here: liblxc makes it at start, creating
+    the container's end directly in the container's network namespace (moving an interface
+    between namespaces waits for an RCU grace period, ~15 ms here), and live.plug_interface
+    makes it for a hot-plug. Filters match the host end by name, so they are in place before it
+    exists; tc limits need the interface and follow in a post_start hook.
+    routed: the daemon makes the pair first (the host end holds the gateway addresses and the
+    routes before the container runs) and liblxc moves the peer in as a "phys" interface.
+    `network`: the managed network object, for DHCP entries and filters."""
     dev = nic.config
     name = await nic.ifname(ctx)
     hwaddr = await nic.hwaddr(ctx)
     mtu = int(dev["mtu"]) if dev.get("mtu") else None
     if mtu is None and network is not None:
         mtu = networks(ctx).mtu(network)
-    if mtu is None and bridge:
-        mtu = await asyncio.to_thread(link_mtu, bridge)
     nl = netlink()
     host_name = dev.get("host_name") or random_ifname("veth")
-    peer = random_ifname("veth")
-    if dev.get("host_name") and await asyncio.to_thread(nl.link_exists, host_name):
-        raise BadRequest(f"Invalid device {nic.name!r}: host interface {host_name!r} already exists")
-    if bridge and not await asyncio.to_thread(nl.link_exists, bridge):
-        raise BadRequest(f"Invalid device {nic.name!r}: parent bridge {bridge!r} doesn't exist")
+    peer = random_ifname("veth") if routed else ""
+
+    def check_and_make() -> None:  # one thread hop and one netlink session on the start path
+        if dev.get("host_name") and nl.link_exists(host_name):
+            raise BadRequest(f"Invalid device {nic.name!r}: host interface {host_name!r} already exists")
+        if bridge and not nl.link_exists(bridge):
+            raise BadRequest(f"Invalid device {nic.name!r}: parent bridge {bridge!r} doesn't exist")
+        if peer:
+            nl.create_veth(host_name, peer, mtu=mtu, peer_hwaddr=hwaddr or None, master=bridge or None)
+
+    ingress, egress = limits_of(dev)
     async with Revert() as revert:
-        await host(nl.create_veth, host_name, peer, mtu=mtu, peer_hwaddr=hwaddr or None)
+        await host(check_and_make)
         revert.add(host, nl.delete_link, host_name)
-        if bridge:
-            await host(nl.set_link, host_name, master=bridge)
         if routed:
             await _route_to(nic, ctx, host_name)
-        ingress, egress = limits_of(dev)
-        if ingress or egress:
-            await host(nl.set_limits, host_name, ingress=ingress, egress=egress)
+            if ingress or egress:
+                await host(nl.set_limits, host_name, ingress=ingress, egress=egress)
         if network is not None:
             await _managed_attach(nic, ctx, network, host_name, hwaddr)
             revert.add(_managed_detach, nic, ctx, network)
         if await apply_filter(nic, ctx, host_name, hwaddr, bridge, network):
             revert.add(drop_filter, nic, ctx)
-        await nic.set_volatile(ctx, {"host_name": host_name})
+        await nic.set_volatile(ctx, {"host_name": host_name}, background=True)
         revert.success()
-    ctx.prepared[nic.name] = NicPrepared(name=name, hwaddr=hwaddr, mtu=mtu, host_name=host_name, link=peer)
-    return veth_run_config(nic, ctx, ctx.prepared[nic.name])
+    ctx.prepared[nic.name] = NicPrepared(name=name, hwaddr=hwaddr, mtu=mtu, host_name=host_name, link=peer,
+                                         bridge=bridge)
+    rc = veth_run_config(nic, ctx, ctx.prepared[nic.name])
+    if not routed and (ingress or egress):
+        async def limit() -> None:  # the host end exists once the container started
+            await host(nl.set_limits, host_name, ingress=ingress, egress=egress)
+
+        rc.post_start.append(limit)
+    return rc
 
 
 def veth_run_config(nic, ctx: DeviceContext, prep: NicPrepared | None) -> RunConfig:
-    """The peer as a "phys" interface liblxc moves in (a pure render without a start: none)."""
+    """The container's end: a pair liblxc makes ("veth": host end `host_name` in `bridge`), or
+    the peer of a pair made by start() that liblxc moves in ("phys"); none without a start."""
     if prep is None:
         return RunConfig()
+    if not prep.link:
+        return RunConfig(interfaces=[NetInterface("veth", name=prep.name, link=prep.bridge, hwaddr=prep.hwaddr,
+                                                  mtu=prep.mtu, host_name=prep.host_name)])
     extra: list[tuple[str, str]] = []
     if nic.nictype == "routed":
         extra = routed_items(nic.config)
