@@ -82,3 +82,36 @@ def is_listen_address(value: str) -> None:
         except ValueError:
             if not re.match(r"^[A-Za-z0-9.-]+$", host):
                 raise ValueError(f"Invalid host in address: {value!r}") from None
+
+
+# -- network values (LXD's wording), shared by network drivers and nic devices -----------------
+
+_IFNAME = re.compile(r"^[-_a-zA-Z0-9.]+$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+
+
+def is_interface_name(value: str) -> None:
+    """A Linux interface name: 2-15 characters of letters, digits, '-', '_' and '.'."""
+    if len(value) < 2:
+        raise ValueError("Network interface is too short (minimum 2 characters)")
+    if len(value) > 15:
+        raise ValueError("Network interface is too long (maximum 15 characters)")
+    if not _IFNAME.match(value) or value in ("..",):
+        raise ValueError("Network interface contains invalid characters")
+
+
+def is_mac(value: str) -> None:
+    """A unicast MAC address, six colon-separated hex bytes."""
+    if not _MAC.match(value):
+        raise ValueError("Invalid MAC address, must be 6 bytes of hex separated by colons")
+    if int(value[:2], 16) & 1:
+        raise ValueError(f"{value!r} is a multicast MAC address")
+
+
+def is_mtu(value: str) -> None:
+    try:
+        mtu = int(value, 10)
+    except ValueError:
+        raise ValueError(f"Invalid MTU {value!r}") from None
+    if mtu < 1280 or mtu > 16384:
+        raise ValueError(f"Out of MTU range (1280-16384) {value!r}")

@@ -198,7 +198,7 @@ def test_bad_nics_are_refused(net_daemon, box):
     d = net_daemon
     for opts, fragment in ((["nictype=bridged", "parent=nosuchbr0"], "doesn't exist"),
                            (["nictype=macvlan"], "need a parent"),
-                           (["nictype=bridged", "parent=x", "hwaddr=zz"], "not a MAC address")):
+                           (["nictype=bridged", "parent=br0", "hwaddr=zz"], "Invalid MAC address")):
         r = d.lxc("config", "device", "add", box, "bad", "nic", *opts, check=False)
         assert r.returncode != 0 and fragment in r.stderr, r.stderr
 

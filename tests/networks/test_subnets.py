@@ -96,7 +96,7 @@ def test_bridge_defaults_as_lxd(monkeypatch):
 @pytest.mark.parametrize("config, message", [
     ({"ipv4.address": "10.0.0.0/24"}, "Invalid value for network 'tb0' option 'ipv4.address': Not a usable"),
     ({"ipv4.address": "fd42::1/64"}, "option 'ipv4.address': Not an IPv4 address"),
-    ({"ipv4.nat": "maybe"}, "option 'ipv4.nat': Invalid value for a boolean 'maybe'"),
+    ({"ipv4.nat": "maybe"}, "option 'ipv4.nat': Invalid value for a boolean"),
     ({"bridge.mtu": "100"}, "option 'bridge.mtu': Out of MTU range (1280-16384)"),
     ({"bridge.hwaddr": "00:11:22"}, "option 'bridge.hwaddr': Invalid MAC address"),
     ({"dns.mode": "loud"}, "option 'dns.mode': Invalid value 'loud' (not one of"),

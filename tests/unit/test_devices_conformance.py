@@ -63,11 +63,11 @@ def _cases(tmp) -> dict[str, Case]:
                   {"type": "nic", "nictype": "routed", "ipv4.address": "10.0.0.9", "ipv6.address": "fd00::9"}],
             bad=[({"type": "nic"}, "need a nictype or a network"),
                  ({"type": "nic", "nictype": "macvlan"}, "need a parent"),
-                 ({"type": "nic", "nictype": "bridged", "parent": "b", "hwaddr": "zz"}, "not a MAC address"),
-                 ({"type": "nic", "nictype": "bridged", "parent": "b", "ipv4.address": "10.0.0.2"}, "managed network"),
+                 ({"type": "nic", "nictype": "bridged", "parent": "br0", "hwaddr": "zz"}, "Invalid MAC address"),
+                 ({"type": "nic", "nictype": "bridged", "parent": "br0", "ipv4.address": "10.0.0.2"}, "managed network"),
                  ({"type": "nic", "nictype": "routed"}, "need ipv4.address or ipv6.address"),
-                 ({"type": "nic", "nictype": "wifi", "parent": "b"}, "unsupported nictype"),
-                 ({"type": "nic", "nictype": "p2p", "name": "a/b"}, "not a valid interface name")],
+                 ({"type": "nic", "nictype": "wifi", "parent": "br0"}, "unsupported nictype"),
+                 ({"type": "nic", "nictype": "p2p", "name": "a/b"}, "Network interface contains invalid characters")],
             live={"type": "nic", "nictype": "physical", "parent": "lo", "name": "eth7"}),
         # a forwarder process per device: the daemon's (tests/integration/test_proxy.py)
         "proxy": Case(

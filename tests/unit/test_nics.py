@@ -76,12 +76,12 @@ def test_validation_per_nictype():
     for dev in good:
         validate_devices({"n": dev})
     bad = [({"type": "nic", "nictype": "routed", "ipv4.address": "10.0.0.300"}, "not an IPv4 address"),
-           ({"type": "nic", "nictype": "p2p", "parent": "x"}, "unsupported nic device option 'parent'"),
-           ({"type": "nic", "nictype": "bridged", "parent": "b", "mtu": "20"}, "not an MTU"),
-           ({"type": "nic", "nictype": "bridged", "parent": "b", "limits.max": "lots"}, "not a bit rate"),
-           ({"type": "nic", "nictype": "ipvlan", "parent": "e"}, "l3s mode need"),
-           ({"type": "nic", "network": "n", "parent": "b"}, "unsupported nic device option 'parent'"),
-           ({"type": "nic", "nictype": "bridged", "parent": "b", "vlan": "5"}, "not supported")]
+           ({"type": "nic", "nictype": "p2p", "parent": "x0"}, "unsupported nic device option 'parent'"),
+           ({"type": "nic", "nictype": "bridged", "parent": "br0", "mtu": "20"}, "Out of MTU range"),
+           ({"type": "nic", "nictype": "bridged", "parent": "br0", "limits.max": "lots"}, "not a bit rate"),
+           ({"type": "nic", "nictype": "ipvlan", "parent": "e0"}, "l3s mode need"),
+           ({"type": "nic", "network": "n", "parent": "br0"}, "unsupported nic device option 'parent'"),
+           ({"type": "nic", "nictype": "bridged", "parent": "br0", "vlan": "5"}, "not supported")]
     for dev, fragment in bad:
         with pytest.raises(BadRequest) as e:
             validate_devices({"n": dev})
@@ -136,7 +136,7 @@ def test_routed_items_and_pure_render(tmp_path):
 
 
 def test_ipvlan_is_not_hotpluggable_and_interfaces_need_a_worker():
-    assert not load("n", {"type": "nic", "nictype": "ipvlan", "parent": "e", "ipv4.address": "1.2.3.4"}).hotpluggable
+    assert not load("n", {"type": "nic", "nictype": "ipvlan", "parent": "e0", "ipv4.address": "1.2.3.4"}).hotpluggable
     assert load("n", {"type": "nic", "nictype": "bridged", "parent": "b"}).hotpluggable
     from lxd_daemon.devices.runconfig import NetInterface
     from lxd_daemon.instances.live import _interface_options, plug_interface

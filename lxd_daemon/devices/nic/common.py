@@ -22,30 +22,9 @@ from dataclasses import dataclass
 from lxd_daemon.util import validate as v
 
 MAC_PREFIX = "00:16:3e"
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-_IFNAME_BAD = re.compile(r"[\s/:%]")
 
 
 # -- option checks ------------------------------------------------------------------------------
-
-
-def is_mac(value: str) -> None:
-    if not _MAC.match(value):
-        raise ValueError(f"{value!r} is not a MAC address (xx:xx:xx:xx:xx:xx)")
-    if int(value[:2], 16) & 1:
-        raise ValueError(f"{value!r} is a multicast MAC address")
-
-
-def is_ifname(value: str) -> None:
-    """A Linux interface name: 1-15 bytes, no whitespace, '/', ':' or '%', not '.' or '..'."""
-    if len(value.encode()) > 15 or value in (".", "..") or _IFNAME_BAD.search(value):
-        raise ValueError(f"{value!r} is not a valid interface name (at most 15 characters, no whitespace, "
-                         f"'/', ':' or '%')")
-
-
-def is_mtu(value: str) -> None:
-    if not value.isdigit() or not 68 <= int(value) <= 65535:
-        raise ValueError(f"{value!r} is not an MTU (68-65535)")
 
 
 def is_ipv4(value: str) -> None:
@@ -118,8 +97,9 @@ def is_priority(value: str) -> None:
         raise ValueError(f"{value!r} is not a priority (0-10)")
 
 
+is_ifname = v.is_interface_name
 COMMON = {"nictype": v.is_any, "name": is_ifname, "boot.priority": v.is_uint}
-MTU_HWADDR = {"mtu": is_mtu, "hwaddr": is_mac}
+MTU_HWADDR = {"mtu": v.is_mtu, "hwaddr": v.is_mac}
 LIMITS = {"limits.ingress": is_bit_rate, "limits.egress": is_bit_rate, "limits.max": is_bit_rate,
           "limits.priority": is_priority}
 # LXD options this daemon refuses with a clear message rather than ignoring them.

@@ -13,7 +13,6 @@ from lxd_daemon.devices.nic.common import (
     is_ifname,
     is_ipv4_list,
     is_ipv6_list,
-    is_mtu,
     split_list,
 )
 from lxd_daemon.devices.runconfig import NetInterface, RunConfig
@@ -35,7 +34,7 @@ def _gateway(value: str) -> None:
             raise ValueError(f"{value!r} is not a gateway (auto, none or an address)") from None
 
 
-OPTIONS = {"parent": is_ifname, "mtu": is_mtu, "mode": v.is_one_of("l3s", "l2"), "ipv4.address": is_ipv4_list,
+OPTIONS = {"parent": is_ifname, "mtu": v.is_mtu, "mode": v.is_one_of("l3s", "l2"), "ipv4.address": is_ipv4_list,
            "ipv6.address": is_ipv6_list, "ipv4.gateway": _gateway, "ipv6.gateway": _gateway}
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lxd_daemon.networks import subnets
+from lxd_daemon.util.validate import is_any, is_bool, is_interface_name, is_mac, is_mtu  # noqa: F401 (the drivers' key tables)
 
 Validator = Callable[[str], None]
 
@@ -64,15 +65,6 @@ def required(*checks: Validator) -> Validator:
     return check
 
 
-def is_any(value: str) -> None:
-    return None
-
-
-def is_bool(value: str) -> None:
-    if value.lower() not in (*TRUE, *FALSE):
-        raise ValueError(f"Invalid value for a boolean {value!r}")
-
-
 def one_of(*valid: str) -> Validator:
     def check(value: str) -> None:
         if value not in valid:
@@ -89,35 +81,6 @@ def list_of(item_check: Validator) -> Validator:
             except ValueError as e:
                 raise ValueError(f"Item {item!r}: {e}") from None
     return check
-
-
-_IFNAME = re.compile(r"^[-_a-zA-Z0-9.]+$")
-
-
-def is_interface_name(value: str) -> None:
-    if len(value) < 2:
-        raise ValueError("Network interface is too short (minimum 2 characters)")
-    if len(value) > 15:
-        raise ValueError("Network interface is too long (maximum 15 characters)")
-    if not _IFNAME.match(value):
-        raise ValueError("Network interface contains invalid characters")
-
-
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-
-
-def is_mac(value: str) -> None:
-    if not _MAC.match(value):
-        raise ValueError("Invalid MAC address, must be 6 bytes of hex separated by colons")
-
-
-def is_mtu(value: str) -> None:
-    try:
-        mtu = int(value, 10)
-    except ValueError:
-        raise ValueError(f"Invalid MTU {value!r}") from None
-    if mtu < 1280 or mtu > 16384:
-        raise ValueError(f"Out of MTU range (1280-16384) {value!r}")
 
 
 def is_vlan(value: str) -> None:

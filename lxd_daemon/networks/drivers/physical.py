@@ -6,18 +6,13 @@ from __future__ import annotations
 from lxd_daemon.networks import subnets
 from lxd_daemon.networks.drivers.base import (
     is_address,
-    is_any,
     is_bool,
     is_cidr_address,
-    is_interface_name,
-    is_mtu,
     is_network,
     is_range,
-    is_vlan,
     list_of,
     one_of,
     optional,
-    required,
 )
 from lxd_daemon.networks.drivers.macvlan import MacvlanDriver
 
@@ -25,12 +20,7 @@ from lxd_daemon.networks.drivers.macvlan import MacvlanDriver
 class PhysicalDriver(MacvlanDriver):
     type = "physical"
     keys = {
-        "parent": required(is_interface_name),
-        "mtu": optional(is_mtu),
-        "vlan": optional(is_vlan),
-        "gvrp": optional(is_bool),
-        "maas.subnet.ipv4": is_any,
-        "maas.subnet.ipv6": is_any,
+        **MacvlanDriver.keys,
         "ipv4.gateway": optional(is_cidr_address(4)),
         "ipv6.gateway": optional(is_cidr_address(6)),
         "ipv4.ovn.ranges": optional(is_range(4)),
