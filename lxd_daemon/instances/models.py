@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lxd_daemon.instances.idmap import IdmapSet
 
@@ -39,6 +40,7 @@ class Runtime:
     cgroups: dict[str, str] = field(default_factory=dict)  # controller -> cgroup dir of init
     net: dict | None = None  # last network state read, and when (time.monotonic())
     net_at: float = 0.0
+    links: Any = None  # state.NetnsLinks of init's network namespace (closed when the watch ends)
 
 
 @dataclass

@@ -579,7 +579,7 @@ class InstanceService:
             if cached_net and rt.net is not None and now - rt.net_at < self.NET_TTL:
                 net = rt.net
             else:
-                net = rstate.network(pid, self._nic_host_names(name))
+                net = rstate.network(pid, self._nic_host_names(name), rt.links)
                 rt.net, rt.net_at = net, now
         return rstate.full_state(pid, "FROZEN" if status == "Frozen" else "THAWED",
                                  rt.cgroups if rt is not None and rt.cgroups else None, net)

@@ -10,6 +10,7 @@ import errno
 import os
 import socket
 import struct
+import threading
 from pathlib import Path
 
 from lxd_daemon.util.cgroups import own_cgroup
@@ -344,7 +345,7 @@ def _ifaces_v6(pid: int) -> dict[str, list[dict]]:
 # for the links, and ends (so no thread of the daemon stays in a container's namespace).
 
 RTM_GETLINK, RTM_GETADDR, NLMSG_DONE, NLMSG_ERROR = 18, 22, 3, 2
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU = 1, 3, 4
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_STATS64 = 1, 3, 4, 23
 IFF_UP, IFF_BROADCAST, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x2, 0x8, 0x10
 _CLONE_NEWNET = 0x40000000
 _libc = None
@@ -386,17 +387,23 @@ def _dump_links(sock: socket.socket) -> dict[str, dict]:
             name = attrs.get(IFLA_IFNAME, b"").rstrip(b"\0").decode(errors="replace")
             if name:
                 mac = attrs.get(IFLA_ADDRESS, b"")
+                st = attrs.get(IFLA_STATS64, b"")
+                # rx/tx packets, rx/tx bytes, rx/tx errors, rx/tx dropped (struct rtnl_link_stats64)
+                counters = struct.unpack_from("=8Q", st) if len(st) >= 64 else None
                 out[name] = {"hwaddr": ":".join(f"{b:02x}" for b in mac) if len(mac) == 6 else "",
                              "mtu": struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0,
                              "state": "up" if flags & IFF_UP else "down", "type": _link_type(flags),
-                             "index": _idx, "inet": []}
+                             "index": _idx, "inet": [], "inet6": [], "counters": counters}
             off += (mlen + 3) & ~3
 
 
+_SCOPES = {0: "global", 253: "link", 254: "local"}
+
+
 def _dump_inet(sock: socket.socket, links: dict[str, dict]) -> None:
-    """Each link's IPv4 addresses (RTM_GETADDR), into links[name]["inet"]."""
+    """Each link's IPv4 and IPv6 addresses (RTM_GETADDR), into links[name]["inet"/"inet6"]."""
     by_index = {info["index"]: info for info in links.values()}
-    req = struct.pack("=IHHII", 24, RTM_GETADDR, 0x1 | 0x300, 2, 0) + struct.pack("=BBBBI", socket.AF_INET, 0, 0, 0, 0)
+    req = struct.pack("=IHHII", 24, RTM_GETADDR, 0x1 | 0x300, 2, 0) + struct.pack("=BBBBI", 0, 0, 0, 0, 0)
     sock.send(req)
     while True:
         data = sock.recv(65536)
@@ -405,33 +412,35 @@ def _dump_inet(sock: socket.socket, links: dict[str, dict]) -> None:
             mlen, mtype = struct.unpack_from("=IH", data, off)
             if mlen < 16 or mtype in (NLMSG_DONE, NLMSG_ERROR):
                 return
-            _fam, plen, _fl, scope, index = struct.unpack_from("=BBBBI", data, off + 16)
-            a, end, local = off + 24, off + mlen, None
+            fam, plen, _fl, scope, index = struct.unpack_from("=BBBBI", data, off + 16)
+            a, end, addr = off + 24, off + mlen, None
+            size = 4 if fam == socket.AF_INET else 16
             while a + 4 <= end:
                 alen, atype = struct.unpack_from("=HH", data, a)
                 if alen < 4:
                     break
-                if atype in (1, 2) and alen == 8:  # IFA_ADDRESS, IFA_LOCAL (wins)
-                    if atype == 2 or local is None:
-                        local = socket.inet_ntoa(data[a + 4:a + 8])
+                if atype in (1, 2) and alen == 4 + size:  # IFA_ADDRESS, IFA_LOCAL (wins for IPv4)
+                    if atype == 2 or addr is None:
+                        addr = socket.inet_ntop(fam, data[a + 4:a + 4 + size])
                 a += (alen + 3) & ~3
             info = by_index.get(index)
-            if info is not None and local:
-                info["inet"].append({"family": "inet", "address": local, "netmask": str(plen),
-                                     "scope": {0: "global", 253: "link", 254: "local"}.get(scope, "global")})
+            if info is not None and addr and fam in (socket.AF_INET, socket.AF_INET6):
+                key = "inet" if fam == socket.AF_INET else "inet6"
+                info[key].append({"family": key, "address": addr, "netmask": str(plen),
+                                  "scope": _SCOPES.get(scope, "global")})
             off += (mlen + 3) & ~3
 
 
-def netns_links(pid: int) -> dict[str, dict]:
-    """{ifname: {hwaddr, mtu, state, type}} of the network namespace of process `pid` ({} when
-    it can't be read)."""
+def _netlink_in_netns(pid: int) -> socket.socket | None:
+    """A NETLINK_ROUTE socket of the network namespace of process `pid` (None when it can't be
+    made): a short-lived thread enters the namespace, makes the socket and ends."""
     global _libc
     import ctypes
     import threading
 
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    result: dict[str, dict] = {}
+    made: list[socket.socket] = []
 
     def run() -> None:
         try:
@@ -444,31 +453,111 @@ def netns_links(pid: int) -> dict[str, dict]:
         finally:
             os.close(fd)
         try:
-            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0) as sock:
-                sock.settimeout(2)
-                result.update(_dump_links(sock))
-                _dump_inet(sock, result)
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 0)
         except OSError:
             return
+        sock.settimeout(2)
+        made.append(sock)
 
     t = threading.Thread(target=run, name="netns-links", daemon=True)
     t.start()
     t.join()
-    return result
+    return made[0] if made else None
 
 
-def network(pid: int, host_names: dict[str, str] | None = None) -> dict:
+def _links_of(sock: socket.socket) -> dict[str, dict]:
+    links = _dump_links(sock)
+    _dump_inet(sock, links)
+    return links
+
+
+def netns_links(pid: int) -> dict[str, dict]:
+    """{ifname: {hwaddr, mtu, state, type, inet}} of the network namespace of process `pid` ({}
+    when it can't be read), through a socket made for this one read."""
+    sock = _netlink_in_netns(pid)
+    if sock is None:
+        return {}
+    try:
+        with sock:
+            return _links_of(sock)
+    except OSError:
+        return {}
+
+
+class NetnsLinks:
+    """The links of one running container's network namespace, read through a netlink socket
+    made once and kept while its init lives (the tracker closes it when init exits: an open
+    socket keeps the namespace, and so the nics' interfaces, alive). Reads may come from several
+    threads; a read after close() finds nothing."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def read(self) -> dict[str, dict]:
+        with self._lock:
+            if self._closed:
+                return {}
+            if self._sock is None:
+                self._sock = _netlink_in_netns(self.pid)
+                if self._sock is None:
+                    return {}
+            try:
+                return _links_of(self._sock)
+            except OSError:
+                self._sock.close()
+                self._sock = None
+                return {}
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+
+def _net_from_links(linkinfo: dict[str, dict], host_names: dict[str, str]) -> dict:
+    out: dict[str, dict] = {}
+    for name, info in linkinfo.items():
+        c = info["counters"] or (0,) * 8
+        lo = info["type"] == "loopback"
+        out[name] = {
+            "addresses": info["inet"] + info["inet6"],
+            "counters": {"bytes_received": c[2], "bytes_sent": c[3], "packets_received": c[0],
+                         "packets_sent": c[1], "errors_received": c[4], "errors_sent": c[5],
+                         "packets_dropped_inbound": c[6], "packets_dropped_outbound": c[7]},
+            "hwaddr": "" if lo else info["hwaddr"],
+            "host_name": host_names.get(name, ""),
+            "mtu": info["mtu"],
+            "state": info["state"],
+            "type": info["type"],
+        }
+    return out
+
+
+def network(pid: int, host_names: dict[str, str] | None = None, links: NetnsLinks | None = None) -> dict:
     """Per-interface counters and addresses inside the container's network namespace, with each
     link's MAC, MTU, state and type, and the host end of the nic (`host_names`: ifname -> host
-    interface, from the nics' volatile keys)."""
+    interface, from the nics' volatile keys). `links`: the container's kept netlink reader (one
+    link dump and one address dump, no file reads); without one, /proc/PID/net and a socket
+    made for this read."""
+    host_names = host_names or {}
+    if links is not None:
+        linkinfo = links.read()
+        if linkinfo:
+            return _net_from_links(linkinfo, host_names)
     raw = _read(f"/proc/{pid}/net/dev")
     if raw is None:
         return {}
-    v4, v6 = _ifaces_v4(pid), _ifaces_v6(pid)
     # only a container with interfaces besides lo (a nic) costs the netlink round (a thread)
-    linkinfo = netns_links(pid) if any(
-        line.partition(":")[0].strip() not in ("lo", "") for line in raw.splitlines()[2:]) else {}
-    host_names = host_names or {}
+    if any(line.partition(":")[0].strip() not in ("lo", "") for line in raw.splitlines()[2:]):
+        linkinfo = netns_links(pid)
+        if linkinfo:
+            return _net_from_links(linkinfo, host_names)
+    v4, v6 = _ifaces_v4(pid), _ifaces_v6(pid)
     out: dict[str, dict] = {}
     for line in raw.splitlines()[2:]:
         name, _, rest = line.partition(":")
@@ -484,16 +573,12 @@ def network(pid: int, host_names: dict[str, str] | None = None) -> dict:
             "counters": {"bytes_received": rx_b, "bytes_sent": tx_b, "packets_received": rx_p,
                          "packets_sent": tx_p, "errors_received": rx_e, "errors_sent": tx_e,
                          "packets_dropped_inbound": rx_d, "packets_dropped_outbound": tx_d},
-            "hwaddr": "" if lo else "",
+            "hwaddr": "",
             "host_name": host_names.get(name, ""),
             "mtu": 65536 if lo else 1500,
             "state": "up" if (lo and v4.get(name)) or rx_p or tx_p or v4.get(name) or v6.get(name) else "down",
             "type": "loopback" if lo else "broadcast",
         }
-        info = linkinfo.get(name)
-        if info is not None:
-            out[name].update(hwaddr="" if lo else info["hwaddr"], mtu=info["mtu"] or out[name]["mtu"],
-                             state=info["state"], type=info["type"], addresses=info["inet"] + v6.get(name, []))
     return out
 
 

@@ -33,13 +33,16 @@ class RuntimeTracker:
         # The container's own cgroup, resolved once while init is known to be alive: later
         # reads of /proc/PID/cgroup could show the root cgroup of an exiting init.
         rt = Runtime(pid=pid, start_time=rstate.proc_start_time(pid), pidfd=pidfd,
-                     cgroups=rstate.container_cgroups(name, pid))
+                     cgroups=rstate.container_cgroups(name, pid), links=rstate.NetnsLinks(pid))
         self.running[name] = rt
         self.loop.add_reader(pidfd, self._exited, name, rt)
         return rt
 
     def unwatch(self, rt: Runtime) -> None:
-        """Stop watching (the pidfd is closed) and wake whoever waits for the exit."""
+        """Stop watching (the pidfd is closed, the netlink reader too) and wake whoever waits
+        for the exit."""
+        if rt.links is not None:
+            rt.links.close()
         if rt.pidfd >= 0:
             with contextlib.suppress(Exception):
                 self.loop.remove_reader(rt.pidfd)
@@ -58,6 +61,8 @@ class RuntimeTracker:
         callbacks), without pretending they exited."""
         for rt in list(self.running.values()):
             rt.stopping = True
+            if rt.links is not None:
+                rt.links.close()
             if rt.pidfd >= 0:
                 with contextlib.suppress(Exception):
                     self.loop.remove_reader(rt.pidfd)
