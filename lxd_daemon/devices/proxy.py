@@ -361,10 +361,9 @@ def _unlink_socket(path: str) -> None:
 
 def forwarders(instances) -> Forwarders:
     """The daemon's supervisor of forwarder processes (one per instance service)."""
-    sup = getattr(instances, "proxy_forwarders", None)
+    sup = instances.device_state.get("proxy")
     if sup is None:
-        sup = Forwarders()
-        instances.proxy_forwarders = sup
+        sup = instances.device_state["proxy"] = Forwarders()
     return sup
 
 

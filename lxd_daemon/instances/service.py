@@ -91,6 +91,8 @@ class InstanceService:
         # Maps chosen by a create whose record doesn't exist yet: name -> (map, isolated).
         self._idmap_claims: dict[str, tuple[IdmapSet, bool]] = {}
         self._bg: set[asyncio.Task] = set()
+        # Long-lived host state of device types, by type (proxy: the supervisor of its forwarders).
+        self.device_state: dict[str, object] = {}
         self._yaml_locks: dict[str, asyncio.Lock] = {}  # see backup_yaml_lock()
         self.loop: asyncio.AbstractEventLoop | None = None
 

@@ -14,6 +14,7 @@ import threading
 from pathlib import Path
 
 from lxd_daemon.util.cgroups import own_cgroup
+from lxd_daemon.util.netif import IFF_UP, link_type
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 UNIFIED = (CGROUP_ROOT / "cgroup.controllers").exists()
@@ -346,19 +347,8 @@ def _ifaces_v6(pid: int) -> dict[str, list[dict]]:
 
 RTM_GETLINK, RTM_GETADDR, NLMSG_DONE, NLMSG_ERROR = 18, 22, 3, 2
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_STATS64 = 1, 3, 4, 23
-IFF_UP, IFF_BROADCAST, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x2, 0x8, 0x10
 _CLONE_NEWNET = 0x40000000
 _libc = None
-
-
-def _link_type(flags: int) -> str:
-    if flags & IFF_LOOPBACK:
-        return "loopback"
-    if flags & IFF_POINTOPOINT:
-        return "point-to-point"
-    if flags & IFF_BROADCAST:
-        return "broadcast"
-    return "unknown"
 
 
 def _dump_links(sock: socket.socket) -> dict[str, dict]:
@@ -392,7 +382,7 @@ def _dump_links(sock: socket.socket) -> dict[str, dict]:
                 counters = struct.unpack_from("=8Q", st) if len(st) >= 64 else None
                 out[name] = {"hwaddr": ":".join(f"{b:02x}" for b in mac) if len(mac) == 6 else "",
                              "mtu": struct.unpack("=I", attrs[IFLA_MTU])[0] if IFLA_MTU in attrs else 0,
-                             "state": "up" if flags & IFF_UP else "down", "type": _link_type(flags),
+                             "state": "up" if flags & IFF_UP else "down", "type": link_type(flags),
                              "index": _idx, "inet": [], "inet6": [], "counters": counters}
             off += (mlen + 3) & ~3
 

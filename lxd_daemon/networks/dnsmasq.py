@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lxd_daemon.errors import LXDError
+from lxd_daemon.util.atomic import atomic_write
 
 log = logging.getLogger("lxd.networks.dnsmasq")
 
@@ -169,19 +170,6 @@ def stop_stale(state_dir: Path) -> None:
         (state_dir / PID_FILE).unlink()
 
 
-def _atomic_write(path: Path, text: str, mode: int = 0o644, *, sync: bool = True) -> None:
-    """Replace `path` with `text` atomically; `sync=False` for files rewritten at every use (a
-    nic's host entry: a start rewrites it, so a crash can't lose more than the next start makes)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def _parse_key(key: str) -> tuple[str, str]:
     """(project, instance) of a host-entry key `project_instance.device` (instance names have
     neither `_` nor `.`)."""
@@ -277,7 +265,7 @@ class Dnsmasq:
             raw += "\n"
         raw_path = d / RAW_FILE
         if not raw_path.exists() or raw_path.read_text() != raw:
-            _atomic_write(raw_path, raw)
+            atomic_write(raw_path, raw.encode())
 
     async def _spawn(self, cmd: list[str]) -> None:
         def run() -> subprocess.Popen:
@@ -401,7 +389,7 @@ class Dnsmasq:
         except OSError:
             pass
         hosts.mkdir(mode=0o755, parents=True, exist_ok=True)
-        _atomic_write(hosts / key, text, sync=False)
+        atomic_write(hosts / key, text.encode(), durable=False)
         self._hup()
 
     def drop_host(self, key: str) -> None:

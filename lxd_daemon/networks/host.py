@@ -9,14 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lxd_daemon.util.netif import IFF_LOOPBACK, IFF_UP, link_type
+
 SYS_NET = Path("/sys/class/net")
 PROC_NET = Path("/proc/net")
-
-# net/if.h flags
-IFF_UP = 0x1
-IFF_BROADCAST = 0x2
-IFF_LOOPBACK = 0x8
-IFF_POINTOPOINT = 0x10
 
 
 def _read(path: Path) -> str | None:
@@ -170,13 +166,7 @@ def _vlan(name: str) -> dict | None:
 def state(name: str) -> dict:
     """GET /1.0/networks/{name}/state of a host interface (LXD's api.NetworkState)."""
     flags = _flags(name)
-    net_type = "unknown"
-    if flags & IFF_BROADCAST:
-        net_type = "broadcast"
-    if flags & IFF_POINTOPOINT:
-        net_type = "point-to-point"
-    if flags & IFF_LOOPBACK:
-        net_type = "loopback"
+    net_type = link_type(flags)
     return {
         "addresses": addresses(name),
         "counters": counters(name),

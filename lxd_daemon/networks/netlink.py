@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lxd_daemon.errors import LXDError
+from lxd_daemon.util.netif import IFF_UP, link_type
 
 PROC_SYS = Path("/proc/sys")
 IFA_F_NODAD = 0x02
@@ -434,8 +435,6 @@ def _drop_limit_chain(ifname: str) -> None:
             _nft(f"delete table netdev {LIMITS_TABLE}")
 
 
-IFF_UP, IFF_BROADCAST, IFF_LOOPBACK, IFF_POINTOPOINT = 0x1, 0x2, 0x8, 0x10
-
 
 def _scope(ip) -> str:
     if ip.is_loopback:
@@ -460,13 +459,7 @@ def link_state(name: str) -> dict:
         ports = sorted(x.get("ifname") for x in ipr.get_links() if x.get("master") == idx) if kind == "bridge" \
             else []
     flags = link["flags"]
-    net_type = "unknown"
-    if flags & IFF_BROADCAST:
-        net_type = "broadcast"
-    if flags & IFF_POINTOPOINT:
-        net_type = "point-to-point"
-    if flags & IFF_LOOPBACK:
-        net_type = "loopback"
+    net_type = link_type(flags)
     out_addrs = []
     for family_id, family in ((socket.AF_INET, "inet"), (socket.AF_INET6, "inet6")):
         for m in addrs:
