@@ -289,21 +289,19 @@ class Proxy(Device):
 
     async def _nat_apply(self, ctx: DeviceContext) -> None:
         listen, connect = self.listen_address(), self.connect_address()
-        if len(connect.ports) > 1 and tuple(connect.ports) != tuple(listen.ports):
+        if len(connect.ports) not in (1, len(listen.ports)):
             raise BadRequest(f"Failed to start device {self.name!r}: in nat mode the connect ports must be one "
-                             f"port or the listen ports")
+                             f"port or as many as the listen ports")
         target = self._nat_target(ctx)
         fw = self._firewall(ctx)
         family = "ipv6" if ":" in listen.host else "ipv4"
         key = self.key(ctx)
         try:
-            if len(connect.ports) == 1:
-                await asyncio.to_thread(fw.proxy_dnat_apply, key, family=family, proto=listen.kind,
-                                        listen_addr=listen.host, listen_ports=list(listen.ports),
-                                        connect_addr=target, connect_port=connect.ports[0])
-            else:  # port N -> port N: one rule per port under the same key is not in the interface
-                raise BadRequest(f"Failed to start device {self.name!r}: nat mode with several connect ports "
-                                 f"is not supported yet (use one connect port)")
+            # one connect port for all, or each listen port to the connect port at its position
+            port = connect.ports[0] if len(connect.ports) == 1 else list(connect.ports)
+            await asyncio.to_thread(fw.proxy_dnat_apply, key, family=family, proto=listen.kind,
+                                    listen_addr=listen.host, listen_ports=list(listen.ports),
+                                    connect_addr=target, connect_port=port)
         except LXDError:
             raise
         except Exception as e:

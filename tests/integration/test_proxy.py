@@ -437,6 +437,14 @@ def test_nat_mode(net_daemon):
         d.lxc("config", "device", "remove", c, "web")
         ruleset = d.netns.run("nft", "list", "ruleset").stdout
         assert str(port) not in ruleset
+        # several listen ports, each to the connect port at its position (hot-plugged)
+        p2 = _port()
+        d.lxc("config", "device", "add", c, "map", "proxy", f"listen=tcp:{sub}.1:{p2}-{p2 + 1}",
+              f"connect=tcp:0.0.0.0:{ECHO_PORT}-{ECHO_PORT + 1}", "nat=true")
+        forwards(d, "tcp", f"{sub}.1:{p2}", "mapped", payload="mapped")
+        ruleset = d.netns.run("nft", "list", "ruleset").stdout
+        assert str(p2 + 1) in ruleset and str(ECHO_PORT + 1) in ruleset
+        d.lxc("config", "device", "remove", c, "map")
     finally:
         d.lxc("delete", "-f", c, check=False)
         d.lxc("network", "delete", br, check=False)
