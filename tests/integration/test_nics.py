@@ -228,9 +228,14 @@ def test_daemon_restart_keeps_the_nics(net_daemon, box, host_links):
     d, ns = net_daemon, net_daemon.netns
     host = config_of(d, box)["volatile.eth0.host_name"]
     inside(d, box, "ip", "addr", "add", "10.231.0.3/24", "dev", "eth0")
+    rate = d.lxc("config", "device", "get", box, "eth0", "limits.max").stdout.strip()
     d.stop()
+    # a host change while the daemon is down: the nic's shaping goes; the next daemon puts it back
+    ns.run("tc", "qdisc", "del", "dev", host, "root")
+    assert f"rate {rate}" not in ns.run("tc", "class", "show", "dev", host).stdout
     d.start()
     assert host in veths(ns)
+    wait_for(lambda: f"rate {rate}" in ns.run("tc", "class", "show", "dev", host).stdout, timeout=10)
     ping_from(d, box, "10.231.0.1")
     st = d.api("GET", f"/1.0/instances/{box}/state").json()["metadata"]["network"]
     assert st["eth0"]["host_name"] == host

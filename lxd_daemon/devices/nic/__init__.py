@@ -215,6 +215,19 @@ class Nic(Device):
         elif veth.filtering(old):
             await veth.drop_filter(self, ctx)
 
+    async def adopt(self, ctx: DeviceContext) -> None:
+        """The daemon restarted while the container runs: the interfaces are the container's and
+        stay as they are; the host end's limits and filters are asserted again (what a host
+        change lost meanwhile comes back)."""
+        if self.kind is None:
+            return
+        from lxd_daemon.devices.nic import veth
+
+        await self._resolve(ctx)
+        if self.nictype in ("bridged", "p2p", "routed") and (
+                veth.filtering(self.config) or any(v is not None for v in veth.limits_of(self.config))):
+            await self.update_live(self.config, ctx)
+
     async def remove(self, ctx: DeviceContext) -> None:
         if self.kind is not None and hasattr(self.kind, "remove"):
             await self.kind.remove(self, ctx)
