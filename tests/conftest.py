@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -42,6 +43,12 @@ def net_daemon(tmp_path_factory):
     bridges, nics and nftables tables only there. The namespace (and what is left in it) goes
     when the module is done."""
     base = tmp_path_factory.mktemp("lxdnet")
+    # As /var/lib/lxd is: searchable by others down to LXD_DIR (0711), so the bridges' dnsmasq
+    # runs as nobody, as it does on a real host (a private LXD_DIR keeps it root).
+    for d in (base, *base.parents):
+        if d == Path("/") or d == Path("/tmp"):
+            break
+        d.chmod(d.stat().st_mode | 0o011)
     ns = NetNS(run_prefix() + "ns").create()
     ns.share(base)
     d = Daemon(lxd_dir=base / "var", conf_dir=base / "conf", netns=ns)

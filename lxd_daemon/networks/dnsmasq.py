@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import ipaddress
 import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -73,14 +75,34 @@ def _default_range(iface: ipaddress.IPv4Interface | ipaddress.IPv6Interface) -> 
     return str(first), str(last)
 
 
+def run_as(state_dir: Path) -> tuple[str, str]:
+    """The (user, group) dnsmasq drops to after binding: nobody, as LXD runs it, when nobody can
+    reach the state directory (it re-reads the host entries there on SIGHUP: every directory
+    from / down must be searchable by others, as /var/lib/lxd is); root otherwise (a private
+    LXD_DIR), rather than a dnsmasq that can't read its hosts."""
+    p = Path(state_dir).resolve()
+    for d in (p, *p.parents):
+        try:
+            if not d.stat().st_mode & stat.S_IXOTH:
+                return "root", "root"
+        except OSError:
+            return "root", "root"
+    try:
+        grp.getgrnam("nogroup")
+        return "nobody", "nogroup"
+    except KeyError:
+        return "nobody", "nobody"
+
+
 def argv(cfg: DnsmasqConfig) -> list[str]:
-    """The dnsmasq command line of a network (pure: the same config gives the same argv, which
-    is how a running dnsmasq is recognised for adoption)."""
+    """The dnsmasq command line of a network (the same config and state directory give the same
+    argv, which is how a running dnsmasq is recognised for adoption)."""
     d = Path(cfg.state_dir)
+    user, group = run_as(d)
     args = [DNSMASQ, "--keep-in-foreground", "--strict-order", "--bind-interfaces", "--except-interface=lo",
             f"--pid-file={d / PID_FILE}", "--no-ping", f"--interface={cfg.bridge}", "--dhcp-rapid-commit",
             "--no-negcache", "--no-resolv", "--no-hosts", "--quiet-dhcp", "--quiet-dhcp6", "--quiet-ra",
-            "--user=root", "--group=root",
+            f"--user={user}", f"--group={group}",
             "--dhcp-no-override", "--dhcp-authoritative", f"--dhcp-leasefile={d / LEASES_FILE}",
             f"--dhcp-hostsfile={d / HOSTS_DIR}"]
     if cfg.ipv4 is not None:

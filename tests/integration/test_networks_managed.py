@@ -134,6 +134,9 @@ def test_show_get_set_unset_edit(net_daemon, netname):
     pid = dnsmasq_pid(d, name)
     assert pid and "10.61.0.254,255.255.255.0,2h" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(
         errors="replace").replace("\0", " ")
+    # it runs as nobody, as LXD runs it (the fixture's LXD_DIR is reachable, as /var/lib/lxd is)
+    uid = [ln.split()[1] for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Uid:")]
+    assert uid == ["65534"], uid
     d.lxc("network", "unset", name, "ipv4.dhcp.expiry")
     assert d.lxc("network", "get", name, "ipv4.dhcp.expiry").stdout.strip() == ""
     # A new address takes the old one's place on the bridge.
