@@ -11,7 +11,8 @@ client sends it unless the row says `lxc`:
 - snapshot / copy of a stopped container holding 500 MB of random data (written inside the
   container with `head -c ... /dev/urandom` through exec) on dir;
 - `lxc export --optimized-storage --compression none` and `lxc import -s POOL` of such a
-  container on btrfs (wall time of the stock client; the backup file is on the same disk);
+  container on btrfs (wall time of the stock client; the backup file is on the same disk; each
+  step starts after a sync, so that it doesn't pay for the writeback of the step before it);
 - the Debian image (`lxd-imagebuilder debian`): first launch after an import, then 5 launches
   back to back, each timed on its own, on dir and on btrfs (the image is deleted between rounds,
   so every round's first launch is a real first launch);
@@ -388,6 +389,9 @@ class StorageSuite:
             f = self.b.workdir / f"export-{d.key}.tar"
             out = {}
             try:
+                # Each timed step starts with nothing dirty in the page cache: otherwise it pays for
+                # the writeback of the step before it (the other daemon's, when rounds alternate).
+                os.sync()
                 t = time.perf_counter()
                 r = d.lxc("export", name, str(f), "--optimized-storage", "--compression", "none",
                           check=False, timeout=600)
@@ -399,6 +403,7 @@ class StorageSuite:
                     raise RuntimeError(f"lxc export failed: {msg[:300]}")
                 out["export"] = dt
                 out["export_mb"] = f.stat().st_size / 1e6
+                os.sync()
                 t = time.perf_counter()
                 r = d.lxc("import", str(f), new, "-s", self.bt_pool, check=False, timeout=600)
                 dt = time.perf_counter() - t
