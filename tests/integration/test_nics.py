@@ -99,6 +99,7 @@ def test_every_nictype_is_inside_the_container(net_daemon, box, host_links):
     # routed: the host routes the address to the container, which has it as a /32
     assert "10.232.0.5/32" in text
     assert "10.232.0.5" in ns.run("ip", "route", "show", "dev", conf["volatile.rt.host_name"]).stdout
+    assert ns.run("sysctl", "-n", f"net.ipv4.conf.{conf['volatile.rt.host_name']}.forwarding").stdout.strip() == "1"
     ping_from(d, box, "169.254.0.1")
     # ... and, with a parent, answered for there (a proxy neighbour entry)
     assert "10.232.0.5" in ns.run("ip", "neigh", "show", "proxy", "dev", host_links["macvlan"]).stdout

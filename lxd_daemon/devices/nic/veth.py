@@ -154,6 +154,8 @@ async def _route_to(nic, ctx: DeviceContext, host_name: str) -> None:
         addrs.append(ipaddress.ip_interface((dev.get("ipv6.host_address") or "fe80::1") + "/128"))
     if addrs:
         await host(_add_addresses, host_name, addrs)
+    if v4:  # the container's traffic is routed on from its host end (as LXD does)
+        await host(nl.set_sysctl, f"net/ipv4/conf/{host_name}/forwarding", 1)
     for a in v4:
         await host(nl.add_route, f"{a}/32", host_name)
     for a in v6:
