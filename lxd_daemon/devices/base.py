@@ -150,6 +150,14 @@ class Device:
         """Whether a change of this device applies to a running container (else at next start)."""
         return False
 
+    def updates_live(self, old: dict[str, str]) -> bool:
+        """Whether a change from config `old` applies to the running device as it is (update_live)
+        rather than by unplugging and plugging it again."""
+        return False
+
+    async def update_live(self, old: dict[str, str], ctx: DeviceContext) -> None:
+        """Apply this config to the running device in place (only where updates_live(old))."""
+
     @property
     def sort_key(self) -> tuple[int, str]:
         """Devices start shallowest mount path first (then by name), and stop in reverse."""

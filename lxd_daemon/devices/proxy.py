@@ -258,7 +258,7 @@ class Proxy(Device):
             devices = ctx.instances.expanded(ctx.instance)[1]
         except LXDError:
             devices = {}
-        nets = getattr(ctx.instances.services, "networks", None)
+        nets = ctx.instances.services.networks
         for dname in sorted(devices):
             nic = devices[dname]
             if nic.get("type") != "nic":
@@ -279,10 +279,10 @@ class Proxy(Device):
                          f"instance's static IPv{family} addresses")
 
     def _firewall(self, ctx: DeviceContext):
-        nets = getattr(ctx.instances.services, "networks", None)
-        fw = getattr(nets, "firewall", None)
+        nets = ctx.instances.services.networks
+        fw = nets.firewall if nets is not None else None
         if fw is None:
-            why = getattr(nets, "firewall_error", "") or "managed networks aren't set up"
+            why = (nets.firewall_error if nets is not None else "") or "managed networks aren't set up"
             raise BadRequest(f"Failed to start device {self.name!r}: nat=true needs the daemon's nftables "
                              f"firewall, which isn't available: {why}")
         return fw
@@ -308,8 +308,8 @@ class Proxy(Device):
             raise BadRequest(f"Failed to start device {self.name!r}: failed to add the NAT rules: {e}") from None
 
     async def _nat_drop(self, ctx: DeviceContext) -> None:
-        nets = getattr(ctx.instances.services, "networks", None) if ctx.instances is not None else None
-        fw = getattr(nets, "firewall", None)
+        nets = ctx.instances.services.networks if ctx.instances is not None else None
+        fw = nets.firewall if nets is not None else None
         if fw is not None:
             await asyncio.to_thread(fw.proxy_dnat_drop, self.key(ctx))
 
@@ -317,7 +317,8 @@ class Proxy(Device):
 async def reconcile_nat(instances) -> None:
     """Start-up (after the devices' adoption): drop the NAT rules of proxies that no running
     container has any more (a container stopped or changed while the daemon was down)."""
-    fw = getattr(getattr(instances.services, "networks", None), "firewall", None)
+    nets = instances.services.networks
+    fw = nets.firewall if nets is not None else None
     if fw is None:
         return
     wanted = set()

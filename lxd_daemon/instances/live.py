@@ -231,7 +231,7 @@ async def apply_live(runtime, name: str, old: tuple[dict, dict], new: tuple[dict
     # a device that can take the change as it is (a nic's limits or filters) keeps running
     in_place = [d for d in load_all({n: c for n, c in new_devices.items() if n in old_devices
                                      and old_devices[n] != c})
-                if getattr(d, "updates_live", None) and d.updates_live(old_devices[d.name])]
+                if d.updates_live(old_devices[d.name])]
     kept = {d.name for d in in_place}
     gone = [d for d in load_all({n: c for n, c in old_devices.items() if new_devices.get(n) != c and n not in kept})
             if d.hotpluggable]

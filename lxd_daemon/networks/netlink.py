@@ -1,18 +1,14 @@
 """Host network primitives over rtnetlink (pyroute2), /proc/sys and tc.
 
 Every function here blocks and acts on the network namespace of the calling thread (the
-daemon's): async callers wrap them in `asyncio.to_thread`. (pyroute2's synchronous API cannot run
-in a thread whose event loop is running; called from one anyway, a function here runs in a helper
-thread and the loop waits for it.) Each opens and closes its own IPRoute
+daemon's): async callers wrap them in `asyncio.to_thread` (pyroute2's synchronous API cannot run
+in a thread whose event loop is running). Each opens and closes its own IPRoute
 (imported on first use). Kernel refusals become `NetlinkError`, naming the object and the cause.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import errno as _errno
-import functools
 import ipaddress
 import os
 import socket
@@ -40,21 +36,6 @@ class NetlinkError(LXDError):
     def __init__(self, message: str, errno: int | None = None):
         super().__init__(message, 409 if errno == _errno.EEXIST else None)
         self.errno = errno
-
-
-def _blocking(fn):
-    """Run `fn` in a helper thread when called from a thread with a running event loop."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return fn(*args, **kwargs)
-        with concurrent.futures.ThreadPoolExecutor(1) as ex:
-            return ex.submit(fn, *args, **kwargs).result()
-
-    return wrapper
 
 
 @contextmanager
@@ -86,12 +67,10 @@ def _need(ipr, name: str, what: str) -> int:
     return idx
 
 
-@_blocking
 def link_exists(name: str) -> bool:
     return link_index(name) is not None
 
 
-@_blocking
 def link_index(name: str) -> int | None:
     if not name or len(name) > 15 or "/" in name:
         return None
@@ -105,7 +84,6 @@ def _kind(ipr, idx: int) -> str:
     return (info.get("kind") if info else None) or ""
 
 
-@_blocking
 def create_bridge(name: str, *, mtu: int | None = None, hwaddr: str | None = None) -> None:
     """Create bridge `name` (kept as is when it exists already), then apply mtu/hwaddr if given."""
     with _ipr(f"create bridge {name!r}") as ipr:
@@ -119,7 +97,6 @@ def create_bridge(name: str, *, mtu: int | None = None, hwaddr: str | None = Non
         set_link(name, mtu=mtu, hwaddr=hwaddr)
 
 
-@_blocking
 def set_link(name: str, *, mtu: int | None = None, hwaddr: str | None = None, up: bool | None = None,
              master: str | None = None) -> None:
     """Change a link: `master=""` takes it out of its bridge, `master="br0"` puts it in br0."""
@@ -136,7 +113,6 @@ def set_link(name: str, *, mtu: int | None = None, hwaddr: str | None = None, up
             ipr.link("set", index=idx, state="up" if up else "down")
 
 
-@_blocking
 def set_bridge_port(name: str, *, hairpin: bool) -> None:
     """Bridge-port flags of `name` (a bridge member). Hairpin mode lets frames go back out the
     port they came in by, which a container reaching its own NAT-published port needs (with
@@ -146,7 +122,6 @@ def set_bridge_port(name: str, *, hairpin: bool) -> None:
         ipr.link("set", index=_need(ipr, name, what), kind="bridge_slave", mode=1 if hairpin else 0)
 
 
-@_blocking
 def delete_link(name: str) -> None:
     """Delete an interface (a veth takes its peer with it); a missing one is fine."""
     with _ipr(f"delete interface {name!r}") as ipr:
@@ -164,7 +139,6 @@ def _is_link_local(a) -> bool:
     return a.is_link_local
 
 
-@_blocking
 def set_addresses(name: str, wanted: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> None:
     """Make the link hold exactly `wanted` as its non-link-local addresses (IPv6 without DAD, so
     they are usable at once)."""
@@ -195,7 +169,6 @@ def set_addresses(name: str, wanted: list[ipaddress.IPv4Interface | ipaddress.IP
             ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen, **kw)
 
 
-@_blocking
 def create_veth(host_name: str, peer_name: str, *, mtu: int | None = None,
                 peer_hwaddr: str | None = None, master: str | None = None) -> None:
     """A veth pair; the host end is put in bridge `master` (if given) and brought up (the peer
@@ -222,7 +195,6 @@ def create_veth(host_name: str, peer_name: str, *, mtu: int | None = None,
             raise
 
 
-@_blocking
 def create_macvlan(name: str, parent: str, mode: str = "bridge", *, mtu: int | None = None,
                    hwaddr: str | None = None) -> None:
     what = f"create macvlan {name!r} on {parent!r}"
@@ -236,7 +208,6 @@ def create_macvlan(name: str, parent: str, mode: str = "bridge", *, mtu: int | N
         ipr.link("add", ifname=name, kind="macvlan", link=pidx, macvlan_mode=mode, **kw)
 
 
-@_blocking
 def create_ipvlan(name: str, parent: str, mode: str = "l3s") -> None:
     """An ipvlan link (needs CONFIG_IPVLAN; the kernel answers 'Operation not supported' without)."""
     what = f"create ipvlan {name!r} on {parent!r}"
@@ -247,7 +218,6 @@ def create_ipvlan(name: str, parent: str, mode: str = "l3s") -> None:
         ipr.link("add", ifname=name, kind="ipvlan", link=pidx, ipvlan_mode=IPVLAN_MODES[mode])
 
 
-@_blocking
 def move_to_netns(name: str, pid: int, new_name: str) -> None:
     """Move interface `name` into the network namespace of process `pid`, renamed `new_name`."""
     what = f"move interface {name!r} into the namespace of process {pid}"
@@ -272,7 +242,6 @@ def _route_args(dst: str) -> dict:
             "family": socket.AF_INET if net.version == 4 else socket.AF_INET6}
 
 
-@_blocking
 def add_route(dst: str, dev: str, *, table: str | int = "main") -> None:
     """A device route to `dst` (a CIDR or a single address) through `dev`; an existing one is kept."""
     what = f"add route {dst} via {dev!r}"
@@ -285,7 +254,6 @@ def add_route(dst: str, dev: str, *, table: str | int = "main") -> None:
                 raise
 
 
-@_blocking
 def del_route(dst: str, dev: str, *, table: str | int = "main") -> None:
     """Remove the route; a missing route or device is fine."""
     what = f"remove route {dst} via {dev!r}"
@@ -306,7 +274,6 @@ def del_route(dst: str, dev: str, *, table: str | int = "main") -> None:
                     raise
 
 
-@_blocking
 def routes() -> list[str]:
     """Every destination prefix routed in this namespace (all tables, both families), as CIDRs.
     Default routes (prefix length 0) and multicast routes are left out: they overlap everything."""
@@ -325,7 +292,6 @@ def routes() -> list[str]:
     return out
 
 
-@_blocking
 def addresses() -> list[str]:
     """Every address of every interface in this namespace, as `address/prefixlen`."""
     out: list[str] = []
@@ -388,7 +354,6 @@ def _burst(bits: int) -> int:
     return max(bits // 8 // 10, 65536)
 
 
-@_blocking
 def set_limits(ifname: str, *, ingress: int | None, egress: int | None) -> None:
     """Rate limits (bits/s) on a nic's host-side interface. `ingress` (traffic to the container)
     shapes the interface's egress with htb; `egress` (traffic from the container) polices its
@@ -444,7 +409,6 @@ def _scope(ip) -> str:
     return "global"
 
 
-@_blocking
 def link_state(name: str) -> dict:
     """LXD's NetworkState of an interface, read over netlink (sysfs shows the namespace that
     mounted it, not necessarily the daemon's): addresses, counters, hwaddr, mtu, state, type and,

@@ -354,11 +354,10 @@ class NetworkService:
             drv.validate(config)
         except InvalidConfig as e:
             raise BadRequest(str(e)) from None
-        populate = getattr(drv, "populate_auto", None)
-        if populate is not None and "auto" in (config.get("ipv4.address"), config.get("ipv6.address")):
+        if "auto" in (config.get("ipv4.address"), config.get("ipv6.address")):
             used = await asyncio.to_thread(self._used_subnets, owner)
             try:
-                config = populate(config, used)
+                config = drv.populate_auto(config, used)
             except ValueError as e:
                 raise BadRequest(f"Failed generating auto config: {e}") from None
         drv.config = config

@@ -108,10 +108,18 @@ def is_mac(value: str) -> None:
         raise ValueError(f"{value!r} is a multicast MAC address")
 
 
-def is_mtu(value: str) -> None:
-    try:
-        mtu = int(value, 10)
-    except ValueError:
-        raise ValueError(f"Invalid MTU {value!r}") from None
-    if mtu < 1280 or mtu > 16384:
-        raise ValueError(f"Out of MTU range (1280-16384) {value!r}")
+def int_in_range(what: str, low: int, high: int):
+    """A check of a decimal integer within [low, high] (`what` names it in the errors)."""
+    def check(value: str) -> None:
+        try:
+            n = int(value, 10)
+        except ValueError:
+            raise ValueError(f"Invalid {what} {value!r}") from None
+        if n < low or n > high:
+            raise ValueError(f"Out of {what} range ({low}-{high}) {value!r}")
+
+    return check
+
+
+is_mtu = int_in_range("MTU", 1280, 16384)
+is_vlan = int_in_range("VLAN ID", 0, 4094)

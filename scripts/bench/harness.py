@@ -489,6 +489,19 @@ class Bench:
         """Only the file transfer rows of the containers suite (a quicker loop for that work)."""
         self.with_containers("files", self.file_rows)
 
+    def prepare_each(self, suite: str, what: str, active: list[Daemon], skipped: dict, prepare) -> list[Daemon]:
+        """prepare(d) for each daemon: the ones ready; one that fails sits the suite out, with the
+        reason in `skipped`."""
+        ready = []
+        for d in active:
+            try:
+                prepare(d)
+                ready.append(d)
+            except Exception as e:  # noqa: BLE001
+                skipped[d.key] = f"failed: {what} ({type(e).__name__}: {e})"[:300]
+                log(f"{suite}: {d.label}: {skipped[d.key]}")
+        return ready
+
     def with_containers(self, suite: str, run) -> None:
         """Prepare both daemons for containers (pool, image, profile), call run(active, skipped, fp),
         then delete this run's instances."""
@@ -498,15 +511,8 @@ class Bench:
             return
         small = self.busybox()
         fp = images.sha256_file(small)
-        ready = []
-        for d in active:
-            try:
-                self.prepare_containers(d, small, fp)
-                ready.append(d)
-            except Exception as e:  # noqa: BLE001
-                skipped[d.key] = f"failed: preparing ({type(e).__name__}: {e})"[:300]
-                log(f"{suite}: {d.label}: {skipped[d.key]}")
-        active = ready
+        active = self.prepare_each(suite, "preparing", active, skipped,
+                                   lambda d: self.prepare_containers(d, small, fp))
         if not active:
             return
         try:

@@ -97,14 +97,8 @@ class NetworksSuite:
         small = b.busybox()
         from images import sha256_file
         fp = sha256_file(small)
-        ready = []
-        for d in active:
-            try:
-                self.prepare(d, small, fp)
-                ready.append(d)
-            except Exception as e:  # noqa: BLE001
-                skipped[d.key] = f"failed: preparing the bridge ({type(e).__name__}: {e})"[:300]
-                self.log(f"networks: {d.label}: {skipped[d.key]}")
+        ready = b.prepare_each("networks", "preparing the bridge", active, skipped,
+                               lambda d: self.prepare(d, small, fp))
         try:
             if ready:
                 self.launches(ready, skipped, fp)

@@ -242,14 +242,7 @@ class StorageSuite:
         small = b.busybox()
         from images import sha256_file
         fp = sha256_file(small)
-        ready = []
-        for d in active:
-            try:
-                self.prepare(d, small, fp)
-                ready.append(d)
-            except Exception as e:  # noqa: BLE001
-                skipped[d.key] = f"failed: preparing pools ({type(e).__name__}: {e})"[:300]
-                self.log(f"storage: {d.label}: {skipped[d.key]}")
+        ready = b.prepare_each("storage", "preparing pools", active, skipped, lambda d: self.prepare(d, small, fp))
         try:
             if ready:
                 steps = (self.btrfs_busybox, self.dir_500, self.export_import, self.debian_launches,

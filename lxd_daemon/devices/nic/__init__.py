@@ -162,8 +162,8 @@ class Nic(Device):
         if self.config.get("network") and not self.config.get("nictype"):
             from lxd_daemon.devices.nic.bridged import get_network
 
-            net = await get_network(ctx, self.config["network"])
-            self.nictype = NETWORK_KINDS.get(getattr(net, "type", "bridge"), "bridged")
+            net = get_network(ctx, self.config["network"])
+            self.nictype = NETWORK_KINDS.get(net.type, "bridged")
             self.kind = KINDS[self.nictype]
 
     async def start(self, ctx: DeviceContext) -> RunConfig:
@@ -209,7 +209,7 @@ class Nic(Device):
             if self.config.get("network"):
                 from lxd_daemon.devices.nic.bridged import get_network
 
-                network = await get_network(ctx, self.config["network"])
+                network = get_network(ctx, self.config["network"])
                 bridge = veth.networks(ctx).nic_parent(network)
             await veth.apply_filter(self, ctx, host_name, await self.hwaddr(ctx), bridge, network)
         elif veth.filtering(old):
@@ -229,7 +229,7 @@ class Nic(Device):
             await self.update_live(self.config, ctx)
 
     async def remove(self, ctx: DeviceContext) -> None:
-        if self.kind is not None and hasattr(self.kind, "remove"):
+        if self.kind is not None and hasattr(self.kind, "remove"):  # only the veth-based types keep host state
             await self.kind.remove(self, ctx)
 
 
@@ -254,36 +254,26 @@ async def check_nics(services, devices: dict[str, dict], *, instance: str, proje
     todo = {n: d for n, d in devices.items() if d.get("type") == "nic" and d.get("network")}
     if not todo:
         return
-    instances = getattr(services, "instances", None)
-    if instances is None:  # no instance service (tests): no other nic can hold an address
-        instances = _NoInstances()
-        instances.services = services
     ctx = DeviceContext(instance=instance, idmap=IdmapSet(()), privileged=False, devices_dir=Path("/"),
-                        project=project, instances=instances)
+                        project=project, instances=services.instances)
     for dname, dev in sorted(todo.items()):
         try:
-            net = await get_network(ctx, dev["network"])
+            net = get_network(ctx, dev["network"])
         except LXDError as e:
             raise BadRequest(f"Invalid device {dname!r}: network {dev['network']!r}: {e.message}") from None
         nic = Nic(dname, dev)
-        if NETWORK_KINDS.get(getattr(net, "type", "bridge"), "bridged") == "bridged":
+        if NETWORK_KINDS.get(net.type, "bridged") == "bridged":
             check_static(nic, ctx, net)
         elif dev.get("ipv4.address") or dev.get("ipv6.address"):
             raise BadRequest(f"Invalid device {dname!r}: static addresses need a bridge network "
                              f"({dev['network']!r} is a {net.type} network)")
 
 
-class _NoInstances:
-    def __init__(self):
-        self.records: dict = {}
-        self.services = None
-
-
 async def forget_hosts(services, instance: str, devices: dict[str, dict], project: str = "default") -> None:
     """The DHCP host entries of an instance's nics on managed networks go (the instance was
     renamed: its next start makes them under the new name)."""
-    svc = getattr(services, "networks", None)
-    if svc is None or not hasattr(svc, "nic_detach"):
+    svc = services.networks
+    if svc is None:
         return
     for dname, dev in devices.items():
         if dev.get("type") != "nic" or not dev.get("network"):

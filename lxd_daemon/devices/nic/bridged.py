@@ -3,7 +3,6 @@ manage) or the managed network `network`."""
 
 from __future__ import annotations
 
-import inspect
 import ipaddress
 
 from lxd_daemon.devices.base import DeviceContext
@@ -38,12 +37,9 @@ def check(dev: dict) -> None:
         raise ValueError("ipv4.routes / ipv6.routes are not supported by this server")
 
 
-async def get_network(ctx: DeviceContext, name: str):
-    svc = veth.networks(ctx)
-    net = svc.get(name, ctx.project)
-    if inspect.isawaitable(net):
-        net = await net
-    return net
+def get_network(ctx: DeviceContext, name: str):
+    """The managed network `name` of the instance's project (NotFound when there is none)."""
+    return veth.networks(ctx).get(name, ctx.project)
 
 
 def check_static(nic, ctx: DeviceContext, network) -> None:
@@ -96,7 +92,7 @@ async def start(nic, ctx: DeviceContext) -> RunConfig:
     network = None
     bridge = nic.config.get("parent", "")
     if nic.config.get("network"):
-        network = await get_network(ctx, nic.config["network"])
+        network = get_network(ctx, nic.config["network"])
         check_static(nic, ctx, network)
         bridge = veth.networks(ctx).nic_parent(network)
         return await veth.start_veth(nic, ctx, bridge=bridge, network=network)

@@ -35,7 +35,7 @@ async def parent_of(nic, ctx: DeviceContext) -> tuple[str, int | None]:
     if dev.get("network"):
         from lxd_daemon.devices.nic.bridged import get_network
 
-        net = await get_network(ctx, dev["network"])
+        net = get_network(ctx, dev["network"])
         svc = veth.networks(ctx)
         return svc.nic_parent(net), svc.mtu(net)
     return dev["parent"], None

@@ -47,8 +47,8 @@ def filter_key(ctx: DeviceContext, dev_name: str) -> str:
 
 def networks(ctx: DeviceContext):
     """The managed network service (Part B), or BadRequest when this server has none."""
-    svc = getattr(getattr(ctx.instances, "services", None), "networks", None)
-    if svc is None or not hasattr(svc, "nic_parent"):
+    svc = ctx.instances.services.networks if ctx.instances is not None else None
+    if svc is None:
         raise BadRequest("Managed networks are not available on this server")
     return svc
 
@@ -237,7 +237,7 @@ async def apply_filter(nic, ctx: DeviceContext, host_name: str, hwaddr: str, bri
         return False
     fw = networks(ctx).firewall
     if fw is None:
-        why = getattr(networks(ctx), "firewall_error", "") or "nftables is not usable"
+        why = networks(ctx).firewall_error or "nftables is not usable"
         raise BadRequest(f"Invalid device {nic.name!r}: security.*_filtering needs the firewall: {why}")
     ipv4 = ipv6 = None
     if f4:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lxd_daemon.networks import subnets
-from lxd_daemon.util.validate import is_any, is_bool, is_interface_name, is_mac, is_mtu  # noqa: F401 (the drivers' key tables)
+from lxd_daemon.util.validate import is_any, is_bool, is_interface_name, is_mac, is_mtu, is_vlan  # noqa: F401 (the drivers' key tables)
 
 Validator = Callable[[str], None]
 
@@ -72,24 +72,16 @@ def one_of(*valid: str) -> Validator:
     return check
 
 
-def list_of(item_check: Validator) -> Validator:
+def list_of(item_check: Validator, label: str = "Item") -> Validator:
+    """A comma-separated list, each item checked (the error names the item after `label`)."""
     def check(value: str) -> None:
         for item in value.split(","):
             item = item.strip()
             try:
                 item_check(item)
             except ValueError as e:
-                raise ValueError(f"Item {item!r}: {e}") from None
+                raise ValueError(f"{label} {item!r}: {e}") from None
     return check
-
-
-def is_vlan(value: str) -> None:
-    try:
-        vid = int(value, 10)
-    except ValueError:
-        raise ValueError(f"Invalid VLAN ID {value!r}") from None
-    if vid < 0 or vid > 4094:
-        raise ValueError(f"Out of VLAN ID range (0-4094) {value!r}")
 
 
 def is_address(family: int) -> Validator:
@@ -189,6 +181,10 @@ class NetworkDriver:
         """The config of a new network with the type's defaults filled in."""
         return dict(config)
 
+    def populate_auto(self, config: dict[str, str], used: list) -> dict[str, str]:
+        """`auto` addresses replaced by subnets not in `used` (types with addresses override)."""
+        return config
+
     def validate(self, config: dict[str, str]) -> None:
         """Every key known and its value valid, then the type's cross-key checks."""
         for key in sorted(config):
@@ -244,9 +240,6 @@ class NetworkDriver:
         """Daemon exit: stop watching; whatever runs keeps running."""
 
     # -- reads ---------------------------------------------------------------------------------
-
-    def running(self) -> bool:
-        return True
 
     async def state(self) -> dict:
         from lxd_daemon.networks import host

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
 import ipaddress
 import logging
 import os
@@ -40,15 +39,6 @@ from lxd_daemon.networks.drivers.base import (
 log = logging.getLogger("lxd.networks")
 
 
-def _external_interfaces(value: str) -> None:
-    for entry in value.split(","):
-        entry = entry.strip()
-        try:
-            is_interface_name(entry)
-        except ValueError as e:
-            raise ValueError(f"Invalid interface name {entry!r}: {e}") from None
-
-
 def ipv6_enabled_by_default() -> bool:
     """LXD fills `ipv6.address=auto` only where the kernel gives new interfaces IPv6."""
     try:
@@ -63,19 +53,12 @@ def stable_hwaddr(seed: str) -> str:
     return f"00:16:3e:{d[0]:02x}:{d[1]:02x}:{d[2]:02x}"
 
 
-async def _call(fn, *args, **kwargs):
-    """Call a Part A method that may be blocking or a coroutine function."""
-    if inspect.iscoroutinefunction(fn):
-        return await fn(*args, **kwargs)
-    return await asyncio.to_thread(fn, *args, **kwargs)
-
-
 class BridgeDriver(NetworkDriver):
     type = "bridge"
     has_interface = True
     keys = {
         "bridge.driver": optional(one_of("native", "openvswitch")),
-        "bridge.external_interfaces": optional(_external_interfaces),
+        "bridge.external_interfaces": optional(list_of(is_interface_name, "Invalid interface name")),
         "bridge.hwaddr": optional(is_mac),
         "bridge.mtu": optional(is_mtu),
         "bridge.mode": optional(one_of("standard", "fan")),
@@ -200,11 +183,6 @@ class BridgeDriver(NetworkDriver):
         return self.subnet(family) is not None and not falsy_or_empty(self.config.get(f"ipv{family}.dhcp", "true"))
 
     # -- host ----------------------------------------------------------------------------------
-
-    def running(self) -> bool:
-        from lxd_daemon.networks import netlink
-
-        return netlink.link_exists(self.name)
 
     async def create(self) -> None:
         from lxd_daemon.networks import netlink
@@ -396,11 +374,7 @@ class BridgeDriver(NetworkDriver):
     async def close(self) -> None:
         d, self._dnsmasq = self._dnsmasq, None
         if d is not None:
-            detach = getattr(d, "detach", None) or getattr(d, "close", None)
-            if detach is not None:
-                res = detach()
-                if inspect.isawaitable(res):
-                    await res
+            d.detach()  # dnsmasq keeps running; the next daemon adopts it
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -412,19 +386,19 @@ class BridgeDriver(NetworkDriver):
                 out.append({"hostname": f"{self.name}.gw", "hwaddr": "", "address": str(iface.ip),
                             "type": "gateway", "location": "none"})
         if self._dnsmasq is not None:
-            out.extend(await _call(self._dnsmasq.leases))
+            out.extend(await asyncio.to_thread(self._dnsmasq.leases))
         return out
 
     async def nic_attach(self, key: str, *, hwaddr: str, hostname: str, ipv4: str | None = None,
                          ipv6: str | None = None) -> None:
         if self._dnsmasq is None:
             return
-        await _call(self._dnsmasq.set_host, key, hwaddr, hostname=hostname, ipv4=ipv4, ipv6=ipv6)
+        await asyncio.to_thread(self._dnsmasq.set_host, key, hwaddr, hostname=hostname, ipv4=ipv4, ipv6=ipv6)
 
     async def nic_detach(self, key: str) -> None:
         if self._dnsmasq is None:
             return
-        await _call(self._dnsmasq.drop_host, key)
+        await asyncio.to_thread(self._dnsmasq.drop_host, key)
 
 
 def _global_addresses_by_link() -> dict[str, list[str]]:
