@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from lxd_daemon.api import events, internal, operations, projects, server
+from lxd_daemon.api import access, events, internal, operations, projects, server
 from lxd_daemon.api.envelope import error
 from lxd_daemon.api.request import check_request
 from lxd_daemon.errors import LXDError, insufficient_storage
@@ -33,10 +33,12 @@ def create_app(services: Services, routers=()) -> FastAPI:
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None, redirect_slashes=False,
                   dependencies=[Depends(check_request)])
     app.state.services = services
-    for module in (server, operations, events, projects, internal):
-        app.include_router(module.router)
-    for router in routers:
+    tables = [module.router for module in (server, operations, events, projects, internal)] + list(routers)
+    for router in tables:
         app.include_router(router)
+    missing = access.undeclared(app)  # refused by access.check() on every transport
+    if missing:
+        log.warning("routes without an access declaration are refused", extra={"routes": missing})
 
     @app.exception_handler(LXDError)
     async def lxd_error(request: Request, exc: LXDError):
@@ -82,7 +84,7 @@ class FastPath:
 
     async def __call__(self, scope, receive, send):
         if (scope["type"] == "http" and scope["path"] == "/1.0" and scope["method"] == "GET"
-                and scope.get("lxd_trusted", True) and b"project=" not in scope.get("query_string", b"")):
+                and scope.get("lxd_trusted") is True and b"project=" not in scope.get("query_string", b"")):
             server = self.services.server
             body = server.cached_body()
             await send({

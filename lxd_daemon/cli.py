@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--yes", action="store_true", help="recover what was found without asking")
     r.add_argument("--dry-run", action="store_true", help="only scan and print what was found")
 
+    st = sub.add_parser("streams", help="write the simplestreams tree of the public images to a directory")
+    st.add_argument("action", choices=["export"])
+    st.add_argument("directory", help="where to write it (streams/v1/*.json and streams/images/*)")
+
     q = sub.add_parser("sql", help="run a SQL query against the database")
     q.add_argument("database", choices=["local", "global"])
     q.add_argument("query", help="the query, or - to read it from stdin")
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         from lxd_daemon.cli_recover import recover
 
         return recover(sock, args)
+    if args.cmd == "streams":
+        from lxd_daemon.cli_tools import streams_export
+
+        return streams_export(sock, args.directory)
     if args.cmd == "sql":
         from lxd_daemon.cli_tools import sql
 

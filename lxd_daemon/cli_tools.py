@@ -1,4 +1,5 @@
-"""`lxd init`, `lxd sql` and `lxd activateifneeded`: clients of a running daemon or of its files."""
+"""`lxd init`, `lxd sql`, `lxd activateifneeded` and `lxd streams export`: clients of a running
+daemon or of its files."""
 
 from __future__ import annotations
 
@@ -325,4 +326,21 @@ def activateifneeded(lxd_dir: Path) -> int:
     except (OSError, APIError) as e:
         print(f"Error: failed to activate the daemon: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def streams_export(sock: Path, directory: str) -> int:
+    """`lxd streams export DIR`: the daemon writes the simplestreams tree of its public images
+    (streams/v1/index.json, the catalogue, streams/images/<fingerprint>/<file>) under DIR, for any static
+    web server; a remote then uses it with `lxc remote add NAME URL --protocol simplestreams`."""
+    dest = Path(directory).resolve()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        meta = Client(sock, timeout=3600).request("POST", "/internal/streams/export", {"path": str(dest)})
+    except (OSError, APIError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    files = (meta.get("metadata") or {}).get("files") or []
+    images = {f.split("/")[2] for f in files if f.startswith("streams/images/")}
+    print(f"Wrote the simplestreams tree of {len(images)} image(s) to {dest}")
     return 0

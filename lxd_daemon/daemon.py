@@ -24,14 +24,18 @@ log = logging.getLogger("lxd.daemon")
 
 SD_LISTEN_FDS_START = 3
 
-# Subsystems wired in this order. Each module has `async def setup(services) -> list[APIRouter]`:
+# Subsystems wired in this order. Each module has `async def setup(services) -> list[Routes]`:
 # it sets its service on `services`, registers hooks and API extensions, and returns its routers.
 SUBSYSTEMS: tuple[str, ...] = (
+    "lxd_daemon.trust.subsystem",  # services.trust (the Gate asks it), /1.0/certificates
     "lxd_daemon.storage.subsystem",
     "lxd_daemon.images.subsystem",
+    "lxd_daemon.images.remote.subsystem",  # pulls from image servers, refresh, auto-update, cache expiry
+    "lxd_daemon.api.streams",  # the simplestreams tree of the public images (needs services.images)
     "lxd_daemon.instances.subsystem",
     "lxd_daemon.api.instance_exec",
     "lxd_daemon.networks.subsystem",
+    "lxd_daemon.server.https",  # the TLS listener on core.https_address (started once the app is built)
     "lxd_daemon.api.not_yet",
 )
 
@@ -254,7 +258,14 @@ class Daemon:
         for name in SUBSYSTEMS:
             module = importlib.import_module(name)
             routers.extend(await module.setup(services))
-        app = create_app(services, routers)
+        services.app = create_app(services, routers)
+        # Who the caller is: the unix socket's clients are trusted (its mode and group decide
+        # who may connect); the TLS listener has a Gate of its own (api.access).
+        from lxd_daemon.api.access import Gate
+
+        app = Gate(services.app, services, "unix")
+        if getattr(services, "https", None) is not None:
+            await services.https.startup()  # core.https_address: listening before the daemon is ready
         if s.debug:  # each request in the debug log; nothing in a request's way otherwise
             from lxd_daemon.api.accesslog import AccessLog
             app = AccessLog(app)

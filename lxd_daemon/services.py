@@ -42,6 +42,11 @@ class Services:
     snapshots: Any = None  # instance snapshots (instances/snapshots.py)
     backups: Any = None
     recover: Any = None  # made on first use (lxd recover)
+    trust: Any = None  # the trust store (trust/store.py): who is trusted over TLS
+    https: Any = None  # the TLS listener on core.https_address (server/https.py)
+    streams: Any = None  # the simplestreams tree of the public images (images/streams.py)
+    # The ASGI application (app.create_app), served by each listener behind its api.access.Gate.
+    app: Any = None
     # The typed client of the liblxc workers (runtime/client.py), over `pool`.
     runtime: Any = field(init=False, default=None)
 

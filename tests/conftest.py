@@ -125,3 +125,67 @@ def btrfs_pool(ready):
         d.lxc("storage", "volume", "delete", name, v.rsplit("/", 1)[-1], check=False)
     r = d.api("DELETE", f"/1.0/storage-pools/{name}")
     assert r.status_code == 200, r.text
+
+
+_FREE_PORTS = """
+import socket
+socks = [socket.socket() for _ in range(2)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+"""
+
+
+class TLSPair:
+    """Two daemons of ours in one network namespace, each serving HTTPS on a loopback port."""
+
+    def __init__(self, ns: NetNS, a: Daemon, b: Daemon, port_a: int, port_b: int, password: str):
+        self.ns, self.a, self.b, self.password = ns, a, b, password
+        self.port_a, self.port_b = port_a, port_b
+        self.url_a = f"https://127.0.0.1:{port_a}"
+        self.url_b = f"https://127.0.0.1:{port_b}"
+
+    def remote_add(self, client: Daemon, name: str, url: str) -> None:
+        """`lxc remote add NAME URL --password=PW --accept-certificate` with client's LXD_CONF;
+        an existing remote of that name is replaced (idempotent)."""
+        client.lxc("remote", "remove", name, check=False)
+        client.lxc("remote", "add", name, url, f"--password={self.password}", "--accept-certificate")
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory):
+    """Two daemons (`.a`, `.b`) in one network namespace this module made, each with a dir pool,
+    the default profile's root disk, the busybox image, `core.https_address=127.0.0.1:PORT` and
+    `core.trust_password`. Their `lxc()` runs inside the namespace; A's client knows B as remote
+    `b`. Everything goes when the module is done."""
+    base = tmp_path_factory.mktemp("lxdtls")
+    ns = NetNS(run_prefix() + "ns").create()
+    daemons: list[Daemon] = []
+    try:
+        ns.share(base)
+        port_a, port_b = (int(p) for p in ns.run("/usr/bin/python3", "-c", _FREE_PORTS).stdout.split())
+        password = "pw-" + run_prefix()
+        for tag in ("a", "b"):
+            d = Daemon(lxd_dir=base / tag / "var", conf_dir=base / tag / "conf", netns=ns, clients_in_netns=True)
+            (base / tag).mkdir()
+            daemons.append(d.start(wait=False))
+        for d, port in zip(daemons, (port_a, port_b), strict=True):
+            d.waitready()
+            ensure_containers_ready(d)
+            r = d.api("PATCH", "/1.0", json={"config": {"core.https_address": f"127.0.0.1:{port}",
+                                                        "core.trust_password": password}})
+            assert r.status_code == 200, r.text
+        pair = TLSPair(ns, daemons[0], daemons[1], port_a, port_b, password)
+        pair.remote_add(pair.a, "b", pair.url_b)
+        yield pair
+    finally:
+        for d in daemons:
+            try:
+                for inst in (d.api("GET", "/1.0/instances").json().get("metadata") or []) if d.proc else []:
+                    d.lxc("delete", "-f", inst.rsplit("/", 1)[-1], check=False)
+            except Exception:  # a daemon that died: stop() and the namespace take the rest
+                pass
+            d.stop()
+        ns.destroy()
+        for d in daemons:
+            release_host_state(d.lxd_dir)

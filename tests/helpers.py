@@ -51,6 +51,9 @@ class Daemon:
     extra_env: dict = field(default_factory=dict)
     # A tests.netns.NetNS to run the daemon in (network tests), or None: the host's namespace.
     netns: object = None
+    # Run this daemon's clients (lxc(), lxc_argv()) inside `netns` too, so that they reach the
+    # daemons' loopback TLS addresses there (the `tls_pair` fixture).
+    clients_in_netns: bool = False
 
     @property
     def socket(self) -> Path:
@@ -96,9 +99,15 @@ class Daemon:
         self.proc = None
         return rc
 
+    def lxc_argv(self, *args: str) -> list[str]:
+        """The command line of `lxc ARGS` as lxc() runs it (inside the netns if clients_in_netns)."""
+        if self.clients_in_netns and self.netns is not None:
+            return ["nsenter", f"--net={self.netns.path}", LXC, *args]
+        return [LXC, *args]
+
     def lxc(self, *args: str, check: bool = True, input: str | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess:
-        r = subprocess.run([LXC, *args], env=self.env, capture_output=True, text=True, input=input,
+        r = subprocess.run(self.lxc_argv(*args), env=self.env, capture_output=True, text=True, input=input,
                            timeout=timeout)
         if check and r.returncode != 0:
             raise AssertionError(f"lxc {' '.join(args)} failed ({r.returncode}): {r.stderr}{r.stdout}")

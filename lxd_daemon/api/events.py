@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from fastapi import APIRouter, WebSocket
+from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect
 
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import error
 from lxd_daemon.events.hub import EVENT_TYPES
 from lxd_daemon.services import get_services
 
-router = APIRouter()
+router = Routes()
 
 
-@router.websocket("/1.0/events")
+@router.websocket("/1.0/events", access=Access.TRUSTED)
 async def events(websocket: WebSocket) -> None:
     hub = get_services(websocket).events
     raw = websocket.query_params.get("type", "")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes, is_trusted
 from lxd_daemon.api.envelope import sync
 from lxd_daemon.api.request import check_etag, parse, read_json, recursion, validate
 from lxd_daemon.errors import BadRequest
@@ -14,26 +15,22 @@ from lxd_daemon.images.service import alias_etag
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.images import ImageAliasesEntryPost, ImageAliasesEntryPut, ImageAliasesPost
 
-router = APIRouter()
-
-
-def _trusted(request: Request) -> bool:
-    return request.scope.get("lxd_trusted", True)
+router = Routes()
 
 
 def alias_url(name: str) -> str:
     return "/1.0/images/aliases/" + quote(name, safe="/")
 
 
-@router.get("/1.0/images/aliases")
+@router.get("/1.0/images/aliases", access=Access.GUARDED)
 async def list_aliases(request: Request) -> Response:
-    aliases = await get_services(request).images.list_aliases(public_only=not _trusted(request))
+    aliases = await get_services(request).images.list_aliases(public_only=not is_trusted(request))
     if recursion(request):
         return sync(aliases)
     return sync([alias_url(a["name"]) for a in aliases])
 
 
-@router.post("/1.0/images/aliases")
+@router.post("/1.0/images/aliases", access=Access.TRUSTED)
 async def create_alias(request: Request) -> Response:
     body = await parse(request, ImageAliasesPost)
     if not body.name or not body.target:
@@ -43,9 +40,9 @@ async def create_alias(request: Request) -> Response:
     return sync(None, status=201, location=alias_url(body.name))
 
 
-@router.get("/1.0/images/aliases/{name:path}")
+@router.get("/1.0/images/aliases/{name:path}", access=Access.GUARDED)
 async def get_alias(request: Request, name: str) -> Response:
-    alias = await get_services(request).images.get_alias(name, public_only=not _trusted(request))
+    alias = await get_services(request).images.get_alias(name, public_only=not is_trusted(request))
     return sync(alias, etag=alias_etag(alias))
 
 
@@ -59,17 +56,17 @@ async def _update(request: Request, name: str, replace: bool) -> Response:
     return sync({})
 
 
-@router.put("/1.0/images/aliases/{name:path}")
+@router.put("/1.0/images/aliases/{name:path}", access=Access.TRUSTED)
 async def put_alias(request: Request, name: str) -> Response:
     return await _update(request, name, True)
 
 
-@router.patch("/1.0/images/aliases/{name:path}")
+@router.patch("/1.0/images/aliases/{name:path}", access=Access.TRUSTED)
 async def patch_alias(request: Request, name: str) -> Response:
     return await _update(request, name, False)
 
 
-@router.post("/1.0/images/aliases/{name:path}")
+@router.post("/1.0/images/aliases/{name:path}", access=Access.TRUSTED)
 async def rename_alias(request: Request, name: str) -> Response:
     body = await parse(request, ImageAliasesEntryPost)
     if not body.name:
@@ -78,7 +75,7 @@ async def rename_alias(request: Request, name: str) -> Response:
     return sync(None, status=201, location=alias_url(body.name))
 
 
-@router.delete("/1.0/images/aliases/{name:path}")
+@router.delete("/1.0/images/aliases/{name:path}", access=Access.TRUSTED)
 async def delete_alias(request: Request, name: str) -> Response:
     await get_services(request).images.delete_alias(name, requestor=requestor(request))
     return sync({})

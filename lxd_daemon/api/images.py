@@ -9,10 +9,11 @@ import secrets
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
 from lxd_daemon.api import socket_body
+from lxd_daemon.api.access import STREAM, Access, Routes, is_trusted
 from lxd_daemon.api.envelope import async_, sync
 from lxd_daemon.api.request import BODY_LIMIT, check_etag, loads, read_json, recursion, validate
 from lxd_daemon.errors import (
@@ -24,21 +25,18 @@ from lxd_daemon.errors import (
     TooLarge,
     storage_errors,
 )
-from lxd_daemon.images.service import image_etag, parse_time
+from lxd_daemon.images.remote.sources import check_source
+from lxd_daemon.images.service import check_alias_name, image_etag, parse_time
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.images import ImagePut, ImagesPost
 
-router = APIRouter()
+router = Routes()
 
 TRUE = ("1", "true", "yes", "on")
 PUBLISH_TYPES = ("instance", "container", "snapshot", "virtual-machine")
 # Image uploads with a Content-Length of at least this are read from the socket by a thread of
 # their own, in big pieces (api/socket_body.py), rather than through uvicorn's 64 KiB steps.
 TAKEOVER_MIN = 256 << 10
-
-
-def _trusted(request: Request) -> bool:
-    return request.scope.get("lxd_trusted", True)
 
 
 def image_url(fp: str) -> str:
@@ -50,11 +48,11 @@ def _images_full(images):
     return storage_errors("images", images.store.root)
 
 
-@router.get("/1.0/images")
+@router.get("/1.0/images", access=Access.GUARDED)
 async def list_images(request: Request) -> Response:
     images = get_services(request).images
     raw_filter = request.query_params.get("filter", "")
-    items = await images.list(public_only=not _trusted(request))
+    items = await images.list(public_only=not is_trusted(request))
     if raw_filter.strip():
         from lxd_daemon.filter import parse_filter
 
@@ -99,19 +97,27 @@ def _header_profiles(request: Request) -> list[str] | None:
     return [v for raw in raws for k, v in parse_qsl(raw) if k == "profile"]
 
 
-@router.post("/1.0/images")
+@router.post("/1.0/images", access=Access.GUARDED, body=STREAM)
 async def create_image(request: Request) -> Response:
-    if not _trusted(request):
+    # The upload of a push (images/push.py): a push token's secret admits it, from an untrusted
+    # source too, and is used up whoever sends it (as LXD does).
+    from lxd_daemon.images.push import take_token
+
+    push = await take_token(get_services(request).ops, request.headers.get("x-lxd-fingerprint", ""),
+                            request.headers.get("x-lxd-secret", ""))
+    if push is None and not is_trusted(request):
         raise Forbidden("not authorized")
     ctype = request.headers.get("content-type", "")
-    if ctype.split(";")[0].strip().lower() in ("application/octet-stream", "multipart/form-data"):
+    if push is not None or ctype.split(";")[0].strip().lower() in ("application/octet-stream", "multipart/form-data"):
         body = await socket_body.take(request, TAKEOVER_MIN)
         if body is not None:
             pieces = body.pieces()
             try:
-                return await _create_from_upload(request, pieces, ctype)
+                return await _create_from_upload(request, pieces, ctype, push)
             finally:
                 await pieces.aclose()  # stops the reading thread when the upload failed early
+        if push is not None:
+            return await _create_from_upload(request, request.stream().__aiter__(), ctype, push)
     stream = request.stream().__aiter__()
     first = b""
     async for chunk in stream:
@@ -139,14 +145,20 @@ async def _chain(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[byte
         yield chunk
 
 
-async def _create_from_upload(request: Request, chunks: AsyncIterator[bytes], ctype: str) -> Response:
+async def _create_from_upload(request: Request, chunks: AsyncIterator[bytes], ctype: str,
+                              push=None) -> Response:
     services = get_services(request)
     images = services.images
+    expected = request.headers.get("x-lxd-fingerprint", "")
+    if push is not None and not set(expected.lower()) <= set("0123456789abcdef"):
+        expected = ""  # a push of an image the client named by alias: the token is checked instead
     try:
         with _images_full(images):  # the temp files are gone by then (receive and discard)
             upload = await images.receive(chunks, ctype)
             try:
-                await images.check(upload, request.headers.get("x-lxd-fingerprint", ""))
+                await images.check(upload, expected)
+                if push is not None:
+                    push.check(upload.fingerprint)
             except BaseException:
                 await asyncio.to_thread(upload.discard)
                 raise
@@ -163,19 +175,28 @@ async def _create_from_upload(request: Request, chunks: AsyncIterator[bytes], ct
     aliases = _header_aliases(request)
     profiles = _header_profiles(request)
     who = requestor(request)
+    expires = None
+    extra: dict = {}
+    if push is not None:  # what the client asked for when it made the token, not the source
+        from lxd_daemon.images.push import new_wait_secret
+
+        public, props, aliases, expires = push.public, push.properties, push.aliases, push.expires_at
+        if not is_trusted(request):
+            profiles = None
+        extra = {"secret": new_wait_secret()}  # the (maybe untrusted) source waits with it
 
     async def run(op):
         try:
             with _images_full(images):
                 img = await images.add(upload, filename=filename, public=public, properties=props,
-                                       aliases=aliases, profiles=profiles, requestor=who)
+                                       aliases=aliases, profiles=profiles, expires_at=expires, requestor=who)
         except BaseException:
             await asyncio.to_thread(upload.discard)
             raise
         op.resources = {"images": [image_url(img["fingerprint"])]}
-        return {"fingerprint": img["fingerprint"], "size": str(img["size"])}
+        return {"fingerprint": img["fingerprint"], "size": str(img["size"]), **extra}
 
-    op = services.ops.create(description="Downloading image", run=run)
+    op = services.ops.create(description="Downloading image", run=run, metadata=dict(extra) or None)
     return async_(op.render())
 
 
@@ -184,8 +205,17 @@ async def _create_from_json(request: Request, body: ImagesPost) -> Response:
     src = body.source
     if src is None or not (src.type or src.mode):
         raise BadRequest("No image source given: upload an image file or give a 'source'")
-    if src.mode == "push":
-        raise NotImplementedYet("Image push (images_push_relay) is not supported by this server")
+    if src.mode == "push":  # the target side of a push: a token for the source's upload
+        from lxd_daemon.images.push import create_token
+
+        op = create_token(services.ops, services.events, fingerprint=src.fingerprint,
+                          aliases=[{"name": a.name, "description": a.description} for a in body.aliases or []],
+                          public=body.public, properties=body.properties, expires_at=body.expires_at,
+                          requestor=requestor(request))
+        return async_(op.render())
+    if src.type == "image" and src.mode in ("", "pull") and src.server:
+
+        return await create_from_remote(request, body)
     if src.type in ("image", "url"):
         raise NotImplementedYet(f"Image source type {src.type!r} (copy from a remote) is not supported yet")
     if src.type not in PUBLISH_TYPES:
@@ -231,13 +261,13 @@ async def _create_from_json(request: Request, body: ImagesPost) -> Response:
 async def _visible(request: Request, fingerprint: str) -> dict:
     images = get_services(request).images
     img = await images.get(fingerprint)
-    if not img["public"] and not _trusted(request):
+    if not img["public"] and not is_trusted(request):
         if not images.use_secret(img["fingerprint"], request.query_params.get("secret")):
             raise NotFound("Image not found")
     return img
 
 
-@router.get("/1.0/images/{fingerprint}")
+@router.get("/1.0/images/{fingerprint}", access=Access.GUARDED)
 async def get_image(request: Request, fingerprint: str) -> Response:
     img = await _visible(request, fingerprint)
     return sync(img, etag=image_etag(img))
@@ -255,17 +285,17 @@ async def _update(request: Request, fingerprint: str, replace: bool) -> Response
     return sync({})
 
 
-@router.put("/1.0/images/{fingerprint}")
+@router.put("/1.0/images/{fingerprint}", access=Access.TRUSTED)
 async def put_image(request: Request, fingerprint: str) -> Response:
     return await _update(request, fingerprint, True)
 
 
-@router.patch("/1.0/images/{fingerprint}")
+@router.patch("/1.0/images/{fingerprint}", access=Access.TRUSTED)
 async def patch_image(request: Request, fingerprint: str) -> Response:
     return await _update(request, fingerprint, False)
 
 
-@router.delete("/1.0/images/{fingerprint}")
+@router.delete("/1.0/images/{fingerprint}", access=Access.TRUSTED)
 async def delete_image(request: Request, fingerprint: str) -> Response:
     services = get_services(request)
     img = await services.images.get(fingerprint)
@@ -279,7 +309,7 @@ async def delete_image(request: Request, fingerprint: str) -> Response:
     return async_(op.render())
 
 
-@router.post("/1.0/images/{fingerprint}/secret")
+@router.post("/1.0/images/{fingerprint}/secret", access=Access.TRUSTED)
 async def create_secret(request: Request, fingerprint: str) -> Response:
     img = await get_services(request).images.get(fingerprint)
     op = get_services(request).images.create_secret(img["fingerprint"], requestor=requestor(request))
@@ -363,11 +393,11 @@ def _open_all(paths) -> list:
     return opened
 
 
-@router.get("/1.0/images/{fingerprint}/export")
+@router.get("/1.0/images/{fingerprint}/export", access=Access.GUARDED)
 async def export_image(request: Request, fingerprint: str) -> Response:
     services = get_services(request)
     fp, public, files = await services.images.files(fingerprint)
-    if not public and not _trusted(request):
+    if not public and not is_trusted(request):
         if not services.images.use_secret(fp, request.query_params.get("secret")):
             raise NotFound("Image not found")
     opened = await asyncio.to_thread(_open_all, [p for _, p in files])
@@ -385,3 +415,71 @@ async def export_image(request: Request, fingerprint: str) -> Response:
         pieces.append(handle)
     pieces.append(f"\r\n--{boundary}--\r\n".encode())
     return FileParts(pieces, media_type=f"multipart/form-data; boundary={boundary}", headers={})
+
+
+@router.post("/1.0/images/{fingerprint}/export", access=Access.TRUSTED)
+async def push_image(request: Request, fingerprint: str) -> Response:
+    """Push the image to another server: the source side of `lxc image copy --mode push`
+    {images_push_relay} (images/push.py). The client names a public image by its alias."""
+    from lxd_daemon.images.push import PushJob, run_push, target_url
+    from lxd_daemon.wire.images import ImageExportPost
+
+    body = validate(ImageExportPost, await read_json(request, default={}))
+    services = get_services(request)
+    img = await services.images.resolve(fingerprint)
+    fp = img["fingerprint"]
+    target_url(body.target)  # a bad target is a 400 now rather than a failed operation
+    if not body.secret:
+        raise BadRequest("The target's secret is required to push an image")
+    _, _, files = await services.images.files(fp)
+    job = PushJob(url=body.target, certificate=body.certificate, secret=body.secret, fingerprint=fp,
+                  files=files, filename=img["filename"] or fp, project=body.project)
+    who = requestor(request)
+
+    async def run(op):
+        await run_push(op, job)
+        services.events.lifecycle("image-retrieved", image_url(fp), {"target": body.target}, requestor=who)
+
+    op = services.ops.create(description="Downloading image", resources={"images": [image_url(fp)]}, run=run,
+                             may_cancel=True)
+    return async_(op.render())
+
+
+# -- images from image servers (images/remote/) ----------------------------------------------------
+
+async def create_from_remote(request: Request, body) -> Response:
+    """POST /1.0/images with source {type: image, mode: pull, server, ...}: the copy runs in the
+    operation; its metadata shows download_progress, then the fingerprint and size."""
+    services = get_services(request)
+    source = check_source(body.source)  # a malformed source is a 400 now, not a failed operation
+
+    aliases = [{"name": a.name, "description": a.description} for a in body.aliases or []]
+    for a in aliases:
+        check_alias_name(a["name"])
+    who = requestor(request)
+    images = services.images
+
+    async def run(op):
+        fp = await images.pull(source, aliases=aliases, auto_update=bool(body.auto_update),
+                               public=bool(body.public), op=op, requestor=who)
+        img = await images.get(fp)
+        op.resources = {**(op.resources or {}), "images": [f"/1.0/images/{fp}"]}
+        return {"fingerprint": fp, "size": str(img["size"])}
+
+    op = services.ops.create(description="Downloading image", run=run)
+    return async_(op.render())
+
+
+@router.post("/1.0/images/{fingerprint}/refresh", access=Access.TRUSTED)
+async def refresh_image(request: Request, fingerprint: str) -> Response:
+    services = get_services(request)
+    img = await services.images.get(fingerprint)  # 404 for an unknown image first
+    fp = img["fingerprint"]
+    who = requestor(request)
+
+    async def run(op):
+        await services.images.updater.refresh(fp, op=op, requestor=who)
+
+    op = services.ops.create(description="Refreshing image", resources={"images": [f"/1.0/images/{fp}"]},
+                             run=run)
+    return async_(op.render())

@@ -11,11 +11,12 @@ import logging
 import os
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from lxd_daemon.api import socket_body
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import async_, sync
 from lxd_daemon.api.instances import instance_routes
 from lxd_daemon.api.request import parse, recursion
@@ -24,7 +25,7 @@ from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.backups import BackupPost, InstanceBackupsPost
 
 log = logging.getLogger("lxd.backups")
-router = APIRouter()
+router = Routes()
 UPLOAD_BATCH = 1 << 20
 
 
@@ -42,7 +43,7 @@ def _svc(request: Request):
     return get_services(request).backups
 
 
-@route("GET", "/{name}/backups")
+@route("GET", "/{name}/backups", access=Access.TRUSTED)
 async def list_backups(prefix: str, request: Request, name: str) -> Response:
     rows = await _svc(request).list(name)
     if recursion(request) == 0:
@@ -50,7 +51,7 @@ async def list_backups(prefix: str, request: Request, name: str) -> Response:
     return sync([_svc(request).render(name, r) for r in rows])
 
 
-@route("POST", "/{name}/backups")
+@route("POST", "/{name}/backups", access=Access.TRUSTED)
 async def create_backup(prefix: str, request: Request, name: str) -> Response:
     services = get_services(request)
     svc = services.backups
@@ -73,13 +74,13 @@ async def create_backup(prefix: str, request: Request, name: str) -> Response:
     return async_(op.render())
 
 
-@route("GET", "/{name}/backups/{backup}")
+@route("GET", "/{name}/backups/{backup}", access=Access.TRUSTED)
 async def get_backup(prefix: str, request: Request, name: str, backup: str) -> Response:
     svc = _svc(request)
     return sync(svc.render(name, await svc.get(name, backup)))
 
 
-@route("POST", "/{name}/backups/{backup}")
+@route("POST", "/{name}/backups/{backup}", access=Access.TRUSTED)
 async def rename_backup(prefix: str, request: Request, name: str, backup: str) -> Response:
     services = get_services(request)
     svc = services.backups
@@ -98,7 +99,7 @@ async def rename_backup(prefix: str, request: Request, name: str, backup: str) -
     return async_(op.render())
 
 
-@route("DELETE", "/{name}/backups/{backup}")
+@route("DELETE", "/{name}/backups/{backup}", access=Access.TRUSTED)
 async def delete_backup(prefix: str, request: Request, name: str, backup: str) -> Response:
     services = get_services(request)
     svc = services.backups
@@ -114,7 +115,7 @@ async def delete_backup(prefix: str, request: Request, name: str, backup: str) -
     return async_(op.render())
 
 
-@route("GET", "/{name}/backups/{backup}/export")
+@route("GET", "/{name}/backups/{backup}/export", access=Access.TRUSTED)
 async def export_backup(prefix: str, request: Request, name: str, backup: str) -> Response:
     from lxd_daemon.api.images import FileParts
 
@@ -303,13 +304,9 @@ async def import_instance(prefix: str, request: Request) -> Response:
     return async_(op.render())
 
 
-@router.post("/internal/backups/expire")
+@router.post("/internal/backups/expire", access=Access.LOCAL)
 async def expire_now(request: Request) -> Response:
     """Run the expiry pass now (the task runs it each minute); returns what it deleted."""
-    from lxd_daemon.errors import Forbidden
-
-    if request.scope.get("lxd_protocol") == "tls":
-        raise Forbidden("Internal endpoints are only served on the unix socket")
     backups = get_services(request).backups
     gone = await backups.expire()
     await backups.prune_orphans()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import async_, sync
 from lxd_daemon.api.instance_exec import running_pid
 from lxd_daemon.api.instance_files import PREFIXES, get_instance
@@ -15,7 +16,7 @@ from lxd_daemon.instances import console
 from lxd_daemon.services import requestor
 from lxd_daemon.wire.exec import InstanceConsolePost
 
-router = APIRouter()
+router = Routes()
 
 
 async def console_post(request: Request, name: str) -> Response:
@@ -45,6 +46,6 @@ async def console_delete(request: Request, name: str) -> Response:
 
 
 for _prefix in PREFIXES:
-    router.add_api_route(f"{_prefix}/{{name}}/console", console_post, methods=["POST"])
-    router.add_api_route(f"{_prefix}/{{name}}/console", console_get, methods=["GET"])
-    router.add_api_route(f"{_prefix}/{{name}}/console", console_delete, methods=["DELETE"])
+    router.add(f"{_prefix}/{{name}}/console", console_post, methods=["POST"], access=Access.TRUSTED)
+    router.add(f"{_prefix}/{{name}}/console", console_get, methods=["GET"], access=Access.TRUSTED)
+    router.add(f"{_prefix}/{{name}}/console", console_delete, methods=["DELETE"], access=Access.TRUSTED)

@@ -3,9 +3,10 @@ the exec, files, console and metadata endpoints into the daemon."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import async_
 from lxd_daemon.api.instance_files import PREFIXES, get_instance
 from lxd_daemon.api.request import parse
@@ -14,7 +15,7 @@ from lxd_daemon.instances.exec import exec_instance
 from lxd_daemon.services import requestor
 from lxd_daemon.wire.exec import InstanceExecPost
 
-router = APIRouter()
+router = Routes()
 
 EXTENSIONS = (
     "container_exec_recording",
@@ -48,10 +49,10 @@ async def exec_post(request: Request, name: str) -> Response:
 
 
 for _prefix in PREFIXES:
-    router.add_api_route(f"{_prefix}/{{name}}/exec", exec_post, methods=["POST"])
+    router.add(f"{_prefix}/{{name}}/exec", exec_post, methods=["POST"], access=Access.TRUSTED)
 
 
-async def setup(services) -> list[APIRouter]:
+async def setup(services) -> list[Routes]:
     from lxd_daemon.api import instance_console, instance_files, instance_metadata
 
     services.server.advertise(*EXTENSIONS)

@@ -12,17 +12,18 @@ import asyncio
 import contextlib
 import os
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response, StreamingResponse
 
 from lxd_daemon.api import socket_body
+from lxd_daemon.api.access import STREAM, Access, Routes
 from lxd_daemon.api.envelope import sync
 from lxd_daemon.api.request import read_body
 from lxd_daemon.errors import BadRequest, NotFound, out_of_space, storage_errors
 from lxd_daemon.instances import files
 from lxd_daemon.services import get_services, requestor
 
-router = APIRouter()
+router = Routes()
 
 READ_CHUNK = 1 << 20
 WRITE_BATCH = 4 << 20
@@ -212,6 +213,6 @@ async def files_delete(request: Request, name: str) -> Response:
 
 
 for _prefix in PREFIXES:
-    router.add_api_route(f"{_prefix}/{{name}}/files", files_get, methods=["GET", "HEAD"])
-    router.add_api_route(f"{_prefix}/{{name}}/files", files_post, methods=["POST"])
-    router.add_api_route(f"{_prefix}/{{name}}/files", files_delete, methods=["DELETE"])
+    router.add(f"{_prefix}/{{name}}/files", files_get, methods=["GET", "HEAD"], access=Access.TRUSTED)
+    router.add(f"{_prefix}/{{name}}/files", files_post, methods=["POST"], access=Access.TRUSTED, body=STREAM)
+    router.add(f"{_prefix}/{{name}}/files", files_delete, methods=["DELETE"], access=Access.TRUSTED)

@@ -9,6 +9,7 @@ import re
 from fastapi import Request
 from starlette.responses import FileResponse, Response
 
+from lxd_daemon.api.access import Access
 from lxd_daemon.api.envelope import sync
 from lxd_daemon.api.instances import route, router
 from lxd_daemon.errors import BadRequest, NotFound
@@ -25,7 +26,7 @@ def _check(file: str) -> None:
         raise BadRequest(f"Invalid log file name {file!r}")
 
 
-@route("GET", "/{name}/logs")
+@route("GET", "/{name}/logs", access=Access.TRUSTED)
 async def list_logs(prefix: str, request: Request, name: str) -> Response:
     svc = get_services(request).instances
     logdir = svc.logs_root / name
@@ -59,13 +60,13 @@ async def _existing_log(request: Request, name: str, file: str):
     return logdir / file
 
 
-@route("GET", "/{name}/logs/{file}")
+@route("GET", "/{name}/logs/{file}", access=Access.TRUSTED)
 async def get_log(prefix: str, request: Request, name: str, file: str) -> Response:
     path = await _existing_log(request, name, file)
     return FileResponse(path, media_type="application/octet-stream")
 
 
-@route("DELETE", "/{name}/logs/{file}")
+@route("DELETE", "/{name}/logs/{file}", access=Access.TRUSTED)
 async def delete_log(prefix: str, request: Request, name: str, file: str) -> Response:
     _check(file)
     if file in UNDELETABLE:

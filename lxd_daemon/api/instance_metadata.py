@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import etag_of, sync
 from lxd_daemon.api.instance_files import PREFIXES, get_instance
 from lxd_daemon.api.request import check_etag, read_body, read_json, validate
@@ -15,7 +16,7 @@ from lxd_daemon.instances import metadata
 from lxd_daemon.services import requestor
 from lxd_daemon.wire.exec import ImageMetadata
 
-router = APIRouter()
+router = Routes()
 
 TEMPLATE_LIMIT = 16 << 20
 
@@ -93,9 +94,9 @@ async def templates_delete(request: Request, name: str) -> Response:
 
 
 for _prefix in PREFIXES:
-    router.add_api_route(f"{_prefix}/{{name}}/metadata", metadata_get, methods=["GET"])
-    router.add_api_route(f"{_prefix}/{{name}}/metadata", metadata_put, methods=["PUT"])
-    router.add_api_route(f"{_prefix}/{{name}}/metadata", metadata_patch, methods=["PATCH"])
-    router.add_api_route(f"{_prefix}/{{name}}/metadata/templates", templates_get, methods=["GET"])
-    router.add_api_route(f"{_prefix}/{{name}}/metadata/templates", templates_post, methods=["POST"])
-    router.add_api_route(f"{_prefix}/{{name}}/metadata/templates", templates_delete, methods=["DELETE"])
+    router.add(f"{_prefix}/{{name}}/metadata", metadata_get, methods=["GET"], access=Access.TRUSTED)
+    router.add(f"{_prefix}/{{name}}/metadata", metadata_put, methods=["PUT"], access=Access.TRUSTED)
+    router.add(f"{_prefix}/{{name}}/metadata", metadata_patch, methods=["PATCH"], access=Access.TRUSTED)
+    router.add(f"{_prefix}/{{name}}/metadata/templates", templates_get, methods=["GET"], access=Access.TRUSTED)
+    router.add(f"{_prefix}/{{name}}/metadata/templates", templates_post, methods=["POST"], access=Access.TRUSTED, body=TEMPLATE_LIMIT)
+    router.add(f"{_prefix}/{{name}}/metadata/templates", templates_delete, methods=["DELETE"], access=Access.TRUSTED)

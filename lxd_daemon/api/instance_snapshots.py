@@ -4,9 +4,10 @@ snapshot scheduler for a given minute (tests; local unix socket only)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import async_, etag_of, sync
 from lxd_daemon.api.instances import instance_routes
 from lxd_daemon.api.request import check_etag, parse, recursion
@@ -15,7 +16,7 @@ from lxd_daemon.instances.snapshots import parse_expires_at
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.instances import InstanceSnapshotPost, InstanceSnapshotPut, InstanceSnapshotsPost
 
-router = APIRouter()
+router = Routes()
 
 
 route = instance_routes(router)
@@ -33,7 +34,7 @@ def _snapshots(request: Request):
     return get_services(request).snapshots
 
 
-@route("GET", "/{name}/snapshots")
+@route("GET", "/{name}/snapshots", access=Access.TRUSTED)
 async def list_snapshots(prefix: str, request: Request, name: str) -> Response:
     snaps = _snapshots(request)
     level = recursion(request)
@@ -42,7 +43,7 @@ async def list_snapshots(prefix: str, request: Request, name: str) -> Response:
     return sync(snaps.render_all(name))
 
 
-@route("POST", "/{name}/snapshots")
+@route("POST", "/{name}/snapshots", access=Access.TRUSTED)
 async def create_snapshot(prefix: str, request: Request, name: str) -> Response:
     services = get_services(request)
     snaps = services.snapshots
@@ -63,7 +64,7 @@ async def create_snapshot(prefix: str, request: Request, name: str) -> Response:
     return async_(op.render())
 
 
-@route("GET", "/{name}/snapshots/{snapshot}")
+@route("GET", "/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
 async def get_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
     snaps = _snapshots(request)
     s = snaps.get(name, snapshot)
@@ -94,17 +95,17 @@ async def _update(request: Request, name: str, snapshot: str, replace: bool) -> 
     return async_(op.render())
 
 
-@route("PUT", "/{name}/snapshots/{snapshot}")
+@route("PUT", "/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
 async def put_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
     return await _update(request, name, snapshot, True)
 
 
-@route("PATCH", "/{name}/snapshots/{snapshot}")
+@route("PATCH", "/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
 async def patch_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
     return await _update(request, name, snapshot, False)
 
 
-@route("POST", "/{name}/snapshots/{snapshot}")
+@route("POST", "/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
 async def rename_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
     services = get_services(request)
     snaps = services.snapshots
@@ -124,7 +125,7 @@ async def rename_snapshot(prefix: str, request: Request, name: str, snapshot: st
     return async_(op.render())
 
 
-@route("DELETE", "/{name}/snapshots/{snapshot}")
+@route("DELETE", "/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
 async def delete_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
     services = get_services(request)
     snaps = services.snapshots

@@ -7,6 +7,7 @@ import asyncio
 from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access
 from lxd_daemon.api.envelope import async_, sync
 from lxd_daemon.api.instances import resources, route, router
 from lxd_daemon.api.request import parse
@@ -20,14 +21,14 @@ DESCRIPTIONS = {"start": "Starting instance", "stop": "Stopping instance", "rest
                 "freeze": "Freezing instance", "unfreeze": "Unfreezing instance"}
 
 
-@route("GET", "/{name}/state")
+@route("GET", "/{name}/state", access=Access.TRUSTED)
 async def get_state(prefix: str, request: Request, name: str) -> Response:
     svc = get_services(request).instances
     svc.record(name)
     return sync(await asyncio.to_thread(svc.state_of, name))
 
 
-@route("PUT", "/{name}/state")
+@route("PUT", "/{name}/state", access=Access.TRUSTED)
 async def put_state(prefix: str, request: Request, name: str) -> Response:
     services = get_services(request)
     svc = services.instances

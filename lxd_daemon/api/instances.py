@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import inspect
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import BODY_LIMIT, STREAM, Access, Routes
 from lxd_daemon.api.envelope import async_, etag_of, sync
 from lxd_daemon.api.request import check_etag, parse, recursion
 from lxd_daemon.errors import BadRequest, Conflict, NotFound, NotImplementedYet
@@ -15,15 +16,15 @@ from lxd_daemon.filter import parse_filter
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.instances import InstancePost, InstancePut, InstancesPost, InstancesPut
 
-router = APIRouter()
+router = Routes()
 PREFIXES = ("/1.0/instances", "/1.0/containers")
 
 
-def instance_routes(target: APIRouter):
-    """The `route(method, suffix)` decorator of a router serving instance URLs: the handler is
-    registered under both prefixes and receives `prefix` as its first argument."""
+def instance_routes(target: Routes):
+    """The `route(method, suffix, access=...)` decorator of a router serving instance URLs: the
+    handler is declared under both prefixes and receives `prefix` as its first argument."""
 
-    def route(method: str, suffix: str):
+    def route(method: str, suffix: str, *, access: Access, body: int | None = BODY_LIMIT):
         def deco(fn):
             sig = inspect.signature(fn)
             sig = sig.replace(parameters=[p for p in sig.parameters.values() if p.name != "prefix"])
@@ -32,7 +33,7 @@ def instance_routes(target: APIRouter):
                     return await _fn(_prefix, request, **kw)
 
                 handler.__signature__ = sig
-                target.add_api_route(prefix + suffix, handler, methods=[method])
+                target.add(prefix + suffix, handler, methods=[method], access=access, body=body)
             return fn
 
         return deco
@@ -53,7 +54,7 @@ def instance_type_ok(request: Request) -> bool:
     return t in ("", "container")
 
 
-@route("GET", "")
+@route("GET", "", access=Access.TRUSTED)
 async def list_instances(prefix: str, request: Request) -> Response:
     svc = get_services(request).instances
     level = recursion(request)
@@ -71,7 +72,7 @@ async def list_instances(prefix: str, request: Request) -> Response:
     return sync(rendered)
 
 
-@route("POST", "")
+@route("POST", "", access=Access.TRUSTED, body=STREAM)
 async def create_instance(prefix: str, request: Request) -> Response:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/octet-stream":
         from lxd_daemon.api.instance_backups import import_instance
@@ -85,9 +86,14 @@ async def create_instance(prefix: str, request: Request) -> Response:
     src = body.source or {}
     if src.get("type") == "copy" and src.get("refresh") and body.name in svc.records:
         return _refresh(prefix, request, body)  # `lxc copy A B --refresh` onto an existing B
+    remote = src.get("type") == "image" and bool(src.get("server"))
+    if remote:  # from an image server: pulled in the operation (images/remote/)
+        from lxd_daemon.images.remote.sources import check_source, pulled_body
+
+        check_source(src)
     svc.reserve(body.name)
     try:
-        plan = await svc.prepare_create(body)
+        plan = None if remote else await svc.prepare_create(body)
     except BaseException:
         svc.release(body.name)
         raise
@@ -95,7 +101,10 @@ async def create_instance(prefix: str, request: Request) -> Response:
     name = body.name
 
     async def run(op):
+        nonlocal plan
         try:
+            if plan is None:
+                plan = await svc.prepare_create(await pulled_body(services, body, op, who))
             await svc.create(plan)
         finally:
             svc.release(name)
@@ -126,7 +135,7 @@ def _refresh(prefix: str, request: Request, body) -> Response:
     return async_(op.render())
 
 
-@route("PUT", "")
+@route("PUT", "", access=Access.TRUSTED)
 async def bulk_state(prefix: str, request: Request) -> Response:
     services = get_services(request)
     svc = services.instances
@@ -160,7 +169,7 @@ async def bulk_state(prefix: str, request: Request) -> Response:
     return async_(op.render())
 
 
-@route("GET", "/{name}")
+@route("GET", "/{name}", access=Access.TRUSTED)
 async def get_instance(prefix: str, request: Request, name: str) -> Response:
     svc = get_services(request).instances
     rec = svc.record(name)
@@ -231,17 +240,17 @@ async def _update(prefix: str, request: Request, name: str, replace: bool) -> Re
     return async_(op.render())
 
 
-@route("PUT", "/{name}")
+@route("PUT", "/{name}", access=Access.TRUSTED)
 async def put_instance(prefix: str, request: Request, name: str) -> Response:
     return await _update(prefix, request, name, True)
 
 
-@route("PATCH", "/{name}")
+@route("PATCH", "/{name}", access=Access.TRUSTED)
 async def patch_instance(prefix: str, request: Request, name: str) -> Response:
     return await _update(prefix, request, name, False)
 
 
-@route("POST", "/{name}")
+@route("POST", "/{name}", access=Access.TRUSTED)
 async def rename_instance(prefix: str, request: Request, name: str) -> Response:
     services = get_services(request)
     svc = services.instances
@@ -284,7 +293,7 @@ def _move_to_pool(prefix: str, request: Request, name: str, body) -> Response:
     return async_(op.render())
 
 
-@route("DELETE", "/{name}")
+@route("DELETE", "/{name}", access=Access.TRUSTED)
 async def delete_instance(prefix: str, request: Request, name: str) -> Response:
     services = get_services(request)
     svc = services.instances

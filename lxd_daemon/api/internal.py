@@ -5,32 +5,26 @@ from __future__ import annotations
 
 import datetime as dt
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import sync
 from lxd_daemon.api.request import read_json
-from lxd_daemon.errors import BadRequest, Forbidden
+from lxd_daemon.errors import BadRequest
 from lxd_daemon.services import get_services
 from lxd_daemon.util.timefmt import parse_rfc3339
 
-router = APIRouter()
+router = Routes()
 
 
-def _local_only(request: Request) -> None:
-    if request.scope.get("lxd_protocol") == "tls":
-        raise Forbidden("Internal endpoints are only served on the unix socket")
-
-
-@router.get("/internal/ready")
+@router.get("/internal/ready", access=Access.LOCAL)
 async def ready(request: Request) -> Response:
-    _local_only(request)
     return sync({})
 
 
-@router.put("/internal/shutdown")
+@router.put("/internal/shutdown", access=Access.LOCAL)
 async def shutdown(request: Request) -> Response:
-    _local_only(request)
     get_services(request).request_stop("shutdown")
     return sync({})
 
@@ -54,21 +48,18 @@ async def _recover_pools(request: Request) -> list:
 
 # LXD's internalRecoverValidatePost / internalRecoverImportPost: {"pools": [StoragePoolsPost]}
 # (existing pools by name only); the validation answers internalRecoverValidateResult.
-@router.post("/internal/recover/validate")
+@router.post("/internal/recover/validate", access=Access.LOCAL)
 async def recover_validate(request: Request) -> Response:
-    _local_only(request)
     return sync(await _recover_service(request).validate(await _recover_pools(request)))
 
 
-@router.post("/internal/recover/import")
+@router.post("/internal/recover/import", access=Access.LOCAL)
 async def recover_import(request: Request) -> Response:
-    _local_only(request)
     return sync(await _recover_service(request).import_(await _recover_pools(request)))
 
 
 async def _tick_time(request: Request) -> dt.datetime:
     """`{"now": RFC 3339}` of a scheduler tick (default: the current time)."""
-    _local_only(request)
     body = await read_json(request, default={}) or {}
     if not isinstance(body, dict):
         raise BadRequest("Expected a JSON object")
@@ -81,15 +72,30 @@ async def _tick_time(request: Request) -> dt.datetime:
         raise BadRequest(f"Invalid time {raw!r}") from None
 
 
-@router.post("/internal/snapshots/tick")
+@router.post("/internal/snapshots/tick", access=Access.LOCAL)
 async def instance_snapshots_tick(request: Request) -> Response:
     """One pass of the instance snapshot scheduler (snapshots due, expired ones deleted)."""
     now = await _tick_time(request)
     return sync(await get_services(request).snapshots.run_due(now))
 
 
-@router.post("/internal/storage-volumes/snapshots/tick")
+@router.post("/internal/storage-volumes/snapshots/tick", access=Access.LOCAL)
 async def volume_snapshots_tick(request: Request) -> Response:
     """One pass of the custom volume snapshot scheduler."""
     now = await _tick_time(request)
     return sync(await get_services(request).storage.custom.run_schedules(now=now))
+
+
+# -- image servers: one auto-update or cache-expiry pass now (images/updater.py) ---------------------
+
+@router.post("/internal/images/auto-update", access=Access.LOCAL)
+async def auto_update_now(request: Request) -> Response:
+    """One auto-update pass now, whatever images.auto_update_interval says (for tests and scripts)."""
+    return sync(await get_services(request).images.updater.auto_update())
+
+
+@router.post("/internal/images/expire", access=Access.LOCAL)
+async def expire_now(request: Request) -> Response:
+    """One remote-cache expiry pass, at `{"now": RFC 3339}` (default: now)."""
+    now = await _tick_time(request)
+    return sync(await get_services(request).images.updater.expire(now.timestamp()))

@@ -3,15 +3,16 @@ host's other interfaces, listed read-only as LXD's unmanaged networks."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import etag_of, sync
 from lxd_daemon.api.request import check_etag, parse, recursion
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.networks import NetworkPost, NetworkPut, NetworksPost
 
-router = APIRouter()
+router = Routes()
 
 
 def _networks(request: Request):
@@ -26,7 +27,7 @@ def _etag(n: dict) -> str:
     return etag_of(n["name"], n["managed"], n["type"], n["description"], n["config"])
 
 
-@router.get("/1.0/networks")
+@router.get("/1.0/networks", access=Access.TRUSTED)
 async def list_networks(request: Request) -> Response:
     svc = _networks(request)
     if recursion(request):
@@ -34,7 +35,7 @@ async def list_networks(request: Request) -> Response:
     return sync([f"/1.0/networks/{n}" for n in await svc.names(_project(request))])
 
 
-@router.post("/1.0/networks")
+@router.post("/1.0/networks", access=Access.TRUSTED)
 async def create_network(request: Request) -> Response:
     services = get_services(request)
     body = await parse(request, NetworksPost)
@@ -44,7 +45,7 @@ async def create_network(request: Request) -> Response:
     return sync(None, status=201, location=url)
 
 
-@router.get("/1.0/networks/{name}")
+@router.get("/1.0/networks/{name}", access=Access.TRUSTED)
 async def get_network(request: Request, name: str) -> Response:
     n = await _networks(request).render(name, _project(request))
     return sync(n, etag=_etag(n))
@@ -68,17 +69,17 @@ async def _update(request: Request, name: str, replace: bool) -> Response:
     return sync({})
 
 
-@router.put("/1.0/networks/{name}")
+@router.put("/1.0/networks/{name}", access=Access.TRUSTED)
 async def put_network(request: Request, name: str) -> Response:
     return await _update(request, name, True)
 
 
-@router.patch("/1.0/networks/{name}")
+@router.patch("/1.0/networks/{name}", access=Access.TRUSTED)
 async def patch_network(request: Request, name: str) -> Response:
     return await _update(request, name, False)
 
 
-@router.post("/1.0/networks/{name}")
+@router.post("/1.0/networks/{name}", access=Access.TRUSTED)
 async def rename_network(request: Request, name: str) -> Response:
     services = get_services(request)
     body = await parse(request, NetworkPost)
@@ -88,7 +89,7 @@ async def rename_network(request: Request, name: str) -> Response:
     return sync(None, status=201, location=url)
 
 
-@router.delete("/1.0/networks/{name}")
+@router.delete("/1.0/networks/{name}", access=Access.TRUSTED)
 async def delete_network(request: Request, name: str) -> Response:
     services = get_services(request)
     await services.networks.delete(name, _project(request))
@@ -96,11 +97,11 @@ async def delete_network(request: Request, name: str) -> Response:
     return sync({})
 
 
-@router.get("/1.0/networks/{name}/state")
+@router.get("/1.0/networks/{name}/state", access=Access.TRUSTED)
 async def get_network_state(request: Request, name: str) -> Response:
     return sync(await _networks(request).state(name, _project(request)))
 
 
-@router.get("/1.0/networks/{name}/leases")
+@router.get("/1.0/networks/{name}/leases", access=Access.TRUSTED)
 async def get_network_leases(request: Request, name: str) -> Response:
     return sync(await _networks(request).leases(name, _project(request)))

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import Request, WebSocket
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes, is_trusted
 from lxd_daemon.api.envelope import error, sync
 from lxd_daemon.api.request import recursion
-from lxd_daemon.errors import BadRequest, LXDError
+from lxd_daemon.errors import BadRequest, Forbidden, LXDError
 from lxd_daemon.services import get_services, requestor
 
-router = APIRouter()
+router = Routes()
 log = logging.getLogger("lxd.api")
 
 
-@router.get("/1.0/operations")
+@router.get("/1.0/operations", access=Access.TRUSTED)
 async def list_operations(request: Request) -> Response:
     ops = get_services(request).ops
     full = recursion(request) > 0
@@ -27,12 +28,12 @@ async def list_operations(request: Request) -> Response:
     return sync(out)
 
 
-@router.get("/1.0/operations/{op_id}")
+@router.get("/1.0/operations/{op_id}", access=Access.TRUSTED)
 async def get_operation(request: Request, op_id: str) -> Response:
     return sync(get_services(request).ops.get(op_id).render())
 
 
-@router.delete("/1.0/operations/{op_id}")
+@router.delete("/1.0/operations/{op_id}", access=Access.TRUSTED)
 async def cancel_operation(request: Request, op_id: str) -> Response:
     op = get_services(request).ops.get(op_id)
     await op.cancel()
@@ -41,9 +42,10 @@ async def cancel_operation(request: Request, op_id: str) -> Response:
     return sync({})
 
 
-@router.get("/1.0/operations/{op_id}/wait")
+@router.get("/1.0/operations/{op_id}/wait", access=Access.GUARDED)
 async def wait_operation(request: Request, op_id: str) -> Response:
-    op = get_services(request).ops.get(op_id)
+    """An untrusted client may wait for an operation whose secret it holds (an image it pushes)."""
+    op = get_services(request).ops.get(op_id) if is_trusted(request) else _by_secret(request, op_id)
     raw = request.query_params.get("timeout", "-1") or "-1"
     try:
         timeout = float(raw)
@@ -53,7 +55,23 @@ async def wait_operation(request: Request, op_id: str) -> Response:
     return sync(op.render())
 
 
-@router.websocket("/1.0/operations/{op_id}/websocket")
+def _by_secret(request: Request, op_id: str):
+    secret = request.query_params.get("secret", "")
+    try:
+        op = get_services(request).ops.get(op_id)
+    except LXDError:
+        op = None
+    known = set(getattr(op, "secrets", ()) or ())
+    meta = getattr(op, "metadata", None)
+    if isinstance(meta, dict) and isinstance(meta.get("secret"), str):
+        known.add(meta["secret"])
+    if op is None or not secret or secret not in known:
+        raise Forbidden("not authorized")
+    return op
+
+
+# The secret is checked for every client, trusted or not: it names the stream.
+@router.websocket("/1.0/operations/{op_id}/websocket", access=Access.GUARDED)
 async def operation_websocket(websocket: WebSocket, op_id: str) -> None:
     services = get_services(websocket)
     try:

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import etag_of, sync
 from lxd_daemon.api.request import check_etag, parse, recursion
 from lxd_daemon.filter import parse_filter
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.profiles import ProfilePost, ProfilePut, ProfilesPost
 
-router = APIRouter()
+router = Routes()
 
 
 def _etag(p) -> str:
     return etag_of(p.description, p.config, p.devices)
 
 
-@router.get("/1.0/profiles")
+@router.get("/1.0/profiles", access=Access.TRUSTED)
 async def list_profiles(request: Request) -> Response:
     svc = get_services(request).profiles
     flt = parse_filter(request.query_params.get("filter"))
@@ -29,7 +30,7 @@ async def list_profiles(request: Request) -> Response:
     return sync([f"/1.0/profiles/{r['name']}" for r in rendered])
 
 
-@router.post("/1.0/profiles")
+@router.post("/1.0/profiles", access=Access.TRUSTED)
 async def create_profile(request: Request) -> Response:
     services = get_services(request)
     body = await parse(request, ProfilesPost)
@@ -39,7 +40,7 @@ async def create_profile(request: Request) -> Response:
     return sync(None, status=201, location=url)
 
 
-@router.get("/1.0/profiles/{name}")
+@router.get("/1.0/profiles/{name}", access=Access.TRUSTED)
 async def get_profile(request: Request, name: str) -> Response:
     svc = get_services(request).profiles
     p = svc.get(name)
@@ -64,17 +65,17 @@ async def _update(request: Request, name: str, replace: bool) -> Response:
     return sync({})
 
 
-@router.put("/1.0/profiles/{name}")
+@router.put("/1.0/profiles/{name}", access=Access.TRUSTED)
 async def put_profile(request: Request, name: str) -> Response:
     return await _update(request, name, True)
 
 
-@router.patch("/1.0/profiles/{name}")
+@router.patch("/1.0/profiles/{name}", access=Access.TRUSTED)
 async def patch_profile(request: Request, name: str) -> Response:
     return await _update(request, name, False)
 
 
-@router.post("/1.0/profiles/{name}")
+@router.post("/1.0/profiles/{name}", access=Access.TRUSTED)
 async def rename_profile(request: Request, name: str) -> Response:
     services = get_services(request)
     body = await parse(request, ProfilePost)
@@ -84,7 +85,7 @@ async def rename_profile(request: Request, name: str) -> Response:
     return sync(None, status=201, location=url)
 
 
-@router.delete("/1.0/profiles/{name}")
+@router.delete("/1.0/profiles/{name}", access=Access.TRUSTED)
 async def delete_profile(request: Request, name: str) -> Response:
     services = get_services(request)
     await services.profiles.delete(name)

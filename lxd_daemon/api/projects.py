@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from sqlalchemy import select, update
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import etag_of, sync
 from lxd_daemon.api.request import check_etag, parse, recursion
 from lxd_daemon.db.models import projects
@@ -15,7 +16,7 @@ from lxd_daemon.errors import BadRequest, NotFound, NotImplementedYet
 from lxd_daemon.services import get_services
 from lxd_daemon.wire import ProjectPut, ProjectsPost
 
-router = APIRouter()
+router = Routes()
 
 
 async def _project(request: Request, name: str) -> dict:
@@ -34,14 +35,14 @@ async def _project(request: Request, name: str) -> dict:
             "used_by": sorted(used_by)}
 
 
-@router.get("/1.0/projects")
+@router.get("/1.0/projects", access=Access.TRUSTED)
 async def list_projects(request: Request) -> Response:
     if recursion(request):
         return sync([await _project(request, "default")])
     return sync(["/1.0/projects/default"])
 
 
-@router.post("/1.0/projects")
+@router.post("/1.0/projects", access=Access.ADMIN)
 async def create_project(request: Request) -> Response:
     body = await parse(request, ProjectsPost)
     if body.name == "default":
@@ -49,7 +50,7 @@ async def create_project(request: Request) -> Response:
     raise NotImplementedYet("Only the 'default' project is supported by this server")
 
 
-@router.get("/1.0/projects/{name}")
+@router.get("/1.0/projects/{name}", access=Access.TRUSTED)
 async def get_project(request: Request, name: str) -> Response:
     p = await _project(request, name)
     return sync(p, etag=etag_of(p["description"], p["config"]))
@@ -73,23 +74,23 @@ async def _update(request: Request, name: str, replace: bool) -> Response:
     return sync({})
 
 
-@router.put("/1.0/projects/{name}")
+@router.put("/1.0/projects/{name}", access=Access.ADMIN)
 async def put_project(request: Request, name: str) -> Response:
     return await _update(request, name, True)
 
 
-@router.patch("/1.0/projects/{name}")
+@router.patch("/1.0/projects/{name}", access=Access.ADMIN)
 async def patch_project(request: Request, name: str) -> Response:
     return await _update(request, name, False)
 
 
-@router.post("/1.0/projects/{name}")
+@router.post("/1.0/projects/{name}", access=Access.ADMIN)
 async def rename_project(request: Request, name: str) -> Response:
     await _project(request, name)
     raise BadRequest("The 'default' project can't be renamed")
 
 
-@router.delete("/1.0/projects/{name}")
+@router.delete("/1.0/projects/{name}", access=Access.ADMIN)
 async def delete_project(request: Request, name: str) -> Response:
     await _project(request, name)
     raise BadRequest("The 'default' project can't be deleted")

@@ -11,9 +11,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import HTTPConnection, Request
 
 from lxd_daemon import names
+from lxd_daemon.api import access
 from lxd_daemon.errors import BadRequest, LXDError, NotFound, PreconditionFailed, TooLarge
 
-BODY_LIMIT = 1 << 20  # non-upload request bodies
+BODY_LIMIT = access.BODY_LIMIT  # non-upload request bodies
 DEPTH_LIMIT = 64  # nesting of JSON arrays and objects in a request body
 
 # A JSON string (with its escapes; an unterminated one runs to the end) or a bracket: only
@@ -181,6 +182,8 @@ async def check_project(conn: HTTPConnection) -> None:
 
 
 async def check_request(conn: HTTPConnection) -> None:
-    """The checks every route runs before its handler (see create_app)."""
+    """The checks every route runs before its handler (see create_app): who may call it first
+    (api.access), then the names in its path and its project."""
+    access.check(conn)
     check_path_names(conn)
     await check_project(conn)

@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes, is_trusted
 from lxd_daemon.api.envelope import JSONBytes, sync
 from lxd_daemon.api.request import check_etag, parse
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire import ServerPut
 
-router = APIRouter()
+router = Routes()
 
 
-def is_trusted(request: Request) -> bool:
-    return request.scope.get("lxd_trusted", True)
-
-
-@router.get("/")
+@router.get("/", access=Access.ANYONE)
 async def get_root(request: Request) -> Response:
     return sync(["/1.0"])
 
 
-@router.get("/1.0")
+@router.get("/1.0", access=Access.ANYONE)
 async def get_server(request: Request) -> Response:
     s = get_services(request).server
     if is_trusted(request):
@@ -30,7 +27,7 @@ async def get_server(request: Request) -> Response:
     return sync(s.document(trusted=False))
 
 
-@router.put("/1.0")
+@router.put("/1.0", access=Access.ADMIN)
 async def put_server(request: Request) -> Response:
     s = get_services(request).server
     check_etag(request, s.etag())
@@ -39,7 +36,7 @@ async def put_server(request: Request) -> Response:
     return sync({})
 
 
-@router.patch("/1.0")
+@router.patch("/1.0", access=Access.ADMIN)
 async def patch_server(request: Request) -> Response:
     s = get_services(request).server
     check_etag(request, s.etag())

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import etag_of, sync
 from lxd_daemon.api.request import check_etag, parse, recursion
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.storage import StoragePoolPut, StoragePoolsPost
 
-router = APIRouter()
+router = Routes()
 
 
-@router.get("/1.0/storage-pools")
+@router.get("/1.0/storage-pools", access=Access.TRUSTED)
 async def list_pools(request: Request) -> Response:
     storage = get_services(request).storage
     if recursion(request):
@@ -21,7 +22,7 @@ async def list_pools(request: Request) -> Response:
     return sync([f"/1.0/storage-pools/{n}" for n in storage.pools])
 
 
-@router.post("/1.0/storage-pools")
+@router.post("/1.0/storage-pools", access=Access.ADMIN)
 async def create_pool(request: Request) -> Response:
     services = get_services(request)
     body = await parse(request, StoragePoolsPost)
@@ -35,14 +36,14 @@ def _etag(p: dict) -> str:
     return etag_of(p["description"], p["config"])
 
 
-@router.get("/1.0/storage-pools/{name}")
+@router.get("/1.0/storage-pools/{name}", access=Access.TRUSTED)
 async def get_pool(request: Request, name: str) -> Response:
     storage = get_services(request).storage
     p = await storage.render(storage.get(name))
     return sync(p, etag=_etag(p))
 
 
-@router.get("/1.0/storage-pools/{name}/resources")
+@router.get("/1.0/storage-pools/{name}/resources", access=Access.TRUSTED)
 async def pool_resources(request: Request, name: str) -> Response:
     pool = get_services(request).storage.get(name)
     return sync(await pool.driver.pool_usage())
@@ -61,17 +62,17 @@ async def _update(request: Request, name: str, replace: bool) -> Response:
     return sync({})
 
 
-@router.put("/1.0/storage-pools/{name}")
+@router.put("/1.0/storage-pools/{name}", access=Access.ADMIN)
 async def put_pool(request: Request, name: str) -> Response:
     return await _update(request, name, True)
 
 
-@router.patch("/1.0/storage-pools/{name}")
+@router.patch("/1.0/storage-pools/{name}", access=Access.ADMIN)
 async def patch_pool(request: Request, name: str) -> Response:
     return await _update(request, name, False)
 
 
-@router.delete("/1.0/storage-pools/{name}")
+@router.delete("/1.0/storage-pools/{name}", access=Access.ADMIN)
 async def delete_pool(request: Request, name: str) -> Response:
     services = get_services(request)
     await services.storage.delete(name)

@@ -5,9 +5,10 @@ api/storage_volumes.py hands to import_volume()."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import async_, sync
 from lxd_daemon.api.instance_backups import receive_upload
 from lxd_daemon.api.request import parse, recursion
@@ -15,7 +16,7 @@ from lxd_daemon.errors import BadRequest
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.backups import BackupPost, StorageVolumeBackupsPost
 
-router = APIRouter()
+router = Routes()
 BASE = "/1.0/storage-pools/{pool}/volumes/{type}/{name}/backups"
 
 
@@ -45,7 +46,7 @@ def _svc(request: Request):
     return get_services(request).backups.volumes
 
 
-@router.get(BASE)
+@router.get(BASE, access=Access.TRUSTED)
 async def list_backups(request: Request, pool: str, type: str, name: str) -> Response:
     _custom(type)
     svc = _svc(request)
@@ -55,7 +56,7 @@ async def list_backups(request: Request, pool: str, type: str, name: str) -> Res
     return sync([svc.render(r) for r in rows])
 
 
-@router.post(BASE)
+@router.post(BASE, access=Access.TRUSTED)
 async def create_backup(request: Request, pool: str, type: str, name: str) -> Response:
     _custom(type)
     services = get_services(request)
@@ -79,14 +80,14 @@ async def create_backup(request: Request, pool: str, type: str, name: str) -> Re
     return async_(op.render())
 
 
-@router.get(BASE + "/{backup}")
+@router.get(BASE + "/{backup}", access=Access.TRUSTED)
 async def get_backup(request: Request, pool: str, type: str, name: str, backup: str) -> Response:
     _custom(type)
     svc = _svc(request)
     return sync(svc.render(await svc.get(pool, name, backup, _project(request))))
 
 
-@router.post(BASE + "/{backup}")
+@router.post(BASE + "/{backup}", access=Access.TRUSTED)
 async def rename_backup(request: Request, pool: str, type: str, name: str, backup: str) -> Response:
     _custom(type)
     services = get_services(request)
@@ -108,7 +109,7 @@ async def rename_backup(request: Request, pool: str, type: str, name: str, backu
     return async_(op.render())
 
 
-@router.delete(BASE + "/{backup}")
+@router.delete(BASE + "/{backup}", access=Access.TRUSTED)
 async def delete_backup(request: Request, pool: str, type: str, name: str, backup: str) -> Response:
     _custom(type)
     services = get_services(request)
@@ -126,7 +127,7 @@ async def delete_backup(request: Request, pool: str, type: str, name: str, backu
     return async_(op.render())
 
 
-@router.get(BASE + "/{backup}/export")
+@router.get(BASE + "/{backup}/export", access=Access.TRUSTED)
 async def export_backup(request: Request, pool: str, type: str, name: str, backup: str) -> Response:
     from lxd_daemon.api.images import FileParts
 

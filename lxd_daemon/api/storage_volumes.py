@@ -4,9 +4,10 @@ volume create/copy/update/rename/move/delete, `state`, and custom volume snapsho
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from starlette.responses import Response
 
+from lxd_daemon.api.access import STREAM, Access, Routes
 from lxd_daemon.api.envelope import async_, etag_of, sync
 from lxd_daemon.api.request import check_etag, parse, read_json, recursion, validate
 from lxd_daemon.errors import BadRequest, NotFound, NotImplementedYet
@@ -22,7 +23,7 @@ from lxd_daemon.wire.storage import (
     StorageVolumesPost,
 )
 
-router = APIRouter()
+router = Routes()
 
 # What this module serves completely (LXD's api-extensions names).
 EXTENSIONS = (
@@ -199,13 +200,13 @@ def _listing(request: Request, pool: str, vols: list[dict]) -> Response:
 
 # -- collection -----------------------------------------------------------------------------------
 
-@router.get(BASE)
+@router.get(BASE, access=Access.TRUSTED)
 async def list_volumes(request: Request, pool: str) -> Response:
     services = get_services(request)
     return _listing(request, pool, await _volumes(services, pool, None, _project(request)))
 
 
-@router.get(BASE + "/{type}")
+@router.get(BASE + "/{type}", access=Access.TRUSTED)
 async def list_volumes_of_type(request: Request, pool: str, type: str) -> Response:
     services = get_services(request)
     return _listing(request, pool, await _volumes(services, pool, _type(type), _project(request)))
@@ -274,19 +275,19 @@ async def _exists(storage, pool: str, name: str, project: str) -> bool:
         return False
 
 
-@router.post(BASE)
+@router.post(BASE, access=Access.TRUSTED, body=STREAM)
 async def create_volume(request: Request, pool: str) -> Response:
     return await _create(request, pool, None)
 
 
-@router.post(BASE + "/{type}")
+@router.post(BASE + "/{type}", access=Access.TRUSTED, body=STREAM)
 async def create_volume_of_type(request: Request, pool: str, type: str) -> Response:
     return await _create(request, pool, _type(type))
 
 
 # -- one volume -----------------------------------------------------------------------------------
 
-@router.get(BASE + "/{type}/{name}")
+@router.get(BASE + "/{type}/{name}", access=Access.TRUSTED)
 async def get_volume(request: Request, pool: str, type: str, name: str) -> Response:
     v = await _one(get_services(request), pool, _type(type), name, _project(request))
     return sync(v, etag=_etag(v))
@@ -313,17 +314,17 @@ async def _update(request: Request, pool: str, vtype: str, name: str, replace: b
     return sync({})
 
 
-@router.put(BASE + "/{type}/{name}")
+@router.put(BASE + "/{type}/{name}", access=Access.TRUSTED)
 async def put_volume(request: Request, pool: str, type: str, name: str) -> Response:
     return await _update(request, pool, type, name, True)
 
 
-@router.patch(BASE + "/{type}/{name}")
+@router.patch(BASE + "/{type}/{name}", access=Access.TRUSTED)
 async def patch_volume(request: Request, pool: str, type: str, name: str) -> Response:
     return await _update(request, pool, type, name, False)
 
 
-@router.post(BASE + "/{type}/{name}")
+@router.post(BASE + "/{type}/{name}", access=Access.TRUSTED)
 async def rename_volume(request: Request, pool: str, type: str, name: str) -> Response:
     services = get_services(request)
     storage = services.storage
@@ -362,7 +363,7 @@ async def rename_volume(request: Request, pool: str, type: str, name: str) -> Re
     return async_(op.render())
 
 
-@router.delete(BASE + "/{type}/{name}")
+@router.delete(BASE + "/{type}/{name}", access=Access.TRUSTED)
 async def delete_volume(request: Request, pool: str, type: str, name: str) -> Response:
     services = get_services(request)
     services.storage.get(pool)
@@ -372,7 +373,7 @@ async def delete_volume(request: Request, pool: str, type: str, name: str) -> Re
     return sync({})
 
 
-@router.get(BASE + "/{type}/{name}/state")
+@router.get(BASE + "/{type}/{name}/state", access=Access.TRUSTED)
 async def volume_state(request: Request, pool: str, type: str, name: str) -> Response:
     services = get_services(request)
     project = _project(request)
@@ -390,7 +391,7 @@ async def volume_state(request: Request, pool: str, type: str, name: str) -> Res
 
 # -- snapshots ------------------------------------------------------------------------------------
 
-@router.get(BASE + "/{type}/{name}/snapshots")
+@router.get(BASE + "/{type}/{name}/snapshots", access=Access.TRUSTED)
 async def list_snapshots(request: Request, pool: str, type: str, name: str) -> Response:
     services = get_services(request)
     project = _project(request)
@@ -409,7 +410,7 @@ async def list_snapshots(request: Request, pool: str, type: str, name: str) -> R
     return sync([_url(pool, type, f"{name}/{s['name']}") for s in snaps])
 
 
-@router.post(BASE + "/{type}/{name}/snapshots")
+@router.post(BASE + "/{type}/{name}/snapshots", access=Access.TRUSTED)
 async def create_snapshot(request: Request, pool: str, type: str, name: str) -> Response:
     services = get_services(request)
     project = _project(request)
@@ -443,7 +444,7 @@ async def _snapshot_of(request: Request, pool: str, type: str, name: str, snapsh
     raise NotFound("Storage volume snapshot not found")
 
 
-@router.get(BASE + "/{type}/{name}/snapshots/{snapshot}")
+@router.get(BASE + "/{type}/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
 async def get_snapshot(request: Request, pool: str, type: str, name: str, snapshot: str) -> Response:
     if type == "container":
         services = get_services(request)
@@ -473,17 +474,17 @@ async def _update_snapshot(request: Request, pool: str, type: str, name: str, sn
     return sync({})
 
 
-@router.put(BASE + "/{type}/{name}/snapshots/{snapshot}")
+@router.put(BASE + "/{type}/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
 async def put_snapshot(request: Request, pool: str, type: str, name: str, snapshot: str) -> Response:
     return await _update_snapshot(request, pool, type, name, snapshot, True)
 
 
-@router.patch(BASE + "/{type}/{name}/snapshots/{snapshot}")
+@router.patch(BASE + "/{type}/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
 async def patch_snapshot(request: Request, pool: str, type: str, name: str, snapshot: str) -> Response:
     return await _update_snapshot(request, pool, type, name, snapshot, False)
 
 
-@router.post(BASE + "/{type}/{name}/snapshots/{snapshot}")
+@router.post(BASE + "/{type}/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
 async def rename_snapshot(request: Request, pool: str, type: str, name: str, snapshot: str) -> Response:
     services, project, s = await _snapshot_of(request, pool, type, name, snapshot)
     body = await parse(request, StorageVolumeSnapshotPost)
@@ -506,7 +507,7 @@ async def rename_snapshot(request: Request, pool: str, type: str, name: str, sna
     return async_(op.render())
 
 
-@router.delete(BASE + "/{type}/{name}/snapshots/{snapshot}")
+@router.delete(BASE + "/{type}/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
 async def delete_snapshot(request: Request, pool: str, type: str, name: str, snapshot: str) -> Response:
     services, project, s = await _snapshot_of(request, pool, type, name, snapshot)
     who = requestor(request)

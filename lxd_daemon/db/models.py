@@ -3,7 +3,7 @@ Alembic migrations in migrations/; keep both in step."""
 
 from __future__ import annotations
 
-from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, Text, UniqueConstraint
+from sqlalchemy import Boolean, Column, Float, Integer, MetaData, String, Table, Text, UniqueConstraint
 
 metadata = MetaData()
 
@@ -24,6 +24,7 @@ certificates = Table(
     Column("certificate", Text, nullable=False),
     Column("restricted", Boolean, nullable=False, default=False),
     Column("projects", Text, nullable=False, default="[]"),
+    Column("created_at", Float, nullable=True),  # unix time it was added (migration 0006)
     UniqueConstraint("fingerprint"),
 )
 

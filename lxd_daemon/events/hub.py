@@ -7,11 +7,14 @@ websocket is closed) instead of stalling the publisher: the daemon never waits o
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from lxd_daemon.util.timefmt import rfc3339
+
+log = logging.getLogger("lxd.events")
 
 EVENT_TYPES = frozenset({"operation", "logging", "lifecycle"})
 QUEUE_LIMIT = 4096
@@ -47,6 +50,8 @@ class EventHub:
         self.location = location
         self._listeners: set[Listener] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # In-process observers: fn(kind, metadata), called as each event of their types is published.
+        self._taps: list[tuple[frozenset[str], Callable[[str, dict], None]]] = []
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -58,6 +63,11 @@ class EventHub:
         self._listeners.add(listener)
         return listener
 
+    def tap(self, types: Iterable[str], fn: Callable[[str, dict], None]) -> None:
+        """Let part of the daemon observe events (a cache that goes stale on a change): fn runs on
+        the loop thread, synchronously, for each event of `types`; it must not block or raise."""
+        self._taps.append((frozenset(types), fn))
+
     def unsubscribe(self, listener: Listener) -> None:
         self._listeners.discard(listener)
 
@@ -67,6 +77,12 @@ class EventHub:
 
     def publish(self, kind: str, metadata: dict, *, project: str = "default") -> None:
         """Send an event to every interested listener. Must run on the event loop thread."""
+        for types, fn in self._taps:
+            if kind in types:
+                try:
+                    fn(kind, metadata)
+                except Exception:  # an observer's bug must not stop the event
+                    log.exception("event observer failed")
         targets = [lis for lis in self._listeners if lis.wants(kind, project)]
         if not targets:
             return
@@ -94,7 +110,7 @@ class EventHub:
         if running is loop:
             self.publish(kind, metadata, project=project)
         else:
-            loop.call_soon_threadsafe(self.publish, kind, metadata, project)
+            loop.call_soon_threadsafe(functools.partial(self.publish, kind, metadata, project=project))
 
     def lifecycle(self, action: str, source: str, context: dict | None = None, *,
                   requestor: dict | None = None, project: str = "default") -> None:

@@ -165,6 +165,19 @@ class ImageService:
         self._token_expiry: dict[str, asyncio.TimerHandle] = {}
         self._background: set[asyncio.Future] = set()
         self._index = ImageIndex()
+        from lxd_daemon.images.remote.pull import Puller
+
+        self.remote = Puller(self)  # pulls from image servers (images/remote/)
+        self.updater = None  # images/updater.py, set by images/remote/subsystem.py
+
+    # -- remote images ---------------------------------------------------------------------
+    async def pull(self, source: dict, *, project: str = "default", aliases=(), auto_update: bool | None = None,
+                   public: bool = False, op=None, cached: bool = False, requestor: dict | None = None) -> str:
+        """The image `source` (LXD's ImagesPostSource/InstanceSource: server, protocol, alias or
+        fingerprint, certificate, secret, image_type) in the local store, downloaded unless present.
+        Returns its fingerprint. `cached`: pulled for an instance (LXD's cached images)."""
+        return await self.remote.pull(source, project=project, aliases=aliases, auto_update=auto_update,
+                                      public=public, op=op, cached=cached, requestor=requestor)
 
     # -- files -----------------------------------------------------------------------------
     def path(self, fingerprint: str) -> Path:

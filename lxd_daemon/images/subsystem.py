@@ -5,13 +5,14 @@ from __future__ import annotations
 from lxd_daemon.images.service import ImageService
 
 # Extensions whose whole behaviour is implemented here (api_filtering is advertised by the lead once
-# instances filter too; image_force_refresh / images_push_relay / compression_squashfs are not done).
+# instances filter too; image_force_refresh / compression_squashfs are not done).
 EXTENSIONS = (
     "image_compression_algorithm",  # publish takes compression_algorithm
     "image_create_aliases",  # aliases in POST /1.0/images
     "image_types",  # the `type` field
     "images_expiry",  # expires_at editable through PUT/PATCH
     "image_profiles",  # an image's profiles apply to instances launched from it without -p
+    "images_push_relay",  # lxc image copy --mode push|relay (images/push.py)
 )
 
 

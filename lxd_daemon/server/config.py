@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lxd_daemon.errors import BadRequest
+from lxd_daemon.util import schedule
 from lxd_daemon.util import validate as v
 
 
@@ -44,7 +45,7 @@ _TRANSFORM: dict[str, Callable[[str], str]] = {"core.trust_password": _hash_pass
 
 KEYS: dict[str, Key] = {
     "core.trust_password": Key(hidden=True),
-    "core.remote_token_expiry": Key(v.is_duration),
+    "core.remote_token_expiry": Key(schedule.validate_expiry),  # LXD's expiry expression: "1d 12H"
     "core.shutdown_timeout": Key(v.is_uint, default="5"),
     "core.proxy_http": Key(),
     "core.proxy_https": Key(),

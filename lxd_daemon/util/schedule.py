@@ -116,7 +116,7 @@ def has_startup(spec: str) -> bool:
 
 # -- expiry -----------------------------------------------------------------------------------
 
-_EXPIRY_FIELD = re.compile(r"(\d+)(M|H|d|w|m|y)")
+_EXPIRY_FIELD = re.compile(r"(\d+)(S|M|H|d|w|m|y)")
 
 
 @dataclass(frozen=True)
@@ -127,9 +127,10 @@ class Expiry:
     weeks: int = 0
     months: int = 0
     years: int = 0
+    seconds: int = 0
 
     def is_zero(self) -> bool:
-        return not any((self.minutes, self.hours, self.days, self.weeks, self.months, self.years))
+        return not any((self.minutes, self.hours, self.days, self.weeks, self.months, self.years, self.seconds))
 
     def after(self, ref: datetime) -> datetime:
         """ref + this expiry, months/years normalised as Go's AddDate does (Jan 31 + 1m = Mar 3)."""
@@ -138,14 +139,15 @@ class Expiry:
         month = month0 % 12 + 1
         first = ref.replace(year=year, month=month, day=1)
         out = first + timedelta(days=ref.day - 1 + self.days + 7 * self.weeks)
-        return out + timedelta(hours=self.hours, minutes=self.minutes)
+        return out + timedelta(hours=self.hours, minutes=self.minutes, seconds=self.seconds)
 
 
-_UNIT_FIELDS = {"M": "minutes", "H": "hours", "d": "days", "w": "weeks", "m": "months", "y": "years"}
+_UNIT_FIELDS = {"S": "seconds", "M": "minutes", "H": "hours", "d": "days", "w": "weeks", "m": "months", "y": "years"}
 
 
 def parse_expiry(spec: str) -> Expiry:
-    """Parse "1M 2H 3d 4w 5m 6y"; raise ValueError on anything else. "" -> zero Expiry."""
+    """Parse "30S 1M 2H 3d 4w 5m 6y" (LXD's expiry expression); raise ValueError on anything else.
+    "" -> zero Expiry."""
     expr = spec.strip()
     if not expr:
         return Expiry()
@@ -154,7 +156,7 @@ def parse_expiry(spec: str) -> Expiry:
         m = _EXPIRY_FIELD.fullmatch(field)
         if not m:
             raise ValueError(f"Invalid expiry expression {spec!r}: {field!r} is not <number><unit> "
-                             f"with unit M (minutes), H (hours), d, w, m (months) or y")
+                             f"with unit S (seconds), M (minutes), H (hours), d, w, m (months) or y")
         unit = _UNIT_FIELDS[m.group(2)]
         if values.get(unit):
             raise ValueError(f"Invalid expiry expression {spec!r}: unit {m.group(2)!r} given twice")

@@ -45,6 +45,17 @@ class ImagesPost(ImagePut):
     aliases: list[ImageAlias] | None = None
 
 
+class ImageExportPost(Request):
+    """POST /1.0/images/{fp}/export: push the image to another server {images_push_relay}."""
+
+    target: StrictStr = ""
+    secret: StrictStr = ""
+    certificate: StrictStr = ""
+    aliases: list[ImageAlias] | None = None
+    project: StrictStr = ""
+    profiles: list[StrictStr] | None = None
+
+
 class ImageAliasesEntryPut(Request):
     description: StrictStr = ""
     target: StrictStr = ""
@@ -63,5 +74,6 @@ def present(model: Request, key: str) -> bool:
     return key in model.model_fields_set
 
 
-__all__ = ["Any", "ImageAlias", "ImagePut", "ImagesPost", "ImagesPostSource", "ImageAliasesEntryPut",
+__all__ = ["Any", "ImageAlias", "ImagePut", "ImagesPost", "ImagesPostSource", "ImageExportPost",
+           "ImageAliasesEntryPut",
            "ImageAliasesPost", "ImageAliasesEntryPost", "present"]

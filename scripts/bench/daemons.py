@@ -38,6 +38,9 @@ class Daemon:
     pid: int | None = None
     version: str = ""
     notes: list[str] = field(default_factory=list)
+    # a network namespace to join (/proc/PID/ns/net of another daemon: the remote suite's second
+    # daemon of a kind); "" for a new one of its own
+    netns: str = ""
 
     @property
     def lxd_dir(self) -> Path:
@@ -96,8 +99,8 @@ class Daemon:
             subprocess.run(["mount", "--bind", str(self.lxd_dir), str(self.lxd_dir)], check=True, timeout=60)
         subprocess.run(["mount", "--make-shared", str(self.lxd_dir)], check=True, timeout=60)
         with open(self.log, "ab") as logf:
-            proc = subprocess.Popen(["/usr/bin/python3", str(REPO / "scripts" / "netns-exec"), "--new", "--",
-                                     str(self.binary), "--logfile", str(self.log)],
+            proc = subprocess.Popen(["/usr/bin/python3", str(REPO / "scripts" / "netns-exec"),
+                                     self.netns or "--new", "--", str(self.binary), "--logfile", str(self.log)],
                                     env=self.env, stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         self.pid = proc.pid

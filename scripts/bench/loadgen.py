@@ -3,6 +3,8 @@ clients, a blocking socket loop for one), and a trivial server to measure the ge
 
     python loadgen.py client --socket S --clients 8 --mode keepalive|newconn --duration 5
     python loadgen.py server --socket S --body-file F      (serves the body to every request)
+    ... --tls HOST:PORT --cert C --key K instead of --socket: over TLS with that client (server)
+    certificate (the remote suite, issue 11; the server certificate is not verified)
 
 The client prints one JSON line: requests, errors, duration, rps, latency percentiles (ms) and the
 generator's own CPU time per request (so one can see how far it is from being the bottleneck).
@@ -18,6 +20,7 @@ import os
 import resource
 import signal
 import socket
+import ssl
 import sys
 import time
 
@@ -27,6 +30,36 @@ except ImportError:  # pragma: no cover - the venv has it (uvicorn[standard])
     uvloop = None
 
 REQUEST = b"GET /1.0 HTTP/1.1\r\nHost: lxd\r\nUser-Agent: lxd-bench\r\n\r\n"
+# --tls: ((host, port), client or server SSLContext); None: the unix socket given as `path`
+TLS: tuple[tuple[str, int], ssl.SSLContext] | None = None
+
+
+def tls_context(server: bool, cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    if not server:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def open_connection(loop, path: str):
+    if TLS is None:
+        return await loop.create_unix_connection(ClientProto, path)
+    (host, port), ctx = TLS
+    return await loop.create_connection(ClientProto, host, port, ssl=ctx)
+
+
+def blocking_connection(path: str) -> socket.socket:
+    if TLS is None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        return sock
+    (host, port), ctx = TLS
+    sock = socket.create_connection((host, port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return ctx.wrap_socket(sock)
 
 
 def response_end(buf: bytearray) -> tuple[int, int]:
@@ -93,7 +126,7 @@ class Stats:
 
 async def client_keepalive(path: str, st: Stats) -> None:
     loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_unix_connection(ClientProto, path)
+    transport, proto = await open_connection(loop, path)
     perf = time.perf_counter_ns
     try:
         while not st.stop:
@@ -105,7 +138,7 @@ async def client_keepalive(path: str, st: Stats) -> None:
                 status = await fut
             except ConnectionError:
                 st.errors += 1
-                transport, proto = await loop.create_unix_connection(ClientProto, path)
+                transport, proto = await open_connection(loop, path)
                 continue
             if st.recording:
                 if status == 200:
@@ -122,7 +155,7 @@ async def client_newconn(path: str, st: Stats) -> None:
     while not st.stop:
         t = perf()
         try:
-            transport, proto = await loop.create_unix_connection(ClientProto, path)
+            transport, proto = await open_connection(loop, path)
             fut = loop.create_future()
             proto.waiter = fut
             transport.write(REQUEST)
@@ -187,8 +220,7 @@ def run_blocking(path: str, mode: str, duration: float, warmup: float) -> dict:
     def one() -> int:
         nonlocal sock
         if sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(path)
+            sock = blocking_connection(path)
         sock.sendall(REQUEST)
         buf.clear()
         while True:
@@ -258,21 +290,26 @@ async def run_server(path: str, body: bytes) -> None:
     ServerProto.response = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                             + str(len(body)).encode() + b"\r\n\r\n" + body)
     loop = asyncio.get_running_loop()
-    server = await loop.create_unix_server(ServerProto, path, backlog=1024)
+    if TLS is None:
+        server = await loop.create_unix_server(ServerProto, path, backlog=1024)
+    else:
+        (host, port), ctx = TLS
+        server = await loop.create_server(ServerProto, host, port, ssl=ctx, backlog=1024)
     stop = loop.create_future()
     loop.add_signal_handler(signal.SIGTERM, stop.set_result, None)
     loop.add_signal_handler(signal.SIGINT, stop.set_result, None)
     print("ready", flush=True)
     await stop
     server.close()
-    os.unlink(path)
+    if TLS is None:
+        os.unlink(path)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("client")
-    c.add_argument("--socket", required=True)
+    c.add_argument("--socket", default="")
     c.add_argument("--clients", type=int, default=1)
     c.add_argument("--mode", choices=("keepalive", "newconn"), default="keepalive")
     c.add_argument("--duration", type=float, default=5.0)
@@ -280,9 +317,19 @@ def main(argv=None) -> int:
     c.add_argument("--engine", choices=("auto", "asyncio"), default="auto",
                    help="auto: a blocking socket loop for one client, asyncio (uvloop) for several")
     s = sub.add_parser("server")
-    s.add_argument("--socket", required=True)
+    s.add_argument("--socket", default="")
     s.add_argument("--body-file", required=True)
+    for p in (c, s):
+        p.add_argument("--tls", default="", metavar="HOST:PORT", help="TLS to/on this address instead of --socket")
+        p.add_argument("--cert", default="", help="--tls: the client (server) certificate")
+        p.add_argument("--key", default="", help="--tls: its key")
     args = ap.parse_args(argv)
+    if args.tls:
+        global TLS
+        host, _, port = args.tls.rpartition(":")
+        TLS = ((host, int(port)), tls_context(args.cmd == "server", args.cert, args.key))
+    elif not args.socket:
+        ap.error("--socket or --tls is required")
     runner = uvloop.run if uvloop is not None else asyncio.run
     if args.cmd == "client" and args.clients == 1 and args.engine != "asyncio":
         res = run_blocking(args.socket, args.mode, args.duration, args.warmup)

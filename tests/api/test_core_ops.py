@@ -14,6 +14,7 @@ import pytest
 from websockets.asyncio.client import unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from lxd_daemon.api.access import Gate
 from lxd_daemon.app import create_app
 from lxd_daemon.daemon import bind_unix_socket, make_server
 from lxd_daemon.db import Database, migrate
@@ -50,7 +51,7 @@ class Harness:
                                driver_version=await self.pool.call("version"))
         self.services = Services(lxd_dir=self.base, db=self.db, events=self.events, ops=self.ops,
                                  pool=self.pool, server=server)
-        self.server = make_server(create_app(self.services))
+        self.server = make_server(Gate(create_app(self.services), self.services, "unix"))
         sock = bind_unix_socket(self.sock_path, None)
         self.serve_task = asyncio.create_task(self.server.serve(sockets=[sock]))
         while not self.server.started:

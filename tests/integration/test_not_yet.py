@@ -4,8 +4,6 @@ for the feature's own endpoints), and nothing is created by such a request."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from tests.helpers import ensure_containers_ready, envelope_ok, run_prefix
@@ -39,16 +37,7 @@ def test_config_trust_list_is_empty(daemon):
     assert body["metadata"] == []
 
 
-def test_adding_a_certificate_says_not_implemented(daemon):
-    r = daemon.api("POST", "/1.0/certificates", json={"type": "client", "certificate": "x"})
-    assert r.status_code == 501
-    body = r.json()
-    envelope_ok(body)
-    assert body["type"] == "error" and body["error_code"] == 501
-    assert "not implemented yet" in body["error"] and "TLS" in body["error"]
-    assert daemon.api("GET", "/1.0/certificates").json()["metadata"] == []
-    r = daemon.api("GET", "/1.0/certificates/" + "ab" * 32)
-    assert r.status_code == 404 and "not implemented yet" in r.json()["error"]
+# (the trust store exists now: tests/integration/test_trust.py)
 
 
 def test_volumes_of_a_missing_pool_are_not_found(daemon):
@@ -100,20 +89,3 @@ def test_restore_publish_and_migration_say_not_implemented(daemon, ct):
         "name": name, "source": {"type": "migration", "mode": "pull", "operation": "https://127.0.0.1:1/x"}})
     assert r.status_code == 501 and r.json()["error"] == "Instance migration is not implemented yet"
     assert daemon.api("GET", f"/1.0/instances/{name}").status_code == 404
-
-
-def test_lxc_config_trust_add_says_not_implemented(daemon, tmp_path):
-    crt = tmp_path / "client.crt"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp384r1",
-                    "-nodes", "-keyout", str(tmp_path / "client.key"), "-out", str(crt), "-days", "1",
-                    "-subj", "/CN=test"], check=True, capture_output=True)
-    err = fails(daemon, "config", "trust", "add", str(crt))
-    assert "Trusted client certificates are not implemented yet" in err, err
-    assert daemon.api("GET", "/1.0/certificates").json()["metadata"] == []
-
-
-def test_image_refresh_says_not_implemented(daemon, ct):
-    fp = daemon.api("GET", "/1.0/images/aliases/busybox").json()["metadata"]["target"]
-    r = daemon.api("POST", f"/1.0/images/{fp}/refresh")
-    assert r.status_code == 501 and "not implemented yet" in r.json()["error"], r.text
-    assert daemon.api("POST", "/1.0/images/" + "0" * 64 + "/refresh").status_code == 404

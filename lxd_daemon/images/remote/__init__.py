@@ -1,0 +1,1 @@
+"""Remote image sources: simplestreams and lxd-protocol clients, pulls, refreshes."""

@@ -1,0 +1,203 @@
+"""HTTPS to image servers: the remote's certificate pinned, downloads streamed to files and hashed.
+
+Pinning: given the remote's certificate (PEM, as `source.certificate` carries it), the TLS
+handshake accepts exactly that certificate (its DER compared after the handshake, before a
+byte of the request is sent) and no other, whatever its names or issuer; without one, the
+system CAs and the host name are checked as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from lxd_daemon.errors import BadRequest, LXDError
+
+USER_AGENT = "LXD 5.0.2"
+CHUNK = 1 << 20
+TIMEOUT = httpx.Timeout(30.0, read=120.0)
+
+
+class RemoteError(BadRequest):
+    """The image server failed or answered something unusable (a 400 in the operation)."""
+
+
+def _pinned_class(expected: bytes):
+    class PinnedSSLObject(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            if self.getpeercert(binary_form=True) != expected:
+                raise ssl.SSLError("The image server's certificate does not match the pinned certificate")
+
+    return PinnedSSLObject
+
+
+def ssl_context(certificate: str = "") -> ssl.SSLContext:
+    if not certificate.strip():
+        return ssl.create_default_context()
+    try:
+        der = ssl.PEM_cert_to_DER_cert(certificate.strip())
+    except ValueError:
+        raise BadRequest("Invalid source certificate: not a PEM certificate") from None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the pin below is the whole check: exactly this certificate
+    ctx.sslobject_class = _pinned_class(der)
+    return ctx
+
+
+def base_url(server: str) -> str:
+    server = server.strip().rstrip("/")
+    if not server.startswith(("https://", "http://")):
+        raise BadRequest(f"Invalid image server URL {server!r}: https://HOST[:PORT] expected")
+    return server
+
+
+def client(server: str, certificate: str = "") -> httpx.AsyncClient:
+    url = base_url(server)
+    # The same context for a redirect to https (plain http itself never sees it).
+    return httpx.AsyncClient(base_url=url, verify=ssl_context(certificate), timeout=TIMEOUT, follow_redirects=True,
+                             headers={"User-Agent": USER_AGENT}, trust_env=False)
+
+
+def describe(e: Exception) -> str:
+    if isinstance(e, httpx.ConnectError) and "certificate" in str(e).lower():
+        return f"TLS failure: {e}"
+    return str(e) or e.__class__.__name__
+
+
+async def get_json(c: httpx.AsyncClient, path: str, params: dict | None = None) -> object:
+    try:
+        r = await c.get(path, params=params)
+    except httpx.HTTPError as e:
+        raise RemoteError(f"Failed to reach the image server {c.base_url}: {describe(e)}") from None
+    if r.status_code == 404:
+        raise _not_found(r, path)
+    if r.status_code != 200:
+        raise RemoteError(f"Unable to fetch {c.base_url}{path}: {r.status_code} {_error_text(r)}")
+    try:
+        return r.json()
+    except ValueError:
+        raise RemoteError(f"Invalid JSON from {c.base_url}{path}") from None
+
+
+def _error_text(r: httpx.Response) -> str:
+    try:
+        body = r.json()
+        if isinstance(body, dict) and body.get("error"):
+            return str(body["error"])
+    except ValueError:
+        pass
+    return r.reason_phrase
+
+
+def _not_found(r: httpx.Response, path: str) -> LXDError:
+    from lxd_daemon.errors import NotFound
+
+    return NotFound(f"Not found on the image server: {path} ({_error_text(r)})")
+
+
+class Progress:
+    """Renders download progress as LXD does ("[name: ]NN% (SPEED/s)") into callbacks, at most
+    once per percent and per 0.5 s."""
+
+    def __init__(self, report: Callable[[str], None], total: int, label: str = ""):
+        self.report = report
+        self.total = total
+        self.label = label
+        self.done = 0
+        self.start = time.monotonic()
+        self.last_pct = -1
+        self.last_t = 0.0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        pct = int(self.done * 100 / self.total) if self.total > 0 else 0
+        pct = min(pct, 100)
+        if pct == self.last_pct or (now - self.last_t < 0.5 and pct < 100):
+            return
+        self.last_pct, self.last_t = pct, now
+        speed = self.done / max(now - self.start, 1e-3)
+        text = f"{pct}% ({size_string(speed)}/s)"
+        self.report(f"{self.label}: {text}" if self.label else text)
+
+
+def size_string(n: float) -> str:
+    if n < 1000:
+        return f"{int(n)}B"
+    for unit in ("kB", "MB", "GB", "TB", "PB", "EB"):
+        n /= 1000
+        if n < 1000:
+            return f"{n:.2f}{unit}"
+    return f"{n:.2f}EB"
+
+
+class FileSink:
+    """Writes a download to a file from a thread, hashing what it writes (one block in flight)."""
+
+    def __init__(self, path: Path, hasher=None, scan=None):
+        self.path = path
+        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.hash = hashlib.sha256()
+        self.combined = hasher
+        # The content scan (images.pipeline.UploadScan) fed as the download arrives, so that it
+        # overlaps the transfer instead of following it.
+        self.scan = scan
+        self.size = 0
+        self.head = b""
+        self._pending: asyncio.Future | None = None
+
+    def _write(self, block: bytes) -> None:
+        self.f.write(block)
+        self.hash.update(block)
+        if self.combined is not None:
+            self.combined.update(block)
+
+    async def write(self, block: bytes) -> None:
+        if len(self.head) < 512:
+            self.head += block[: 512 - len(self.head)]
+        self.size += len(block)
+        if self.scan is not None:
+            await self.scan.feed(block)
+        if self._pending is not None:
+            await self._pending
+        self._pending = asyncio.get_running_loop().run_in_executor(None, self._write, block)
+
+    async def close(self) -> None:
+        try:
+            if self._pending is not None:
+                await self._pending
+        finally:
+            self._pending = None
+            await asyncio.to_thread(self.f.close)
+
+
+async def stream_to(response: httpx.Response, sink: FileSink, progress: Progress | None,
+                    limit: int = -1) -> None:
+    """Write the body to sink; more than `limit` bytes (when >= 0) is refused as it arrives."""
+    buf = bytearray()
+    got = 0
+    async for chunk in response.aiter_bytes():
+        got += len(chunk)
+        if 0 <= limit < got:
+            raise RemoteError(f"The image server sent more than the {limit} bytes announced for {response.url}")
+        buf += chunk
+        if progress is not None:
+            progress.add(len(chunk))
+        if len(buf) >= CHUNK:
+            await sink.write(bytes(buf))
+            buf.clear()
+    if buf:
+        await sink.write(bytes(buf))
+
+
+__all__ = ["FileSink", "Progress", "RemoteError", "base_url", "client", "get_json", "ssl_context",
+           "stream_to"]

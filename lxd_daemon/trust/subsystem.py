@@ -1,0 +1,26 @@
+"""Wire the trust store into the daemon: `services.trust`, the PKI watcher, the
+`/1.0/certificates` routes and their API extensions."""
+
+from __future__ import annotations
+
+from lxd_daemon.trust.store import TrustService
+
+EXTENSIONS = (
+    "certificate_update",  # ETag, PUT and PATCH of a certificate
+    "certificate_project",  # `restricted` and `projects`
+    "certificate_self_renewal",  # a (restricted) client replaces its own certificate
+    "certificate_token",  # POST with `token: true`; tokens redeemed as `password`
+    "remote_token_expiry",  # core.remote_token_expiry
+)
+
+
+async def setup(services) -> list:
+    from lxd_daemon.api import certificates
+
+    trust = TrustService(db=services.db, lxd_dir=services.lxd_dir, ops=services.ops, server=services.server)
+    await trust.load()
+    services.trust = trust
+    trust.start()
+    services.exit_hooks.append(trust.stop)
+    services.server.advertise(*EXTENSIONS)
+    return [certificates.routes.router]
