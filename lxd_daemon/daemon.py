@@ -252,7 +252,7 @@ class Daemon:
         server = ServerService(db=db, events=events, config=config, certificate_pem=cert_pem,
                                driver_version=driver_version)
         services = Services(lxd_dir=s.lxd_dir, db=db, events=events, ops=ops, pool=pool, server=server,
-                            request_stop=self.request_stop)
+                            request_stop=self.request_stop, debug=s.debug)
         self.services = services
         routers = []
         for name in SUBSYSTEMS:
@@ -264,9 +264,9 @@ class Daemon:
         from lxd_daemon.api.access import Gate
 
         app = Gate(services.app, services, "unix")
-        if getattr(services, "https", None) is not None:
+        if services.https is not None:
             await services.https.startup()  # core.https_address: listening before the daemon is ready
-        if s.debug:  # each request in the debug log; nothing in a request's way otherwise
+        if s.debug:  # each request in the debug log (as on the TLS listener); nothing in a request's way otherwise
             from lxd_daemon.api.accesslog import AccessLog
             app = AccessLog(app)
 

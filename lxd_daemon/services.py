@@ -26,6 +26,7 @@ class Services:
     server: ServerService
     # Called with the reason ("shutdown" stops containers, "exit" leaves them running).
     request_stop: Callable[[str], None] = lambda reason: None
+    debug: bool = False  # --debug: every request in the debug log (api/accesslog.py), on every listener
     # Async callables returning URLs that use the default project (profiles, instances, ...).
     project_used_by: list[Callable[[], Awaitable[list[str]]]] = field(default_factory=list)
     # Run once the API is being served (autostart), at `lxd shutdown`/SIGPWR before exiting

@@ -16,7 +16,6 @@ the system CAs), upload the image's file(s) with the token, wait for the target'
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import http.client
 import json
 import logging
@@ -32,6 +31,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from lxd_daemon.errors import BadRequest, Forbidden, LXDError
 from lxd_daemon.images.index import HEX
+from lxd_daemon.util import tlspin
+from lxd_daemon.util.sizes import format_rate
 
 log = logging.getLogger("lxd.images")
 
@@ -126,24 +127,6 @@ def target_url(url: str) -> tuple[str, int, str]:
     return parts.hostname, port, parts.path.rstrip("/")
 
 
-def client_context(certificate: str) -> tuple[ssl.SSLContext, bytes | None]:
-    """A TLS client context: the given PEM certificate pinned (exactly that certificate is
-    accepted), or the system CAs when none is given."""
-    if not certificate.strip():
-        ctx = ssl.create_default_context()
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        return ctx, None
-    try:
-        der = ssl.PEM_cert_to_DER_cert(certificate.strip())
-    except ValueError:
-        raise BadRequest("Invalid target certificate") from None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # the pin below decides, byte for byte
-    return ctx, der
-
-
 @dataclass
 class PushJob:
     url: str
@@ -194,13 +177,13 @@ class _Body:
                     yield chunk
 
 
-def _connect(host: str, port: int, ctx: ssl.SSLContext, pin: bytes | None) -> http.client.HTTPSConnection:
+def _connect(host: str, port: int, ctx: ssl.SSLContext) -> http.client.HTTPSConnection:
     conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=CONNECT_TIMEOUT, blocksize=CHUNK)
     try:
         conn.connect()
-        if pin is not None and conn.sock.getpeercert(binary_form=True) != pin:
-            raise Forbidden(f"The target server's certificate is not the expected one "
-                            f"(sha256 {hashlib.sha256(conn.sock.getpeercert(binary_form=True)).hexdigest()})")
+    except tlspin.PinMismatch as e:
+        conn.close()
+        raise Forbidden(str(e)) from None
     except OSError as e:
         conn.close()
         raise LXDError(f"Failed to connect to the target server: {e}") from None
@@ -227,14 +210,14 @@ def push(job: PushJob, stop: threading.Event, progress: Callable[[int, int], Non
     """Upload the image to the target and wait for its operation (blocking: run in a thread).
     Returns the fingerprint the target reports."""
     host, port, base = target_url(job.url)
-    ctx, pin = client_context(job.certificate)
+    ctx = tlspin.client_context(job.certificate, what="target server")
     body = _Body(job.files, stop, progress)
     query = f"?{urlencode({'project': job.project})}" if job.project and job.project != "default" else ""
     headers = {
         "Content-Type": body.content_type, "Content-Length": str(body.length), "User-Agent": USER_AGENT,
         "X-LXD-fingerprint": job.fingerprint, "X-LXD-secret": job.secret, "X-LXD-filename": job.filename,
     }
-    conn = _connect(host, port, ctx, pin)
+    conn = _connect(host, port, ctx)
     try:
         try:
             conn.request("POST", f"{base}/1.0/images{query}", body=iter(body), headers=headers)
@@ -255,7 +238,7 @@ def push(job: PushJob, stop: threading.Event, progress: Callable[[int, int], Non
     while True:
         if stop.is_set():
             raise LXDError("Push cancelled")
-        conn = _connect(host, port, ctx, pin)
+        conn = _connect(host, port, ctx)
         try:
             conn.sock.settimeout(WAIT_STEP + CONNECT_TIMEOUT)
             try:
@@ -290,7 +273,7 @@ async def run_push(op, job: PushJob) -> str:
         pct = int(done * 100 / total) if total else 100
         speed = int(done / max(now - started, 1e-3))
         meta = {"progress": {"stage": "upload", "percent": str(pct), "processed": str(done), "speed": str(speed)},
-                "upload_progress": f"Upload: {pct}% ({_size(speed)}/s)"}
+                "upload_progress": f"Upload: {pct}% ({format_rate(speed)}/s)"}
         loop.call_soon_threadsafe(op.update_metadata, meta)
 
     try:
@@ -300,13 +283,6 @@ async def run_push(op, job: PushJob) -> str:
         raise
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000:
-            return f"{n:.2f}{unit}" if unit != "B" else f"{int(n)}B"
-        n /= 1000
-    return f"{n:.2f}PB"
-
 
 __all__ = ["PushToken", "PushJob", "create_token", "take_token", "run_push", "push", "target_url",
-           "client_context", "new_wait_secret"]
+           "new_wait_secret"]

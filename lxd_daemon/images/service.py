@@ -30,6 +30,7 @@ from lxd_daemon.images.models import images, images_aliases
 from lxd_daemon.images.multipart import MultipartParser, boundary_of
 from lxd_daemon.images.pipeline import UploadScan
 from lxd_daemon.images.store import AsyncSink, HashingWriter, ImageStore
+from lxd_daemon.util.sizes import format_rate
 from lxd_daemon.util.timefmt import EPOCH_TIME, ZERO_TIME, parse_rfc3339, rfc3339
 
 log = logging.getLogger("lxd.images")
@@ -776,7 +777,7 @@ class ImageService:
                         stage = "create_image_from_container_pack"
                         meta = {"progress": {"stage": stage, "percent": str(pct), "processed": str(done),
                                              "speed": str(int(speed))}}
-                        meta[f"{stage}_progress"] = f"Image pack: {pct}% ({_size(speed)}/s)"
+                        meta[f"{stage}_progress"] = f"Image pack: {pct}% ({format_rate(speed)}/s)"
                         loop.call_soon_threadsafe(op.update_metadata, meta)
 
                     loop = asyncio.get_running_loop()
@@ -803,16 +804,6 @@ def _unlink_all(paths: list[Path]) -> None:
             p.unlink()
         except OSError:
             log.warning("could not remove a deleted image file", extra={"path": str(p)})
-
-
-def _size(n: float) -> str:
-    if n < 1000:
-        return f"{int(n)}B"
-    for unit in ("kB", "MB", "GB", "TB", "PB", "EB"):
-        n /= 1000
-        if n < 1000:
-            return f"{n:.2f}{unit}"
-    return f"{n:.2f}EB"
 
 
 __all__ = ["ImageService", "Upload", "render", "image_etag", "alias_etag", "check_alias_name"]

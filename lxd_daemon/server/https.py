@@ -204,7 +204,10 @@ def protocols(listener: HttpsListener) -> tuple[type, type]:
 
     check_uvicorn()
 
-    class TLSHttpProtocol(_http_protocol()):
+    class Tracked:
+        """The client certificate of the connection, and the connection in the listener's
+        registry by its fingerprint (to be closed when the certificate is revoked)."""
+
         peer_cert: bytes | None = None
         fingerprint = ""
 
@@ -219,6 +222,7 @@ def protocols(listener: HttpsListener) -> tuple[type, type]:
             listener.untrack(self.fingerprint, self)
             super().connection_lost(exc)
 
+    class TLSHttpProtocol(Tracked, _http_protocol()):
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self.scope["lxd_peer_cert"] = self.peer_cert
@@ -230,21 +234,7 @@ def protocols(listener: HttpsListener) -> tuple[type, type]:
         def revoke(self) -> None:
             self.shutdown()  # after the request in progress, if any
 
-    class TLSWebSocketProtocol(WebSocketsSansIOProtocol):
-        peer_cert: bytes | None = None
-        fingerprint = ""
-
-        def connection_made(self, transport) -> None:
-            super().connection_made(transport)
-            self.peer_cert = peer_certificate(transport)
-            if self.peer_cert is not None:
-                self.fingerprint = hashlib.sha256(self.peer_cert).hexdigest()
-                listener.track(self.fingerprint, self)
-
-        def connection_lost(self, exc) -> None:
-            listener.untrack(self.fingerprint, self)
-            super().connection_lost(exc)
-
+    class TLSWebSocketProtocol(Tracked, WebSocketsSansIOProtocol):
         async def run_asgi(self) -> None:
             self.scope["lxd_peer_cert"] = self.peer_cert
             await super().run_asgi()
@@ -310,7 +300,7 @@ class HttpsListener:
                 proto.revoke()
 
     def register_revoke(self) -> None:
-        trust = getattr(self.services, "trust", None)
+        trust = self.services.trust
         if trust is not None and not self._revoke_registered:
             trust.on_revoke.append(self.revoke)
             self._revoke_registered = True
@@ -320,19 +310,16 @@ class HttpsListener:
         """The TLS context (self-tested) and the uvicorn config; TLSUnavailable if TLS can't be served."""
         if self._config is not None:
             return
+        from lxd_daemon.api.access import Gate
         from lxd_daemon.daemon import uvicorn_config
         from lxd_daemon.server.tls import TLSUnavailable, server_context
 
-        try:
-            from lxd_daemon.api.access import Gate
-        except ImportError:
-            raise TLSUnavailable("access control (lxd_daemon.api.access.Gate) is not available") from None
-        app = getattr(self.services, "app", None)
+        app = self.services.app
         if app is None:
             raise TLSUnavailable("the API application is not built yet")
         ctx = await asyncio.to_thread(server_context, self.services.lxd_dir)
         http, ws = protocols(self)
-        if logging.getLogger("lxd.api").isEnabledFor(logging.DEBUG):  # as the unix socket's, with --debug
+        if self.services.debug:  # as the unix socket's, with --debug
             from lxd_daemon.api.accesslog import AccessLog
             app = AccessLog(app)  # inside the Gate: it logs who the Gate says the caller is
         config = uvicorn_config(Gate(app, self.services, "tls"))

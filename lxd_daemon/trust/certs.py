@@ -1,4 +1,9 @@
-"""The server key pair: $LXD_DIR/server.crt and server.key, created on first start (ECDSA P-384)."""
+"""The server key pair: $LXD_DIR/server.crt and server.key, created on first start.
+
+ECDSA P-256 (LXD makes P-384): every `lxc` command opens several TLS connections, each with a
+full handshake (the stock client resumes no session), and signing with a P-256 key costs the
+server ~0.03 ms against ~0.8 ms for P-384 with OpenSSL 3 (the client's verification is cheaper
+too). Clients pin the certificate whatever its curve; an existing key pair is kept as it is."""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ def ensure_server_cert(lxd_dir: Path) -> str:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    private = ec.generate_private_key(ec.SECP384R1())
+    private = ec.generate_private_key(ec.SECP256R1())
     hostname = socket.gethostname()
     name = x509.Name([
         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "linuxcontainers.org"),
@@ -39,7 +44,7 @@ def ensure_server_cert(lxd_dir: Path) -> str:
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
         .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(private, hashes.SHA384())
+        .sign(private, hashes.SHA256())
     )
     key_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())

@@ -55,3 +55,14 @@ def format_byte_size(n: int) -> str:
         if n and n % mult == 0:
             return f"{n // mult}{unit}"
     return f"{n}B"
+
+
+def format_rate(n: float) -> str:
+    """A size in decimal units with two decimals, as LXD prints transfer progress: "12.35MB"."""
+    if n < 1000:
+        return f"{int(n)}B"
+    for unit in ("kB", "MB", "GB", "TB", "PB", "EB"):
+        n /= 1000
+        if n < 1000:
+            return f"{n:.2f}{unit}"
+    return f"{n:.2f}EB"

@@ -162,7 +162,7 @@ def _free_port() -> int:
 def _services(lxd_dir: Path):
     server = types.SimpleNamespace(addresses=[], invalidate=lambda: None,
                                    config=types.SimpleNamespace(get=lambda key: ""), appliers={})
-    return types.SimpleNamespace(lxd_dir=lxd_dir, app=_echo, server=server, trust=None,
+    return types.SimpleNamespace(lxd_dir=lxd_dir, app=_echo, server=server, trust=None, debug=False,
                                  startup_hooks=[], exit_hooks=[])
 
 

@@ -1,9 +1,8 @@
 """HTTPS to image servers: the remote's certificate pinned, downloads streamed to files and hashed.
 
-Pinning: given the remote's certificate (PEM, as `source.certificate` carries it), the TLS
-handshake accepts exactly that certificate (its DER compared after the handshake, before a
-byte of the request is sent) and no other, whatever its names or issuer; without one, the
-system CAs and the host name are checked as usual.
+Pinning (util/tlspin.py): given the remote's certificate (PEM, as `source.certificate` carries
+it), the TLS handshake accepts exactly that certificate; without one, the system CAs and the host
+name are checked as usual.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from pathlib import Path
 import httpx
 
 from lxd_daemon.errors import BadRequest, LXDError
+from lxd_daemon.util import tlspin
+from lxd_daemon.util.sizes import format_rate
 
 USER_AGENT = "LXD 5.0.2"
 CHUNK = 1 << 20
@@ -28,29 +29,8 @@ class RemoteError(BadRequest):
     """The image server failed or answered something unusable (a 400 in the operation)."""
 
 
-def _pinned_class(expected: bytes):
-    class PinnedSSLObject(ssl.SSLObject):
-        def do_handshake(self) -> None:
-            super().do_handshake()
-            if self.getpeercert(binary_form=True) != expected:
-                raise ssl.SSLError("The image server's certificate does not match the pinned certificate")
-
-    return PinnedSSLObject
-
-
 def ssl_context(certificate: str = "") -> ssl.SSLContext:
-    if not certificate.strip():
-        return ssl.create_default_context()
-    try:
-        der = ssl.PEM_cert_to_DER_cert(certificate.strip())
-    except ValueError:
-        raise BadRequest("Invalid source certificate: not a PEM certificate") from None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # the pin below is the whole check: exactly this certificate
-    ctx.sslobject_class = _pinned_class(der)
-    return ctx
+    return tlspin.client_context(certificate, what="image server")
 
 
 def base_url(server: str) -> str:
@@ -126,18 +106,10 @@ class Progress:
             return
         self.last_pct, self.last_t = pct, now
         speed = self.done / max(now - self.start, 1e-3)
-        text = f"{pct}% ({size_string(speed)}/s)"
+        text = f"{pct}% ({format_rate(speed)}/s)"
         self.report(f"{self.label}: {text}" if self.label else text)
 
 
-def size_string(n: float) -> str:
-    if n < 1000:
-        return f"{int(n)}B"
-    for unit in ("kB", "MB", "GB", "TB", "PB", "EB"):
-        n /= 1000
-        if n < 1000:
-            return f"{n:.2f}{unit}"
-    return f"{n:.2f}EB"
 
 
 class FileSink:
