@@ -101,6 +101,11 @@ def _base_context() -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    # No session tickets: the stock client resumes no session (each command's connections all make
+    # full handshakes), and a TLS 1.3 ticket holds the client certificate: making two of them took
+    # a quarter of the server's handshake time (0.34 of 1.39 ms with a P-384 client certificate).
+    ctx.num_tickets = 0
+    ctx.options |= ssl.OP_NO_TICKET
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
 

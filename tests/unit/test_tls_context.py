@@ -45,6 +45,30 @@ def test_handshakes_with_any_client_certificate(keypair, client_cert):
     assert tls.handshake(ctx, tls._client_context(None))[0] is None
 
 
+def test_no_session_tickets_are_made(keypair, client_cert):
+    """Clients make full handshakes anyway; a ticket would only cost the server its making."""
+    ctx = tls.server_context(keypair)
+    assert ctx.num_tickets == 0 and ctx.options & ssl.OP_NO_TICKET
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = tls._client_context(client_cert).wrap_bio(c_in, c_out, server_side=False)
+    for _ in range(10):
+        for end in (client, server):
+            try:
+                end.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+    client.write(b"x")
+    s_in.write(c_out.read())
+    assert server.read(1) == b"x"
+    server.write(b"y")
+    c_in.write(s_out.read())
+    assert client.read(1) == b"y"
+    assert client.session is None or not client.session.has_ticket
+
+
 def test_old_versions_and_weak_suites_are_refused(keypair):
     ctx = tls.server_context(keypair)
     try:
