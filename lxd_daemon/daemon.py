@@ -30,8 +30,6 @@ SUBSYSTEMS: tuple[str, ...] = (
     "lxd_daemon.trust.subsystem",  # services.trust (the Gate asks it), /1.0/certificates
     "lxd_daemon.storage.subsystem",
     "lxd_daemon.images.subsystem",
-    "lxd_daemon.images.remote.subsystem",  # pulls from image servers, refresh, auto-update, cache expiry
-    "lxd_daemon.api.streams",  # the simplestreams tree of the public images (needs services.images)
     "lxd_daemon.instances.subsystem",
     "lxd_daemon.api.instance_exec",
     "lxd_daemon.networks.subsystem",

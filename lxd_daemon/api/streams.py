@@ -65,8 +65,3 @@ async def export_streams(request: Request) -> Response:
     except OSError as e:
         raise BadRequest(f"Could not write the tree to {path}: {e.strerror or e}") from None
     return sync({"path": path, "files": written})
-
-
-async def setup(services) -> list:
-    services.streams = StreamsTree(services.images, services.events)
-    return [routes.router]

@@ -169,7 +169,7 @@ class ImageService:
         from lxd_daemon.images.remote.pull import Puller
 
         self.remote = Puller(self)  # pulls from image servers (images/remote/)
-        self.updater = None  # images/updater.py, set by images/remote/subsystem.py
+        self.updater = None  # images/updater.py, set by images/subsystem.py
 
     # -- remote images ---------------------------------------------------------------------
     async def pull(self, source: dict, *, project: str = "default", aliases=(), auto_update: bool | None = None,
