@@ -121,7 +121,8 @@ class SimpleStreamsRemote:
                 target = workdir / label
                 kind = "unified" if len(img.files) == 1 else ("meta" if f.kind == "meta" else "rootfs")
                 scans[kind] = UploadScan(kind)
-                sink = http.FileSink(target, combined, scans[kind])
+                # A unified image is one file: its own sha256 is the fingerprint.
+                sink = http.FileSink(target, combined if len(img.files) > 1 else None, scans[kind])
                 progress = http.Progress(report, f.size, label) if report else None
                 try:
                     async with c.stream("GET", "/" + f.path.lstrip("/")) as r:
@@ -140,7 +141,7 @@ class SimpleStreamsRemote:
                 paths.append(target)
                 sizes += sink.size
         if len(paths) == 1:  # a unified image: its own sha256 is the fingerprint
-            _check("the image", combined.hexdigest(), img.fingerprint)
+            _check("the image", sink.hash.hexdigest(), img.fingerprint)
             return Fetched(paths[0], None, img.fingerprint, sizes, scans=scans)
         _check("the image (combined)", combined.hexdigest(), img.fingerprint)
         return Fetched(paths[0], paths[1], img.fingerprint, sizes, img.files[1].path.rsplit("/", 1)[-1], scans)
@@ -218,7 +219,8 @@ class LXDRemote:
                     if ctype.split(";")[0].strip().lower() == "multipart/form-data":
                         return await self._multipart(r, ctype, workdir, combined, progress, fp, scans)
                     scans["unified"] = UploadScan("unified")
-                    sink = http.FileSink(workdir / "image", combined, scans["unified"])
+                    # One file: its own sha256 is the fingerprint (no second, combined hash of it).
+                    sink = http.FileSink(workdir / "image", None, scans["unified"])
                     length = r.headers.get("content-length", "")
                     try:
                         await http.stream_to(r, sink, progress, int(length) if length.isdigit() else -1)
@@ -226,7 +228,7 @@ class LXDRemote:
                         await sink.close()
             except httpx.HTTPError as e:
                 raise http.RemoteError(f"Failed to download image {fp} from {self.server}: {http.describe(e)}") from None
-        _check("the image", combined.hexdigest(), fp)
+        _check("the image", sink.hash.hexdigest(), fp)
         return Fetched(sink.path, None, fp, sink.size, scans=scans)
 
     async def _multipart(self, r: httpx.Response, ctype: str, workdir: Path, combined, progress,
