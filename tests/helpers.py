@@ -457,3 +457,28 @@ def release_host_state(base: Path) -> None:
         parts = line.split(None, 1)
         if len(parts) == 2 and parts[1].strip().startswith(base + "/"):
             subprocess.run(["losetup", "-d", parts[0]], capture_output=True)
+
+
+BENCH = Path(__file__).resolve().parents[1] / "scripts" / "bench"
+
+
+def lxd502_setup(tmp_path_factory, tag: str):
+    """(scripts/bench/daemons.py, a work directory for it) to run Debian's LXD 5.0.2 in an interop
+    test: the benchmark's daemons module starts it in a network namespace and cleans up after it.
+    Skips the test when LXD 5.0.2 is not installed."""
+    import tempfile
+
+    import pytest
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import daemons
+    finally:
+        sys.path.remove(str(BENCH))
+    if not daemons.DEBIAN_LXD.exists():
+        pytest.skip("Debian's lxd (5.0.2) is not installed")
+    base = tmp_path_factory.mktemp(tag)
+    os.chmod(base, 0o755)  # LXD's unprivileged containers traverse it
+    wd = Path(tempfile.mkdtemp(prefix="lxdbench-", dir=base))
+    os.chmod(wd, 0o755)
+    return daemons, wd

@@ -5,35 +5,21 @@ snapshot, and boots (busybox answers through exec)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from lxd_daemon.backups.config import parse_index_yaml
-from tests.helpers import busybox_tarball, run_prefix
+from tests.helpers import busybox_tarball, lxd502_setup, run_prefix
 
 pytestmark = pytest.mark.integration
 
-BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 
 @pytest.fixture(scope="module")
 def lxd502(tmp_path_factory):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import daemons
-    finally:
-        sys.path.remove(str(BENCH))
-    if not daemons.DEBIAN_LXD.exists():
-        pytest.skip("Debian's lxd (5.0.2) is not installed")
-    base = tmp_path_factory.mktemp("interop")
-    os.chmod(base, 0o755)
-    wd = Path(tempfile.mkdtemp(prefix="lxdbench-", dir=base))
-    os.chmod(wd, 0o755)
+    daemons, wd = lxd502_setup(tmp_path_factory, "interop")
     d = daemons.Daemon("lxd", "LXD 5.0.2", daemons.DEBIAN_LXD, wd, run_prefix())
     try:
         d.start()

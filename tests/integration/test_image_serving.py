@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import busybox_tarball, wait_for, wait_op
+from tests.helpers import busybox_tarball, lxd502_setup, wait_for, wait_op
 
 pytestmark = pytest.mark.integration
 
@@ -355,29 +355,15 @@ def test_push_refuses_a_target_with_another_certificate(serving):
 
 
 # -- LXD 5.0.2 as the client of our image server ---------------------------------------------------
-BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 
 @pytest.fixture(scope="module")
 def lxd502(serving, tmp_path_factory):
     """Debian's LXD 5.0.2 with a dir pool, in the pair's network namespace (so that it reaches B's
     loopback address), with its `lxc` run there too."""
-    import os
-    import sys
-    import tempfile
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import daemons
-    finally:
-        sys.path.remove(str(BENCH))
-    if not daemons.DEBIAN_LXD.exists():
-        pytest.skip("Debian's lxd (5.0.2) is not installed")
     pair = serving[0]
-    base = tmp_path_factory.mktemp("lxd502")
-    os.chmod(base, 0o755)
-    wd = Path(tempfile.mkdtemp(prefix="lxdbench-", dir=base))
-    os.chmod(wd, 0o755)
+    daemons, wd = lxd502_setup(tmp_path_factory, "lxd502")
     d = daemons.Daemon("lxd", "LXD 5.0.2", daemons.DEBIAN_LXD, wd, uuid.uuid4().hex[:6], netns=str(pair.ns.path))
     try:
         d.start()

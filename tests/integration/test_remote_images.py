@@ -22,7 +22,7 @@ import pytest
 from lxd_daemon.imagebuilder.busybox import build_busybox
 from lxd_daemon.imagebuilder.pack import serial
 from lxd_daemon.images.remote.simplestreams import host_architecture
-from tests.helpers import run_prefix, wait_op
+from tests.helpers import lxd502_setup, run_prefix, wait_op
 
 pytestmark = pytest.mark.integration
 
@@ -429,7 +429,6 @@ def test_tampered_image_on_the_other_daemon_is_refused(tls_pair, builds):
 
 # -- with LXD 5.0.2 (Debian's lxd, in a network namespace of its own; ours joins it) ---------------
 
-BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 
 def _uds(d, method: str, path: str, **kw):
@@ -449,20 +448,8 @@ def _uds_wait(d, r) -> dict:
 def with_lxd502(tmp_path_factory):
     """(LXD 5.0.2, ours): LXD in a new network namespace, ours in LXD's; both serve HTTPS on
     loopback (8443: LXD, 8444: ours). No storage pools: images only."""
-    import sys
-    import tempfile
 
-    sys.path.insert(0, str(BENCH))
-    try:
-        import daemons
-    finally:
-        sys.path.remove(str(BENCH))
-    if not daemons.DEBIAN_LXD.exists():
-        pytest.skip("Debian's lxd (5.0.2) is not installed")
-    base = tmp_path_factory.mktemp("interop-img")
-    os.chmod(base, 0o755)
-    wd = Path(tempfile.mkdtemp(prefix="lxdbench-", dir=base))
-    os.chmod(wd, 0o755)
+    daemons, wd = lxd502_setup(tmp_path_factory, "interop-img")
     prefix = run_prefix()
     lxd = daemons.Daemon("lxd", "LXD 5.0.2", daemons.DEBIAN_LXD, wd, prefix)
     ours = None
