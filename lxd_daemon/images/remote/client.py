@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-import httpx
-
 from lxd_daemon.errors import BadRequest, NotFound
 from lxd_daemon.images.multipart import MultipartParser, boundary_of
 from lxd_daemon.images.remote import http
@@ -115,31 +113,28 @@ class SimpleStreamsRemote:
         combined = hashlib.sha256()
         paths: list[Path] = []
         sizes = 0
-        async with http.client(self.server, self.certificate) as c:
-            for f in img.files:
-                label = "metadata" if f.kind == "meta" else "rootfs"
-                target = workdir / label
-                kind = "unified" if len(img.files) == 1 else ("meta" if f.kind == "meta" else "rootfs")
-                scans[kind] = UploadScan(kind)
-                # A unified image is one file: its own sha256 is the fingerprint.
-                sink = http.FileSink(target, combined if len(img.files) > 1 else None, scans[kind])
-                progress = http.Progress(report, f.size, label) if report else None
-                try:
-                    async with c.stream("GET", "/" + f.path.lstrip("/")) as r:
-                        if r.status_code != 200:
-                            raise http.RemoteError(f"Unable to fetch {self.server}/{f.path}: {r.status_code}")
-                        if progress is not None and progress.total <= 0:
-                            progress.total = int(r.headers.get("content-length") or 0)
-                        await http.stream_to(r, sink, progress, f.size)
-                except httpx.HTTPError as e:
-                    raise http.RemoteError(f"Failed to download {self.server}/{f.path}: {http.describe(e)}") from None
-                finally:
-                    await sink.close()
-                if f.size >= 0 and sink.size != f.size:
-                    raise TamperedImage(f"Image download failed: {f.path} is {sink.size} bytes, expected {f.size}")
-                _check(f.path, sink.hash.hexdigest(), f.sha256)
-                paths.append(target)
-                sizes += sink.size
+        for f in img.files:
+            label = "metadata" if f.kind == "meta" else "rootfs"
+            target = workdir / label
+            kind = "unified" if len(img.files) == 1 else ("meta" if f.kind == "meta" else "rootfs")
+            scans[kind] = UploadScan(kind)
+            # A unified image is one file: its own sha256 is the fingerprint.
+            sink = http.FileSink(target, combined if len(img.files) > 1 else None, scans[kind])
+            progress = http.Progress(report, f.size, label) if report else None
+            try:
+                async with await http.Body.get(self.server, self.certificate, "/" + f.path.lstrip("/")) as r:
+                    if r.status_code != 200:
+                        raise http.RemoteError(f"Unable to fetch {self.server}/{f.path}: {r.status_code}")
+                    if progress is not None and progress.total <= 0:
+                        progress.total = int(r.headers.get("content-length") or 0)
+                    await http.stream_to(r, sink, progress, f.size)
+            finally:
+                await sink.close()
+            if f.size >= 0 and sink.size != f.size:
+                raise TamperedImage(f"Image download failed: {f.path} is {sink.size} bytes, expected {f.size}")
+            _check(f.path, sink.hash.hexdigest(), f.sha256)
+            paths.append(target)
+            sizes += sink.size
         if len(paths) == 1:  # a unified image: its own sha256 is the fingerprint
             _check("the image", sink.hash.hexdigest(), img.fingerprint)
             return Fetched(paths[0], None, img.fingerprint, sizes, scans=scans)
@@ -206,32 +201,29 @@ class LXDRemote:
 
         fp = info.fingerprint
         combined = hashlib.sha256()
-        async with http.client(self.server, self.certificate) as c:
+        async with await http.Body.get(self.server, self.certificate, f"/1.0/images/{fp}/export",
+                                       self._params()) as r:
+            if r.status_code != 200:
+                await r.aread()
+                raise http.RemoteError(f"Unable to fetch image {fp} from {self.server}: "
+                                       f"{r.status_code} {_error(r)}")
+            total = int(r.headers.get("content-length") or info.size or 0)
+            progress = http.Progress(report, total) if report else None
+            ctype = r.headers.get("content-type", "")
+            if ctype.split(";")[0].strip().lower() == "multipart/form-data":
+                return await self._multipart(r, ctype, workdir, combined, progress, fp, scans)
+            scans["unified"] = UploadScan("unified")
+            # One file: its own sha256 is the fingerprint (no second, combined hash of it).
+            sink = http.FileSink(workdir / "image", None, scans["unified"])
+            length = r.headers.get("content-length", "")
             try:
-                async with c.stream("GET", f"/1.0/images/{fp}/export", params=self._params()) as r:
-                    if r.status_code != 200:
-                        await r.aread()
-                        raise http.RemoteError(f"Unable to fetch image {fp} from {self.server}: "
-                                               f"{r.status_code} {_error(r)}")
-                    total = int(r.headers.get("content-length") or info.size or 0)
-                    progress = http.Progress(report, total) if report else None
-                    ctype = r.headers.get("content-type", "")
-                    if ctype.split(";")[0].strip().lower() == "multipart/form-data":
-                        return await self._multipart(r, ctype, workdir, combined, progress, fp, scans)
-                    scans["unified"] = UploadScan("unified")
-                    # One file: its own sha256 is the fingerprint (no second, combined hash of it).
-                    sink = http.FileSink(workdir / "image", None, scans["unified"])
-                    length = r.headers.get("content-length", "")
-                    try:
-                        await http.stream_to(r, sink, progress, int(length) if length.isdigit() else -1)
-                    finally:
-                        await sink.close()
-            except httpx.HTTPError as e:
-                raise http.RemoteError(f"Failed to download image {fp} from {self.server}: {http.describe(e)}") from None
+                await http.stream_to(r, sink, progress, int(length) if length.isdigit() else -1)
+            finally:
+                await sink.close()
         _check("the image", sink.hash.hexdigest(), fp)
         return Fetched(sink.path, None, fp, sink.size, scans=scans)
 
-    async def _multipart(self, r: httpx.Response, ctype: str, workdir: Path, combined, progress,
+    async def _multipart(self, r: http.Body, ctype: str, workdir: Path, combined, progress,
                          fp: str, scans: dict) -> Fetched:
         from lxd_daemon.images.pipeline import UploadScan
 
@@ -269,12 +261,12 @@ class LXDRemote:
         return Fetched(meta.path, rootfs.path, fp, meta.size + rootfs.size, names.get("rootfs", ""), scans)
 
 
-def _error(r: httpx.Response) -> str:
+def _error(r: http.Body) -> str:
     try:
         body = json.loads(r.content)
         if isinstance(body, dict) and body.get("error"):
             return str(body["error"])
-    except (ValueError, httpx.ResponseNotRead):
+    except ValueError:
         pass
     return r.reason_phrase
 
