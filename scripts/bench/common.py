@@ -227,6 +227,29 @@ class UnixHTTP:
 
 
 # -- statistics ---------------------------------------------------------------------
+def map_with_connections(connect, items, fn, workers: int = 2) -> None:
+    """fn(connection, item) for every item, `workers` at a time, each worker thread with a
+    connection of its own from connect(); all closed at the end."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    local = threading.local()
+    conns = []
+
+    def one(item):
+        if not hasattr(local, "c"):
+            local.c = connect()
+            conns.append(local.c)
+        fn(local.c, item)
+
+    try:
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(one, items))
+    finally:
+        for c in conns:
+            c.close()
+
+
 def percentile(values: list[float], q: float) -> float:
     """Linear-interpolated percentile (q in 0..100)."""
     if not values:

@@ -14,11 +14,10 @@ The bridge is deleted at the end (its dnsmasq with it), before the daemons stop.
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import run_wall
+from common import map_with_connections, run_wall
 from daemons import LXC
 
 SUBNET = "10.221.0.1/24"
@@ -131,21 +130,7 @@ class NetworksSuite:
 
     def launch_many(self, d, names: list[str], fp: str) -> None:
         """Launch `names` two at a time, each to its lease."""
-        local = threading.local()
-        conns = []
-
-        def one(name):
-            if not hasattr(local, "c"):
-                local.c = d.http()
-                conns.append(local.c)
-            self.launch(local.c, name, fp)
-
-        try:
-            with ThreadPoolExecutor(2) as ex:
-                list(ex.map(one, names))
-        finally:
-            for c in conns:
-                c.close()
+        map_with_connections(d.http, names, lambda c, name: self.launch(c, name, fp))
 
     def mass(self, active, skipped, fp: str) -> None:
         n = self.args.containers or (10 if self.quick else 50)

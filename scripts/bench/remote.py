@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import images
-from common import APIError, MiB, UnixHTTP, run_wall
+from common import APIError, MiB, UnixHTTP, map_with_connections, run_wall
 from daemons import LXC, REPO, Daemon
 
 HERE = Path(__file__).resolve().parent
@@ -395,21 +395,7 @@ class RemoteSuite:
 
     def create_many(self, d: Daemon, names: list[str], fp: str) -> None:
         """Create (not start) `names`, two at a time."""
-        local = threading.local()
-        conns: list[UnixHTTP] = []
-
-        def one(name):
-            if not hasattr(local, "c"):
-                local.c = d.http()
-                conns.append(local.c)
-            self.create(local.c, name, fp)
-
-        try:
-            with ThreadPoolExecutor(2) as ex:
-                list(ex.map(one, names))
-        finally:
-            for c in conns:
-                c.close()
+        map_with_connections(d.http, names, lambda c, name: self.create(c, name, fp))
 
     # -- list ------------------------------------------------------------------------------------
     def list_rows(self, active, skipped, fp: str) -> None:
