@@ -17,6 +17,7 @@ CORE = (
     "event_location",
     "event_lifecycle_requestor_address",
     "projects",
+    "project_usage",  # GET /1.0/projects/{name}/state (`lxc project info`); limits: projects/policy.py
     "kernel_features",
     "lxc_features",
     "api_os",

@@ -13,7 +13,8 @@ from lxd_daemon.api.envelope import etag_of, sync
 from lxd_daemon.api.request import check_etag, parse, recursion
 from lxd_daemon.db.models import projects
 from lxd_daemon.errors import BadRequest, NotFound, NotImplementedYet
-from lxd_daemon.services import get_services
+from lxd_daemon.projects import policy
+from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire import ProjectPut, ProjectsPost
 
 router = Routes()
@@ -57,21 +58,58 @@ async def get_project(request: Request, name: str) -> Response:
 
 
 async def _update(request: Request, name: str, replace: bool) -> Response:
+    services = get_services(request)
     p = await _project(request, name)
     check_etag(request, etag_of(p["description"], p["config"]))
     body = await parse(request, ProjectPut)
     fields = body.model_fields_set
-    config = dict(body.config) if replace else {**p["config"], **body.config}
-    if config != p["config"]:
-        raise BadRequest("Project features of the 'default' project can't be changed")
+    if replace:
+        config = {str(k): str(v) for k, v in (body.config or {}).items()}
+    elif "config" in fields:
+        config = {**p["config"], **{str(k): str(v) for k, v in (body.config or {}).items()}}
+    else:
+        config = dict(p["config"])
+    config = {k: v for k, v in config.items() if v != ""}  # an empty value unsets the key
     description = body.description if (replace or "description" in fields) else p["description"]
+    # Validated (LXD's keys and texts; keys this server doesn't enforce refused), then checked
+    # against what the project holds now, then made current in memory in the same synchronous
+    # step, so that no create or update can pass against the old limits meanwhile.
+    policy.validate_config(config, p["config"], name)
+    svc = services.instances
+    if svc is not None:
+        instances, profiles = svc.policy_entities(name)
+        policy.check_project_update(name, config, p["config"], instances, profiles)
+        before = svc.projects.config(name)
+        svc.projects.set_config(name, config)
 
     def write(session):
-        session.execute(update(projects).where(projects.c.name == name).values(description=description))
+        session.execute(update(projects).where(projects.c.name == name).values(
+            description=description, config=json.dumps(config, sort_keys=True)))
 
-    await get_services(request).db.run(write)
-    get_services(request).events.lifecycle("project-updated", f"/1.0/projects/{name}")
+    try:
+        await services.db.run(write)
+    except BaseException:
+        if svc is not None:
+            svc.projects.set_config(name, before)
+        raise
+    services.events.lifecycle("project-updated", f"/1.0/projects/{name}", requestor=requestor(request))
     return sync({})
+
+
+@router.get("/1.0/projects/{name}/state", access=Access.TRUSTED)
+async def project_state(request: Request, name: str) -> Response:
+    """Usage against limits (`lxc project info`)."""
+    services = get_services(request)
+    p = await _project(request, name)
+    svc = services.instances
+    instances = svc.policy_entities(name)[0] if svc is not None else []
+    networks = services.networks.managed_names(name) if services.networks is not None else []
+    sizes: list[str] = []
+    custom = services.storage.custom if services.storage is not None else None
+    if custom is not None:
+        for pool in list(services.storage.pools):
+            sizes.extend(v.config.get("size", "") for v in await custom.list(pool, name))
+    return sync({"resources": policy.allocations(p["config"], instances, len(networks), sizes)})
 
 
 @router.put("/1.0/projects/{name}", access=Access.ADMIN)

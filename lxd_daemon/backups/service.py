@@ -250,6 +250,9 @@ class BackupService:
     async def check_create(self, name: str, bname: str, compression: str) -> str:
         """What can be refused before the operation starts; returns the compression to use."""
         self.services.instances.record(name)
+        from lxd_daemon.projects import policy as project_policy
+
+        project_policy.backup_allowed(project_policy.DEFAULT, self.services.instances.projects.config())
         try:
             names.backup(bname)
         except names.InvalidName as e:
@@ -470,6 +473,9 @@ class BackupService:
         snap_cfg = {s["name"]: s for s in cfg.snapshots}
         svc.reserve(name)
         try:
+            # The project's limits and restrictions, as for any new instance (the backup's
+            # volatile keys are its own); claimed until the caller's release().
+            svc.policy_check("create", name, config, devices, profiles, strip=True)
             ec = validation.expand(pinputs, config, devices)[0]
             desired = svc._desired_idmap(name, ec)
             config["volatile.idmap.base"] = "0" if desired.empty else str(desired.root_ids()[0])
@@ -755,6 +761,9 @@ class VolumeBackups:
 
     async def check_create(self, pool: str, name: str, bname: str, compression: str, project: str = "default") -> str:
         rec = await self.custom.get(pool, name, project)
+        from lxd_daemon.projects import policy as project_policy
+
+        project_policy.backup_allowed(project, self.backups.services.instances.projects.config(project))
         if rec.content_type != "filesystem":
             raise BadRequest("Backups of block custom volumes are not supported yet")
         try:

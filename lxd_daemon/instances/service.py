@@ -37,6 +37,7 @@ from lxd_daemon.instances.idmap import IdmapEntry, IdmapSet, shift_tree
 from lxd_daemon.instances.models import FrozenRootfs, Instance, Record, Runtime
 from lxd_daemon.instances.store import InstanceStore
 from lxd_daemon.instances.tracker import RuntimeTracker
+from lxd_daemon.projects import policy as project_policy
 from lxd_daemon.runtime.client import StartFailed
 from lxd_daemon.util.revert import Revert
 from lxd_daemon.util.timefmt import EPOCH_TIME, rfc3339
@@ -95,6 +96,9 @@ class InstanceService:
         self.device_state: dict[str, object] = {}
         self._yaml_locks: dict[str, asyncio.Lock] = {}  # see backup_yaml_lock()
         self.loop: asyncio.AbstractEventLoop | None = None
+        # Project config, limits and restrictions (projects/policy.py); checks run synchronously
+        # with their claim, as reserve() does for names.
+        self.projects = project_policy.ProjectPolicy(services.db)
 
     # ------------------------------------------------------------------ helpers
     def lock(self, name: str) -> asyncio.Lock:
@@ -318,6 +322,7 @@ class InstanceService:
     # ------------------------------------------------------------------ start-up
     async def load(self) -> None:
         self.loop = asyncio.get_running_loop()
+        await self.projects.load()
         await asyncio.to_thread(self._prepare_dirs)
 
         records, pending = await self.store.load()
@@ -623,6 +628,47 @@ class InstanceService:
 
     def release(self, name: str) -> None:
         self._reserved.discard(name)
+        self.projects.release(project_policy.DEFAULT, name)
+
+    # ------------------------------------------------------------------ project limits/restrictions
+    def policy_entities(self, project: str = project_policy.DEFAULT, profile: tuple | None = None
+                        ) -> tuple[list[project_policy.Entity], list[project_policy.Entity]]:
+        """The project's instances (recorded, or claimed by a change in flight), expanded, and its
+        profiles; `profile` = (name, config, devices) stands for that profile's proposed state."""
+        profs = {n: (p.config, p.devices) for n, p in self.services.profiles.profiles.items()}
+        if profile is not None:
+            profs[profile[0]] = (profile[1], profile[2])
+        local = {n: (r.config, r.devices, r.profiles, r.type) for n, r in self.records.items()}
+        local.update(self.projects.claims.get(project, {}))
+        instances = []
+        for n, (c, d, ps, t) in sorted(local.items()):
+            pin = [{"config": profs[p][0], "devices": profs[p][1]} for p in ps if p in profs]
+            ec, ed = validation.expand(pin, c, d)
+            instances.append(project_policy.Entity(n, ec, ed, t))
+        profiles = [project_policy.Entity(n, dict(c), {k: dict(v) for k, v in d.items()}, "profile")
+                    for n, (c, d) in sorted(profs.items())]
+        return instances, profiles
+
+    def policy_check(self, kind: str, name: str, config: dict, devices: dict, profiles: list[str], *,
+                     current: dict | None = None, strip: bool = False, itype: str = "container") -> None:
+        """Check a create ("create") or an update ("update") of `name` against its project's limits
+        and restrictions, and claim it (release() or policy_done() drops the claim). Synchronous:
+        no other change can pass between the check and the claim."""
+        project = project_policy.DEFAULT
+        cfg = self.projects.config(project)
+        if project_policy.has_limits_or_restrictions(cfg):
+            instances, profs = self.policy_entities(project)
+            pmap = {p.name: p for p in profs}
+            pin = [{"config": pmap[p].config, "devices": pmap[p].devices} for p in profiles if p in pmap]
+            ec, ed = validation.expand(pin, config, devices)
+            change = project_policy.Change(kind, project_policy.Entity(name, ec, ed, itype), local=dict(config),
+                                           current=dict(current or {}), strip=strip)
+            project_policy.check(project, cfg, instances, profs, change)
+        self.projects.claim(project, name, (dict(config), {k: dict(v) for k, v in devices.items()},
+                                            list(profiles), itype))
+
+    def policy_done(self, name: str) -> None:
+        self.projects.release(project_policy.DEFAULT, name)
 
     async def adopt_record(self, rec: Record, pool, extra_sql=None) -> None:
         """Record an instance whose volume exists on `pool` but whose rows were lost (`lxd
@@ -662,8 +708,10 @@ class InstanceService:
         await self.store.delete(rec.id)
         await asyncio.to_thread(_remove_paths, self.lxcpath / name)
 
-    async def prepare_create(self, body) -> dict:
-        """Validate a create request (before the operation starts); returns the plan."""
+    async def prepare_create(self, body, *, new_instance: bool = True) -> dict:
+        """Validate a create request (before the operation starts); returns the plan. A new
+        instance (not a pool move's copy) is checked against the project's limits and
+        restrictions, and claimed until release()."""
         name = body.name
         if body.type not in ("", "container"):
             raise BadRequest(f"Instance type {body.type!r} is not supported (only containers)")
@@ -734,6 +782,8 @@ class InstanceService:
             src_rec.architecture if src_rec else host_architecture())
         with_snaps = stype == "copy" and src_snap is None and not (
             source.get("instance_only") or source.get("container_only"))
+        if new_instance:  # after the last await: the check and the claim are one step
+            self.policy_check("create", name, config, devices, profiles, strip=stype == "copy")
         return {"name": name, "profiles": profiles, "config": config, "devices": devices, "image": image,
                 "expanded_devices": ed,
                 "source_rec": src_rec, "pool": pool, "expanded_config": ec, "architecture": arch,
@@ -912,6 +962,7 @@ class InstanceService:
             for k in MANAGED_VOLATILE:
                 if k not in config and k in rec.config:
                     config[k] = rec.config[k]
+            asked = dict(config)  # the local config as asked (volatile keys checked by the project)
             validation.validate_config({k: v for k, v in config.items() if not k.startswith("image.")})
             if config.get("raw.lxc") != rec.config.get("raw.lxc"):
                 from lxd_daemon.instances.lxcconf import check_raw_lxc
@@ -940,17 +991,21 @@ class InstanceService:
             if new[1] and self._root_pool(new[1]) is not self._root_pool(old[1], name):
                 raise BadRequest("Changing the root disk's storage pool is not supported")
             self._check_expanded(new[0])
-            status, pid = self.status_of(name)
-            if status != "Stopped":
-                await self._apply_live(name, old, new, pid)
-                from lxd_daemon.devices.nic.common import after_live
+            self.policy_check("update", name, asked, devices, profiles, current=rec.config, itype=rec.type)
+            try:
+                status, pid = self.status_of(name)
+                if status != "Stopped":
+                    await self._apply_live(name, old, new, pid)
+                    from lxd_daemon.devices.nic.common import after_live
 
-                config = after_live(self.records[name].config, config, new[1])
-            newrec = Record(rec.id, name, architecture or rec.architecture, ephemeral, rec.stateful, description,
-                            rec.created_at, rec.last_used_at, config, {k: dict(v) for k, v in devices.items()},
-                            list(profiles), rec.type)
-            await self.store.save(newrec)
-            self.records[name] = newrec
+                    config = after_live(self.records[name].config, config, new[1])
+                newrec = Record(rec.id, name, architecture or rec.architecture, ephemeral, rec.stateful,
+                                description, rec.created_at, rec.last_used_at, config,
+                                {k: dict(v) for k, v in devices.items()}, list(profiles), rec.type)
+                await self.store.save(newrec)
+                self.records[name] = newrec
+            finally:
+                self.policy_done(name)
             self.refresh_backup_yaml(name)
             if status == "Stopped":  # devices that left remove what they keep on the host
                 gone = {k: d for k, d in old[1].items() if new[1].get(k) != d}
@@ -975,6 +1030,13 @@ class InstanceService:
                               privileged=inst.idmap.empty, devices_dir=self.devices_dir(name), instances=self)
 
     async def check_profile_change(self, profile: str, config: dict, devices: dict) -> None:
+        project = project_policy.DEFAULT
+        cfg = self.projects.config(project)
+        if project_policy.has_limits_or_restrictions(cfg):  # the project's limits and restrictions
+            instances, profs = self.policy_entities(project, (profile, config, devices))
+            change = project_policy.Change("profile", profile=project_policy.Entity(profile, config, devices,
+                                                                                    "profile"))
+            project_policy.check(project, cfg, instances, profs, change)
         for n in self.names_using_profile(profile):
             rec = self.records[n]
             pinputs = [({"config": config, "devices": devices} if p == profile else

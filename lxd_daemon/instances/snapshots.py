@@ -267,9 +267,22 @@ class SnapshotService:
         return self.services.events
 
     # -- create ----------------------------------------------------------------------------
+    def _project_allows(self) -> bool:
+        from lxd_daemon.errors import LXDError
+        from lxd_daemon.projects import policy as project_policy
+
+        try:
+            project_policy.snapshot_allowed(project_policy.DEFAULT, self.instances.projects.config())
+        except LXDError:
+            return False
+        return True
+
     def check_create(self, name: str, snap: str, stateful: bool) -> None:
         """What can be refused before an operation starts."""
         self.instances.record(name)
+        from lxd_daemon.projects import policy as project_policy
+
+        project_policy.snapshot_allowed(project_policy.DEFAULT, self.instances.projects.config())
         if stateful:
             raise BadRequest(CRIU_MISSING)
         try:
@@ -417,6 +430,12 @@ class SnapshotService:
             if missing:
                 raise BadRequest(f"Can't restore snapshot {snap!r}: its profiles no longer exist: "
                                  f"{', '.join(missing)}")
+            # What the snapshot brings back is checked against the project's restrictions and
+            # limits as an update would be (a snapshot may predate them).
+            svc.policy_check("update", name, {**{k: v for k, v in s.config.items() if not k.startswith("volatile.")},
+                                              **{k: v for k, v in rec.config.items() if k.startswith("volatile.")}},
+                             s.devices, s.profiles, current=rec.config, itype=rec.type)
+            svc.policy_done(name)
             status = svc.status_of(name)[0]
             was_running = status != "Stopped"
             if was_running:
@@ -457,7 +476,7 @@ class SnapshotService:
         """Before a stopped instance starts (the caller holds its lock): an `@startup` trigger
         in snapshots.schedule takes a snapshot."""
         ec = self.instances.expanded(name)[0]
-        if not schedule.has_startup(ec.get("snapshots.schedule", "")):
+        if not schedule.has_startup(ec.get("snapshots.schedule", "")) or not self._project_allows():
             return
         snap = self.next_name(name)
         await self.create_locked(name, snap)
@@ -478,8 +497,8 @@ class SnapshotService:
             except LXDError:
                 continue
             spec = ec.get("snapshots.schedule", "")
-            if not spec or not schedule.due(spec, now, rec.id):
-                continue
+            if not spec or not schedule.due(spec, now, rec.id) or not self._project_allows():
+                continue  # (as LXD, a project that forbids snapshots skips its schedules)
             if svc.status_of(name)[0] == "Stopped" and (ec.get("snapshots.schedule.stopped") or "").lower() \
                     not in TRUE:
                 continue
@@ -577,7 +596,7 @@ class SnapshotService:
             "source": {"type": "copy", "source": name, "instance_only": instance_only}})
         svc.reserve(tmp)
         try:
-            plan = await svc.prepare_create(body)
+            plan = await svc.prepare_create(body, new_instance=False)  # a move makes no new instance
             await svc.create(plan)
         finally:
             svc.release(tmp)

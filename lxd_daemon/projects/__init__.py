@@ -1,0 +1,1 @@
+"""Projects: their config, limits and restrictions (policy.py)."""
