@@ -78,7 +78,9 @@ async def _update(request: Request, name: str, replace: bool) -> Response:
     svc = services.instances
     if svc is not None:
         instances, profiles = svc.policy_entities(name)
-        policy.check_project_update(name, config, p["config"], instances, profiles)
+        nets = len(services.networks.managed_names(name)) if services.networks is not None else 0
+        policy.check_project_update(name, config, p["config"], instances, profiles,
+                                    svc.projects.volume_entities(name), nets)
         before = svc.projects.config(name)
         svc.projects.set_config(name, config)
 

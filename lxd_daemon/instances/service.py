@@ -663,7 +663,7 @@ class InstanceService:
             ec, ed = validation.expand(pin, config, devices)
             change = project_policy.Change(kind, project_policy.Entity(name, ec, ed, itype), local=dict(config),
                                            current=dict(current or {}), strip=strip)
-            project_policy.check(project, cfg, instances, profs, change)
+            project_policy.check(project, cfg, instances, profs, change, self.projects.volume_entities(project))
         self.projects.claim(project, name, (dict(config), {k: dict(v) for k, v in devices.items()},
                                             list(profiles), itype))
 
@@ -1036,7 +1036,7 @@ class InstanceService:
             instances, profs = self.policy_entities(project, (profile, config, devices))
             change = project_policy.Change("profile", profile=project_policy.Entity(profile, config, devices,
                                                                                     "profile"))
-            project_policy.check(project, cfg, instances, profs, change)
+            project_policy.check(project, cfg, instances, profs, change, self.projects.volume_entities(project))
         for n in self.names_using_profile(profile):
             rec = self.records[n]
             pinputs = [({"config": config, "devices": devices} if p == profile else

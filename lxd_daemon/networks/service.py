@@ -392,6 +392,12 @@ class NetworkService:
         async with self.lock:
             if _key(name, project) in self.networks:
                 raise BadRequest("The network already exists")
+            instances = getattr(self.services, "instances", None)
+            if instances is not None:  # the project's limits.networks (checked under the lock)
+                from lxd_daemon.projects import policy as project_policy
+
+                project_policy.check_network_count(project, instances.projects.config(project),
+                                                   self.managed_names(project), name)
             drv = cls(name, {}, self.ctx, project=project)
             try:
                 await drv.create()

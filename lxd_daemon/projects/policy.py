@@ -161,12 +161,12 @@ LXD_KEYS: dict[str, Callable[[str], None]] = {
 }
 
 # Keys LXD has that this server doesn't enforce (yet): refused, never accepted silently.
-# (features.* can't change on the default project anyway; limits.disk needs custom volume
-# creation to be checked too; the cluster and uplink keys have nothing to act on here.)
+# (features.* can't change on the default project anyway; the cluster and uplink keys have
+# nothing to act on here.)
 UNSUPPORTED = frozenset({
     "backups.compression_algorithm", "images.auto_update_cached", "images.auto_update_interval",
     "images.compression_algorithm", "images.default_architecture", "images.remote_cache_expiry",
-    "limits.disk", "limits.networks", "restricted.cluster.groups", "restricted.cluster.target",
+    "restricted.cluster.groups", "restricted.cluster.target",
     "restricted.networks.uplinks", "restricted.networks.subnets", "restricted.networks.zones",
 })
 
@@ -198,6 +198,9 @@ RESTRICTION_DEFAULTS: dict[str, str] = {
 }
 
 AGGREGATE = ("limits.cpu", "limits.memory", "limits.processes")
+# The aggregates checked on a change: limits.disk sums the instances' root disk `size` and the
+# project's custom volumes' `size` (every one must have one while the limit is set, as LXD).
+AGGREGATE_ALL = (*AGGREGATE, "limits.disk")
 
 ALLOWABLE_INTERCEPT = (
     "security.syscalls.intercept.bpf", "security.syscalls.intercept.bpf.devices",
@@ -261,6 +264,14 @@ class Entity:
     type: str = "container"  # "container", "virtual-machine" or "profile"
 
 
+@dataclass
+class VolumeEntity:
+    """A custom volume of the project (any pool), as limits.disk counts it: its config."""
+
+    name: str
+    config: dict[str, str]
+
+
 def has_limits_or_restrictions(cfg: dict[str, str]) -> bool:
     return any(k.startswith("limits.") for k in cfg) or is_true(cfg.get("restricted"))
 
@@ -288,6 +299,8 @@ def check_counts(project: str, cfg: dict[str, str], instances: list[Entity], new
 
 # ---------------------------------------------------------------------------------- aggregates
 def parse_aggregate(key: str, value: str) -> int:
+    if key == "limits.disk":
+        return parse_byte_size(value)
     if key == "limits.memory":
         if value.endswith("%"):
             raise ValueError("Value can't be a percentage")
@@ -312,14 +325,48 @@ def iec(n: int, precision: int = 1) -> str:
 
 
 def _print_total(key: str, n: int) -> str:
-    return iec(n) if key == "limits.memory" else str(n)
+    return iec(n) if key in ("limits.memory", "limits.disk") else str(n)
 
 
-def totals(project: str, instances: list[Entity], keys: Iterable[str], *, skip_unset: bool) -> dict[str, int]:
+def _volume_sizes(project: str, volumes: Iterable[VolumeEntity], skip_unset: bool) -> int:
+    total = 0
+    for v in volumes:
+        if "size" not in v.config:
+            if skip_unset:
+                continue
+            raise PolicyError(f'Custom volume "{v.name}" in project "{project}" has no "size" config set')
+        try:
+            total += parse_byte_size(v.config["size"]) if v.config["size"] else 0
+        except ValueError as e:
+            raise PolicyError(f'Parse "size" for custom volume "{v.name}" in project "{project}": {e}') from None
+    return total
+
+
+def _root_size(project: str, inst: Entity, skip_unset: bool) -> str:
+    """The `size` of an instance's root disk ("" when unset and skip_unset)."""
+    from lxd_daemon.devices import root_disk
+
+    root = root_disk(inst.devices)
+    if root is None:
+        if skip_unset:
+            return ""
+        raise PolicyError(f'Failed getting root disk device for instance "{inst.name}" in project "{project}": '
+                          "No root device could be found")
+    value = root[1].get("size", "")
+    if value == "" and not skip_unset:
+        raise PolicyError(f'Instance "{inst.name}" in project "{project}" has no "size" config set on the root '
+                          "device either directly or via a profile")
+    return value
+
+
+def totals(project: str, instances: list[Entity], keys: Iterable[str], *, skip_unset: bool,
+           volumes: Iterable[VolumeEntity] = ()) -> dict[str, int]:
     out = {k: 0 for k in keys}
+    if "limits.disk" in out:
+        out["limits.disk"] = _volume_sizes(project, volumes, skip_unset)
     for inst in instances:
         for key in out:
-            value = inst.config.get(key, "")
+            value = _root_size(project, inst, skip_unset) if key == "limits.disk" else inst.config.get(key, "")
             if value == "":
                 if skip_unset:
                     continue
@@ -335,12 +382,13 @@ def totals(project: str, instances: list[Entity], keys: Iterable[str], *, skip_u
     return out
 
 
-def check_aggregates(project: str, cfg: dict[str, str], instances: list[Entity]) -> None:
-    keys = [k for k in AGGREGATE if k in cfg]
+def check_aggregates(project: str, cfg: dict[str, str], instances: list[Entity],
+                     volumes: Iterable[VolumeEntity] = ()) -> None:
+    keys = [k for k in AGGREGATE_ALL if k in cfg]
     if not keys:
         return
     try:
-        got = totals(project, instances, keys, skip_unset=False)
+        got = totals(project, instances, keys, skip_unset=False, volumes=volumes)
     except PolicyError as e:
         raise PolicyError(f"Failed getting usage of project entities: {e.message}") from None
     for key in keys:
@@ -550,9 +598,11 @@ class Change:
     strip: bool = False
 
 
-def check(project: str, cfg: dict[str, str], instances: list[Entity], profiles: list[Entity], change: Change) -> None:
+def check(project: str, cfg: dict[str, str], instances: list[Entity], profiles: list[Entity], change: Change,
+          volumes: Iterable[VolumeEntity] = ()) -> None:
     """THE check of a change to a project's instances or profiles (instances expanded, the
-    changed one excluded for create; profiles as they are). Raises PolicyError with LXD's text."""
+    changed one excluded for create; profiles as they are; `volumes` the project's custom
+    volumes, for limits.disk). Raises PolicyError with LXD's text."""
     if not has_limits_or_restrictions(cfg):
         return
     others = [i for i in instances if change.instance is None or i.name != change.instance.name]
@@ -568,16 +618,40 @@ def check(project: str, cfg: dict[str, str], instances: list[Entity], profiles: 
         after, what = instances, "profile update"
         profiles = [change.profile if p.name == change.profile.name else p for p in profiles]
     try:
-        check_aggregates(project, cfg, after)
+        check_aggregates(project, cfg, after, volumes)
         if is_true(cfg.get("restricted")):
             check_restrictions(project, cfg, after, profiles)
     except PolicyError as e:
         raise PolicyError(f"Failed checking if {what} allowed: {e.message}") from None
 
 
+def check_volume(project: str, cfg: dict[str, str], instances: list[Entity], profiles: list[Entity],
+                 volumes: Iterable[VolumeEntity], what: str) -> None:
+    """A custom volume create, copy or import (`what` "creation"), or config change ("update"):
+    `volumes` are the project's custom volumes with the proposed one in its new state. Only while
+    limits.disk is set, and then every aggregate limit and restriction is checked (as LXD)."""
+    if not cfg.get("limits.disk"):
+        return
+    try:
+        check_aggregates(project, cfg, instances, volumes)
+        if is_true(cfg.get("restricted")):
+            check_restrictions(project, cfg, instances, profiles)
+    except PolicyError as e:
+        raise PolicyError(f"Failed checking if volume {what} allowed: {e.message}") from None
+
+
+def check_network_count(project: str, cfg: dict[str, str], networks: Iterable[str], name: str) -> None:
+    """A new managed network `name` next to the project's `networks` (limits.networks)."""
+    limit = count_limit(cfg, "limits.networks")
+    existing = list(networks)
+    if limit >= 0 and name not in existing and len(existing) >= limit:
+        raise PolicyError("Networks limit has been reached for project")
+
+
 def check_project_update(project: str, new: dict[str, str], current: dict[str, str], instances: list[Entity],
-                         profiles: list[Entity]) -> None:
-    """A project config change against the project's instances and profiles now."""
+                         profiles: list[Entity], volumes: Iterable[VolumeEntity] = (), networks: int = 0) -> None:
+    """A project config change against the project's instances, profiles, custom volumes and
+    managed networks now."""
     for key in changed_keys(new, current):
         if key == "restricted" or key.startswith("restricted."):
             # (LXD 5.0.2 re-checks on a restricted.* change even while `restricted` is off, which
@@ -600,8 +674,13 @@ def check_project_update(project: str, new: dict[str, str], current: dict[str, s
             if int(new[key]) < n:
                 raise PolicyError(f'Can\'t change "{key}" in project "{project}": "{key}" is too low: there '
                                   f'currently are {n} instances of type {itype} in project "{project}"')
-        elif key in AGGREGATE and new.get(key, "") != "":
-            got = totals(project, instances, [key], skip_unset=False)
+        elif key == "limits.networks" and new.get(key, "") != "":
+            # (LXD 5.0.2 doesn't check this one; below the usage it would only refuse creates.)
+            if int(new[key]) < networks:
+                raise PolicyError(f'Can\'t change "limits.networks" in project "{project}": "limits.networks" is '
+                                  f'too low: there currently are {networks} networks in project "{project}"')
+        elif key in AGGREGATE_ALL and new.get(key, "") != "":
+            got = totals(project, instances, [key], skip_unset=False, volumes=volumes)
             try:
                 limit = parse_aggregate(key, new[key])
             except ValueError as e:
@@ -668,6 +747,10 @@ def backup_allowed(project: str, cfg: dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------- state
+def _sized(config: dict[str, str]) -> dict[str, str]:
+    return {"size": str(config["size"])} if "size" in config else {}
+
+
 class ProjectPolicy:
     """The projects' config in memory, and the proposals that passed check() but aren't
     recorded yet (name -> Entity, by project)."""
@@ -677,15 +760,54 @@ class ProjectPolicy:
         self.configs: dict[str, dict[str, str]] = {DEFAULT: {}}
         # project -> instance name -> (local config, local devices, profiles, type)
         self.claims: dict[str, dict[str, tuple[dict, dict, list[str], str]]] = {}
+        # The custom volumes' `size` for limits.disk (kept by storage/custom.py, which checks and
+        # records a new volume in one synchronous step): project -> (pool id, name) -> {"size": ..}
+        # (empty when the volume has none), and volume id -> (project, pool id, name).
+        self.volumes: dict[str, dict[tuple[int, str], dict[str, str]]] = {}
+        self._volume_ids: dict[int, tuple[str, int, str]] = {}
 
     async def load(self) -> None:
         from sqlalchemy import text
 
         def q(session):
-            return session.execute(text("SELECT name, config FROM projects")).all()
+            return (session.execute(text("SELECT name, config FROM projects")).all(),
+                    session.execute(text("SELECT id, pool_id, project, name, config FROM storage_volumes "
+                                         "WHERE type='custom'")).all())
 
-        for name, config in await self.db.run(q):
+        projects, volumes = await self.db.run(q)
+        for name, config in projects:
             self.configs[name] = {str(k): str(v) for k, v in json.loads(config or "{}").items()}
+        for vid, pool_id, project, name, config in volumes:
+            self.set_volume(project, pool_id, name, json.loads(config or "{}"), vid)
+
+    # -- custom volumes (limits.disk) ---------------------------------------------------------
+    def volume_entities(self, project: str, replace: tuple[int, str, dict[str, str]] | None = None
+                        ) -> list[VolumeEntity]:
+        """The project's custom volumes; `replace` = (pool id, name, config) stands for that
+        volume's proposed state (a new one or a changed one)."""
+        vols = dict(self.volumes.get(project, {}))
+        if replace is not None:
+            vols[(replace[0], replace[1])] = _sized(replace[2])
+        return [VolumeEntity(n, dict(c)) for (_, n), c in sorted(vols.items())]
+
+    def set_volume(self, project: str, pool_id: int, name: str, config: dict[str, str] | None,
+                   vid: int | None = None) -> dict[str, str] | None:
+        """Record (config None: forget) a volume; returns what was recorded before."""
+        vols = self.volumes.setdefault(project, {})
+        before = vols.pop((pool_id, name), None)
+        if config is not None:
+            vols[(pool_id, name)] = _sized(config)
+            if vid is not None:
+                self._volume_ids[vid] = (project, pool_id, name)
+        return before
+
+    def volume_by_id(self, vid: int) -> tuple[str, int, str] | None:
+        return self._volume_ids.get(vid)
+
+    def forget_volume_id(self, vid: int) -> None:
+        key = self._volume_ids.pop(vid, None)
+        if key is not None:
+            self.volumes.get(key[0], {}).pop((key[1], key[2]), None)
 
     def config(self, project: str = DEFAULT) -> dict[str, str]:
         return self.configs.get(project, {})

@@ -173,6 +173,42 @@ class CustomVolumeService:
     def _pool(self, pool: str):
         return self.storage.get(pool)
 
+    # -- project limits (limits.disk) and restrictions (restricted.snapshots) -----------------
+    def _projects(self):
+        """The projects' policy state (projects/policy.py ProjectPolicy), when instances run."""
+        instances = getattr(self.storage.services, "instances", None)
+        return instances.projects if instances is not None else None
+
+    def _check_disk(self, pool, name: str, project: str, config: dict[str, str], what: str) -> None:
+        """Refuse (PolicyError, 400) a volume create ("creation") or config change ("update") that
+        the project's limits.disk (and, then, its other limits and restrictions) refuse."""
+        from lxd_daemon.projects import policy as project_policy
+
+        pp = self._projects()
+        if pp is None or not pp.config(project).get("limits.disk"):
+            return
+        instances, profiles = self.storage.services.instances.policy_entities(project)
+        project_policy.check_volume(project, pp.config(project), instances, profiles,
+                                    pp.volume_entities(project, (pool.id, name, config)), what)
+
+    def _claim_disk(self, pool, name: str, project: str, config: dict[str, str], what: str,
+                    enforce: bool = True) -> tuple[bool, dict | None]:
+        """Check (if `enforce`) and record the volume's size in one synchronous step (no other
+        change passes in between); returns what _unclaim_disk needs to undo it."""
+        pp = self._projects()
+        if pp is None:
+            return False, None
+        if enforce:
+            self._check_disk(pool, name, project, config, what)
+        return True, pp.set_volume(project, pool.id, name, config)
+
+    def _unclaim_disk(self, pool, name: str, project: str, claim: tuple[bool, dict | None]) -> None:
+        pp = self._projects()
+        if pp is not None and claim[0]:
+            pp.set_volume(project, pool.id, name, None)
+            if claim[1] is not None:
+                pp.volumes.setdefault(project, {})[(pool.id, name)] = claim[1]
+
     def validate_config(self, pool, config: dict[str, str]) -> dict[str, str]:
         """Check every key against the common ones and the pool driver's; 400 naming the key."""
         allowed = {**VOLUME_KEYS, **DRIVER_VOLUME_KEYS.get(pool.driver_name, {})}
@@ -278,7 +314,9 @@ class CustomVolumeService:
             raise BadRequest("The storage volume is still in use")
 
     async def _insert(self, pool, name: str, project: str, description: str, content_type: str,
-                      config: dict[str, str], snapshots: list[VolumeSnapshot] = ()) -> int:
+                      config: dict[str, str], snapshots: list[VolumeSnapshot] = (), *, enforce: bool = True) -> int:
+        """The records of a new volume, checked against the project's limits.disk (`enforce`) and
+        counted in one step with that check: every create, copy and import ends here."""
         created = rfc3339()
 
         def ins(session):
@@ -290,16 +328,28 @@ class CustomVolumeService:
             insert_snapshot_rows(session, vid, snapshots)
             return vid
 
+        claim = self._claim_disk(pool, name, project, config, "creation", enforce)
         try:
-            return await self.db.run(ins)
+            vid = await self.db.run(ins)
         except IntegrityError:
+            self._unclaim_disk(pool, name, project, claim)
             raise Conflict(f"Storage volume {name!r} already exists on pool {pool.name!r}") from None
+        except BaseException:
+            self._unclaim_disk(pool, name, project, claim)
+            raise
+        pp = self._projects()
+        if pp is not None:
+            pp.set_volume(project, pool.id, name, config, vid)
+        return vid
 
     async def _delete_row(self, vid: int) -> None:
         def rm(session):
             session.execute(text("DELETE FROM storage_volumes WHERE id=:i"), {"i": vid})
 
         await self.db.run(rm)
+        pp = self._projects()
+        if pp is not None:
+            pp.forget_volume_id(vid)
 
     # -- volumes -----------------------------------------------------------------------------
     async def create(self, pool: str, name: str, *, project: str = DEFAULT_PROJECT, description: str = "",
@@ -311,6 +361,7 @@ class CustomVolumeService:
         async with self.lock(pool, name, project):
             if await self._find(pool, name, project) is not None:
                 raise Conflict(f"Storage volume {name!r} already exists on pool {pool!r}")
+            self._check_disk(p, name, project, config, "creation")
             final = Volume(pool, VolumeType.CUSTOM, name, project=project, content_type=ct, config=config)
             tmp = final.renamed(_tmp_name(name))
             async with Revert() as revert:
@@ -324,10 +375,12 @@ class CustomVolumeService:
 
     async def copy(self, pool: str, name: str, *, src_pool: str, src_name: str, project: str = DEFAULT_PROJECT,
                    src_project: str = DEFAULT_PROJECT, description: str | None = None,
-                   config: dict[str, str] | None = None, volume_only: bool = False) -> CustomVolume:
+                   config: dict[str, str] | None = None, volume_only: bool = False,
+                   enforce_limits: bool = True) -> CustomVolume:
         """Create `pool/name` as a copy of `src_pool/src_name` (a volume, or a snapshot `vol/snap`),
         with the volume's snapshots unless `volume_only`, through the driver's fastest path within a
-        pool and a tree copy (rsync for each snapshot in turn) between pools."""
+        pool and a tree copy (rsync for each snapshot in turn) between pools. (`enforce_limits`
+        False: a move, which adds nothing to the project's disk usage.)"""
         _check_name(names.volume, name)
         p, sp = self._pool(pool), self._pool(src_pool)
         parent, _, snap = src_name.partition("/")
@@ -347,6 +400,8 @@ class CustomVolumeService:
         async with self.lock(pool, name, project):
             if await self._find(pool, name, project) is not None:
                 raise Conflict(f"Storage volume {name!r} already exists on pool {pool!r}")
+            if enforce_limits:
+                self._check_disk(p, name, project, cfg, "creation")
             final = Volume(pool, VolumeType.CUSTOM, name, project=project, content_type=ct, config=cfg)
             tmp = final.renamed(_tmp_name(name))
             async with Revert() as revert:
@@ -364,7 +419,7 @@ class CustomVolumeService:
                     await self._copy_between_pools(sp, src, snaps, p, tmp.with_config(cfg))
                 copied = [VolumeSnapshot(0, 0, s.name, s.description, s.created_at, s.expires_at, dict(s.config))
                           for s in snaps]
-                vid = await self._insert(p, name, project, desc, ct.value, cfg, copied)
+                vid = await self._insert(p, name, project, desc, ct.value, cfg, copied, enforce=enforce_limits)
                 revert.add(self._delete_row, vid)
                 await p.driver.rename_volume(tmp, name)
                 revert.success()
@@ -465,13 +520,19 @@ class CustomVolumeService:
             # The daemon's own keys stay unless the request names them (an edit round trip).
             config = {**{k: v for k, v in rec.config.items() if k.startswith("volatile.")}, **config}
             config = self.validate_config(p, dict(config))
-            if config.get("size", "") != rec.config.get("size", ""):
-                n = parse_byte_size(config["size"]) if config.get("size") else None
-                await p.driver.set_volume_quota(rec.volume.with_config(config), n)
             for key in ("security.shifted", "security.unmapped"):
                 if config.get(key, "") != rec.config.get(key, "") and await self.used_by(pool, name, project):
                     raise BadRequest(f"{key} can't be changed while the storage volume is in use")
-            await self._write_config(rec.id, config, description)
+            # Checked and counted in one step; the old size counts again if the change fails.
+            claim = self._claim_disk(p, name, project, config, "update")
+            try:
+                if config.get("size", "") != rec.config.get("size", ""):
+                    n = parse_byte_size(config["size"]) if config.get("size") else None
+                    await p.driver.set_volume_quota(rec.volume.with_config(config), n)
+                await self._write_config(rec.id, config, description)
+            except BaseException:
+                self._unclaim_disk(p, name, project, claim)
+                raise
         return await self.get(pool, name, project)
 
     async def _write_config(self, vid: int, config: dict[str, str], description: str | None = None) -> None:
@@ -519,7 +580,7 @@ class CustomVolumeService:
                 now = rfc3339()
                 snapshots = [VolumeSnapshot(0, 0, s, "", now, NEVER, dict(config))
                              for s in await p.driver.list_snapshots(vol) if not s.startswith(TMP_PREFIX)]
-            await self._insert(p, name, project, description, ct.value, config, list(snapshots))
+            await self._insert(p, name, project, description, ct.value, config, list(snapshots), enforce=False)
         return await self.get(pool, name, project)
 
     async def mount(self, pool: str, name: str, project: str = DEFAULT_PROJECT) -> Path:
@@ -560,6 +621,10 @@ class CustomVolumeService:
                 await self.db.run(upd, name, rec.config)
                 raise
             await self._write_config(rec.id, rec.config)
+            pp = self._projects()
+            if pp is not None:
+                pp.set_volume(project, p.id, name, None)
+                pp.set_volume(project, p.id, new_name, rec.config, rec.id)
 
     async def move(self, pool: str, name: str, new_pool: str, new_name: str | None = None,
                    project: str = DEFAULT_PROJECT) -> None:
@@ -572,7 +637,8 @@ class CustomVolumeService:
         self._pool(new_pool)
         await self.get(pool, name, project)
         await self._refuse_in_use(pool, name, project)
-        await self.copy(new_pool, new_name, src_pool=pool, src_name=name, project=project, src_project=project)
+        await self.copy(new_pool, new_name, src_pool=pool, src_name=name, project=project, src_project=project,
+                        enforce_limits=False)
         await self.delete(pool, name, project)
 
     async def delete(self, pool: str, name: str, project: str = DEFAULT_PROJECT) -> None:
@@ -619,6 +685,11 @@ class CustomVolumeService:
         """Snapshot a volume. Without `snap`, the name comes from `snapshots.pattern`; without
         `expires_at`, the expiry from `snapshots.expiry` ("" for never)."""
         p = self._pool(pool)
+        pp = self._projects()
+        if pp is not None:  # restricted.snapshots (manual and scheduled snapshots alike)
+            from lxd_daemon.projects import policy as project_policy
+
+            project_policy.snapshot_allowed(project, pp.config(project))
         async with self.lock(pool, name, project):
             rec = await self.get(pool, name, project)
             existing = {s.name for s in await self.snapshots(pool, name, project)}
@@ -843,8 +914,12 @@ class CustomVolumeService:
                 try:
                     fire = bool(spec) and (schedule.has_startup(spec) if startup else schedule.due(spec, now, v.id))
                     if fire:
-                        s = await self.create_snapshot(pname, v.name, project=v.project, now=now)
-                        done["created"].append(base + s.name)
+                        try:
+                            s = await self.create_snapshot(pname, v.name, project=v.project, now=now)
+                            done["created"].append(base + s.name)
+                        except BadRequest as e:  # e.g. the project's restricted.snapshots
+                            log.warning("scheduled snapshot of a custom volume refused",
+                                        extra={"pool": pname, "volume": v.name, "err": e.message})
                     for s in await self.snapshots(pname, v.name, v.project):
                         if s.expires_at and parse_rfc3339(s.expires_at) <= now.timestamp():
                             await self.delete_snapshot(pname, v.name, s.name, v.project)

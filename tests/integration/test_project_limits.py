@@ -6,6 +6,8 @@ every test unsets what it set. Containers are only created (`lxc init`), never s
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
 from tests.helpers import Daemon, ensure_containers_ready, release_host_state, run_prefix
@@ -125,7 +127,7 @@ def test_bad_and_unsupported_keys_are_refused(d, clean):
     assert 'Invalid project configuration key "limits.instances" value' in fails(
         d, "project", "set", "default", "limits.instances", "abc")
     assert "not one of" in fails(d, "project", "set", "default", "restricted.containers.privilege", "root")
-    for key, value in (("limits.disk", "10GiB"), ("limits.networks", "1"), ("restricted.cluster.target", "allow")):
+    for key, value in (("restricted.cluster.target", "allow"), ("restricted.networks.uplinks", "br0")):
         assert "is not supported by this server yet" in fails(d, "project", "set", "default", key, value)
     assert "You can't change the features of the default project" in fails(
         d, "project", "set", "default", "features.images", "false")
@@ -239,3 +241,158 @@ def test_restricted_refuses_restoring_an_older_escape(d, clean):
     assert d.lxc("config", "get", c, "security.privileged").stdout.strip() == ""
     d.lxc("snapshot", c, "snap1")  # allowed by restricted.snapshots=allow
     d.lxc("restore", c, "snap1")
+
+
+# -- limits.disk, custom volume snapshots, limits.networks -------------------------------------------
+MiB = 2 ** 20
+
+
+@pytest.fixture(scope="module")
+def bt(d):
+    """A btrfs pool of this module's daemon (sized custom volumes need quotas; dir has none here)."""
+    drivers = {x["Name"] for x in d.api("GET", "/1.0").json()["metadata"]["environment"]["storage_supported_drivers"]}
+    if "btrfs" not in drivers:
+        pytest.skip("btrfs can't run on this host")
+    name = f"{run_prefix()}-pbt"
+    r = d.api("POST", "/1.0/storage-pools", json={"name": name, "driver": "btrfs", "config": {"size": "512MiB"}})
+    assert r.status_code == 201, r.text
+    yield name
+    for v in d.api("GET", f"/1.0/storage-pools/{name}/volumes/custom").json().get("metadata") or []:
+        d.lxc("storage", "volume", "delete", name, v.rsplit("/", 1)[-1], check=False)
+    r = d.api("DELETE", f"/1.0/storage-pools/{name}")
+    assert r.status_code == 200, r.text
+
+
+@pytest.fixture
+def vols(d):
+    """(pool, name) of custom volumes to delete after the test."""
+    made: list[tuple[str, str]] = []
+    yield made
+    for pool, v in reversed(made):
+        d.lxc("storage", "volume", "delete", pool, v, check=False)
+
+
+def test_limits_disk(d, clean, bt, vols, tmp_path):
+    a, c = clean("a"), clean("c")
+    v0, v1, v2, v3, v4 = (f"{run_prefix()}-v{i}" for i in range(5))
+    vols.extend([("default", v0), (bt, v1), (bt, v2), (bt, v3), (bt, v4)])
+    # Setting it needs every instance and custom volume to have a size (as LXD), and the total under it.
+    d.lxc("init", "busybox", a)
+    err = fails(d, "project", "set", "default", "limits.disk", "1GiB")
+    assert f'Instance "{a}" in project "default" has no "size" config set on the root device' in err, err
+    d.lxc("delete", a)
+    d.lxc("storage", "volume", "create", "default", v0)
+    err = fails(d, "project", "set", "default", "limits.disk", "1GiB")
+    assert f'Custom volume "{v0}" in project "default" has no "size" config set' in err, err
+    d.lxc("storage", "volume", "delete", "default", v0)
+    d.lxc("storage", "volume", "create", bt, v1, "size=60MiB")
+    err = fails(d, "project", "set", "default", "limits.disk", "50MiB")
+    assert '"limits.disk" is too low: current total is "60.0MiB"' in err, err
+    d.lxc("project", "set", "default", "limits.disk", "100MiB")
+    assert state(d)["disk"] == {"limit": 100 * MiB, "usage": 60 * MiB}
+
+    # Custom volumes: create, update, copy, import.
+    err = fails(d, "storage", "volume", "create", bt, v2, "size=50MiB")
+    assert ('Failed checking if volume creation allowed: Reached maximum aggregate value "100MiB" for '
+            '"limits.disk" in project "default"') in err, err
+    err = fails(d, "storage", "volume", "create", "default", v0)  # no size: refused before the driver runs
+    assert f'Custom volume "{v0}" in project "default" has no "size" config set' in err, err
+    err = fails(d, "storage", "volume", "set", bt, v1, "size=120MiB")
+    assert "Failed checking if volume update allowed: Reached maximum aggregate value" in err, err
+    assert d.lxc("storage", "volume", "get", bt, v1, "size").stdout.strip() == "60MiB"
+    d.lxc("storage", "volume", "set", bt, v1, "size=40MiB")
+    d.lxc("storage", "volume", "create", bt, v2, "size=50MiB")
+    assert state(d)["disk"] == {"limit": 100 * MiB, "usage": 90 * MiB}
+    err = fails(d, "storage", "volume", "copy", f"{bt}/{v1}", f"{bt}/{v3}")
+    assert "Failed checking if volume creation allowed: Reached maximum aggregate value" in err, err
+    out = tmp_path / "v1.tar.gz"
+    d.lxc("storage", "volume", "export", bt, v1, str(out))
+    err = fails(d, "storage", "volume", "import", bt, str(out), v4)
+    assert "Failed checking if volume creation allowed: Reached maximum aggregate value" in err, err
+    for v in (v0, v3, v4):
+        assert d.api("GET", f"/1.0/storage-pools/{bt}/volumes/custom/{v}").status_code == 404
+    assert state(d)["disk"]["usage"] == 90 * MiB
+
+    # Instances: the root disk's size counts (refused before anything is made).
+    err = fails(d, "init", "busybox", c)
+    assert f'Instance "{c}" in project "default" has no "size" config set on the root device' in err, err
+    err = fails(d, "init", "busybox", c, "-s", bt, "-d", "root,size=20MiB")
+    assert ('Failed checking if instance creation allowed: Reached maximum aggregate value "100MiB" for '
+            '"limits.disk"') in err, err
+    # Freed space is usable again; unset lifts it.
+    d.lxc("storage", "volume", "delete", bt, v2)
+    d.lxc("storage", "volume", "copy", f"{bt}/{v1}", f"{bt}/{v3}")
+    assert state(d)["disk"]["usage"] == 80 * MiB
+    d.lxc("init", "busybox", c, "-s", bt, "-d", "root,size=20MiB")  # exactly at the limit
+    assert state(d)["disk"] == {"limit": 100 * MiB, "usage": 100 * MiB}
+    err = fails(d, "config", "device", "set", c, "root", "size=30MiB")
+    assert "Failed checking if instance update allowed: Reached maximum aggregate value" in err, err
+    d.lxc("delete", c)
+    d.lxc("project", "unset", "default", "limits.disk")
+    d.lxc("storage", "volume", "create", "default", v0)
+    assert state(d)["disk"] == {"limit": -1, "usage": 80 * MiB}
+
+
+def test_restricted_snapshots_of_custom_volumes(d, clean, vols):
+    v = f"{run_prefix()}-sv"
+    vols.append(("default", v))
+    base = f"/1.0/storage-pools/default/volumes/custom/{v}"
+    d.lxc("storage", "volume", "create", "default", v, "snapshots.schedule=0 * * * *")
+    d.lxc("project", "set", "default", "restricted", "true")
+    err = fails(d, "storage", "volume", "snapshot", "default", v, "s0")
+    assert 'Project "default" doesn\'t allow for snapshot creation' in err, err
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+
+    def tick(at: datetime) -> dict:
+        r = d.api("POST", "/internal/storage-volumes/snapshots/tick", json={"now": at.strftime("%Y-%m-%dT%H:%M:%SZ")})
+        assert r.status_code == 200, r.text
+        return r.json()["metadata"]
+
+    assert tick(hour)["created"] == []  # the scheduled one is refused too
+    assert d.api("GET", f"{base}/snapshots").json()["metadata"] == []
+    d.lxc("project", "set", "default", "restricted.snapshots", "allow")
+    d.lxc("storage", "volume", "snapshot", "default", v, "s0")
+    assert len(tick(hour + timedelta(hours=1))["created"]) == 1
+    assert len(d.api("GET", f"{base}/snapshots").json()["metadata"]) == 2
+
+
+def test_limits_networks(net_daemon):
+    """On a daemon in a network namespace of its own (the bridge is made there)."""
+    d = net_daemon
+    n1, n2 = f"{run_prefix()[:6]}n1", f"{run_prefix()[:6]}n2"
+    have = sum(1 for n in d.api("GET", "/1.0/networks?recursion=1").json()["metadata"] if n["managed"])
+    try:
+        d.lxc("project", "set", "default", "limits.networks", str(have + 1))
+        d.lxc("network", "create", n1, "ipv4.address=none", "ipv6.address=none")
+        err = fails(d, "network", "create", n2, "ipv4.address=none", "ipv6.address=none")
+        assert "Networks limit has been reached for project" in err, err
+        assert d.api("GET", f"/1.0/networks/{n2}").status_code == 404
+        res = d.api("GET", "/1.0/projects/default/state").json()["metadata"]["resources"]
+        assert res["networks"] == {"limit": have + 1, "usage": have + 1}
+        err = fails(d, "project", "set", "default", "limits.networks", str(have))
+        assert f'"limits.networks" is too low: there currently are {have + 1} networks' in err, err
+    finally:
+        d.lxc("project", "unset", "default", "limits.networks", check=False)
+        d.lxc("network", "delete", n1, check=False)
+    d.lxc("network", "create", n2, "ipv4.address=none", "ipv6.address=none")
+    d.lxc("network", "delete", n2)
+
+
+def test_limits_disk_holds_under_concurrent_volume_creates(d, clean, bt, vols):
+    """Four 10MiB volumes at once against room for two: exactly two are made (the check and the
+    count are one step)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [f"{run_prefix()}-cv{i}" for i in range(4)]
+    vols.extend((bt, n) for n in names)
+    d.lxc("project", "set", "default", "limits.disk", "20MiB")
+
+    def create(n: str) -> tuple[int, str]:
+        r = d.api("POST", f"/1.0/storage-pools/{bt}/volumes/custom", json={"name": n, "config": {"size": "10MiB"}})
+        return r.status_code, r.json().get("error", "")
+
+    with ThreadPoolExecutor(4) as ex:
+        results = list(ex.map(create, names))
+    assert sorted(code for code, _ in results) == [201, 201, 400, 400], results
+    assert all("Reached maximum aggregate value" in err for code, err in results if code == 400), results
+    assert state(d)["disk"] == {"limit": 20 * MiB, "usage": 20 * MiB}

@@ -31,9 +31,10 @@ def create(e: Entity, local: dict | None = None, strip: bool = False) -> Change:
     ({"restricted.devices.nic": "x"}, "(not one of [block allow managed])"),
     ({"restricted.devices.disk.paths": "/a,b"}, 'Item "b": Must be absolute file path'),
     ({"restricted.idmap.uid": "5-1"}, "Start number must be lower than end number"),
-    ({"limits.disk": "1GiB"}, 'Project configuration key "limits.disk" is not supported by this server yet'),
-    ({"restricted.cluster.target": "allow"}, "is not supported by this server yet"),
-    ({"limits.networks": "2"}, "is not supported by this server yet"),
+    ({"restricted.cluster.target": "allow"}, 'Project configuration key "restricted.cluster.target" is not '
+                                             'supported by this server yet'),
+    ({"limits.disk": "lots"}, 'Invalid project configuration key "limits.disk" value'),
+    ({"limits.networks": "-1"}, 'Invalid project configuration key "limits.networks" value'),
 ])
 def test_validate_refuses(config, msg):
     with pytest.raises(BadRequest) as e:
@@ -44,7 +45,8 @@ def test_validate_refuses(config, msg):
 def test_validate_accepts_and_features_are_fixed_on_default():
     ok = {**FEATURES, "limits.instances": "3", "limits.cpu": "4", "limits.memory": "1GiB", "restricted": "true",
           "restricted.devices.disk.paths": "/srv,/data", "restricted.idmap.uid": "1000-1999,5000",
-          "user.owner": "x", "limits.virtual-machines": "0", "restricted.devices.gpu": "allow"}
+          "user.owner": "x", "limits.virtual-machines": "0", "restricted.devices.gpu": "allow",
+          "limits.disk": "10GiB", "limits.networks": "2"}
     policy.validate_config(ok, FEATURES)
     with pytest.raises(BadRequest, match="You can't change the features of the default project"):
         policy.validate_config({**FEATURES, "features.images": "false"}, FEATURES)
@@ -267,3 +269,134 @@ def test_disk_path_prefixes():
     assert not policy.disk_path_allowed(cfg, "/srv/ab")
     assert not policy.disk_path_allowed(cfg, "/srv/a/../b")
     assert policy.disk_path_allowed({}, "/etc")
+
+
+# -- limits.disk -----------------------------------------------------------------------------------
+def sized(name: str, size: str | None, **config: str) -> Entity:
+    root = {"type": "disk", "path": "/", "pool": "default"}
+    if size is not None:
+        root["size"] = size
+    return Entity(name, {k.replace("_", "."): v for k, v in config.items()}, {"root": root})
+
+
+def vol(name: str, size: str | None = None) -> policy.VolumeEntity:
+    return policy.VolumeEntity(name, {"size": size} if size is not None else {})
+
+
+DISK = {"limits.disk": "1GiB"}
+
+
+def test_limits_disk_on_instances():
+    # Every instance needs a root disk size (directly or from a profile), as LXD.
+    with pytest.raises(PolicyError) as e:
+        policy.check(P, DISK, [], [], create(inst("c")))
+    assert e.value.message == ('Failed checking if instance creation allowed: Failed getting usage of project '
+                               'entities: Instance "c" in project "default" has no "size" config set on the root '
+                               'device either directly or via a profile')
+    policy.check(P, DISK, [sized("a", "512MiB")], [], create(sized("c", "512MiB")), [vol("v", "0")])
+    with pytest.raises(PolicyError) as e:
+        policy.check(P, DISK, [sized("a", "512MiB")], [], create(sized("c", "256MiB")), [vol("v", "512MiB")])
+    assert e.value.message.endswith('Reached maximum aggregate value "1GiB" for "limits.disk" in project "default"')
+    # A volume without a size makes every change fail while the limit is set.
+    with pytest.raises(PolicyError, match='Custom volume "v" in project "default" has no "size" config set'):
+        policy.check(P, DISK, [], [], create(sized("c", "1MiB")), [vol("v")])
+    # An update growing the root disk.
+    with pytest.raises(PolicyError, match='Failed checking if instance update allowed: Reached maximum aggregate'):
+        policy.check(P, DISK, [sized("a", "512MiB")], [], Change("update", sized("a", "2GiB"), local={}))
+    with pytest.raises(PolicyError, match="No root device could be found"):
+        policy.check(P, DISK, [], [], create(Entity("c", {}, {})))
+    # Without the limit nothing is asked of sizes.
+    policy.check(P, {"limits.instances": "5"}, [], [], create(inst("c")), [vol("v")])
+
+
+def test_limits_disk_on_volumes():
+    cfg = {**DISK, "limits.cpu": "4"}
+    ok = [sized("a", "256MiB", limits_cpu="1")]
+    policy.check_volume(P, cfg, ok, [], [vol("v1", "256MiB"), vol("new", "512MiB")], "creation")
+    with pytest.raises(PolicyError) as e:
+        policy.check_volume(P, cfg, ok, [], [vol("v1", "256MiB"), vol("new", "600MiB")], "creation")
+    assert e.value.message == ('Failed checking if volume creation allowed: Reached maximum aggregate value "1GiB" '
+                               'for "limits.disk" in project "default"')
+    with pytest.raises(PolicyError) as e:
+        policy.check_volume(P, cfg, ok, [], [vol("new")], "update")
+    assert e.value.message == ('Failed checking if volume update allowed: Failed getting usage of project entities: '
+                               'Custom volume "new" in project "default" has no "size" config set')
+    # Every aggregate limit is checked then (an instance without limits.cpu), as LXD does.
+    with pytest.raises(PolicyError, match='Instance "b" in project "default" has no "limits.cpu" config'):
+        policy.check_volume(P, cfg, [*ok, sized("b", "1MiB")], [], [vol("new", "1MiB")], "creation")
+    # And the restrictions, when the project is restricted.
+    with pytest.raises(PolicyError, match="Privileged containers are forbidden"):
+        policy.check_volume(P, {**DISK, **R}, [sized("p", "1MiB", security_privileged="true")], [],
+                            [vol("new", "1MiB")], "creation")
+    # No limits.disk: volumes are never checked.
+    policy.check_volume(P, {"limits.cpu": "1"}, [sized("b", None)], [], [vol("new")], "creation")
+
+
+def test_limits_disk_project_update_and_usage():
+    insts, vols = [sized("a", "1GiB"), sized("b", "512MiB")], [vol("v", "10MiB")]
+    with pytest.raises(PolicyError) as e:
+        policy.check_project_update(P, {"limits.disk": "1GiB"}, {}, insts, [], vols)
+    assert e.value.message == '"limits.disk" is too low: current total is "1.5GiB"'
+    policy.check_project_update(P, {"limits.disk": "1546MiB"}, {}, insts, [], vols)
+    with pytest.raises(PolicyError, match='Custom volume "w" in project "default" has no "size" config set'):
+        policy.check_project_update(P, {"limits.disk": "10GiB"}, {}, insts, [], [*vols, vol("w")])
+    with pytest.raises(PolicyError, match='Instance "c" in project "default" has no "size" config set'):
+        policy.check_project_update(P, {"limits.disk": "10GiB"}, {}, [*insts, inst("c")], [], vols)
+    res = policy.allocations({"limits.disk": "2GiB"}, insts, 0, ["10MiB"])
+    assert res["disk"] == {"limit": 2 * 2 ** 30, "usage": 1536 * 2 ** 20 + 10 * 2 ** 20}
+
+
+# -- limits.networks -------------------------------------------------------------------------------
+def test_limits_networks():
+    cfg = {"limits.networks": "2"}
+    policy.check_network_count(P, cfg, ["n1"], "n2")
+    with pytest.raises(PolicyError, match="Networks limit has been reached for project"):
+        policy.check_network_count(P, cfg, ["n1", "n2"], "n3")
+    policy.check_network_count(P, cfg, ["n1", "n2"], "n2")  # a duplicate fails as one, not on the limit
+    policy.check_network_count(P, {}, ["n1", "n2"], "n3")
+    with pytest.raises(PolicyError, match="Networks limit has been reached"):
+        policy.check_network_count(P, {"limits.networks": "0"}, [], "n1")
+    with pytest.raises(PolicyError) as e:
+        policy.check_project_update(P, {"limits.networks": "1"}, {}, [], [], networks=2)
+    assert e.value.message == ('Can\'t change "limits.networks" in project "default": "limits.networks" is too '
+                               'low: there currently are 2 networks in project "default"')
+    policy.check_project_update(P, {"limits.networks": "2"}, {}, [], [], networks=2)
+
+
+# -- the volumes ProjectPolicy keeps ---------------------------------------------------------------
+def test_project_policy_volume_bookkeeping():
+    pp = policy.ProjectPolicy(None)
+    pp.set_volume(P, 1, "a", {"size": "1GiB", "user.x": "y"}, vid=10)
+    pp.set_volume(P, 2, "a", {}, vid=11)  # same name on another pool: another volume
+    pp.set_volume("other", 1, "z", {"size": "1MiB"}, vid=12)
+    assert [(v.name, v.config) for v in pp.volume_entities(P)] == [("a", {"size": "1GiB"}), ("a", {})]
+    got = pp.volume_entities(P, (1, "b", {"size": "5MiB"}))
+    assert sorted((v.name, v.config.get("size", "")) for v in got) == [("a", ""), ("a", "1GiB"), ("b", "5MiB")]
+    assert pp.volume_entities(P, (1, "a", {})) == [policy.VolumeEntity("a", {}), policy.VolumeEntity("a", {})]
+    before = pp.set_volume(P, 1, "a", {"size": "2GiB"})
+    assert before == {"size": "1GiB"}
+    pp.forget_volume_id(10)
+    assert [v.config for v in pp.volume_entities(P)] == [{}]
+    assert pp.volume_by_id(12) == ("other", 1, "z")
+
+
+def test_project_policy_load_reads_configs_and_custom_volumes(tmp_path):
+    """After a restart, the custom volumes' sizes count again (limits.disk)."""
+    import asyncio
+
+    from lxd_daemon.db.engine import Database
+
+    db = Database(tmp_path / "lxd.db")
+    with db.engine.begin() as c:
+        c.exec_driver_sql("CREATE TABLE projects (name TEXT, description TEXT, config TEXT)")
+        c.exec_driver_sql("CREATE TABLE storage_volumes (id INTEGER PRIMARY KEY, pool_id INTEGER, project TEXT, "
+                          "type TEXT, name TEXT, config TEXT)")
+        c.exec_driver_sql("""INSERT INTO projects VALUES ('default', '', '{"limits.disk": "1GiB"}')""")
+        c.exec_driver_sql("""INSERT INTO storage_volumes VALUES (7, 1, 'default', 'custom', 'v', '{"size": "5MiB"}'),
+                             (8, 1, 'default', 'container', 'c', '{}'), (9, 2, 'default', 'custom', 'w', '{}')""")
+    pp = policy.ProjectPolicy(db)
+    asyncio.run(pp.load())
+    assert pp.config(P) == {"limits.disk": "1GiB"}
+    assert pp.volume_entities(P) == [policy.VolumeEntity("v", {"size": "5MiB"}), policy.VolumeEntity("w", {})]
+    assert pp.volume_by_id(7) == (P, 1, "v")
+    db.engine.dispose()
