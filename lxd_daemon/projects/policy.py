@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.util.sizes import parse_byte_size
+from lxd_daemon.util.validate import is_abs_path, is_any, list_of
 
 DEFAULT = "default"
 TRUE = ("true", "1", "yes", "on")
@@ -88,41 +89,21 @@ def _range(v: str) -> None:
     parse_uint32_range(v)
 
 
-def _abs_path(v: str) -> None:
-    if not v.startswith("/"):
-        raise ValueError("Must be absolute file path")
-
-
-def _list_of(check: Callable[[str], None]) -> Callable[[str], None]:
-    def run(v: str) -> None:
-        for item in v.split(","):
-            item = item.strip()
-            try:
-                check(item)
-            except ValueError as e:
-                raise ValueError(f'Item "{item}": {e}') from None
-    return run
-
-
-def _any(v: str) -> None:
-    return None
-
-
 _ALLOW_BLOCK = _one_of("block", "allow")
 _ALLOW_BLOCK_MANAGED = _one_of("block", "allow", "managed")
 
 # Every key LXD 5.0.2 knows on a project, with its validator (empty values always pass).
 LXD_KEYS: dict[str, Callable[[str], None]] = {
-    "backups.compression_algorithm": _any,
+    "backups.compression_algorithm": is_any,
     "features.profiles": _bool,
     "features.images": _bool,
     "features.storage.volumes": _bool,
     "features.networks": _bool,
     "images.auto_update_cached": _bool,
-    "images.auto_update_interval": _any,
-    "images.compression_algorithm": _any,
-    "images.default_architecture": _any,
-    "images.remote_cache_expiry": _any,
+    "images.auto_update_interval": is_any,
+    "images.compression_algorithm": is_any,
+    "images.default_architecture": is_any,
+    "images.remote_cache_expiry": is_any,
     "limits.instances": _uint32,
     "limits.containers": _uint32,
     "limits.virtual-machines": _uint32,
@@ -133,7 +114,7 @@ LXD_KEYS: dict[str, Callable[[str], None]] = {
     "limits.networks": _uint32,
     "restricted": _bool,
     "restricted.backups": _ALLOW_BLOCK,
-    "restricted.cluster.groups": _any,
+    "restricted.cluster.groups": is_any,
     "restricted.cluster.target": _ALLOW_BLOCK,
     "restricted.containers.interception": _one_of("allow", "block", "full"),
     "restricted.containers.nesting": _ALLOW_BLOCK,
@@ -150,13 +131,13 @@ LXD_KEYS: dict[str, Callable[[str], None]] = {
     "restricted.devices.proxy": _ALLOW_BLOCK,
     "restricted.devices.nic": _ALLOW_BLOCK_MANAGED,
     "restricted.devices.disk": _ALLOW_BLOCK_MANAGED,
-    "restricted.devices.disk.paths": _list_of(_abs_path),
-    "restricted.idmap.uid": _list_of(_range),
-    "restricted.idmap.gid": _list_of(_range),
-    "restricted.networks.access": _any,
-    "restricted.networks.uplinks": _any,
-    "restricted.networks.subnets": _any,
-    "restricted.networks.zones": _any,
+    "restricted.devices.disk.paths": list_of(is_abs_path),
+    "restricted.idmap.uid": list_of(_range),
+    "restricted.idmap.gid": list_of(_range),
+    "restricted.networks.access": is_any,
+    "restricted.networks.uplinks": is_any,
+    "restricted.networks.subnets": is_any,
+    "restricted.networks.zones": is_any,
     "restricted.snapshots": _ALLOW_BLOCK,
 }
 

@@ -123,3 +123,20 @@ def int_in_range(what: str, low: int, high: int):
 
 is_mtu = int_in_range("MTU", 1280, 16384)
 is_vlan = int_in_range("VLAN ID", 0, 4094)
+
+
+def list_of(item_check, label: str = "Item"):
+    """A comma-separated list, each item checked (the error names the item after `label`)."""
+    def check(value: str) -> None:
+        for item in value.split(","):
+            item = item.strip()
+            try:
+                item_check(item)
+            except ValueError as e:
+                raise ValueError(f"{label} {item!r}: {e}") from None
+    return check
+
+
+def is_abs_path(value: str) -> None:
+    if not value.startswith("/"):
+        raise ValueError("Must be absolute file path")

@@ -29,7 +29,7 @@ def create(e: Entity, local: dict | None = None, strip: bool = False) -> Change:
     ({"restricted": "maybe"}, 'Invalid value for a boolean "maybe"'),
     ({"restricted.containers.privilege": "root"}, 'Invalid value "root" (not one of [allow unprivileged isolated])'),
     ({"restricted.devices.nic": "x"}, "(not one of [block allow managed])"),
-    ({"restricted.devices.disk.paths": "/a,b"}, 'Item "b": Must be absolute file path'),
+    ({"restricted.devices.disk.paths": "/a,b"}, "Item 'b': Must be absolute file path"),
     ({"restricted.idmap.uid": "5-1"}, "Start number must be lower than end number"),
     ({"restricted.cluster.target": "allow"}, 'Project configuration key "restricted.cluster.target" is not '
                                              'supported by this server yet'),

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from lxd_daemon.networks import subnets
-from lxd_daemon.util.validate import is_any, is_bool, is_interface_name, is_mac, is_mtu, is_vlan  # noqa: F401 (the drivers' key tables)
+from lxd_daemon.util.validate import is_any, is_bool, is_interface_name, is_mac, is_mtu, is_vlan, list_of  # noqa: F401 (the drivers. key tables)
 
 Validator = Callable[[str], None]
 
@@ -69,18 +69,6 @@ def one_of(*valid: str) -> Validator:
     def check(value: str) -> None:
         if value not in valid:
             raise ValueError(f"Invalid value {value!r} (not one of {list(valid)})")
-    return check
-
-
-def list_of(item_check: Validator, label: str = "Item") -> Validator:
-    """A comma-separated list, each item checked (the error names the item after `label`)."""
-    def check(value: str) -> None:
-        for item in value.split(","):
-            item = item.strip()
-            try:
-                item_check(item)
-            except ValueError as e:
-                raise ValueError(f"{label} {item!r}: {e}") from None
     return check
 
 
