@@ -38,6 +38,7 @@ from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound
 from lxd_daemon.storage.volume import Volume, VolumeType
 from lxd_daemon.util.lazy import lazy_module
 from lxd_daemon.util.revert import Revert
+from lxd_daemon.util.tasks import cancel_and_wait
 from lxd_daemon.util.timefmt import ZERO_TIME, parse_rfc3339, rfc3339
 
 # Loaded when a backup is made or imported (tar, compression, stream handling: ~1 MiB).
@@ -162,10 +163,7 @@ class BackupService:
         self._task = asyncio.get_running_loop().create_task(self._expiry_loop())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await cancel_and_wait(self._task)
         # Backups still being written are given up (removed: the start-up sweep would anyway).
         for t in list(self._bg):
             t.cancel()

@@ -193,6 +193,24 @@ def _connect(host: str, port: int, ctx: ssl.SSLContext) -> http.client.HTTPSConn
     return conn
 
 
+def _exchange(host: str, port: int, ctx: ssl.SSLContext, method: str, path: str, *, headers: dict,
+              body=None, timeout: float | None = None, lost: str, refused: str) -> dict:
+    """One request on a connection of its own; the JSON answer. `lost` prefixes a connection
+    failure, `refused` an error answer (_read_json)."""
+    conn = _connect(host, port, ctx)
+    try:
+        if timeout is not None:
+            conn.sock.settimeout(timeout)
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+        except OSError as e:
+            raise LXDError(f"{lost}: {e}") from None
+        return _read_json(resp, refused)
+    finally:
+        conn.close()
+
+
 def _read_json(resp: http.client.HTTPResponse, what: str) -> dict:
     raw = resp.read()
     try:
@@ -217,16 +235,8 @@ def push(job: PushJob, stop: threading.Event, progress: Callable[[int, int], Non
         "Content-Type": body.content_type, "Content-Length": str(body.length), "User-Agent": USER_AGENT,
         "X-LXD-fingerprint": job.fingerprint, "X-LXD-secret": job.secret, "X-LXD-filename": job.filename,
     }
-    conn = _connect(host, port, ctx)
-    try:
-        try:
-            conn.request("POST", f"{base}/1.0/images{query}", body=iter(body), headers=headers)
-            resp = conn.getresponse()
-        except OSError as e:
-            raise LXDError(f"Failed to upload the image to the target: {e}") from None
-        doc = _read_json(resp, "Image upload refused")
-    finally:
-        conn.close()
+    doc = _exchange(host, port, ctx, "POST", f"{base}/1.0/images{query}", body=iter(body), headers=headers,
+                    lost="Failed to upload the image to the target", refused="Image upload refused")
     op = doc.get("metadata") or {}
     op_id = op.get("id") if isinstance(op, dict) else None
     if doc.get("type") != "async" or not op_id:
@@ -238,17 +248,10 @@ def push(job: PushJob, stop: threading.Event, progress: Callable[[int, int], Non
     while True:
         if stop.is_set():
             raise LXDError("Push cancelled")
-        conn = _connect(host, port, ctx)
-        try:
-            conn.sock.settimeout(WAIT_STEP + CONNECT_TIMEOUT)
-            try:
-                conn.request("GET", path, headers={"User-Agent": USER_AGENT})
-                resp = conn.getresponse()
-            except OSError as e:
-                raise LXDError(f"Lost the target server while it imported the image: {e}") from None
-            result = _read_json(resp, "Waiting for the target")
-        finally:
-            conn.close()
+        result = _exchange(host, port, ctx, "GET", path, headers={"User-Agent": USER_AGENT},
+                           timeout=WAIT_STEP + CONNECT_TIMEOUT,
+                           lost="Lost the target server while it imported the image",
+                           refused="Waiting for the target")
         meta = result.get("metadata") or {}
         if meta.get("status_code") == 200:
             return (meta.get("metadata") or {}).get("fingerprint", "")

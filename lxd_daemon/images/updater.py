@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -24,6 +23,7 @@ from sqlalchemy import select, update
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.images.models import images as images_table
 from lxd_daemon.images.models import images_aliases
+from lxd_daemon.util.tasks import cancel_and_wait
 
 log = logging.getLogger("lxd.images")
 
@@ -51,11 +51,8 @@ class Updater:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="image-updater")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _loop(self) -> None:
         started = last_update = time.monotonic()

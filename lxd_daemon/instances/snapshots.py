@@ -35,6 +35,7 @@ from lxd_daemon.instances import validation
 from lxd_daemon.storage.volume import Volume
 from lxd_daemon.util import schedule
 from lxd_daemon.util.revert import Revert
+from lxd_daemon.util.tasks import cancel_and_wait
 from lxd_daemon.util.timefmt import ZERO_TIME, parse_rfc3339, rfc3339
 
 log = logging.getLogger("lxd.snapshots")
@@ -549,11 +550,8 @@ class SnapshotService:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name="snapshot-scheduler")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     # -- copies ----------------------------------------------------------------------------
     def copy_records(self, src_name: str) -> list[Snapshot]:

@@ -598,10 +598,17 @@ def check(project: str, cfg: dict[str, str], instances: list[Entity], profiles: 
     else:
         after, what = instances, "profile update"
         profiles = [change.profile if p.name == change.profile.name else p for p in profiles]
+    _check_all(project, cfg, after, profiles, volumes, what)
+
+
+def _check_all(project: str, cfg: dict[str, str], instances: list[Entity], profiles: list[Entity],
+               volumes, what: str) -> None:
+    """The aggregate limits, and the restrictions when the project is restricted, over the
+    project as it would be after the change `what` ("instance creation", ...)."""
     try:
-        check_aggregates(project, cfg, after, volumes)
+        check_aggregates(project, cfg, instances, volumes)
         if is_true(cfg.get("restricted")):
-            check_restrictions(project, cfg, after, profiles)
+            check_restrictions(project, cfg, instances, profiles)
     except PolicyError as e:
         raise PolicyError(f"Failed checking if {what} allowed: {e.message}") from None
 
@@ -613,12 +620,7 @@ def check_volume(project: str, cfg: dict[str, str], instances: list[Entity], pro
     limits.disk is set, and then every aggregate limit and restriction is checked (as LXD)."""
     if not cfg.get("limits.disk"):
         return
-    try:
-        check_aggregates(project, cfg, instances, volumes)
-        if is_true(cfg.get("restricted")):
-            check_restrictions(project, cfg, instances, profiles)
-    except PolicyError as e:
-        raise PolicyError(f"Failed checking if volume {what} allowed: {e.message}") from None
+    _check_all(project, cfg, instances, profiles, volumes, f"volume {what}")
 
 
 def check_network_count(project: str, cfg: dict[str, str], networks: Iterable[str], name: str) -> None:

@@ -36,6 +36,7 @@ from lxd_daemon.storage.volume import DEFAULT_PROJECT, ContentType, Volume, Volu
 from lxd_daemon.util import schedule
 from lxd_daemon.util.revert import Revert
 from lxd_daemon.util.sizes import parse_byte_size
+from lxd_daemon.util.tasks import cancel_and_wait
 from lxd_daemon.util.timefmt import parse_rfc3339, rfc3339
 from lxd_daemon.util.validate import is_bool
 
@@ -879,13 +880,8 @@ class CustomVolumeService:
         self.start_scheduler()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except BaseException:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _scheduler(self) -> None:
         while True:

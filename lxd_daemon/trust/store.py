@@ -32,6 +32,7 @@ from lxd_daemon.errors import BadRequest, Conflict, Forbidden, NotFound
 from lxd_daemon.server.config import check_password
 from lxd_daemon.trust import pki, tokens
 from lxd_daemon.trust.models import certificates
+from lxd_daemon.util.tasks import cancel_and_wait
 
 log = logging.getLogger("lxd.trust")
 
@@ -166,12 +167,7 @@ class TrustService:
         self._watcher = asyncio.get_running_loop().create_task(self._watch_pki(), name="trust-pki")
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            try:
-                await self._watcher
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._watcher)
 
     async def _watch_pki(self) -> None:
         while True:
