@@ -27,6 +27,7 @@ SD_LISTEN_FDS_START = 3
 # Subsystems wired in this order. Each module has `async def setup(services) -> list[Routes]`:
 # it sets its service on `services`, registers hooks and API extensions, and returns its routers.
 SUBSYSTEMS: tuple[str, ...] = (
+    "lxd_daemon.projects.subsystem",  # services.projects: everything else belongs to a project
     "lxd_daemon.trust.subsystem",  # services.trust (the Gate asks it), /1.0/certificates
     "lxd_daemon.storage.subsystem",
     "lxd_daemon.images.subsystem",

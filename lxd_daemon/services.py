@@ -27,14 +27,13 @@ class Services:
     # Called with the reason ("shutdown" stops containers, "exit" leaves them running).
     request_stop: Callable[[str], None] = lambda reason: None
     debug: bool = False  # --debug: every request in the debug log (api/accesslog.py), on every listener
-    # Async callables returning URLs that use the default project (profiles, instances, ...).
-    project_used_by: list[Callable[[], Awaitable[list[str]]]] = field(default_factory=list)
     # Run once the API is being served (autostart), at `lxd shutdown`/SIGPWR before exiting
     # (stop containers), and at every exit (release resources; containers keep running).
     startup_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     shutdown_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     exit_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     # Subsystems, set by their setup() in daemon.SUBSYSTEMS order.
+    projects: Any = None  # the projects, their limits and restrictions (projects/service.py)
     storage: Any = None
     images: Any = None
     profiles: Any = None

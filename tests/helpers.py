@@ -482,3 +482,16 @@ def lxd502_setup(tmp_path_factory, tag: str):
     wd = Path(tempfile.mkdtemp(prefix="lxdbench-", dir=base))
     os.chmod(wd, 0o755)
     return daemons, wd
+
+
+def bare_services():
+    """Services with only the projects (the `default` one), for an app (app.create_app) whose
+    requests go no further than their checks: every request resolves its project after the
+    access check."""
+    from types import SimpleNamespace
+
+    from lxd_daemon.projects.service import Project, ProjectService
+
+    projects = ProjectService(None)
+    projects.projects["default"] = Project(1, "default")
+    return SimpleNamespace(projects=projects)

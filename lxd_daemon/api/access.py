@@ -181,12 +181,23 @@ def check(conn: HTTPConnection) -> None:
             if access is Access.ADMIN:
                 raise Forbidden("Certificate is restricted")
             project = conn.query_params.get("project") or "default"
+            if conn.scope["route"].path.startswith("/1.0/projects/{name}"):
+                project = conn.path_params.get("name", project)  # the project itself
             if project not in (record.get("projects") or ()):
                 raise Forbidden(f"Certificate is restricted and has no access to project {project!r}")
     if endpoint.body is not None and conn.scope["type"] == "http":
         length = conn.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > endpoint.body:
             raise TooLarge(f"Request body too large (limit {endpoint.body} bytes)")
+
+
+def visible_projects(conn: HTTPConnection) -> frozenset[str] | None:
+    """The projects a caller may see (`all-projects=true` lists, `GET /1.0/projects`): those of a
+    restricted certificate, or None for all."""
+    record = conn.scope.get("lxd_certificate") or {}
+    if record.get("restricted"):
+        return frozenset(record.get("projects") or ())
+    return None
 
 
 def fingerprint(der: bytes | None) -> str:

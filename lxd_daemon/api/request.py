@@ -163,22 +163,30 @@ def check_path_names(conn: HTTPConnection) -> None:
 
 
 async def check_project(conn: HTTPConnection) -> None:
-    """`?project=NAME` must name an existing project: LXD's 404 otherwise, on every endpoint."""
-    project = conn.query_params.get("project")
-    if not project or project == "default":
-        return
-    try:
-        names.project(project)
-    except names.InvalidName:
-        raise NotFound("Project not found") from None
-    services = conn.app.state.services
-    from sqlalchemy import text
+    """`?project=NAME` must name an existing project: LXD's 404 otherwise, on every endpoint. The
+    project is resolved here, once per request (project_of())."""
+    name = conn.query_params.get("project") or "default"
+    if name != "default":
+        try:
+            names.project(name)
+        except names.InvalidName:
+            raise NotFound("Project not found") from None
+    projects = conn.app.state.services.projects
+    conn.scope["lxd_project"] = projects.get(name)  # NotFound("Project not found")
 
-    def exists(session) -> bool:
-        return session.execute(text("SELECT 1 FROM projects WHERE name=:n"), {"n": project}).first() is not None
 
-    if not await services.db.run(exists):
-        raise NotFound("Project not found")
+def project_of(conn: HTTPConnection):
+    """The request's project (projects.service.Project), resolved by check_project."""
+    return conn.scope["lxd_project"]
+
+
+def listed_projects(conn: HTTPConnection) -> list[str]:
+    """The projects a list covers: the request's, or with `all-projects=true` every project the
+    caller may see."""
+    if conn.query_params.get("all-projects", "").lower() not in ("1", "true"):
+        return [project_of(conn).name]
+    visible = access.visible_projects(conn)
+    return [n for n in conn.app.state.services.projects.names() if visible is None or n in visible]
 
 
 async def check_request(conn: HTTPConnection) -> None:

@@ -250,7 +250,7 @@ class BackupService:
         self.services.instances.record(name)
         from lxd_daemon.projects import policy as project_policy
 
-        project_policy.backup_allowed(project_policy.DEFAULT, self.services.instances.projects.config())
+        project_policy.backup_allowed(project_policy.DEFAULT, self.services.projects.config())
         try:
             names.backup(bname)
         except names.InvalidName as e:
@@ -761,7 +761,7 @@ class VolumeBackups:
         rec = await self.custom.get(pool, name, project)
         from lxd_daemon.projects import policy as project_policy
 
-        project_policy.backup_allowed(project, self.backups.services.instances.projects.config(project))
+        project_policy.backup_allowed(project, self.backups.services.projects.config(project))
         if rec.content_type != "filesystem":
             raise BadRequest("Backups of block custom volumes are not supported yet")
         try:

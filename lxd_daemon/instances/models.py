@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lxd_daemon.instances.idmap import IdmapSet
+from lxd_daemon.projects.naming import storage_name
 
 
 @dataclass
@@ -26,6 +27,12 @@ class Record:
     devices: dict[str, dict[str, str]]
     profiles: list[str]
     type: str = "container"
+    project: str = "default"
+
+    @property
+    def key(self) -> str:
+        """The instance's name on the host and its key in InstanceService.records (projects/naming.py)."""
+        return storage_name(self.project, self.name)
 
 
 @dataclass

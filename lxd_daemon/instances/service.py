@@ -96,9 +96,9 @@ class InstanceService:
         self.device_state: dict[str, object] = {}
         self._yaml_locks: dict[str, asyncio.Lock] = {}  # see backup_yaml_lock()
         self.loop: asyncio.AbstractEventLoop | None = None
-        # Project config, limits and restrictions (projects/policy.py); checks run synchronously
-        # with their claim, as reserve() does for names.
-        self.projects = project_policy.ProjectPolicy(services.db)
+        # Project config, limits and restrictions (projects/service.py, policy.py); checks run
+        # synchronously with their claim, as reserve() does for names.
+        self.projects = services.projects
 
     # ------------------------------------------------------------------ helpers
     def lock(self, name: str) -> asyncio.Lock:
@@ -322,7 +322,6 @@ class InstanceService:
     # ------------------------------------------------------------------ start-up
     async def load(self) -> None:
         self.loop = asyncio.get_running_loop()
-        await self.projects.load()
         await asyncio.to_thread(self._prepare_dirs)
 
         records, pending = await self.store.load()

@@ -273,7 +273,7 @@ class SnapshotService:
         from lxd_daemon.projects import policy as project_policy
 
         try:
-            project_policy.snapshot_allowed(project_policy.DEFAULT, self.instances.projects.config())
+            project_policy.snapshot_allowed(project_policy.DEFAULT, self.services.projects.config())
         except LXDError:
             return False
         return True

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from sqlalchemy import text
 
 from lxd_daemon.instances.models import Record
+from lxd_daemon.projects.naming import storage_name
 
 
 class InstanceStore:
@@ -25,7 +26,7 @@ class InstanceStore:
 
         def q(session):
             rows = session.execute(text(
-                "SELECT id, name, type, architecture, ephemeral, stateful, description, created_at, "
+                "SELECT id, project, name, type, architecture, ephemeral, stateful, description, created_at, "
                 "last_used_at, pending, devices FROM instances")).all()
             cfg = session.execute(text("SELECT instance_id, key, value FROM instances_config")).all()
             profs = session.execute(text(
@@ -43,11 +44,11 @@ class InstanceStore:
         records, pending = [], []
         for r in rows:
             if r.pending:
-                pending.append((r.id, r.name))
+                pending.append((r.id, storage_name(r.project, r.name)))
                 continue
             records.append(Record(r.id, r.name, r.architecture, bool(r.ephemeral), bool(r.stateful),
                                   r.description, r.created_at, r.last_used_at, configs.get(r.id, {}),
-                                  json.loads(r.devices), plist.get(r.id, []), r.type))
+                                  json.loads(r.devices), plist.get(r.id, []), r.type, r.project))
         return records, pending
 
     def write(self, session, rec: Record, *, pending: bool | None = None) -> None:
@@ -70,10 +71,10 @@ class InstanceStore:
         """Insert `rec` (its config, devices and profiles too) within the caller's transaction;
         sets and returns rec.id."""
         rec.id = session.execute(text(
-            "INSERT INTO instances (name, type, architecture, ephemeral, stateful, description, "
-            "created_at, last_used_at, pending, devices) VALUES (:n, :t, :a, :e, :s, :d, :c, :l, 0, "
+            "INSERT INTO instances (project, name, type, architecture, ephemeral, stateful, description, "
+            "created_at, last_used_at, pending, devices) VALUES (:p, :n, :t, :a, :e, :s, :d, :c, :l, 0, "
             "'{}') RETURNING id"),
-            {"n": rec.name, "t": rec.type, "a": rec.architecture, "e": rec.ephemeral, "s": rec.stateful,
+            {"p": rec.project, "n": rec.name, "t": rec.type, "a": rec.architecture, "e": rec.ephemeral, "s": rec.stateful,
              "d": rec.description, "c": rec.created_at, "l": rec.last_used_at}).scalar_one()
         self.write(session, rec)
         return rec.id

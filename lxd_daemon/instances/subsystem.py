@@ -6,6 +6,7 @@ from lxd_daemon.api import instance_logs, instance_state, instances, profiles  #
 from lxd_daemon.devices import disk as disks
 from lxd_daemon.instances.service import InstanceService
 from lxd_daemon.profiles.service import ProfileService
+from lxd_daemon.projects.naming import query
 
 
 async def setup(services) -> list:
@@ -22,11 +23,12 @@ async def setup(services) -> list:
     await snaps.load()
     services.snapshots = snaps
 
-    async def project_used_by() -> list[str]:
-        return ([f"/1.0/instances/{n}" for n in sorted(svc.records)]
-                + [f"/1.0/profiles/{n}" for n in sorted(prof.profiles)])
+    async def project_used_by(project: str) -> list[str]:
+        q = query(project)
+        return ([f"/1.0/instances/{r.name}{q}" for r in svc.records.values() if r.project == project]
+                + [f"/1.0/profiles/{n}{q}" for n in sorted(prof.profiles) if project == "default"])
 
-    services.project_used_by.append(project_used_by)
+    services.projects.providers.append(project_used_by)
     if services.storage is not None:
         async def pool_used_by(pool: str) -> list[str]:
             out = []

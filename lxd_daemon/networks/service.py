@@ -396,7 +396,7 @@ class NetworkService:
             if instances is not None:  # the project's limits.networks (checked under the lock)
                 from lxd_daemon.projects import policy as project_policy
 
-                project_policy.check_network_count(project, instances.projects.config(project),
+                project_policy.check_network_count(project, self.services.projects.config(project),
                                                    self.managed_names(project), name)
             drv = cls(name, {}, self.ctx, project=project)
             try:

@@ -216,6 +216,9 @@ def validate_config(config: dict[str, str], current: dict[str, str], project: st
             continue
         check = LXD_KEYS.get(k)
         if check is None:
+            if k == "features.storage.buckets":
+                raise BadRequest('Invalid project configuration key "features.storage.buckets": storage '
+                                 'buckets are not supported by this server (nor by LXD 5.0.2)')
             raise BadRequest(f'Invalid project configuration key "{k}"')
         if v == "":
             continue

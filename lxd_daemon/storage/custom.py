@@ -177,8 +177,7 @@ class CustomVolumeService:
     # -- project limits (limits.disk) and restrictions (restricted.snapshots) -----------------
     def _projects(self):
         """The projects' policy state (projects/policy.py ProjectPolicy), when instances run."""
-        instances = getattr(self.storage.services, "instances", None)
-        return instances.projects if instances is not None else None
+        return self.storage.services.projects
 
     def _check_disk(self, pool, name: str, project: str, config: dict[str, str], what: str) -> None:
         """Refuse (PolicyError, 400) a volume create ("creation") or config change ("update") that

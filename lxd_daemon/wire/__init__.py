@@ -47,6 +47,10 @@ class ProjectsPost(ProjectPut):
     name: Name(names.project)
 
 
+class ProjectPost(Request):
+    name: Name(names.project)
+
+
 class OperationWaitQuery(Request):
     timeout: StrictInt = -1
 
@@ -54,7 +58,7 @@ class OperationWaitQuery(Request):
 __all__ = [
     "Name",
     "ProjectPut",
-    "ProjectsPost",
+    "ProjectsPost", "ProjectPost",
     "Request",
     "ServerPut",
     "OperationWaitQuery",

@@ -19,6 +19,7 @@ import websockets
 
 from lxd_daemon.api.access import Access, routes_of
 from lxd_daemon.app import create_app
+from tests.helpers import bare_services
 from tests.unit.test_access import PUBLIC, all_tables, concrete
 
 
@@ -68,7 +69,7 @@ def https(daemon):
 
 
 def declared():
-    app = create_app(services=object(), routers=all_tables())
+    app = create_app(services=bare_services(), routers=all_tables())
     out = []
     for route in routes_of(app.routes):
         for method, ep in vars(route).get("lxd_access", {}).items():

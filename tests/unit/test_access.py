@@ -25,6 +25,7 @@ with warnings.catch_warnings():
 import lxd_daemon.api
 from lxd_daemon.api.access import Access, Gate, Routes, endpoint_of, routes_of, undeclared
 from lxd_daemon.app import create_app
+from tests.helpers import bare_services
 
 # LXD's public list: what an untrusted client may call at all. GUARDED handlers narrow further
 # (public images only, a valid secret, a password or token): their own tests check that.
@@ -64,7 +65,7 @@ def all_tables() -> list[Routes]:
 
 @pytest.fixture(scope="module")
 def app():
-    return create_app(services=object(), routers=all_tables())
+    return create_app(services=bare_services(), routers=all_tables())
 
 
 def declared(app):
@@ -151,7 +152,7 @@ def test_a_route_without_declaration_is_refused_on_every_transport():
     async def open_route():
         return {"open": True}
 
-    app = create_app(services=object(), routers=[plain])
+    app = create_app(services=bare_services(), routers=[plain])
     assert "GET /1.0/open" in undeclared(app)
 
     async def main():
@@ -188,7 +189,7 @@ def test_declared_body_limit_is_enforced_before_the_handler():
         calls.append(1)
         return {}
 
-    app = create_app(services=object(), routers=[routes])
+    app = create_app(services=bare_services(), routers=[routes])
     gate = Gate(app, object(), "unix")
 
     async def main():

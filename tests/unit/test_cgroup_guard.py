@@ -77,7 +77,7 @@ def _service(tmp_path):
     from lxd_daemon.instances.service import InstanceService
 
     services = types.SimpleNamespace(db=None, pool=None, runtime=None, lxd_dir=tmp_path, storage=None,
-                                     profiles=types.SimpleNamespace(profiles={}))
+                                     profiles=types.SimpleNamespace(profiles={}), projects=None)
     return InstanceService(services)
 
 

@@ -8,6 +8,7 @@ import pytest
 from lxd_daemon import names
 from lxd_daemon.api.request import DEPTH_LIMIT, loads, validate
 from lxd_daemon.errors import BadRequest
+from tests.helpers import bare_services
 
 ODD = ["", ".", "..", "a/b", "a\x00b", "a\nb", "x" * 10_000, "\udfff", "a\udfffb"]
 
@@ -194,7 +195,7 @@ def test_every_route_of_the_app_checks_names():
     async def get_widget(widget: str):
         return {"widget": widget}
 
-    app = create_app(services=object(), routers=[extra])
+    app = create_app(services=bare_services(), routers=[extra])
     assert "/1.0/widgets/{widget}" in {r.path for r in api_routes(app.app.routes)}
 
     async def main():

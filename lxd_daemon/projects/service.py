@@ -1,0 +1,193 @@
+"""The projects: their records (name, description, config) in memory and in the database,
+which project a request's images, profiles, volumes and networks come from (the `features.*`
+keys), and the project lifecycle (create, rename, delete).
+
+The policy half (limits and restrictions, projects/policy.py) is the base class: its `configs`
+are this service's projects' configs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import text
+
+from lxd_daemon.errors import BadRequest, Conflict, Forbidden, NotFound
+from lxd_daemon.projects import policy
+from lxd_daemon.projects.naming import DEFAULT, query
+
+# What LXD 5.0.2 turns on in a new project unless the request says otherwise.
+FEATURE_DEFAULTS = ("features.images", "features.profiles", "features.storage.volumes")
+
+
+@dataclass
+class Project:
+    id: int
+    name: str
+    description: str = ""
+    config: dict[str, str] = field(default_factory=dict)
+
+    def has(self, feature: str) -> bool:
+        """Whether the project has its own `feature` (images, profiles, storage.volumes, networks)."""
+        return self.name == DEFAULT or policy.is_true(self.config.get(f"features.{feature}"))
+
+    def effective(self, feature: str) -> str:
+        """The project whose `feature` objects this project uses: itself, or `default`."""
+        return self.name if self.has(feature) else DEFAULT
+
+    @property
+    def query(self) -> str:
+        return query(self.name)
+
+
+# A contents provider: async (project name) -> the URLs of what the project holds (its `used_by`).
+Provider = Callable[[str], Awaitable[list[str]]]
+
+
+class ProjectService(policy.ProjectPolicy):
+    def __init__(self, db, events=None):
+        super().__init__(db)
+        self.events = events
+        self.projects: dict[str, Project] = {}
+        self.providers: list[Provider] = []
+        # Called after a project is created (its default profile), before an empty one is deleted,
+        # and when an empty one is renamed (old, new).
+        self.on_create: list[Callable[[str], Awaitable[None]]] = []
+        self.on_delete: list[Callable[[str], Awaitable[None]]] = []
+        self.on_rename: list[Callable[[str, str], Awaitable[None]]] = []
+        self.lock = asyncio.Lock()
+
+    async def load(self) -> None:
+        await super().load()
+
+        def q(session):
+            return session.execute(text("SELECT id, name, description, config FROM projects")).all()
+
+        for r in await self.db.run(q):
+            self.projects[r.name] = Project(r.id, r.name, r.description, dict(self.configs.get(r.name, {})))
+
+    # -- reading ------------------------------------------------------------------------------
+    def get(self, name: str) -> Project:
+        p = self.projects.get(name)
+        if p is None:
+            raise NotFound("Project not found")
+        return p
+
+    def names(self) -> list[str]:
+        return sorted(self.projects)
+
+    def effective(self, project: str, feature: str) -> str:
+        return self.get(project).effective(feature)
+
+    def set_config(self, project: str, config: dict[str, str]) -> None:
+        super().set_config(project, config)
+        p = self.projects.get(project)
+        if p is not None:
+            p.config = dict(config)
+
+    async def used_by(self, name: str) -> list[str]:
+        out: list[str] = []
+        for provider in self.providers:
+            out.extend(await provider(name))
+        return sorted(set(out))
+
+    async def is_empty(self, name: str) -> bool:
+        """LXD's rule: nothing but its own `default` profile."""
+        return all(u.split("?")[0] == "/1.0/profiles/default" for u in await self.used_by(name))
+
+    async def render(self, name: str) -> dict:
+        p = self.get(name)
+        return {"name": p.name, "description": p.description, "config": dict(p.config),
+                "used_by": await self.used_by(name)}
+
+    # -- changes ------------------------------------------------------------------------------
+    async def create(self, name: str, description: str, config: dict[str, str]) -> Project:
+        config = {str(k): str(v) for k, v in config.items() if v != ""}
+        for feature in FEATURE_DEFAULTS:
+            config.setdefault(feature, "true")
+        policy.validate_config(config, {}, name)
+        async with self.lock:
+            if name in self.projects:
+                raise Conflict(f"Project {name!r} already exists")
+
+            def ins(session) -> int:
+                return session.execute(text(
+                    "INSERT INTO projects (name, description, config) VALUES (:n, :d, :c) RETURNING id"),
+                    {"n": name, "d": description, "c": json.dumps(config, sort_keys=True)}).scalar_one()
+
+            pid = await self.db.run(ins)
+            project = Project(pid, name, description, dict(config))
+            self.projects[name] = project
+            super().set_config(name, config)
+            try:
+                for hook in self.on_create:
+                    await hook(name)
+            except BaseException:
+                await self._forget(name)
+                raise
+        return project
+
+    def check_features_change(self, name: str, new: dict[str, str], empty: bool) -> None:
+        """features.* can only change on an empty project (and never on default)."""
+        current = self.get(name).config
+        changed = [k for k in policy.changed_keys(new, current) if k.startswith("features.")]
+        if changed and name != DEFAULT and not empty:
+            raise BadRequest("Features can only be changed on empty projects")
+
+    async def update(self, name: str, description: str, config: dict[str, str]) -> None:
+        """Write a config already validated and checked (api/projects.py)."""
+        p = self.get(name)
+
+        def write(session):
+            session.execute(text("UPDATE projects SET description=:d, config=:c WHERE name=:n"),
+                            {"d": description, "c": json.dumps(config, sort_keys=True), "n": name})
+
+        await self.db.run(write)
+        p.description = description
+        self.set_config(name, config)
+
+    async def check_rename(self, name: str, new: str) -> None:
+        if name == DEFAULT:
+            raise Forbidden("The 'default' project cannot be renamed")
+        self.get(name)
+        if new in self.projects:
+            raise Conflict(f"A project named {new!r} already exists")
+        if not await self.is_empty(name):
+            raise BadRequest("Only empty projects can be renamed")
+
+    async def rename(self, name: str, new: str) -> None:
+        async with self.lock:
+            await self.check_rename(name, new)
+            def mv(session):
+                session.execute(text("UPDATE projects SET name=:new WHERE name=:n"), {"new": new, "n": name})
+
+            await self.db.run(mv)
+            p = self.projects.pop(name)
+            p.name = new
+            self.projects[new] = p
+            self.configs[new] = self.configs.pop(name, {})
+            for hook in self.on_rename:
+                await hook(name, new)
+
+    async def delete(self, name: str) -> None:
+        async with self.lock:
+            if name == DEFAULT:
+                raise Forbidden("The 'default' project cannot be deleted")
+            self.get(name)
+            if not await self.is_empty(name):
+                raise BadRequest("Only empty projects can be removed")
+            for hook in self.on_delete:
+                await hook(name)
+            await self._forget(name)
+
+    async def _forget(self, name: str) -> None:
+        def rm(session):
+            session.execute(text("DELETE FROM projects WHERE name=:n"), {"n": name})
+
+        await self.db.run(rm)
+        self.projects.pop(name, None)
+        self.configs.pop(name, None)
+        self.claims.pop(name, None)
