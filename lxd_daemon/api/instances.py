@@ -10,9 +10,10 @@ from starlette.responses import Response
 
 from lxd_daemon.api.access import BODY_LIMIT, STREAM, Access, Routes
 from lxd_daemon.api.envelope import async_, etag_of, sync
-from lxd_daemon.api.request import check_etag, parse, recursion
+from lxd_daemon.api.request import check_etag, parse, project_of, recursion
 from lxd_daemon.errors import BadRequest, Conflict, NotFound, NotImplementedYet
 from lxd_daemon.filter import parse_filter
+from lxd_daemon.projects.naming import storage_name
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.instances import InstancePost, InstancePut, InstancesPost, InstancesPut
 
@@ -42,6 +43,12 @@ def instance_routes(target: Routes):
 
 
 route = instance_routes(router)
+
+
+def instance_key(request: Request, name: str) -> str:
+    """The key (storage name) of instance `name` of the request's project: what every
+    InstanceService method takes."""
+    return storage_name(project_of(request).name, name)
 
 
 def resources(prefix: str, *names: str) -> dict:

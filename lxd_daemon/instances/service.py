@@ -38,6 +38,7 @@ from lxd_daemon.instances.models import FrozenRootfs, Instance, Record, Runtime
 from lxd_daemon.instances.store import InstanceStore
 from lxd_daemon.instances.tracker import RuntimeTracker
 from lxd_daemon.projects import policy as project_policy
+from lxd_daemon.projects.naming import query, storage_name
 from lxd_daemon.runtime.client import StartFailed
 from lxd_daemon.util.revert import Revert
 from lxd_daemon.util.timefmt import EPOCH_TIME, rfc3339
@@ -146,10 +147,29 @@ class InstanceService:
         return lk
 
     def record(self, name: str) -> Record:
+        """The record of the instance whose key (storage name, Record.key) is `name`."""
         rec = self.records.get(name)
         if rec is None:
             raise NotFound("Instance not found")
         return rec
+
+    # -- projects: an instance is (project, name); its key in `records` is its storage name ---
+    @staticmethod
+    def key(project: str, name: str) -> str:
+        return storage_name(project, name)
+
+    def lookup(self, project: str, name: str) -> Record:
+        return self.record(storage_name(project, name))
+
+    def keys_in(self, project: str) -> list[str]:
+        """The keys of the project's instances, in the order of their names."""
+        return [r.key for r in sorted((r for r in self.records.values() if r.project == project),
+                                      key=lambda r: r.name)]
+
+    def url(self, key: str, suffix: str = "") -> str:
+        """The API URL of an instance (or of something under it: `suffix`), with its project."""
+        rec = self.record(key)
+        return f"/1.0/instances/{rec.name}{suffix}{query(rec.project)}"
 
     def profile_inputs(self, rec: Record) -> list[dict]:
         profiles = self.services.profiles
