@@ -43,10 +43,18 @@ def apply_preseed(client: Client, seed: dict) -> None:
     if seed.get("cluster"):
         raise InitError("Clustering is not supported by this daemon")
     for project in seed.get("projects") or []:
-        if project.get("name") != "default":
-            raise InitError("Only the 'default' project is supported by this daemon")
+        if not project.get("name"):
+            raise InitError("Invalid preseed: a project has no name")
     if seed.get("config"):
         client.request("PATCH", "/1.0", {"config": seed["config"]})
+    for item in seed.get("projects") or []:
+        name = item["name"]
+        if _exists(client, f"/1.0/projects/{name}", "projects"):
+            put = {k: v for k, v in item.items() if k in ("config", "description")}
+            client.request("PATCH", f"/1.0/projects/{name}", put)
+        else:
+            client.request("POST", "/1.0/projects", {k: v for k, v in item.items()
+                                                     if k in ("name", "config", "description")})
     for section, base in (("storage_pools", "/1.0/storage-pools"), ("networks", "/1.0/networks")):
         for item in seed.get(section) or []:
             name = item.get("name")

@@ -40,8 +40,9 @@ from lxd_daemon.backups.config import (
 )
 from lxd_daemon.errors import BadRequest, LXDError
 from lxd_daemon.instances.models import Record
+from lxd_daemon.projects.naming import storage_name
 from lxd_daemon.storage.drivers import DRIVERS, Driver
-from lxd_daemon.storage.volume import DEFAULT_PROJECT, Volume, VolumeType
+from lxd_daemon.storage.volume import Volume, VolumeType
 from lxd_daemon.util.revert import Revert
 from lxd_daemon.util.timefmt import EPOCH_TIME, rfc3339
 
@@ -213,7 +214,8 @@ class RecoverService:
             if v.is_snapshot or v.name.startswith("."):
                 continue
             if v.type is VolumeType.CONTAINER:
-                if v.project == DEFAULT_PROJECT and (v.name in instances.records or v.name in instances._reserved):
+                key = storage_name(v.project, v.name)
+                if key in instances.records or key in instances._reserved:
                     continue
                 cfg = await self._read_backup_yaml(drv, v)
                 if cfg is None:
@@ -261,26 +263,27 @@ class RecoverService:
             if msg not in errors:
                 errors.append(msg)
 
-        profiles = self.services.profiles.profiles
-        networks = None
+        projects = self.services.projects
+        networks: dict[str, set[str]] = {}  # project -> the networks it sees
         for s in scans:
             for item in [*s.instances, *s.customs]:
                 project = item.volume.project
-                if project != DEFAULT_PROJECT:
+                if project not in projects.projects:
                     add(f'Project "{project}"')
                     continue
                 if not isinstance(item, FoundInstance):
                     continue
+                profiles = self.services.profiles.in_project(project)
                 for pname in item.instance.get("profiles") or []:
                     if pname not in profiles:
                         add(f'Profile "{pname}" in project "{project}"')
                 devices = item.instance.get("expanded_devices") or item.instance.get("devices") or {}
                 for dev in devices.values():
                     if dev.get("type") == "nic" and dev.get("network"):
-                        if networks is None:
-                            networks = set(await self.services.networks.names()) \
+                        if project not in networks:
+                            networks[project] = set(await self.services.networks.names(project)) \
                                 if self.services.networks is not None else set()
-                        if dev["network"] not in networks:
+                        if dev["network"] not in networks[project]:
                             add(f'Network "{dev["network"]}" in project "{project}"')
         return errors
 
@@ -322,10 +325,11 @@ class RecoverService:
                     for fc in s.customs:
                         await self._import_custom(pool, fc, revert)
                     for fi in s.instances:
-                        instances.reserve(fi.volume.name)
-                        reserved.append(fi.volume.name)
+                        key = storage_name(fi.volume.project, fi.volume.name)
+                        instances.reserve(key)
+                        reserved.append(key)
                         await self._import_instance(pool, fi)
-                        revert.add(self._forget_instance, fi.volume.name)
+                        revert.add(self._forget_instance, key)
                 revert.success()
         finally:
             for n in reserved:
@@ -401,15 +405,15 @@ class RecoverService:
 
     async def _import_instance(self, pool, fi: FoundInstance) -> None:
         inst = fi.instance
-        name = fi.volume.name
+        name, project = fi.volume.name, fi.volume.project
         devices = {k: dict(v) for k, v in (inst.get("devices") or {}).items()}
         profiles = [p for p in (inst.get("profiles") or [])]
-        self._populate_root_device(pool.name, devices, profiles)
+        self._populate_root_device(pool.name, devices, profiles, project)
         config = {k: v for k, v in (inst.get("config") or {}).items() if v != ""}
         rec = Record(0, name, str(inst.get("architecture") or _host_arch()), bool(inst.get("ephemeral")),
                      False, str(inst.get("description") or ""), _time(inst.get("created_at")) or rfc3339(),
                      _time(inst.get("last_used_at")), config, devices, profiles,
-                     str(inst.get("type") or "container"))
+                     str(inst.get("type") or "container"), project)
         by_name = {s.get("name"): s for s in fi.config.snapshots}
         rows = []
         for snap in fi.snapshots:
@@ -454,14 +458,14 @@ class RecoverService:
             snaps_svc.forget(rec.id)
         await self.services.instances.forget_record(name)
 
-    def _populate_root_device(self, pool_name: str, devices: dict, profiles: list[str]) -> None:
+    def _populate_root_device(self, pool_name: str, devices: dict, profiles: list[str], project: str) -> None:
         """As LXD: the recovered instance's root disk is on the pool it was found on; a root disk
         from its profiles elsewhere is overridden by a local one."""
         for dev in devices.values():
             if dev.get("type") == "disk" and dev.get("path") == "/" and not dev.get("source"):
                 dev["pool"] = pool_name
                 return
-        profs = self.services.profiles.profiles
+        profs = self.services.profiles.in_project(project)
         for p in reversed(profiles):
             prof = profs.get(p)
             if prof is None:
@@ -483,8 +487,9 @@ class RecoverService:
 
     async def _after_instance(self, fi: FoundInstance) -> None:
         """backup.yaml is rewritten from the recovered record; the creation is announced."""
-        await update_instance_backup_yaml(self.services, fi.volume.name)
-        self.services.events.lifecycle("instance-created", f"/1.0/instances/{fi.volume.name}")
+        key = storage_name(fi.volume.project, fi.volume.name)
+        await update_instance_backup_yaml(self.services, key)
+        self.services.instances.lifecycle("instance-created", key)
 
 
 def _read_small(path: Path, limit: int = 4 << 20) -> bytes | None:

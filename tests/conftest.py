@@ -103,6 +103,46 @@ def names(ready):
         ready.lxc("profile", "delete", n, check=False)
 
 
+@pytest.fixture
+def projects(ready):
+    """Makes uniquely named projects (`projects(suffix, "key=value", ...)`) on the shared daemon;
+    after the test each goes with what it holds: instances, its own images, custom volumes and
+    profiles."""
+    made: list[str] = []
+    prefix = run_prefix()
+
+    def make(suffix: str, *config: str) -> str:
+        name = f"{prefix}{suffix}"
+        ready.lxc("project", "create", name, *[a for kv in config for a in ("-c", kv)])
+        made.append(name)
+        return name
+
+    def names(url: str, project: str) -> list[str]:
+        r = ready.api("GET", f"{url}?project={project}")
+        return [u.split("?")[0].rsplit("/", 1)[-1] for u in (r.json().get("metadata") or [])]
+
+    yield make
+    for p in reversed(made):
+        r = ready.api("GET", f"/1.0/projects/{p}")
+        if r.status_code == 404:
+            continue  # the test deleted it
+        config = r.json()["metadata"]["config"]
+        for n in names("/1.0/instances", p):
+            ready.lxc("delete", "-f", n, "--project", p, check=False)
+        if config.get("features.images") == "true":
+            for fp in names("/1.0/images", p):
+                ready.lxc("image", "delete", fp, "--project", p, check=False)
+        if config.get("features.storage.volumes") == "true":
+            for pool in names("/1.0/storage-pools", p):
+                for v in names(f"/1.0/storage-pools/{pool}/volumes/custom", p):
+                    ready.lxc("storage", "volume", "delete", pool, v, "--project", p, check=False)
+        if config.get("features.profiles") == "true":
+            for n in names("/1.0/profiles", p):
+                if n != "default":
+                    ready.lxc("profile", "delete", n, "--project", p, check=False)
+        ready.lxc("project", "delete", p, check=False)
+
+
 _BTRFS_POOLS = iter(range(1, 10_000))
 
 

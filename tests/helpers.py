@@ -495,3 +495,29 @@ def bare_services():
     projects = ProjectService(None)
     projects.projects["default"] = Project(1, "default")
     return SimpleNamespace(projects=projects)
+
+
+def api_ok(d: Daemon, method: str, path: str, **kw):
+    """A request that must succeed: its metadata, or for an operation, the finished operation."""
+    r = d.api(method, path, **kw)
+    assert r.status_code in (200, 201, 202), f"{method} {path}: {r.status_code} {r.text}"
+    body = r.json()
+    if body.get("type") == "async":
+        op = wait_op(d, r)
+        assert op["status"] == "Success", op
+        return op
+    return body["metadata"]
+
+
+def module_daemon(tmp_path_factory, tag: str) -> Iterator[Daemon]:
+    """A daemon of a test module's own, ready for containers (`yield from` it in a fixture)."""
+    base = tmp_path_factory.mktemp(tag)
+    dm = Daemon(lxd_dir=base / "var", conf_dir=base / "conf")
+    dm.start()
+    try:
+        ensure_containers_ready(dm)
+        yield dm
+    finally:
+        dm.lxc("project", "switch", "default", check=False)
+        dm.stop()
+        release_host_state(dm.lxd_dir)

@@ -27,6 +27,7 @@ import enum
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
 from fastapi import APIRouter
 from starlette.requests import HTTPConnection
@@ -180,15 +181,48 @@ def check(conn: HTTPConnection) -> None:
             # A restricted certificate reaches its own projects only, and nothing server-wide.
             if access is Access.ADMIN:
                 raise Forbidden("Certificate is restricted")
-            project = conn.query_params.get("project") or "default"
-            if conn.scope["route"].path.startswith("/1.0/projects/{name}"):
-                project = conn.path_params.get("name", project)  # the project itself
-            if project not in (record.get("projects") or ()):
+            project = _project(conn)
+            if _narrowed(conn, conn.scope["route"].path):
+                pass  # the handler lists only the caller's projects (visible_projects)
+            elif project not in (record.get("projects") or ()):
                 raise Forbidden(f"Certificate is restricted and has no access to project {project!r}")
+    elif access is Access.GUARDED and is_trusted(conn):
+        record = conn.scope.get("lxd_certificate") or {}
+        if record.get("restricted") and _project(conn) not in (record.get("projects") or ()):
+            # Outside its projects a restricted certificate is any untrusted client (the handler
+            # narrows: public images only, a secret, a password), as in LXD.
+            conn.scope["lxd_trusted"] = False
     if endpoint.body is not None and conn.scope["type"] == "http":
         length = conn.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > endpoint.body:
             raise TooLarge(f"Request body too large (limit {endpoint.body} bytes)")
+
+
+# Lists whose handler narrows what it shows to visible_projects(): GET /1.0/projects always, and
+# with `all-projects=true` (api.request.listed_projects) the lists below. A restricted certificate
+# may call them without naming one of its projects; any other route needs one of them.
+ALL_PROJECTS_LISTS = frozenset({
+    ("GET", "/1.0/instances"), ("GET", "/1.0/containers"), ("GET", "/1.0/operations"),
+    ("GET", "/1.0/profiles"), ("WEBSOCKET", "/1.0/events"),
+})
+
+
+def _project(conn: HTTPConnection) -> str:
+    """The project a request targets: `?project=` (default `default`), or the project itself."""
+    project = conn.query_params.get("project") or "default"
+    if conn.scope["route"].path.startswith("/1.0/projects/{name}"):
+        project = conn.path_params.get("name", project)
+    return project
+
+
+def _narrowed(conn: HTTPConnection, path: str) -> bool:
+    method = conn.scope.get("method", "GET") if conn.scope["type"] == "http" else "WEBSOCKET"
+    if method == "HEAD":
+        method = "GET"
+    if (method, path) == ("GET", "/1.0/projects"):
+        return True
+    return ((method, path) in ALL_PROJECTS_LISTS
+            and conn.query_params.get("all-projects", "").lower() in ("1", "true"))
 
 
 def visible_projects(conn: HTTPConnection) -> frozenset[str] | None:
@@ -198,6 +232,19 @@ def visible_projects(conn: HTTPConnection) -> frozenset[str] | None:
     if record.get("restricted"):
         return frozenset(record.get("projects") or ())
     return None
+
+
+def filter_used_by(conn: HTTPConnection, urls: list[str]) -> list[str]:
+    """The `used_by` URLs the caller may see: a restricted certificate only its projects' objects."""
+    visible = visible_projects(conn)
+    if visible is None:
+        return urls
+    return [u for u in urls if (parse_qs(urlsplit(u).query).get("project") or ["default"])[0] in visible]
+
+
+def shown(conn: HTTPConnection, obj: dict) -> dict:
+    """An object as the caller may see it: its `used_by` through filter_used_by."""
+    return {**obj, "used_by": filter_used_by(conn, obj["used_by"])}
 
 
 def fingerprint(der: bytes | None) -> str:

@@ -109,7 +109,8 @@ async def add_certificate(request: Request) -> Response:
     rec = await trust.add(der, name=name, type=kind, restricted=restricted, projects=projects,
                           fallback_name=_client_host(request))
     url = _url(rec["fingerprint"])
-    services.events.lifecycle("certificate-created", url, requestor=requestor(request))
+    services.events.lifecycle("certificate-created", url, requestor=requestor(request),
+                              project="default")
     return sync(None, status=201, location=url)
 
 
@@ -162,7 +163,8 @@ async def _update(request: Request, fingerprint: str, replace: bool) -> Response
             raise Forbidden("Only the certificate can be changed")
     new = await services.trust.update(rec["fingerprint"], name=name, type=kind, restricted=restricted,
                                       projects=projects, certificate=certificate)
-    services.events.lifecycle("certificate-updated", _url(rec["fingerprint"]), requestor=requestor(request))
+    services.events.lifecycle("certificate-updated", _url(rec["fingerprint"]), requestor=requestor(request),
+                              project="default")
     if new["fingerprint"] != rec["fingerprint"]:
         return sync({}, location=_url(new["fingerprint"]))
     return sync({})
@@ -184,5 +186,6 @@ async def delete_certificate(request: Request, fingerprint: str) -> Response:
     if not _is_admin(request):
         raise Forbidden("not authorized")
     rec = await services.trust.delete(fingerprint)
-    services.events.lifecycle("certificate-deleted", _url(rec["fingerprint"]), requestor=requestor(request))
+    services.events.lifecycle("certificate-deleted", _url(rec["fingerprint"]), requestor=requestor(request),
+                              project="default")
     return sync({})

@@ -1,4 +1,5 @@
-"""`/1.0/events`: the event stream (websocket)."""
+"""`/1.0/events`: the event stream (websocket) of the request's project, or with
+`all-projects=true` of every project the caller may see (api.access.visible_projects)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import contextlib
 from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect
 
-from lxd_daemon.api.access import Access, Routes
+from lxd_daemon.api.access import Access, Routes, visible_projects
 from lxd_daemon.api.envelope import error
+from lxd_daemon.api.request import project_of
 from lxd_daemon.events.hub import EVENT_TYPES
 from lxd_daemon.services import get_services
 
@@ -25,11 +27,14 @@ async def events(websocket: WebSocket) -> None:
     if bad:
         await websocket.send_denial_response(error(400, f"{bad[0]!r} isn't a supported event type"))
         return
-    all_projects = websocket.query_params.get("all-projects", "") in ("1", "true")
-    project = websocket.query_params.get("project", "default") or "default"
+    all_projects = websocket.query_params.get("all-projects", "").lower() in ("1", "true")
+    # A restricted certificate hears its projects only (access.check confined `project`), and
+    # never the server's own log lines.
+    visible = visible_projects(websocket)
     # Subscribe before the handshake completes: a client sends its request once connected and
     # must not miss that request's first events.
-    listener = hub.subscribe(types, project=project, all_projects=all_projects)
+    listener = hub.subscribe(types, project=project_of(websocket).name, all_projects=all_projects,
+                             visible=visible, server_wide=visible is None)
     try:
         await websocket.accept()
     except BaseException:

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from lxd_daemon.api import socket_body
 from lxd_daemon.api.access import STREAM, Access, Routes, is_trusted
 from lxd_daemon.api.envelope import async_, sync
-from lxd_daemon.api.request import BODY_LIMIT, check_etag, loads, read_json, recursion, validate
+from lxd_daemon.api.request import BODY_LIMIT, check_etag, loads, project_of, read_json, recursion, validate
 from lxd_daemon.errors import (
     BadRequest,
     Forbidden,
@@ -27,6 +27,7 @@ from lxd_daemon.errors import (
 )
 from lxd_daemon.images.remote.sources import check_source
 from lxd_daemon.images.service import check_alias_name, image_etag, parse_time
+from lxd_daemon.projects.naming import DEFAULT, query
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.images import ImagePut, ImagesPost
 
@@ -39,8 +40,18 @@ PUBLISH_TYPES = ("instance", "container", "snapshot", "virtual-machine")
 TAKEOVER_MIN = 256 << 10
 
 
-def image_url(fp: str) -> str:
-    return f"/1.0/images/{fp}"
+def image_url(fp: str, project: str = DEFAULT) -> str:
+    return f"/1.0/images/{fp}{query(project)}"
+
+
+def caller_project(request: Request) -> str:
+    """The project whose images a request uses (the service resolves features.images): the
+    request's; public images are served to untrusted callers from `default` only (or, with a
+    download token's secret, from the project the token was made in)."""
+    if is_trusted(request):
+        return project_of(request).name
+    images = get_services(request).images
+    return images.secret_project(request.query_params.get("secret")) or DEFAULT
 
 
 def _images_full(images):
@@ -52,7 +63,8 @@ def _images_full(images):
 async def list_images(request: Request) -> Response:
     images = get_services(request).images
     raw_filter = request.query_params.get("filter", "")
-    items = await images.list(public_only=not is_trusted(request))
+    project = caller_project(request)
+    items = await images.list(project=project, public_only=not is_trusted(request))
     if raw_filter.strip():
         from lxd_daemon.filter import parse_filter
 
@@ -60,7 +72,7 @@ async def list_images(request: Request) -> Response:
         items = [i for i in items if flt.match(i)]
     if recursion(request):
         return sync(items)
-    return sync([image_url(i["fingerprint"]) for i in items])
+    return sync([image_url(i["fingerprint"], project) for i in items])
 
 
 # -- POST /1.0/images ---------------------------------------------------------------------------
@@ -149,6 +161,7 @@ async def _create_from_upload(request: Request, chunks: AsyncIterator[bytes], ct
                               push=None) -> Response:
     services = get_services(request)
     images = services.images
+    project = push.project if push is not None else project_of(request).name
     expected = request.headers.get("x-lxd-fingerprint", "")
     if push is not None and not set(expected.lower()) <= set("0123456789abcdef"):
         expected = ""  # a push of an image the client named by alias: the token is checked instead
@@ -156,7 +169,7 @@ async def _create_from_upload(request: Request, chunks: AsyncIterator[bytes], ct
         with _images_full(images):  # the temp files are gone by then (receive and discard)
             upload = await images.receive(chunks, ctype)
             try:
-                await images.check(upload, expected)
+                await images.check(upload, expected, project=project)
                 if push is not None:
                     push.check(upload.fingerprint)
             except BaseException:
@@ -188,15 +201,17 @@ async def _create_from_upload(request: Request, chunks: AsyncIterator[bytes], ct
     async def run(op):
         try:
             with _images_full(images):
-                img = await images.add(upload, filename=filename, public=public, properties=props,
-                                       aliases=aliases, profiles=profiles, expires_at=expires, requestor=who)
+                img = await images.add(upload, project=project, filename=filename, public=public,
+                                       properties=props, aliases=aliases, profiles=profiles, expires_at=expires,
+                                       requestor=who)
         except BaseException:
             await asyncio.to_thread(upload.discard)
             raise
-        op.resources = {"images": [image_url(img["fingerprint"])]}
+        op.resources = {"images": [image_url(img["fingerprint"], project)]}
         return {"fingerprint": img["fingerprint"], "size": str(img["size"]), **extra}
 
-    op = services.ops.create(description="Downloading image", run=run, metadata=dict(extra) or None)
+    op = services.ops.create(description="Downloading image", run=run, metadata=dict(extra) or None,
+                             project=project)
     return async_(op.render())
 
 
@@ -208,7 +223,8 @@ async def _create_from_json(request: Request, body: ImagesPost) -> Response:
     if src.mode == "push":  # the target side of a push: a token for the source's upload
         from lxd_daemon.images.push import create_token
 
-        op = create_token(services.ops, services.events, fingerprint=src.fingerprint,
+        op = create_token(services.ops, services.events, project=project_of(request).name,
+                          fingerprint=src.fingerprint,
                           aliases=[{"name": a.name, "description": a.description} for a in body.aliases or []],
                           public=body.public, properties=body.properties, expires_at=body.expires_at,
                           requestor=requestor(request))
@@ -241,18 +257,22 @@ async def _create_from_json(request: Request, body: ImagesPost) -> Response:
     expires = parse_time(body.expires_at)
     kind = "instances"
     inst = src.name.split("/", 1)[0]
+    project = project_of(request).name
+    services.instances.lookup(project, inst)  # 404 now for an instance the project doesn't have
 
     async def run(op):
         with _images_full(images):  # publish removes its work directory on any failure
-            img = await images.publish(op, source_type=src.type, name=src.name, compression=compression,
-                                       filename=body.filename, public=body.public,
+            img = await images.publish(op, project=project, source_type=src.type, name=src.name,
+                                       compression=compression, filename=body.filename, public=body.public,
                                        properties=body.properties, aliases=aliases, expires_at=expires,
                                        profiles=body.profiles, requestor=who)
-        op.resources = {**op.resources, "images": [image_url(img["fingerprint"])]}
+        op.resources = {**op.resources, "images": [image_url(img["fingerprint"], project)]}
         return {"fingerprint": img["fingerprint"], "size": str(img["size"])}
 
-    op = services.ops.create(description="Downloading image", run=run,
-                             resources={kind: [f"/1.0/instances/{inst}"], "containers": [f"/1.0/containers/{inst}"]})
+    q = query(project)
+    op = services.ops.create(description="Downloading image", run=run, project=project,
+                             resources={kind: [f"/1.0/instances/{inst}{q}"],
+                                        "containers": [f"/1.0/containers/{inst}{q}"]})
     return async_(op.render())
 
 
@@ -260,7 +280,7 @@ async def _create_from_json(request: Request, body: ImagesPost) -> Response:
 
 async def _visible(request: Request, fingerprint: str) -> dict:
     images = get_services(request).images
-    img = await images.get(fingerprint)
+    img = await images.get(fingerprint, project=caller_project(request))
     if not img["public"] and not is_trusted(request):
         if not images.use_secret(img["fingerprint"], request.query_params.get("secret")):
             raise NotFound("Image not found")
@@ -280,7 +300,8 @@ async def _update(request: Request, fingerprint: str, replace: bool) -> Response
     if replace:
         values.setdefault("properties", body.properties)
     await get_services(request).images.update(
-        fingerprint, values=values, replace=replace, if_match=lambda etag: check_etag(request, etag),
+        fingerprint, project=project_of(request).name, values=values, replace=replace,
+        if_match=lambda etag: check_etag(request, etag),
         requestor=requestor(request))
     return sync({})
 
@@ -298,21 +319,24 @@ async def patch_image(request: Request, fingerprint: str) -> Response:
 @router.delete("/1.0/images/{fingerprint}", access=Access.TRUSTED)
 async def delete_image(request: Request, fingerprint: str) -> Response:
     services = get_services(request)
-    img = await services.images.get(fingerprint)
+    project = project_of(request).name
+    img = await services.images.get(fingerprint, project=project)
     fp = img["fingerprint"]
     who = requestor(request)
 
     async def run(op):
-        await services.images.delete(fp, requestor=who)
+        await services.images.delete(fp, project=project, requestor=who)
 
-    op = services.ops.create(description="Deleting image", resources={"images": [image_url(fp)]}, run=run)
+    op = services.ops.create(description="Deleting image", resources={"images": [image_url(fp, project)]}, run=run,
+                             project=project)
     return async_(op.render())
 
 
 @router.post("/1.0/images/{fingerprint}/secret", access=Access.TRUSTED)
 async def create_secret(request: Request, fingerprint: str) -> Response:
-    img = await get_services(request).images.get(fingerprint)
-    op = get_services(request).images.create_secret(img["fingerprint"], requestor=requestor(request))
+    project = project_of(request).name
+    img = await get_services(request).images.get(fingerprint, project=project)
+    op = get_services(request).images.create_secret(img["fingerprint"], project=project, requestor=requestor(request))
     return async_(op.render())
 
 
@@ -396,12 +420,14 @@ def _open_all(paths) -> list:
 @router.get("/1.0/images/{fingerprint}/export", access=Access.GUARDED)
 async def export_image(request: Request, fingerprint: str) -> Response:
     services = get_services(request)
-    fp, public, files = await services.images.files(fingerprint)
+    project = caller_project(request)
+    fp, public, files = await services.images.files(fingerprint, project=project)
     if not public and not is_trusted(request):
         if not services.images.use_secret(fp, request.query_params.get("secret")):
             raise NotFound("Image not found")
     opened = await asyncio.to_thread(_open_all, [p for _, p in files])
-    services.events.lifecycle("image-retrieved", image_url(fp), requestor=requestor(request))
+    services.events.lifecycle("image-retrieved", image_url(fp, project), requestor=requestor(request),
+                              project=project)
     if len(files) == 1:
         return FileParts([opened[0]], media_type="application/octet-stream",
                          headers={"Content-Disposition": f"inline;filename={files[0][0]}"})
@@ -426,22 +452,24 @@ async def push_image(request: Request, fingerprint: str) -> Response:
 
     body = validate(ImageExportPost, await read_json(request, default={}))
     services = get_services(request)
-    img = await services.images.resolve(fingerprint)
+    project = project_of(request).name
+    img = await services.images.resolve(fingerprint, project=project)
     fp = img["fingerprint"]
     target_url(body.target)  # a bad target is a 400 now rather than a failed operation
     if not body.secret:
         raise BadRequest("The target's secret is required to push an image")
-    _, _, files = await services.images.files(fp)
+    _, _, files = await services.images.files(fp, project=project)
     job = PushJob(url=body.target, certificate=body.certificate, secret=body.secret, fingerprint=fp,
                   files=files, filename=img["filename"] or fp, project=body.project)
     who = requestor(request)
 
     async def run(op):
         await run_push(op, job)
-        services.events.lifecycle("image-retrieved", image_url(fp), {"target": body.target}, requestor=who)
+        services.events.lifecycle("image-retrieved", image_url(fp, project), {"target": body.target},
+                                  requestor=who, project=project)
 
-    op = services.ops.create(description="Downloading image", resources={"images": [image_url(fp)]}, run=run,
-                             may_cancel=True)
+    op = services.ops.create(description="Downloading image", resources={"images": [image_url(fp, project)]},
+                             run=run, may_cancel=True, project=project)
     return async_(op.render())
 
 
@@ -458,28 +486,30 @@ async def create_from_remote(request: Request, body) -> Response:
         check_alias_name(a["name"])
     who = requestor(request)
     images = services.images
+    project = project_of(request).name
 
     async def run(op):
-        fp = await images.pull(source, aliases=aliases, auto_update=bool(body.auto_update),
+        fp = await images.pull(source, project=project, aliases=aliases, auto_update=bool(body.auto_update),
                                public=bool(body.public), op=op, requestor=who)
-        img = await images.get(fp)
-        op.resources = {**(op.resources or {}), "images": [f"/1.0/images/{fp}"]}
+        img = await images.get(fp, project=project)
+        op.resources = {**(op.resources or {}), "images": [image_url(fp, project)]}
         return {"fingerprint": fp, "size": str(img["size"])}
 
-    op = services.ops.create(description="Downloading image", run=run)
+    op = services.ops.create(description="Downloading image", run=run, project=project)
     return async_(op.render())
 
 
 @router.post("/1.0/images/{fingerprint}/refresh", access=Access.TRUSTED)
 async def refresh_image(request: Request, fingerprint: str) -> Response:
     services = get_services(request)
-    img = await services.images.get(fingerprint)  # 404 for an unknown image first
+    project = project_of(request).name
+    img = await services.images.get(fingerprint, project=project)  # 404 for an unknown image first
     fp = img["fingerprint"]
     who = requestor(request)
 
     async def run(op):
-        await services.images.updater.refresh(fp, op=op, requestor=who)
+        await services.images.updater.refresh(fp, project=project, op=op, requestor=who)
 
-    op = services.ops.create(description="Refreshing image", resources={"images": [f"/1.0/images/{fp}"]},
-                             run=run)
+    op = services.ops.create(description="Refreshing image", resources={"images": [image_url(fp, project)]},
+                             run=run, project=project)
     return async_(op.render())

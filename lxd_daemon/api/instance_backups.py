@@ -18,9 +18,10 @@ from starlette.responses import Response
 from lxd_daemon.api import socket_body
 from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import async_, sync
-from lxd_daemon.api.instances import instance_routes
+from lxd_daemon.api.instances import instance_key, instance_routes, project_name
 from lxd_daemon.api.request import parse, recursion
 from lxd_daemon.errors import BadRequest, LXDError
+from lxd_daemon.projects.naming import query
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.backups import BackupPost, InstanceBackupsPost
 
@@ -32,8 +33,9 @@ UPLOAD_BATCH = 1 << 20
 route = instance_routes(router)
 
 
-def _resources(name: str, backup: str | None = None) -> dict:
-    out = {"instances": [f"/1.0/instances/{name}"], "containers": [f"/1.0/containers/{name}"]}
+def _resources(project: str, name: str, backup: str | None = None) -> dict:
+    q = query(project)
+    out = {"instances": [f"/1.0/instances/{name}{q}"], "containers": [f"/1.0/containers/{name}{q}"]}
     if backup:
         out["backups"] = [backup]  # the bare name: the stock client builds .../backups/<it>/export
     return out
@@ -43,11 +45,17 @@ def _svc(request: Request):
     return get_services(request).backups
 
 
+def _url(project: str, name: str, backup: str) -> str:
+    return f"/1.0/instances/{name}/backups/{backup}{query(project)}"
+
+
 @route("GET", "/{name}/backups", access=Access.TRUSTED)
 async def list_backups(prefix: str, request: Request, name: str) -> Response:
-    rows = await _svc(request).list(name)
+    key = instance_key(request, name)
+    rows = await _svc(request).list(key)
     if recursion(request) == 0:
-        return sync([f"{prefix}/{name}/backups/{r.name}" for r in rows])
+        q = query(project_name(request))
+        return sync([f"{prefix}/{name}/backups/{r.name}{q}" for r in rows])
     return sync([_svc(request).render(name, r) for r in rows])
 
 
@@ -55,47 +63,53 @@ async def list_backups(prefix: str, request: Request, name: str) -> Response:
 async def create_backup(prefix: str, request: Request, name: str) -> Response:
     services = get_services(request)
     svc = services.backups
+    project = project_name(request)
+    key = instance_key(request, name)
     body = await parse(request, InstanceBackupsPost)
     from lxd_daemon.backups.service import parse_expiry
 
-    bname = body.name or await svc.next_name(name)
-    compression = await svc.check_create(name, bname, body.compression_algorithm)
+    bname = body.name or await svc.next_name(key)
+    compression = await svc.check_create(key, bname, body.compression_algorithm)
     expires_at = parse_expiry(body.expires_at)
     only = body.instance_only or body.container_only
     who = requestor(request)
 
     async def run(op):
-        await svc.create(name, bname, expires_at=expires_at, instance_only=only,
+        await svc.create(key, bname, expires_at=expires_at, instance_only=only,
                          optimized=body.optimized_storage, compression=compression)
-        services.events.lifecycle("instance-backup-created", f"/1.0/instances/{name}/backups/{bname}",
-                                  requestor=who)
+        services.events.lifecycle("instance-backup-created", _url(project, name, bname), requestor=who,
+                                  project=project)
 
-    op = services.ops.create(description="Backing up instance", resources=_resources(name, bname), run=run)
+    op = services.ops.create(description="Backing up instance", resources=_resources(project, name, bname), run=run,
+                             project=project)
     return async_(op.render())
 
 
 @route("GET", "/{name}/backups/{backup}", access=Access.TRUSTED)
 async def get_backup(prefix: str, request: Request, name: str, backup: str) -> Response:
     svc = _svc(request)
-    return sync(svc.render(name, await svc.get(name, backup)))
+    return sync(svc.render(name, await svc.get(instance_key(request, name), backup)))
 
 
 @route("POST", "/{name}/backups/{backup}", access=Access.TRUSTED)
 async def rename_backup(prefix: str, request: Request, name: str, backup: str) -> Response:
     services = get_services(request)
     svc = services.backups
-    await svc.get(name, backup)
+    project = project_name(request)
+    key = instance_key(request, name)
+    await svc.get(key, backup)
     body = await parse(request, BackupPost)
     if not body.name:
         raise BadRequest("A new name is required")
     who = requestor(request)
 
     async def run(op):
-        await svc.rename(name, backup, body.name)
-        services.events.lifecycle("instance-backup-renamed", f"/1.0/instances/{name}/backups/{body.name}",
-                                  {"old_name": backup}, requestor=who)
+        await svc.rename(key, backup, body.name)
+        services.events.lifecycle("instance-backup-renamed", _url(project, name, body.name),
+                                  {"old_name": backup}, requestor=who, project=project)
 
-    op = services.ops.create(description="Renaming instance backup", resources=_resources(name, backup), run=run)
+    op = services.ops.create(description="Renaming instance backup", resources=_resources(project, name, backup),
+                             run=run, project=project)
     return async_(op.render())
 
 
@@ -103,15 +117,18 @@ async def rename_backup(prefix: str, request: Request, name: str, backup: str) -
 async def delete_backup(prefix: str, request: Request, name: str, backup: str) -> Response:
     services = get_services(request)
     svc = services.backups
-    await svc.get(name, backup)
+    project = project_name(request)
+    key = instance_key(request, name)
+    await svc.get(key, backup)
     who = requestor(request)
 
     async def run(op):
-        await svc.delete(name, backup)
-        services.events.lifecycle("instance-backup-deleted", f"/1.0/instances/{name}/backups/{backup}",
-                                  requestor=who)
+        await svc.delete(key, backup)
+        services.events.lifecycle("instance-backup-deleted", _url(project, name, backup), requestor=who,
+                                  project=project)
 
-    op = services.ops.create(description="Deleting instance backup", resources=_resources(name, backup), run=run)
+    op = services.ops.create(description="Deleting instance backup", resources=_resources(project, name, backup),
+                             run=run, project=project)
     return async_(op.render())
 
 
@@ -120,9 +137,10 @@ async def export_backup(prefix: str, request: Request, name: str, backup: str) -
     from lxd_daemon.api.images import FileParts
 
     services = get_services(request)
-    f, size, follow = await services.backups.open_export(name, backup)
-    services.events.lifecycle("instance-backup-retrieved", f"/1.0/instances/{name}/backups/{backup}",
-                              requestor=requestor(request))
+    project = project_name(request)
+    f, size, follow = await services.backups.open_export(instance_key(request, name), backup)
+    services.events.lifecycle("instance-backup-retrieved", _url(project, name, backup),
+                              requestor=requestor(request), project=project)
     headers = {"Content-Disposition": f"attachment;filename={backup}"}
     if follow is not None:
         return FollowedFile(f, size, follow, headers)
@@ -227,6 +245,7 @@ async def import_instance(prefix: str, request: Request) -> Response:
     """`lxc import FILE [NAME] [--storage POOL]`: the body is the backup tarball."""
     services = get_services(request)
     svc = services.backups
+    project = project_name(request)  # `lxc import --project P`: the instance lands in P
     pool = request.headers.get("x-lxd-pool", "")
     new_name = request.headers.get("x-lxd-name", "")
     upload = svc.new_upload()
@@ -251,7 +270,7 @@ async def import_instance(prefix: str, request: Request) -> Response:
     uploading = asyncio.ensure_future(receive())
     try:
         try:
-            plan = await svc.prepare_import(upload, pool, new_name, source=growing)
+            plan = await svc.prepare_import(upload, project, pool, new_name, source=growing)
         except BaseException as e:
             # The rest of the body is still read (the client gets the answer, not a broken
             # pipe); an interrupted upload says best what went wrong.
@@ -285,7 +304,8 @@ async def import_instance(prefix: str, request: Request) -> Response:
     finally:
         growing.dispose()
     who = requestor(request)
-    name = plan.name
+    name = plan.name  # the key
+    api_name = plan.api_name
 
     async def run(op):
         t2 = time.monotonic()
@@ -295,12 +315,12 @@ async def import_instance(prefix: str, request: Request) -> Response:
             services.instances.release(name)
             await svc.discard_upload(plan)
         log.debug("imported", extra={"instance": name, "create_ms": round((time.monotonic() - t2) * 1000)})
-        services.events.lifecycle("instance-created", f"/1.0/instances/{name}",
-                                  {"type": "container", "storage-pool": plan.pool.name}, requestor=who)
+        services.events.lifecycle("instance-created", f"/1.0/instances/{api_name}{query(project)}",
+                                  {"type": "container", "storage-pool": plan.pool.name}, requestor=who,
+                                  project=project)
 
-    op = services.ops.create(description="Creating instance",
-                             resources={"instances": [f"/1.0/instances/{name}"],
-                                        "containers": [f"/1.0/containers/{name}"]}, run=run)
+    op = services.ops.create(description="Creating instance", resources=_resources(project, api_name), run=run,
+                             project=project)
     return async_(op.render())
 
 

@@ -10,10 +10,9 @@ from starlette.responses import Response
 from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import async_, sync
 from lxd_daemon.api.instance_exec import running_pid
-from lxd_daemon.api.instance_files import PREFIXES, get_instance
+from lxd_daemon.api.instance_files import PREFIXES, get_instance, lifecycle
 from lxd_daemon.api.request import parse
 from lxd_daemon.instances import console
-from lxd_daemon.services import requestor
 from lxd_daemon.wire.exec import InstanceConsolePost
 
 router = Routes()
@@ -24,24 +23,21 @@ async def console_post(request: Request, name: str) -> Response:
     services, inst = await get_instance(request, name)
     await running_pid(services, inst.name)
     op = console.console_operation(services, inst, req.width, req.height, req.type)
-    services.events.lifecycle("instance-console", f"/1.0/instances/{inst.name}", {"type": req.type or "console"},
-                              requestor=requestor(request))
+    lifecycle(request, services, inst, "instance-console", {"type": req.type or "console"})
     return async_(op.render())
 
 
 async def console_get(request: Request, name: str) -> Response:
     services, inst = await get_instance(request, name)
     data = await asyncio.to_thread(console.read_log, inst)
-    services.events.lifecycle("instance-console-retrieved", f"/1.0/instances/{inst.name}", {},
-                              requestor=requestor(request))
+    lifecycle(request, services, inst, "instance-console-retrieved")
     return Response(data, media_type="application/octet-stream")
 
 
 async def console_delete(request: Request, name: str) -> Response:
     services, inst = await get_instance(request, name)
     await asyncio.to_thread(console.clear_log, inst)
-    services.events.lifecycle("instance-console-reset", f"/1.0/instances/{inst.name}", {},
-                              requestor=requestor(request))
+    lifecycle(request, services, inst, "instance-console-reset")
     return sync({})
 
 

@@ -18,9 +18,11 @@ from starlette.responses import Response, StreamingResponse
 from lxd_daemon.api import socket_body
 from lxd_daemon.api.access import STREAM, Access, Routes
 from lxd_daemon.api.envelope import sync
+from lxd_daemon.api.instances import instance_key
 from lxd_daemon.api.request import read_body
 from lxd_daemon.errors import BadRequest, NotFound, out_of_space, storage_errors
 from lxd_daemon.instances import files
+from lxd_daemon.projects.naming import query
 from lxd_daemon.services import get_services, requestor
 
 router = Routes()
@@ -32,10 +34,23 @@ PREFIXES = ("/1.0/instances", "/1.0/containers")
 
 
 async def get_instance(request: Request, name: str):
+    """The services and the Instance (instances.models) of the request's project named `name`:
+    `inst.name` is its key (host-facing), `inst.api_name` and `inst.project` what the API shows."""
     services = get_services(request)
     if services.instances is None:
         raise NotFound("Instance not found")
-    return services, await services.instances.get(name)
+    return services, await services.instances.get(instance_key(request, name))
+
+
+def instance_url(inst, suffix: str = "") -> str:
+    """The API URL of an Instance (or of something under it), with its project."""
+    return f"/1.0/instances/{inst.api_name}{suffix}{query(inst.project)}"
+
+
+def lifecycle(request: Request, services, inst, action: str, context: dict | None = None) -> None:
+    """A lifecycle event about an Instance: its URL as source, its project."""
+    services.events.lifecycle(action, instance_url(inst), context or {}, requestor=requestor(request),
+                              project=inst.project)
 
 
 def _root(inst) -> files.Root:
@@ -48,8 +63,7 @@ def _with_root(inst, fn, *args, **kw):
 
 
 def _lifecycle(request: Request, services, inst, action: str, path: str) -> None:
-    services.events.lifecycle(action, f"/1.0/instances/{inst.name}", {"path": path},
-                              requestor=requestor(request), project=getattr(inst, "project", "default"))
+    lifecycle(request, services, inst, action, {"path": path})
 
 
 async def _file_body(fd: int):
@@ -173,7 +187,7 @@ async def _push_file(request: Request, inst, path: str | None, spec: files.Write
     space or quota is a 507 naming the instance's storage."""
     fd, created = await asyncio.to_thread(_with_root, inst, files.open_for_write, path, spec)
     try:
-        with storage_errors(f"instance {inst.name!r}", inst.rootfs):
+        with storage_errors(f"instance {inst.api_name!r}", inst.rootfs):
             await _receive_into(request, fd)
             await asyncio.to_thread(files.end_write, fd, spec)
     except BaseException:

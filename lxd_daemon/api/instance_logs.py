@@ -11,7 +11,7 @@ from starlette.responses import FileResponse, Response
 
 from lxd_daemon.api.access import Access
 from lxd_daemon.api.envelope import sync
-from lxd_daemon.api.instances import route, router
+from lxd_daemon.api.instances import instance_key, route, router
 from lxd_daemon.errors import BadRequest, NotFound
 from lxd_daemon.services import get_services
 
@@ -29,8 +29,9 @@ def _check(file: str) -> None:
 @route("GET", "/{name}/logs", access=Access.TRUSTED)
 async def list_logs(prefix: str, request: Request, name: str) -> Response:
     svc = get_services(request).instances
-    logdir = svc.logs_root / name
-    if name not in svc.records and not logdir.is_dir():
+    key = instance_key(request, name)
+    logdir = svc.logs_root / key
+    if key not in svc.records and not logdir.is_dir():
         raise NotFound("Instance not found")
 
     def ls():
@@ -39,6 +40,7 @@ async def list_logs(prefix: str, request: Request, name: str) -> Response:
         except OSError:
             return []
 
+    # (no `?project=` here: as LXD's, and the stock client takes the names from these URLs)
     return sync([f"{prefix}/{name}/logs/{f}" for f in await asyncio.to_thread(ls)])
 
 
@@ -47,7 +49,7 @@ async def _existing_log(request: Request, name: str, file: str):
     (lxd_daemon.names); the file must also be one that the instance's log directory holds."""
     _check(file)
     svc = get_services(request).instances
-    logdir = svc.logs_root / name
+    logdir = svc.logs_root / instance_key(request, name)
 
     def present() -> bool:
         try:

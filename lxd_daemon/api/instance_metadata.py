@@ -9,11 +9,10 @@ from starlette.responses import Response
 
 from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import etag_of, sync
-from lxd_daemon.api.instance_files import PREFIXES, get_instance
+from lxd_daemon.api.instance_files import PREFIXES, get_instance, lifecycle
 from lxd_daemon.api.request import check_etag, read_body, read_json, validate
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.instances import metadata
-from lxd_daemon.services import requestor
 from lxd_daemon.wire.exec import ImageMetadata
 
 router = Routes()
@@ -22,7 +21,7 @@ TEMPLATE_LIMIT = 16 << 20
 
 
 def _lifecycle(request: Request, services, inst, action: str, context: dict | None = None) -> None:
-    services.events.lifecycle(action, f"/1.0/instances/{inst.name}", context or {}, requestor=requestor(request))
+    lifecycle(request, services, inst, action, context)
 
 
 def _etag(doc: dict) -> str:

@@ -9,10 +9,11 @@ from starlette.responses import Response
 
 from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import async_, etag_of, sync
-from lxd_daemon.api.instances import instance_routes
+from lxd_daemon.api.instances import instance_key, instance_routes, project_name
 from lxd_daemon.api.request import check_etag, parse, recursion
 from lxd_daemon.errors import BadRequest, NotImplementedYet
 from lxd_daemon.instances.snapshots import parse_expires_at
+from lxd_daemon.projects.naming import query
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.instances import InstanceSnapshotPost, InstanceSnapshotPut, InstanceSnapshotsPost
 
@@ -22,11 +23,12 @@ router = Routes()
 route = instance_routes(router)
 
 
-def _resources(name: str, snap: str | None = None) -> dict:
-    out = {"instances": [f"/1.0/instances/{name}"], "containers": [f"/1.0/containers/{name}"]}
+def _resources(project: str, name: str, snap: str | None = None) -> dict:
+    q = query(project)
+    out = {"instances": [f"/1.0/instances/{name}{q}"], "containers": [f"/1.0/containers/{name}{q}"]}
     if snap:
-        out["instances_snapshots"] = [f"/1.0/instances/{name}/snapshots/{snap}"]
-        out["containers_snapshots"] = [f"/1.0/containers/{name}/snapshots/{snap}"]
+        out["instances_snapshots"] = [f"/1.0/instances/{name}/snapshots/{snap}{q}"]
+        out["containers_snapshots"] = [f"/1.0/containers/{name}/snapshots/{snap}{q}"]
     return out
 
 
@@ -37,44 +39,51 @@ def _snapshots(request: Request):
 @route("GET", "/{name}/snapshots", access=Access.TRUSTED)
 async def list_snapshots(prefix: str, request: Request, name: str) -> Response:
     snaps = _snapshots(request)
+    key = instance_key(request, name)
     level = recursion(request)
     if level == 0:
-        return sync([f"{prefix}/{name}/snapshots/{s.name}" for s in snaps.list(name)])
-    return sync(snaps.render_all(name))
+        q = query(project_name(request))
+        return sync([f"{prefix}/{name}/snapshots/{s.name}{q}" for s in snaps.list(key)])
+    return sync(snaps.render_all(key))
 
 
 @route("POST", "/{name}/snapshots", access=Access.TRUSTED)
 async def create_snapshot(prefix: str, request: Request, name: str) -> Response:
     services = get_services(request)
     snaps = services.snapshots
-    services.instances.record(name)
+    project = project_name(request)
+    key = instance_key(request, name)
+    services.instances.record(key)
     body = await parse(request, InstanceSnapshotsPost)
-    snap = body.name or snaps.next_name(name)
-    snaps.check_create(name, snap, body.stateful)
+    snap = body.name or snaps.next_name(key)
+    snaps.check_create(key, snap, body.stateful)
     expires_at = body.expires_at if "expires_at" in body.model_fields_set else None
     if expires_at is not None:
         parse_expires_at(expires_at)
     who = requestor(request)
 
     async def run(op):
-        await snaps.create(name, snap, expires_at=expires_at, stateful=body.stateful,
+        await snaps.create(key, snap, expires_at=expires_at, stateful=body.stateful,
                            description=body.description, requestor=who)
 
-    op = services.ops.create(description="Snapshotting instance", resources=_resources(name, snap), run=run)
+    op = services.ops.create(description="Snapshotting instance", resources=_resources(project, name, snap),
+                             run=run, project=project)
     return async_(op.render())
 
 
 @route("GET", "/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
 async def get_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
     snaps = _snapshots(request)
-    s = snaps.get(name, snapshot)
-    return sync(snaps.render(s), etag=etag_of(s.expires_at, s.description))
+    s = snaps.get(instance_key(request, name), snapshot)
+    return sync(snaps.render(s, project_name(request)), etag=etag_of(s.expires_at, s.description))
 
 
 async def _update(request: Request, name: str, snapshot: str, replace: bool) -> Response:
     services = get_services(request)
     snaps = services.snapshots
-    s = snaps.get(name, snapshot)
+    project = project_name(request)
+    key = instance_key(request, name)
+    s = snaps.get(key, snapshot)
     check_etag(request, etag_of(s.expires_at, s.description))
     body = await parse(request, InstanceSnapshotPut)
     fields = body.model_fields_set
@@ -89,9 +98,10 @@ async def _update(request: Request, name: str, snapshot: str, replace: bool) -> 
     who = requestor(request)
 
     async def run(op):
-        await snaps.update(name, snapshot, expires_at=expires_at, description=description, requestor=who)
+        await snaps.update(key, snapshot, expires_at=expires_at, description=description, requestor=who)
 
-    op = services.ops.create(description="Updating snapshot", resources=_resources(name, snapshot), run=run)
+    op = services.ops.create(description="Updating snapshot", resources=_resources(project, name, snapshot),
+                             run=run, project=project)
     return async_(op.render())
 
 
@@ -109,7 +119,9 @@ async def patch_snapshot(prefix: str, request: Request, name: str, snapshot: str
 async def rename_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
     services = get_services(request)
     snaps = services.snapshots
-    snaps.get(name, snapshot)
+    project = project_name(request)
+    key = instance_key(request, name)
+    snaps.get(key, snapshot)
     body = await parse(request, InstanceSnapshotPost)
     if body.migration:
         raise NotImplementedYet("Migrating instance snapshots is not implemented yet")
@@ -119,9 +131,10 @@ async def rename_snapshot(prefix: str, request: Request, name: str, snapshot: st
     who = requestor(request)
 
     async def run(op):
-        await snaps.rename(name, snapshot, new, requestor=who)
+        await snaps.rename(key, snapshot, new, requestor=who)
 
-    op = services.ops.create(description="Renaming snapshot", resources=_resources(name, snapshot), run=run)
+    op = services.ops.create(description="Renaming snapshot", resources=_resources(project, name, snapshot),
+                             run=run, project=project)
     return async_(op.render())
 
 
@@ -129,11 +142,14 @@ async def rename_snapshot(prefix: str, request: Request, name: str, snapshot: st
 async def delete_snapshot(prefix: str, request: Request, name: str, snapshot: str) -> Response:
     services = get_services(request)
     snaps = services.snapshots
-    snaps.get(name, snapshot)
+    project = project_name(request)
+    key = instance_key(request, name)
+    snaps.get(key, snapshot)
     who = requestor(request)
 
     async def run(op):
-        await snaps.delete(name, snapshot, requestor=who)
+        await snaps.delete(key, snapshot, requestor=who)
 
-    op = services.ops.create(description="Deleting snapshot", resources=_resources(name, snapshot), run=run)
+    op = services.ops.create(description="Deleting snapshot", resources=_resources(project, name, snapshot),
+                             run=run, project=project)
     return async_(op.render())

@@ -9,7 +9,7 @@ from starlette.responses import Response
 
 from lxd_daemon.api.access import Access
 from lxd_daemon.api.envelope import async_, sync
-from lxd_daemon.api.instances import resources, route, router
+from lxd_daemon.api.instances import instance_key, project_name, resources, route, router
 from lxd_daemon.api.request import parse
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.services import get_services, requestor
@@ -24,15 +24,18 @@ DESCRIPTIONS = {"start": "Starting instance", "stop": "Stopping instance", "rest
 @route("GET", "/{name}/state", access=Access.TRUSTED)
 async def get_state(prefix: str, request: Request, name: str) -> Response:
     svc = get_services(request).instances
-    svc.record(name)
-    return sync(await asyncio.to_thread(svc.state_of, name))
+    key = instance_key(request, name)
+    svc.record(key)
+    return sync(await asyncio.to_thread(svc.state_of, key))
 
 
 @route("PUT", "/{name}/state", access=Access.TRUSTED)
 async def put_state(prefix: str, request: Request, name: str) -> Response:
     services = get_services(request)
     svc = services.instances
-    svc.record(name)
+    project = project_name(request)
+    key = instance_key(request, name)
+    svc.record(key)
     body = await parse(request, InstanceStatePut)
     if body.action not in DESCRIPTIONS:
         raise BadRequest(f"Unknown state action {body.action!r}")
@@ -41,7 +44,8 @@ async def put_state(prefix: str, request: Request, name: str) -> Response:
     who = requestor(request)
 
     async def run(op):
-        await svc.change_state(name, body.action, timeout=body.timeout, force=body.force, requestor=who)
+        await svc.change_state(key, body.action, timeout=body.timeout, force=body.force, requestor=who)
 
-    op = services.ops.create(description=DESCRIPTIONS[body.action], resources=resources(prefix, name), run=run)
+    op = services.ops.create(description=DESCRIPTIONS[body.action], resources=resources(project, name), run=run,
+                             project=project)
     return async_(op.render())

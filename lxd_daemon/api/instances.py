@@ -10,10 +10,10 @@ from starlette.responses import Response
 
 from lxd_daemon.api.access import BODY_LIMIT, STREAM, Access, Routes
 from lxd_daemon.api.envelope import async_, etag_of, sync
-from lxd_daemon.api.request import check_etag, parse, project_of, recursion
+from lxd_daemon.api.request import check_etag, listed_projects, parse, project_of, recursion, visible_project
 from lxd_daemon.errors import BadRequest, Conflict, NotFound, NotImplementedYet
 from lxd_daemon.filter import parse_filter
-from lxd_daemon.projects.naming import storage_name
+from lxd_daemon.projects.naming import query, storage_name
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.instances import InstancePost, InstancePut, InstancesPost, InstancesPut
 
@@ -51,9 +51,28 @@ def instance_key(request: Request, name: str) -> str:
     return storage_name(project_of(request).name, name)
 
 
-def resources(prefix: str, *names: str) -> dict:
-    return {"instances": [f"/1.0/instances/{n}" for n in names],
-            "containers": [f"/1.0/containers/{n}" for n in names]}
+def resources(project: str, *names: str) -> dict:
+    """An operation's `resources` for instances of `project` named by their API names."""
+    q = query(project)
+    return {"instances": [f"/1.0/instances/{n}{q}" for n in names],
+            "containers": [f"/1.0/containers/{n}{q}" for n in names]}
+
+
+def project_name(request: Request) -> str:
+    return project_of(request).name
+
+
+def source_project(request: Request, source: dict) -> str:
+    """The project of a copy's source: `source.project` (LXD's `lxc copy --target-project`: the
+    request goes to the target project), else the request's."""
+    return visible_project(request, source.get("project") or project_name(request))
+
+
+def source_key(request: Request, src: str, source: dict | None = None) -> str:
+    """The key of an instance a request body names (a copy source, ...): an API name in the
+    request's project, or in `source.project` (404 "Instance not found" when it has none of
+    that name)."""
+    return get_services(request).instances.lookup(source_project(request, source or {}), src).key
 
 
 def instance_type_ok(request: Request) -> bool:
@@ -66,16 +85,16 @@ async def list_instances(prefix: str, request: Request) -> Response:
     svc = get_services(request).instances
     level = recursion(request)
     flt = parse_filter(request.query_params.get("filter"))
-    names = sorted(svc.records) if instance_type_ok(request) else []
+    keys = [k for p in listed_projects(request) for k in svc.keys_in(p)] if instance_type_ok(request) else []
     if level == 0 and not flt.clauses:
-        return sync([f"{prefix}/{n}" for n in names])
-    rendered = await svc.render_many(names, full=level >= 2)
+        return sync([f"{prefix}/{rec.name}{query(rec.project)}" for rec in (svc.records[k] for k in keys)])
+    rendered = await svc.render_many(keys, full=level >= 2)
     if level >= 2:
         await _fill_backups(get_services(request), rendered)
     if flt.clauses:
         rendered = [r for r in rendered if flt.match(r)]
     if level == 0:
-        return sync([f"{prefix}/{r['name']}" for r in rendered])
+        return sync([f"{prefix}/{r['name']}{query(r.get('project') or 'default')}" for r in rendered])
     return sync(rendered)
 
 
@@ -87,22 +106,26 @@ async def create_instance(prefix: str, request: Request) -> Response:
         return await import_instance(prefix, request)  # `lxc import`: the body is a backup tarball
     services = get_services(request)
     svc = services.instances
+    project = project_name(request)
     body = await parse(request, InstancesPost)
     if not body.name:
-        body.name = svc.random_name()  # as LXD: `lxc launch IMAGE` without a name
+        body.name = svc.random_name(project)  # as LXD: `lxc launch IMAGE` without a name
+    key = storage_name(project, body.name)
     src = body.source or {}
-    if src.get("type") == "copy" and src.get("refresh") and body.name in svc.records:
+    if src.get("type") == "copy" and src.get("refresh") and key in svc.records:
         return _refresh(prefix, request, body)  # `lxc copy A B --refresh` onto an existing B
+    if src.get("type") == "copy" and src.get("project"):
+        source_project(request, src)  # one the caller may see
     remote = src.get("type") == "image" and bool(src.get("server"))
     if remote:  # from an image server: pulled in the operation (images/remote/)
         from lxd_daemon.images.remote.sources import check_source, pulled_body
 
         check_source(src)
-    svc.reserve(body.name)
+    svc.reserve(key)
     try:
-        plan = None if remote else await svc.prepare_create(body)
+        plan = None if remote else await svc.prepare_create(body, project)
     except BaseException:
-        svc.release(body.name)
+        svc.release(key)
         raise
     who = requestor(request)
     name = body.name
@@ -111,34 +134,39 @@ async def create_instance(prefix: str, request: Request) -> Response:
         nonlocal plan
         try:
             if plan is None:
-                plan = await svc.prepare_create(await pulled_body(services, body, op, who))
+                plan = await svc.prepare_create(await pulled_body(services, body, op, who, project=project), project)
             await svc.create(plan)
         finally:
-            svc.release(name)
-        services.events.lifecycle("instance-created", f"/1.0/instances/{name}",
-                                  {"type": "container", "storage-pool": plan["pool"].name}, requestor=who)
+            svc.release(key)
+        services.events.lifecycle("instance-created", f"/1.0/instances/{name}{query(project)}",
+                                  {"type": "container", "storage-pool": plan["pool"].name}, requestor=who,
+                                  project=project)
         if body.start:
-            await svc.change_state(name, "start", requestor=who)
+            await svc.change_state(key, "start", requestor=who)
         return None
 
-    op = services.ops.create(description="Creating instance", resources=resources(prefix, name), run=run)
+    op = services.ops.create(description="Creating instance", resources=resources(project, name), run=run,
+                             project=project)
     return async_(op.render())
 
 
 def _refresh(prefix: str, request: Request, body) -> Response:
     services = get_services(request)
+    project = project_name(request)
     src = body.source.get("source") or ""
     if "/" in src:
         raise BadRequest("Refreshing an instance from a snapshot is not supported")
-    services.instances.record(src)
+    src_key = source_key(request, src, body.source)
     instance_only = bool(body.source.get("instance_only") or body.source.get("container_only"))
     who = requestor(request)
     name = body.name
+    key = storage_name(project, name)
 
     async def run(op):
-        await services.snapshots.refresh(src, name, instance_only=instance_only, requestor=who)
+        await services.snapshots.refresh(src_key, key, instance_only=instance_only, requestor=who)
 
-    op = services.ops.create(description="Creating instance", resources=resources(prefix, name), run=run)
+    op = services.ops.create(description="Creating instance", resources=resources(project, name), run=run,
+                             project=project)
     return async_(op.render())
 
 
@@ -146,18 +174,18 @@ def _refresh(prefix: str, request: Request, body) -> Response:
 async def bulk_state(prefix: str, request: Request) -> Response:
     services = get_services(request)
     svc = services.instances
+    project = project_name(request)
     body = await parse(request, InstancesPut)
     st = body.state
     if st.action not in ("start", "stop", "restart", "freeze", "unfreeze"):
         raise BadRequest(f"Unknown state action {st.action!r}")
-    names = sorted(svc.records)
+    keys = svc.keys_in(project)
+    names = [svc.records[k].name for k in keys]
     who = requestor(request)
 
     async def run(op):
-        import asyncio
-
-        async def one(n: str):
-            status = svc.status_of(n)[0]
+        async def one(k: str):
+            status = svc.status_of(k)[0]
             # Only act where the action applies, as LXD's bulk change does.
             if st.action == "start" and status == "Running":
                 return
@@ -165,21 +193,22 @@ async def bulk_state(prefix: str, request: Request) -> Response:
                 return
             if st.action == "unfreeze" and status != "Frozen":
                 return
-            await svc.change_state(n, st.action, timeout=st.timeout, force=st.force, requestor=who)
+            await svc.change_state(k, st.action, timeout=st.timeout, force=st.force, requestor=who)
 
-        results = await asyncio.gather(*(one(n) for n in names), return_exceptions=True)
+        results = await asyncio.gather(*(one(k) for k in keys), return_exceptions=True)
         errors = [f"{n}: {r}" for n, r in zip(names, results, strict=True) if isinstance(r, Exception)]
         if errors:
             raise BadRequest("; ".join(errors))
 
-    op = services.ops.create(description="Updating instance states", resources=resources(prefix, *names), run=run)
+    op = services.ops.create(description="Updating instance states", resources=resources(project, *names),
+                             run=run, project=project)
     return async_(op.render())
 
 
 @route("GET", "/{name}", access=Access.TRUSTED)
 async def get_instance(prefix: str, request: Request, name: str) -> Response:
     svc = get_services(request).instances
-    rec = svc.record(name)
+    rec = svc.record(instance_key(request, name))
     full = recursion(request) >= 1 and request.url.path.startswith("/1.0/instances")
     # a full render reads the container's state (/proc, cgroups, its links over netlink): in a thread
     out = await asyncio.to_thread(svc.render, rec, full=True) if full else svc.render(rec)
@@ -194,20 +223,22 @@ async def _fill_backups(services, rendered: list[dict]) -> None:
         return
     by_id = await services.backups.rendered_by_instance()
     for out in rendered:
-        rec = services.instances.records.get(out["name"])
+        rec = services.instances.records.get(storage_name(out.get("project") or "default", out["name"]))
         out["backups"] = by_id.get(rec.id, []) if rec is not None else []
 
 
 async def _update(prefix: str, request: Request, name: str, replace: bool) -> Response:
     services = get_services(request)
     svc = services.instances
-    rec = svc.record(name)
+    project = project_name(request)
+    key = instance_key(request, name)
+    rec = svc.record(key)
     check_etag(request, etag_of(*svc.etag(rec)))
     body = await parse(request, InstancePut)
     fields = body.model_fields_set
     if body.restore:
         snap = body.restore.split("/", 1)[1] if "/" in body.restore else body.restore
-        services.snapshots.get(name, snap)  # 404 for an unknown snapshot, before an operation
+        services.snapshots.get(key, snap)  # 404 for an unknown snapshot, before an operation
         if body.stateful:
             from lxd_daemon.instances.snapshots import CRIU_MISSING
 
@@ -215,9 +246,10 @@ async def _update(prefix: str, request: Request, name: str, replace: bool) -> Re
         who = requestor(request)
 
         async def restore(op):
-            await services.snapshots.restore(name, snap, requestor=who)
+            await services.snapshots.restore(key, snap, requestor=who)
 
-        op = services.ops.create(description="Restoring snapshot", resources=resources(prefix, name), run=restore)
+        op = services.ops.create(description="Restoring snapshot", resources=resources(project, name), run=restore,
+                                 project=project)
         return async_(op.render())
     if replace:
         config = body.config
@@ -234,16 +266,18 @@ async def _update(prefix: str, request: Request, name: str, replace: bool) -> Re
     kwargs = dict(architecture=body.architecture or None, config=config, devices=devices, profiles=list(profiles),
                   ephemeral=ephemeral, description=description)
     who = requestor(request)
+    source = f"/1.0/instances/{name}{query(project)}"
     if not replace:
-        await svc.update(name, **kwargs)
-        services.events.lifecycle("instance-updated", f"/1.0/instances/{name}", requestor=who)
+        await svc.update(key, **kwargs)
+        services.events.lifecycle("instance-updated", source, requestor=who, project=project)
         return sync({})
 
     async def run(op):
-        await svc.update(name, **kwargs)
-        services.events.lifecycle("instance-updated", f"/1.0/instances/{name}", requestor=who)
+        await svc.update(key, **kwargs)
+        services.events.lifecycle("instance-updated", source, requestor=who, project=project)
 
-    op = services.ops.create(description="Updating instance", resources=resources(prefix, name), run=run)
+    op = services.ops.create(description="Updating instance", resources=resources(project, name), run=run,
+                             project=project)
     return async_(op.render())
 
 
@@ -261,7 +295,9 @@ async def patch_instance(prefix: str, request: Request, name: str) -> Response:
 async def rename_instance(prefix: str, request: Request, name: str) -> Response:
     services = get_services(request)
     svc = services.instances
-    svc.record(name)
+    project = project_name(request)
+    key = instance_key(request, name)
+    svc.record(key)
     body = await parse(request, InstancePost)
     if body.migration and body.pool:  # `lxc move NAME [NEW] -s POOL`
         return _move_to_pool(prefix, request, name, body)
@@ -273,30 +309,35 @@ async def rename_instance(prefix: str, request: Request, name: str) -> Response:
     who = requestor(request)
 
     async def run(op):
-        await svc.rename(name, new)
-        services.events.lifecycle("instance-renamed", f"/1.0/instances/{new}", {"old_name": name}, requestor=who)
+        await svc.rename(key, new)
+        services.events.lifecycle("instance-renamed", f"/1.0/instances/{new}{query(project)}", {"old_name": name},
+                                  requestor=who, project=project)
 
-    op = services.ops.create(description="Renaming instance", resources=resources(prefix, name), run=run)
+    op = services.ops.create(description="Renaming instance", resources=resources(project, name), run=run,
+                             project=project)
     return async_(op.render())
 
 
 def _move_to_pool(prefix: str, request: Request, name: str, body) -> Response:
     services = get_services(request)
     storage = services.storage
+    project = project_name(request)
+    key = instance_key(request, name)
     if storage is None or body.pool not in storage.pools:
         raise NotFound(f"Storage pool {body.pool!r} not found")
-    if services.instances.status_of(name)[0] != "Stopped":
+    if services.instances.status_of(key)[0] != "Stopped":
         raise BadRequest("The instance must be stopped to move it to another storage pool")
     new = body.name or name
-    if new != name and (new in services.instances.records):
+    if new != name and storage_name(project, new) in services.instances.records:
         raise Conflict(f"Instance {new!r} already exists")
     who = requestor(request)
 
     async def run(op):
-        await services.snapshots.move_to_pool(name, new, body.pool, instance_only=body.instance_only,
+        await services.snapshots.move_to_pool(key, new, body.pool, instance_only=body.instance_only,
                                               requestor=who)
 
-    op = services.ops.create(description="Moving instance", resources=resources(prefix, name), run=run)
+    op = services.ops.create(description="Moving instance", resources=resources(project, name), run=run,
+                             project=project)
     return async_(op.render())
 
 
@@ -304,13 +345,16 @@ def _move_to_pool(prefix: str, request: Request, name: str, body) -> Response:
 async def delete_instance(prefix: str, request: Request, name: str) -> Response:
     services = get_services(request)
     svc = services.instances
-    svc.record(name)
-    if svc.status_of(name)[0] != "Stopped":
+    project = project_name(request)
+    key = instance_key(request, name)
+    svc.record(key)
+    if svc.status_of(key)[0] != "Stopped":
         raise BadRequest("Instance is running")
     who = requestor(request)
 
     async def run(op):
-        await svc.delete(name, who)
+        await svc.delete(key, who)
 
-    op = services.ops.create(description="Deleting instance", resources=resources(prefix, name), run=run)
+    op = services.ops.create(description="Deleting instance", resources=resources(project, name), run=run,
+                             project=project)
     return async_(op.render())

@@ -42,8 +42,10 @@ def _add(path: str, methods: list[str], handler) -> None:
 
 
 def _instance(request: Request, name: str) -> None:
-    """404 for an instance that does not exist (before saying what is missing)."""
-    get_services(request).instances.record(name)
+    """404 for an instance that does not exist in the request's project (before saying what is missing)."""
+    from lxd_daemon.api.request import project_of
+
+    get_services(request).instances.lookup(project_of(request).name, name)
 
 
 # -- instances: snapshots, backups, sftp ----------------------------------------------------------

@@ -1,13 +1,14 @@
-"""`/1.0/profiles`: list, create, get, update, rename and delete profiles."""
+"""`/1.0/profiles`: list, create, get, update, rename and delete profiles (of the request's
+project, or of default's for a project without features.profiles)."""
 
 from __future__ import annotations
 
 from fastapi import Request
 from starlette.responses import Response
 
-from lxd_daemon.api.access import Access, Routes
+from lxd_daemon.api.access import Access, Routes, shown
 from lxd_daemon.api.envelope import etag_of, sync
-from lxd_daemon.api.request import check_etag, parse, recursion
+from lxd_daemon.api.request import check_etag, listed_projects, parse, project_of, recursion
 from lxd_daemon.filter import parse_filter
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.profiles import ProfilePost, ProfilePut, ProfilesPost
@@ -19,38 +20,50 @@ def _etag(p) -> str:
     return etag_of(p.description, p.config, p.devices)
 
 
+def _render(request: Request, svc, p) -> dict:
+    return shown(request, svc.render(p))
+
+
 @router.get("/1.0/profiles", access=Access.TRUSTED)
 async def list_profiles(request: Request) -> Response:
     svc = get_services(request).profiles
     flt = parse_filter(request.query_params.get("filter"))
-    rendered = [svc.render(p) for p in svc.profiles.values()]
-    rendered = [r for r in rendered if flt.match(r)]
+    seen: set[str] = set()
+    profiles = []
+    for project in listed_projects(request):  # (all-projects: each profiles project once)
+        eff = svc.effective(project)
+        if eff not in seen:
+            seen.add(eff)
+            profiles.extend(p for _, p in sorted(svc.in_project(eff).items()))
+    rendered = [(p, _render(request, svc, p)) for p in profiles]
+    rendered = [(p, r) for p, r in rendered if flt.match(r)]
     if recursion(request):
-        return sync(rendered)
-    return sync([f"/1.0/profiles/{r['name']}" for r in rendered])
+        return sync([r for _, r in rendered])
+    return sync([p.url for p, _ in rendered])
 
 
 @router.post("/1.0/profiles", access=Access.TRUSTED)
 async def create_profile(request: Request) -> Response:
     services = get_services(request)
     body = await parse(request, ProfilesPost)
-    await services.profiles.create(body.name, body.description, body.config, body.devices)
-    url = f"/1.0/profiles/{body.name}"
-    services.events.lifecycle("profile-created", url, requestor=requestor(request))
-    return sync(None, status=201, location=url)
+    p = await services.profiles.create(project_of(request).name, body.name, body.description, body.config,
+                                       body.devices)
+    services.events.lifecycle("profile-created", p.url, requestor=requestor(request), project=p.project)
+    return sync(None, status=201, location=p.url)
 
 
 @router.get("/1.0/profiles/{name}", access=Access.TRUSTED)
 async def get_profile(request: Request, name: str) -> Response:
     svc = get_services(request).profiles
-    p = svc.get(name)
-    return sync(svc.render(p), etag=_etag(p))
+    p = svc.get(project_of(request).name, name)
+    return sync(_render(request, svc, p), etag=_etag(p))
 
 
 async def _update(request: Request, name: str, replace: bool) -> Response:
     services = get_services(request)
     svc = services.profiles
-    p = svc.get(name)
+    project = project_of(request).name
+    p = svc.get(project, name)
     check_etag(request, _etag(p))
     body = await parse(request, ProfilePut)
     fields = body.model_fields_set
@@ -60,8 +73,8 @@ async def _update(request: Request, name: str, replace: bool) -> Response:
         description = body.description if "description" in fields else p.description
         config = {**p.config, **body.config}
         devices = {**p.devices, **body.devices}
-    await svc.update(name, description, config, devices)
-    services.events.lifecycle("profile-updated", f"/1.0/profiles/{name}", requestor=requestor(request))
+    await svc.update(project, name, description, config, devices)
+    services.events.lifecycle("profile-updated", p.url, requestor=requestor(request), project=p.project)
     return sync({})
 
 
@@ -79,15 +92,15 @@ async def patch_profile(request: Request, name: str) -> Response:
 async def rename_profile(request: Request, name: str) -> Response:
     services = get_services(request)
     body = await parse(request, ProfilePost)
-    await services.profiles.rename(name, body.name)
-    url = f"/1.0/profiles/{body.name}"
-    services.events.lifecycle("profile-renamed", url, {"old_name": name}, requestor=requestor(request))
-    return sync(None, status=201, location=url)
+    p = await services.profiles.rename(project_of(request).name, name, body.name)
+    services.events.lifecycle("profile-renamed", p.url, {"old_name": name}, requestor=requestor(request),
+                              project=p.project)
+    return sync(None, status=201, location=p.url)
 
 
 @router.delete("/1.0/profiles/{name}", access=Access.TRUSTED)
 async def delete_profile(request: Request, name: str) -> Response:
     services = get_services(request)
-    await services.profiles.delete(name)
-    services.events.lifecycle("profile-deleted", f"/1.0/profiles/{name}", requestor=requestor(request))
+    p = await services.profiles.delete(project_of(request).name, name)
+    services.events.lifecycle("profile-deleted", p.url, requestor=requestor(request), project=p.project)
     return sync({})

@@ -98,7 +98,8 @@ async def project_state(request: Request, name: str) -> Response:
     custom = services.storage.custom if services.storage is not None else None
     if custom is not None:
         for pool in list(services.storage.pools):
-            sizes.extend(v.config.get("size", "") for v in await custom.list(pool, name))
+            # (custom.list resolves features.storage.volumes: only the project's own volumes count)
+            sizes.extend(v.config.get("size", "") for v in await custom.list(pool, name) if v.project == name)
     return sync({"resources": policy.allocations(cfg, instances, len(networks), sizes)})
 
 
@@ -125,7 +126,7 @@ async def rename_project(request: Request, name: str) -> Response:
                                   requestor=who, project=body.name)
 
     op = services.ops.create(description="Renaming project", resources={"projects": [f"/1.0/projects/{name}"]},
-                             run=run)
+                             run=run, project="default")
     return async_(op.render())
 
 

@@ -180,6 +180,15 @@ def project_of(conn: HTTPConnection):
     return conn.scope["lxd_project"]
 
 
+def visible_project(conn: HTTPConnection, name: str) -> str:
+    """A project a request body names (a copy's source, a move's target): one that exists and
+    that the caller may see; any other is "not found", as one that doesn't exist."""
+    visible = access.visible_projects(conn)
+    if visible is not None and name not in visible:
+        raise NotFound("Project not found")
+    return conn.app.state.services.projects.get(name).name
+
+
 def listed_projects(conn: HTTPConnection) -> list[str]:
     """The projects a list covers: the request's, or with `all-projects=true` every project the
     caller may see."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 from starlette.responses import Response
 
-from lxd_daemon.api.access import Access, Routes
+from lxd_daemon.api.access import Access, Routes, shown
 from lxd_daemon.api.envelope import etag_of, sync
 from lxd_daemon.api.request import check_etag, parse, recursion
 from lxd_daemon.services import get_services, requestor
@@ -18,7 +18,7 @@ router = Routes()
 async def list_pools(request: Request) -> Response:
     storage = get_services(request).storage
     if recursion(request):
-        return sync([await storage.render(p) for p in storage.pools.values()])
+        return sync([shown(request, await storage.render(p)) for p in storage.pools.values()])
     return sync([f"/1.0/storage-pools/{n}" for n in storage.pools])
 
 
@@ -40,7 +40,7 @@ def _etag(p: dict) -> str:
 async def get_pool(request: Request, name: str) -> Response:
     storage = get_services(request).storage
     p = await storage.render(storage.get(name))
-    return sync(p, etag=_etag(p))
+    return sync(shown(request, p), etag=_etag(p))
 
 
 @router.get("/1.0/storage-pools/{name}/resources", access=Access.TRUSTED)

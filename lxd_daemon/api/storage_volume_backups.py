@@ -11,17 +11,14 @@ from starlette.responses import Response
 from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import async_, sync
 from lxd_daemon.api.instance_backups import receive_upload
-from lxd_daemon.api.request import parse, recursion
+from lxd_daemon.api.request import parse, project_of, recursion
 from lxd_daemon.errors import BadRequest
+from lxd_daemon.projects.naming import query
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.backups import BackupPost, StorageVolumeBackupsPost
 
 router = Routes()
 BASE = "/1.0/storage-pools/{pool}/volumes/{type}/{name}/backups"
-
-
-def _project(request: Request) -> str:
-    return request.query_params.get("project") or "default"
 
 
 def _custom(type: str) -> None:
@@ -30,13 +27,13 @@ def _custom(type: str) -> None:
                          "(instance volumes are backed up through the instance)")
 
 
-def _url(pool: str, name: str, bname: str = "") -> str:
+def _url(pool: str, name: str, project: str, bname: str = "") -> str:
     u = f"/1.0/storage-pools/{pool}/volumes/custom/{name}"
-    return u + (f"/backups/{bname}" if bname else "")
+    return u + (f"/backups/{bname}" if bname else "") + query(project)
 
 
-def _resources(pool: str, name: str, bname: str = "") -> dict:
-    out = {"storage_volumes": [_url(pool, name)]}
+def _resources(pool: str, name: str, project: str, bname: str = "") -> dict:
+    out = {"storage_volumes": [_url(pool, name, project)]}
     if bname:
         out["backups"] = [bname]
     return out
@@ -50,9 +47,10 @@ def _svc(request: Request):
 async def list_backups(request: Request, pool: str, type: str, name: str) -> Response:
     _custom(type)
     svc = _svc(request)
-    rows = await svc.list(pool, name, _project(request))
+    project = project_of(request).name
+    rows = await svc.list(pool, name, project)
     if recursion(request) == 0:
-        return sync([_url(pool, name, r.name) for r in rows])
+        return sync([_url(pool, name, project, r.name) for r in rows])
     return sync([svc.render(r) for r in rows])
 
 
@@ -61,7 +59,7 @@ async def create_backup(request: Request, pool: str, type: str, name: str) -> Re
     _custom(type)
     services = get_services(request)
     svc = services.backups.volumes
-    project = _project(request)
+    project = project_of(request).name
     body = await parse(request, StorageVolumeBackupsPost)
     from lxd_daemon.backups.service import parse_expiry
 
@@ -73,10 +71,11 @@ async def create_backup(request: Request, pool: str, type: str, name: str) -> Re
     async def run(op):
         await svc.create(pool, name, bname, expires_at=expires_at, volume_only=body.volume_only,
                          optimized=body.optimized_storage, compression=compression, project=project)
-        services.events.lifecycle("storage-volume-backup-created", _url(pool, name, bname), requestor=who)
+        services.events.lifecycle("storage-volume-backup-created", _url(pool, name, project, bname),
+                                  requestor=who, project=project)
 
-    op = services.ops.create(description="Backing up storage volume", resources=_resources(pool, name, bname),
-                             run=run)
+    op = services.ops.create(description="Backing up storage volume", resources=_resources(pool, name, project, bname),
+                             run=run, project=project)
     return async_(op.render())
 
 
@@ -84,7 +83,7 @@ async def create_backup(request: Request, pool: str, type: str, name: str) -> Re
 async def get_backup(request: Request, pool: str, type: str, name: str, backup: str) -> Response:
     _custom(type)
     svc = _svc(request)
-    return sync(svc.render(await svc.get(pool, name, backup, _project(request))))
+    return sync(svc.render(await svc.get(pool, name, backup, project_of(request).name)))
 
 
 @router.post(BASE + "/{backup}", access=Access.TRUSTED)
@@ -92,7 +91,7 @@ async def rename_backup(request: Request, pool: str, type: str, name: str, backu
     _custom(type)
     services = get_services(request)
     svc = services.backups.volumes
-    project = _project(request)
+    project = project_of(request).name
     await svc.get(pool, name, backup, project)
     body = await parse(request, BackupPost)
     if not body.name:
@@ -101,11 +100,11 @@ async def rename_backup(request: Request, pool: str, type: str, name: str, backu
 
     async def run(op):
         await svc.rename(pool, name, backup, body.name, project)
-        services.events.lifecycle("storage-volume-backup-renamed", _url(pool, name, body.name),
-                                  {"old_name": backup}, requestor=who)
+        services.events.lifecycle("storage-volume-backup-renamed", _url(pool, name, project, body.name),
+                                  {"old_name": backup}, requestor=who, project=project)
 
     op = services.ops.create(description="Renaming storage volume backup",
-                             resources=_resources(pool, name, backup), run=run)
+                             resources=_resources(pool, name, project, backup), run=run, project=project)
     return async_(op.render())
 
 
@@ -114,16 +113,17 @@ async def delete_backup(request: Request, pool: str, type: str, name: str, backu
     _custom(type)
     services = get_services(request)
     svc = services.backups.volumes
-    project = _project(request)
+    project = project_of(request).name
     await svc.get(pool, name, backup, project)
     who = requestor(request)
 
     async def run(op):
         await svc.delete(pool, name, backup, project)
-        services.events.lifecycle("storage-volume-backup-deleted", _url(pool, name, backup), requestor=who)
+        services.events.lifecycle("storage-volume-backup-deleted", _url(pool, name, project, backup),
+                                  requestor=who, project=project)
 
     op = services.ops.create(description="Deleting storage volume backup",
-                             resources=_resources(pool, name, backup), run=run)
+                             resources=_resources(pool, name, project, backup), run=run, project=project)
     return async_(op.render())
 
 
@@ -133,9 +133,10 @@ async def export_backup(request: Request, pool: str, type: str, name: str, backu
 
     _custom(type)
     services = get_services(request)
-    f, size = await services.backups.volumes.open_file(pool, name, backup, _project(request))
-    services.events.lifecycle("storage-volume-backup-retrieved", _url(pool, name, backup),
-                              requestor=requestor(request))
+    project = project_of(request).name
+    f, size = await services.backups.volumes.open_file(pool, name, backup, project)
+    services.events.lifecycle("storage-volume-backup-retrieved", _url(pool, name, project, backup),
+                              requestor=requestor(request), project=project)
     return FileParts([(f, size)], media_type="application/octet-stream",
                      headers={"Content-Disposition": f"attachment;filename={backup}"})
 
@@ -145,7 +146,7 @@ async def import_volume(request: Request, pool: str) -> Response:
     services = get_services(request)
     backups = services.backups
     svc = backups.volumes
-    project = _project(request)
+    project = project_of(request).name
     new_name = request.headers.get("x-lxd-name", "")
     services.storage.get(pool)
     upload = backups.new_upload()
@@ -164,7 +165,9 @@ async def import_volume(request: Request, pool: str) -> Response:
             await svc.run_import(plan)
         finally:
             await backups.discard_upload(upload)
-        services.events.lifecycle("storage-volume-created", _url(pool, plan.name), requestor=who)
+        services.events.lifecycle("storage-volume-created", _url(pool, plan.name, project), requestor=who,
+                                  project=project)
 
-    op = services.ops.create(description="Creating storage volume", resources=_resources(pool, plan.name), run=run)
+    op = services.ops.create(description="Creating storage volume", resources=_resources(pool, plan.name, project),
+                             run=run, project=project)
     return async_(op.render())

@@ -7,10 +7,19 @@ from __future__ import annotations
 from fastapi import Request
 from starlette.responses import Response
 
-from lxd_daemon.api.access import STREAM, Access, Routes
+from lxd_daemon.api.access import STREAM, Access, Routes, shown
 from lxd_daemon.api.envelope import async_, etag_of, sync
-from lxd_daemon.api.request import check_etag, parse, read_json, recursion, validate
+from lxd_daemon.api.request import (
+    check_etag,
+    parse,
+    project_of,
+    read_json,
+    recursion,
+    validate,
+    visible_project,
+)
 from lxd_daemon.errors import BadRequest, NotFound, NotImplementedYet
+from lxd_daemon.projects.naming import DEFAULT, query
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.storage.volume import Volume, VolumeType
 from lxd_daemon.util.timefmt import ZERO_TIME
@@ -34,14 +43,11 @@ EXTENSIONS = (
     "custom_volume_snapshot_expiry",
     "volume_snapshot_scheduling",
     "custom_volume_refresh",
+    "storage_api_project",  # `lxc storage volume copy/move --target-project`
 )
 
 TYPES = ("container", "virtual-machine", "image", "custom")
 BASE = "/1.0/storage-pools/{pool}/volumes"
-
-
-def _project(request: Request) -> str:
-    return request.query_params.get("project") or "default"
 
 
 def _type(vtype: str) -> str:
@@ -56,17 +62,17 @@ def _custom_only(vtype: str, what: str) -> None:
         raise BadRequest(f"Storage volumes of type {vtype!r} can't be {what} through the storage API")
 
 
-def _url(pool: str, vtype: str, name: str) -> str:
+def _url(pool: str, vtype: str, name: str, project: str = DEFAULT) -> str:
     if "/" in name:
         parent, snap = name.split("/", 1)
-        return f"/1.0/storage-pools/{pool}/volumes/{vtype}/{parent}/snapshots/{snap}"
-    return f"/1.0/storage-pools/{pool}/volumes/{vtype}/{name}"
+        return f"/1.0/storage-pools/{pool}/volumes/{vtype}/{parent}/snapshots/{snap}{query(project)}"
+    return f"/1.0/storage-pools/{pool}/volumes/{vtype}/{name}{query(project)}"
 
 
-def _resources(pool: str, name: str, snap: str = "") -> dict:
-    out = {"storage_volumes": [_url(pool, "custom", name)]}
+def _resources(pool: str, name: str, project: str, snap: str = "") -> dict:
+    out = {"storage_volumes": [_url(pool, "custom", name, project)]}
     if snap:
-        out["storage_volume_snapshots"] = [_url(pool, "custom", f"{name}/{snap}")]
+        out["storage_volume_snapshots"] = [_url(pool, "custom", f"{name}/{snap}", project)]
     return out
 
 
@@ -105,15 +111,16 @@ async def _instance_snapshot_rows(services, instance_id: int) -> list:
     return await services.storage.custom.instance_snapshots(instance_id)
 
 
-def _instances_on(services, pool: str) -> list:
-    """Instance records whose root volume is on `pool`."""
+def _instances_on(services, pool: str, project: str | None) -> list:
+    """Records of the instances of `project` (None: of every project) whose root volume is on `pool`."""
     instances = services.instances
     if instances is None:
         return []
     from lxd_daemon.instances import validation
 
     out = []
-    for n in sorted(instances.records):
+    keys = sorted(instances.records) if project is None else instances.keys_in(project)
+    for n in keys:
         try:
             rec = instances.record(n)
             root = validation.root_disk(instances.expanded(n)[1])
@@ -126,18 +133,19 @@ def _instances_on(services, pool: str) -> list:
 
 async def _container_volume(services, pool: str, rec, root: dict, snapshots: bool) -> list[dict]:
     config = {"size": root["size"]} if root.get("size") else {}
-    out = [_vol(rec.name, "container", config=config, used_by=[f"/1.0/instances/{rec.name}"],
+    used_by = [f"/1.0/instances/{rec.name}{query(rec.project)}"]
+    out = [_vol(rec.name, "container", config=config, used_by=used_by, project=rec.project,
                 created_at=rec.created_at)]
     if snapshots:
         for s in await _instance_snapshot_rows(services, rec.id):
             out.append(_vol(f"{rec.name}/{s.name}", "container", description=s.description, config=config,
-                            created_at=s.created_at))
+                            project=rec.project, created_at=s.created_at))
     return out
 
 
-async def _container_volumes(services, pool: str) -> list[dict]:
+async def _container_volumes(services, pool: str, project: str) -> list[dict]:
     out = []
-    for rec, root in _instances_on(services, pool):
+    for rec, root in _instances_on(services, pool, project):
         out += await _container_volume(services, pool, rec, root, True)
     return out
 
@@ -159,17 +167,31 @@ async def _image_fingerprints(services, pool: str) -> list[str]:
     return fps
 
 
-async def _image_volumes(services, pool: str) -> list[dict]:
-    return [_vol(fp, "image", used_by=[f"/1.0/images/{fp}"]) for fp in await _image_fingerprints(services, pool)]
+async def _visible_image_fingerprints(services, pool: str, project: str) -> list[str]:
+    """Image volumes are shared by every project: `default` lists them all, another project those
+    of the images it uses."""
+    fps = await _image_fingerprints(services, pool)
+    if project == DEFAULT or services.images is None:
+        return fps
+    mine = {i["fingerprint"] for i in await services.images.list(project=project)}
+    return [fp for fp in fps if fp in mine]
+
+
+def _image_vol(fp: str, project: str) -> dict:
+    return _vol(fp, "image", used_by=[f"/1.0/images/{fp}{query(project)}"], project=project)
+
+
+async def _image_volumes(services, pool: str, project: str) -> list[dict]:
+    return [_image_vol(fp, project) for fp in await _visible_image_fingerprints(services, pool, project)]
 
 
 async def _volumes(services, pool: str, vtype: str | None, project: str) -> list[dict]:
     services.storage.get(pool)
     out: list[dict] = []
     if vtype in (None, "container"):
-        out += await _container_volumes(services, pool)
+        out += await _container_volumes(services, pool, project)
     if vtype in (None, "image"):
-        out += await _image_volumes(services, pool)
+        out += await _image_volumes(services, pool, project)
     if vtype in (None, "custom"):
         out += await _custom_volumes(services, pool, project)
     return out
@@ -184,18 +206,19 @@ async def _one(services, pool: str, vtype: str, name: str, project: str) -> dict
                     used_by=await custom.used_by(pool, v.name, v.project), content_type=v.content_type,
                     project=v.project, created_at=v.created_at)
     if vtype == "container":
-        for rec, root in _instances_on(services, pool):
+        for rec, root in _instances_on(services, pool, project):
             if rec.name == name:
                 return (await _container_volume(services, pool, rec, root, False))[0]
-    if vtype == "image" and name in await _image_fingerprints(services, pool):
-        return _vol(name, "image", used_by=[f"/1.0/images/{name}"])
+    if vtype == "image" and name in await _visible_image_fingerprints(services, pool, project):
+        return _image_vol(name, project)
     raise NotFound("Storage volume not found")
 
 
 def _listing(request: Request, pool: str, vols: list[dict]) -> Response:
     if recursion(request):
-        return sync(vols)
-    return sync([_url(pool, v["type"], v["name"]) for v in vols])
+        return sync([shown(request, v) for v in vols])
+    project = project_of(request).name
+    return sync([_url(pool, v["type"], v["name"], project) for v in vols])
 
 
 # -- collection -----------------------------------------------------------------------------------
@@ -203,13 +226,13 @@ def _listing(request: Request, pool: str, vols: list[dict]) -> Response:
 @router.get(BASE, access=Access.TRUSTED)
 async def list_volumes(request: Request, pool: str) -> Response:
     services = get_services(request)
-    return _listing(request, pool, await _volumes(services, pool, None, _project(request)))
+    return _listing(request, pool, await _volumes(services, pool, None, project_of(request).name))
 
 
 @router.get(BASE + "/{type}", access=Access.TRUSTED)
 async def list_volumes_of_type(request: Request, pool: str, type: str) -> Response:
     services = get_services(request)
-    return _listing(request, pool, await _volumes(services, pool, _type(type), _project(request)))
+    return _listing(request, pool, await _volumes(services, pool, _type(type), project_of(request).name))
 
 
 async def _create(request: Request, pool: str, vtype: str | None) -> Response:
@@ -229,14 +252,14 @@ async def _create(request: Request, pool: str, vtype: str | None) -> Response:
     _custom_only(vtype, "created")
     if not body.name:
         raise BadRequest("No name provided")
-    project = _project(request)
+    project = project_of(request).name
     who = requestor(request)
-    url = _url(pool, "custom", body.name)
+    url = _url(pool, "custom", body.name, project)
     src = body.source
     if src.type in ("", "none"):
         await storage.custom.create(pool, body.name, project=project, description=body.description,
                                     config=body.config, content_type=body.content_type)
-        services.events.lifecycle("storage-volume-created", url, {"type": "custom"}, requestor=who)
+        services.events.lifecycle("storage-volume-created", url, {"type": "custom"}, requestor=who, project=project)
         return sync(None, status=201, location=url)
     if src.type != "copy":
         raise NotImplementedYet(f"Storage volume source type {src.type!r} is not implemented")
@@ -251,19 +274,20 @@ async def _create(request: Request, pool: str, vtype: str | None) -> Response:
         async def refresh(op):
             await storage.custom.refresh(pool, body.name, src_pool=src_pool, src_name=src.name, project=project,
                                          src_project=src_project, volume_only=src.volume_only)
-            services.events.lifecycle("storage-volume-updated", url, {"type": "custom"}, requestor=who)
+            services.events.lifecycle("storage-volume-updated", url, {"type": "custom"}, requestor=who, project=project)
 
-        op = services.ops.create(description="Refreshing storage volume", resources=_resources(pool, body.name),
-                                 run=refresh)
+        op = services.ops.create(description="Refreshing storage volume",
+                                 resources=_resources(pool, body.name, project), run=refresh, project=project)
         return async_(op.render())
 
     async def run(op):
         await storage.custom.copy(pool, body.name, src_pool=src_pool, src_name=src.name, project=project,
                                   src_project=src_project, description=body.description or None,
                                   config=body.config or None, volume_only=src.volume_only)
-        services.events.lifecycle("storage-volume-created", url, {"type": "custom"}, requestor=who)
+        services.events.lifecycle("storage-volume-created", url, {"type": "custom"}, requestor=who, project=project)
 
-    op = services.ops.create(description="Copying storage volume", resources=_resources(pool, body.name), run=run)
+    op = services.ops.create(description="Copying storage volume", resources=_resources(pool, body.name, project),
+                             run=run, project=project)
     return async_(op.render())
 
 
@@ -289,28 +313,28 @@ async def create_volume_of_type(request: Request, pool: str, type: str) -> Respo
 
 @router.get(BASE + "/{type}/{name}", access=Access.TRUSTED)
 async def get_volume(request: Request, pool: str, type: str, name: str) -> Response:
-    v = await _one(get_services(request), pool, _type(type), name, _project(request))
-    return sync(v, etag=_etag(v))
+    v = await _one(get_services(request), pool, _type(type), name, project_of(request).name)
+    return sync(shown(request, v), etag=_etag(v))
 
 
 async def _update(request: Request, pool: str, vtype: str, name: str, replace: bool) -> Response:
     services = get_services(request)
-    project = _project(request)
+    project = project_of(request).name
     current = await _one(services, pool, _type(vtype), name, project)
     _custom_only(vtype, "changed")
     check_etag(request, _etag(current))
     body = await parse(request, StorageVolumePut)
-    url = _url(pool, "custom", name)
+    url = _url(pool, "custom", name, project)
     custom = services.storage.custom
     if body.restore:
         await custom.restore(pool, name, body.restore, project)
         services.events.lifecycle("storage-volume-restored", url, {"snapshot": body.restore},
-                                  requestor=requestor(request))
+                                  requestor=requestor(request), project=project)
         return sync({})
     config = dict(body.config) if replace else {**current["config"], **body.config}
     description = body.description if (replace or "description" in body.model_fields_set) else current["description"]
     await custom.update(pool, name, description=description, config=config, project=project)
-    services.events.lifecycle("storage-volume-updated", url, requestor=requestor(request))
+    services.events.lifecycle("storage-volume-updated", url, requestor=requestor(request), project=project)
     return sync({})
 
 
@@ -328,38 +352,54 @@ async def patch_volume(request: Request, pool: str, type: str, name: str) -> Res
 async def rename_volume(request: Request, pool: str, type: str, name: str) -> Response:
     services = get_services(request)
     storage = services.storage
-    project = _project(request)
+    project = project_of(request).name
     storage.get(pool)
     _custom_only(type, "renamed or moved")
     body = await parse(request, StorageVolumePost)
     if body.migration:
         raise NotImplementedYet("Migrating storage volumes between servers is not implemented yet")
-    if body.project and body.project != project:
-        raise NotImplementedYet("Moving storage volumes between projects is not implemented yet")
     await storage.custom.get(pool, name, project)
+    if body.project and body.project != project:  # `lxc storage volume move --target-project`
+        target = visible_project(request, body.project)
+        dest_pool = body.pool or pool
+        storage.get(dest_pool)
+        new_name = body.name or name
+        who = requestor(request)
+
+        async def move_project(op):
+            await storage.custom.move(pool, name, dest_pool, new_name, project, target)
+            services.events.lifecycle("storage-volume-moved", _url(dest_pool, "custom", new_name, target),
+                                      {"old_pool": pool, "old_name": name, "old_project": project},
+                                      requestor=who, project=target)
+
+        op = services.ops.create(description="Moving storage volume", resources=_resources(pool, name, project),
+                                 run=move_project, project=project)
+        return async_(op.render())
     new_name = body.name or name
     who = requestor(request)
-    old_url = _url(pool, "custom", name)
+    old_url = _url(pool, "custom", name, project)
     if not body.pool or body.pool == pool:
         await storage.custom.rename(pool, name, new_name, project)
-        new_url = _url(pool, "custom", new_name)
-        services.events.lifecycle("storage-volume-renamed", new_url, {"old_name": name}, requestor=who)
+        new_url = _url(pool, "custom", new_name, project)
+        services.events.lifecycle("storage-volume-renamed", new_url, {"old_name": name}, requestor=who, project=project)
         if not body.pool:
             return sync(None, status=201, location=new_url)
 
         async def done(op):
             return None
 
-        op = services.ops.create(description="Moving storage volume", resources=_resources(pool, name), run=done)
+        op = services.ops.create(description="Moving storage volume", resources=_resources(pool, name, project),
+                                 run=done, project=project)
         return async_(op.render())
     storage.get(body.pool)
 
     async def run(op):
         await storage.custom.move(pool, name, body.pool, new_name, project)
-        services.events.lifecycle("storage-volume-moved", _url(body.pool, "custom", new_name),
-                                  {"old_pool": pool, "old_name": name}, requestor=who)
+        services.events.lifecycle("storage-volume-moved", _url(body.pool, "custom", new_name, project),
+                                  {"old_pool": pool, "old_name": name}, requestor=who, project=project)
 
-    op = services.ops.create(description="Moving storage volume", resources={"storage_volumes": [old_url]}, run=run)
+    op = services.ops.create(description="Moving storage volume", resources={"storage_volumes": [old_url]}, run=run,
+                             project=project)
     return async_(op.render())
 
 
@@ -368,15 +408,17 @@ async def delete_volume(request: Request, pool: str, type: str, name: str) -> Re
     services = get_services(request)
     services.storage.get(pool)
     _custom_only(type, "deleted")
-    await services.storage.custom.delete(pool, name, _project(request))
-    services.events.lifecycle("storage-volume-deleted", _url(pool, "custom", name), requestor=requestor(request))
+    project = project_of(request).name
+    await services.storage.custom.delete(pool, name, project)
+    services.events.lifecycle("storage-volume-deleted", _url(pool, "custom", name, project),
+                              requestor=requestor(request), project=project)
     return sync({})
 
 
 @router.get(BASE + "/{type}/{name}/state", access=Access.TRUSTED)
 async def volume_state(request: Request, pool: str, type: str, name: str) -> Response:
     services = get_services(request)
-    project = _project(request)
+    project = project_of(request).name
     await _one(services, pool, _type(type), name, project)
     if type == "custom":
         return sync({"usage": await services.storage.custom.usage(pool, name, project)})
@@ -394,12 +436,12 @@ async def volume_state(request: Request, pool: str, type: str, name: str) -> Res
 @router.get(BASE + "/{type}/{name}/snapshots", access=Access.TRUSTED)
 async def list_snapshots(request: Request, pool: str, type: str, name: str) -> Response:
     services = get_services(request)
-    project = _project(request)
+    project = project_of(request).name
     await _one(services, pool, _type(type), name, project)
     if type == "custom":
         snaps = [_snap(s) for s in await services.storage.custom.snapshots(pool, name, project)]
     elif type == "container":
-        rec = services.instances.record(name)
+        rec = services.instances.lookup(project, name)
         snaps = [{"name": s.name, "description": s.description, "config": {}, "content_type": "filesystem",
                   "created_at": s.created_at, "expires_at": s.expires_at or ZERO_TIME}
                  for s in await _instance_snapshot_rows(services, rec.id)]
@@ -407,13 +449,13 @@ async def list_snapshots(request: Request, pool: str, type: str, name: str) -> R
         snaps = []
     if recursion(request):
         return sync(snaps)
-    return sync([_url(pool, type, f"{name}/{s['name']}") for s in snaps])
+    return sync([_url(pool, type, f"{name}/{s['name']}", project) for s in snaps])
 
 
 @router.post(BASE + "/{type}/{name}/snapshots", access=Access.TRUSTED)
 async def create_snapshot(request: Request, pool: str, type: str, name: str) -> Response:
     services = get_services(request)
-    project = _project(request)
+    project = project_of(request).name
     services.storage.get(pool)
     _custom_only(type, "snapshotted")
     custom = services.storage.custom
@@ -426,11 +468,11 @@ async def create_snapshot(request: Request, pool: str, type: str, name: str) -> 
 
     async def run(op):
         s = await custom.create_snapshot(pool, name, body.name or None, project=project, expires_at=body.expires_at)
-        services.events.lifecycle("storage-volume-snapshot-created", _url(pool, "custom", f"{name}/{s.name}"),
-                                  requestor=who)
+        services.events.lifecycle("storage-volume-snapshot-created", _url(pool, "custom", f"{name}/{s.name}", project),
+                                  requestor=who, project=project)
 
     op = services.ops.create(description="Creating storage volume snapshot",
-                             resources=_resources(pool, name), run=run)
+                             resources=_resources(pool, name, project), run=run, project=project)
     return async_(op.render())
 
 
@@ -438,7 +480,7 @@ async def _snapshot_of(request: Request, pool: str, type: str, name: str, snapsh
     services = get_services(request)
     services.storage.get(pool)
     _type(type)
-    project = _project(request)
+    project = project_of(request).name
     if type == "custom":
         return services, project, await services.storage.custom.get_snapshot(pool, name, snapshot, project)
     raise NotFound("Storage volume snapshot not found")
@@ -448,7 +490,7 @@ async def _snapshot_of(request: Request, pool: str, type: str, name: str, snapsh
 async def get_snapshot(request: Request, pool: str, type: str, name: str, snapshot: str) -> Response:
     if type == "container":
         services = get_services(request)
-        rec = services.instances.record(name)
+        rec = services.instances.lookup(project_of(request).name, name)
         for s in await _instance_snapshot_rows(services, rec.id):
             if s.name == snapshot:
                 return sync({"name": s.name, "description": s.description, "config": {},
@@ -469,8 +511,8 @@ async def _update_snapshot(request: Request, pool: str, type: str, name: str, sn
     expires_at = body.expires_at if (replace or "expires_at" in given) else s.expires_at
     await services.storage.custom.update_snapshot(pool, name, snapshot, description=description,
                                                   expires_at=expires_at, project=project)
-    services.events.lifecycle("storage-volume-snapshot-updated", _url(pool, "custom", f"{name}/{snapshot}"),
-                              requestor=requestor(request))
+    services.events.lifecycle("storage-volume-snapshot-updated", _url(pool, "custom", f"{name}/{snapshot}", project),
+                              requestor=requestor(request), project=project)
     return sync({})
 
 
@@ -499,11 +541,12 @@ async def rename_snapshot(request: Request, pool: str, type: str, name: str, sna
 
     async def run(op):
         await custom.rename_snapshot(pool, name, snapshot, body.name, project)
-        services.events.lifecycle("storage-volume-snapshot-renamed", _url(pool, "custom", f"{name}/{body.name}"),
-                                  {"old_name": snapshot}, requestor=who)
+        services.events.lifecycle("storage-volume-snapshot-renamed",
+                                  _url(pool, "custom", f"{name}/{body.name}", project),
+                                  {"old_name": snapshot}, requestor=who, project=project)
 
     op = services.ops.create(description="Renaming storage volume snapshot",
-                             resources=_resources(pool, name, snapshot), run=run)
+                             resources=_resources(pool, name, project, snapshot), run=run, project=project)
     return async_(op.render())
 
 
@@ -515,9 +558,10 @@ async def delete_snapshot(request: Request, pool: str, type: str, name: str, sna
 
     async def run(op):
         await custom.delete_snapshot(pool, name, snapshot, project)
-        services.events.lifecycle("storage-volume-snapshot-deleted", _url(pool, "custom", f"{name}/{snapshot}"),
-                                  requestor=who)
+        services.events.lifecycle("storage-volume-snapshot-deleted",
+                                  _url(pool, "custom", f"{name}/{snapshot}", project),
+                                  requestor=who, project=project)
 
     op = services.ops.create(description="Deleting storage volume snapshot",
-                             resources=_resources(pool, name, snapshot), run=run)
+                             resources=_resources(pool, name, project, snapshot), run=run, project=project)
     return async_(op.render())

@@ -282,13 +282,14 @@ async def instance_backup_config(services, name: str) -> BackupConfig:
     pool = svc._root_pool(svc.expanded(name)[1], name)
     pool_dict = services.storage.describe(pool)
     snapshots = services.snapshots.render_all(name) if services.snapshots is not None else []
-    vol = instance_volume_dict(name, rec.created_at)
+    vol = instance_volume_dict(rec.name, rec.created_at, project=rec.project)  # the API name, not the key
     vol_snaps = [{"config": {}, "description": "", "name": s.get("name", ""), "content_type": "filesystem",
                   "created_at": s.get("created_at", ""), "expires_at": s.get("expires_at", "")}
                  for s in snapshots]
     profiles = []
+    in_project = services.profiles.in_project(rec.project)
     for p in rec.profiles:
-        prof = services.profiles.profiles.get(p)
+        prof = in_project.get(p)
         if prof is not None:
             rendered = dict(services.profiles.render(prof))
             rendered.pop("used_by", None)

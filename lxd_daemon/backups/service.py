@@ -35,6 +35,7 @@ from sqlalchemy import text
 from lxd_daemon import names
 from lxd_daemon.backups.config import BACKUP_YAML, instance_backup_config, render_backup_yaml
 from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound
+from lxd_daemon.projects.naming import query, storage_name
 from lxd_daemon.storage.volume import Volume, VolumeType
 from lxd_daemon.util.lazy import lazy_module
 from lxd_daemon.util.revert import Revert
@@ -92,6 +93,8 @@ class ImportPlan:
     snapshots: list = field(default_factory=list)  # Snapshot records to insert
     snapshot_names: list[str] = field(default_factory=list)
     received: object = None  # an optimised backup's volume, received under a temporary name
+    project: str = "default"  # the project it is imported into; `name` is the key (storage name)
+    api_name: str = ""
 
 
 class BackupService:
@@ -200,13 +203,13 @@ class BackupService:
         now = time.time() if now is None else now
         gone = []
         svc = self.services.instances
-        by_id = {r.id: n for n, r in svc.records.items()}
+        by_id = {r.id: (n, r) for n, r in svc.records.items()}
         for row in await self._rows():
             if _expired(row.expires_at, now) and row.owner_id in by_id:
-                name = by_id[row.owner_id]
+                name, rec = by_id[row.owner_id]
                 try:
                     await self.delete(name, row.name)
-                    gone.append(f"{name}/{row.name}")
+                    gone.append(f"{rec.name}/{row.name}{query(rec.project)}")
                 except NotFound:
                     pass
         return gone
@@ -230,7 +233,7 @@ class BackupService:
         for row in await self.list(name):
             if row.name == bname:
                 return row
-        raise NotFound(f"Instance backup {name}/{bname} not found")
+        raise NotFound(f"Instance backup {self.services.instances.record(name).name}/{bname} not found")
 
     @staticmethod
     def render(instance: str, row: BackupRow) -> dict:
@@ -247,10 +250,10 @@ class BackupService:
     # -- create ------------------------------------------------------------------------------
     async def check_create(self, name: str, bname: str, compression: str) -> str:
         """What can be refused before the operation starts; returns the compression to use."""
-        self.services.instances.record(name)
+        project = self.services.instances.record(name).project
         from lxd_daemon.projects import policy as project_policy
 
-        project_policy.backup_allowed(project_policy.DEFAULT, self.services.projects.config())
+        project_policy.backup_allowed(project, self.services.projects.config(project))
         try:
             names.backup(bname)
         except names.InvalidName as e:
@@ -306,7 +309,7 @@ class BackupService:
             rec = svc.record(name)
             pool = svc._root_pool(svc.expanded(name)[1], name)
             drv = pool.driver
-            vol = self.services.storage.volumes.instance_volume(pool, name)
+            vol = self.services.storage.volumes.instance_volume(pool, rec.name, rec.project)
             snapshots = [] if instance_only else self._snapshot_names(name)
             cfg = await instance_backup_config(self.services, name)
             if instance_only:
@@ -326,7 +329,7 @@ class BackupService:
                     key = (rec.id, bname)
                     ended = asyncio.Event()
                     try:
-                        async with bcreate.streamed_backup(drv, pool.name, vol, name=name, btype="container",
+                        async with bcreate.streamed_backup(drv, pool.name, vol, name=rec.name, btype="container",
                                                            snapshots=snapshots, config=cfg, dest=dest,
                                                            live=live) as sb:
                             row.id = await self.db.run(lambda session: _insert_row(session, "instances_backups", row))
@@ -340,7 +343,7 @@ class BackupService:
                         ended.set()
                     revert.success()
                     return
-                await bcreate.write_backup(drv, pool.name, vol, name=name, btype="container", snapshots=snapshots,
+                await bcreate.write_backup(drv, pool.name, vol, name=rec.name, btype="container", snapshots=snapshots,
                                            config=cfg, backup_yaml=yaml_text, optimized=use_optimized,
                                            compression=compression, dest=dest, live=live)
                 revert.add(asyncio.to_thread, _remove, dest)
@@ -404,16 +407,18 @@ class BackupService:
         try:
             return await asyncio.to_thread(op)
         except FileNotFoundError:
-            raise NotFound(f"The file of backup {name}/{bname} is missing") from None
+            raise NotFound(f"The file of backup {self.services.instances.record(name).name}/{bname} is missing"
+                           ) from None
 
     # -- import ------------------------------------------------------------------------------
     def new_upload(self) -> Path:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         return self.root / f".import-{uuid.uuid4().hex}"
 
-    def _decide(self, idx, cfg, pool_name: str, new_name: str) -> dict:
-        """Everything an import needs from index.yaml and the backup's config: the name (reserved
-        here: the caller releases it), the pool, the record and the snapshot records."""
+    def _decide(self, idx, cfg, pool_name: str, new_name: str, project: str) -> dict:
+        """Everything an import into `project` needs from index.yaml and the backup's config: the
+        name (its key reserved here: the caller releases it), the pool, the record and the
+        snapshot records."""
         svc = self.services.instances
         storage = self.services.storage
         if idx.type != "container":
@@ -433,13 +438,15 @@ class BackupService:
         else:
             pool = storage.pools.get(idx.pool) if idx.pool else None
         devices = {k: dict(v) for k, v in (inst.get("devices") or {}).items()}
+        key = storage_name(project, name)
         profiles = list(inst.get("profiles") or [])
-        missing = [p for p in profiles if p not in self.services.profiles.profiles]
+        known_profiles = self.services.profiles.in_project(project)
+        missing = [p for p in profiles if p not in known_profiles]
         if missing:
             raise BadRequest(f"The backup's instance uses profiles this server doesn't have: {', '.join(missing)}")
         from lxd_daemon.instances import validation
 
-        pinputs = [self.services.profiles.profiles[p].as_expand_input() for p in profiles]
+        pinputs = [known_profiles[p].as_expand_input() for p in profiles]
         local_root = validation.root_disk(devices)
         if pool is None:
             # The pool the profiles' root disk names.
@@ -469,13 +476,13 @@ class BackupService:
             raise BadRequest(f"The backup's instance config is not valid here: {e.message}") from None
         snap_names = list(idx.snapshots)
         snap_cfg = {s["name"]: s for s in cfg.snapshots}
-        svc.reserve(name)
+        svc.reserve(key)
         try:
             # The project's limits and restrictions, as for any new instance (the backup's
             # volatile keys are its own); claimed until the caller's release().
-            svc.policy_check("create", name, config, devices, profiles, strip=True)
+            svc.policy_check("create", key, config, devices, profiles, project=project, strip=True)
             ec = validation.expand(pinputs, config, devices)[0]
-            desired = svc._desired_idmap(name, ec)
+            desired = svc._desired_idmap(key, ec)
             config["volatile.idmap.base"] = "0" if desired.empty else str(desired.root_ids()[0])
             config["volatile.idmap.next"] = desired.to_json()
             config.setdefault("volatile.uuid", str(uuid.uuid4()))
@@ -485,7 +492,7 @@ class BackupService:
             now = rfc3339()
             rec = Record(0, name, str(inst.get("architecture") or ""), bool(inst.get("ephemeral", False)), False,
                          str(inst.get("description") or ""), _time(inst.get("created_at")) or now, "",
-                         config, devices, profiles)
+                         config, devices, profiles, project=project)
             snaps = []
             snapmod = _snapshots_module()
             for s in snap_names:
@@ -496,17 +503,19 @@ class BackupService:
                         str(sc.get("description") or ""), False, str(sc.get("architecture") or rec.architecture),
                         bool(sc.get("ephemeral", False)), {str(k): str(v) for k, v in (sc.get("config") or {}).items()},
                         {str(k): {str(a): str(b) for a, b in v.items()} for k, v in (sc.get("devices") or {}).items()},
-                        [p for p in (sc.get("profiles") or []) if p in self.services.profiles.profiles]))
+                        [p for p in (sc.get("profiles") or []) if p in known_profiles]))
         except BaseException:
-            svc.release(name)
-            svc._idmap_claims.pop(name, None)
+            svc.release(key)
+            svc._idmap_claims.pop(key, None)
             raise
-        return {"name": name, "pool": pool, "record": rec, "snapshots": snaps, "snapshot_names": snap_names}
+        return {"name": key, "project": project, "api_name": name, "pool": pool, "record": rec, "snapshots": snaps,
+                "snapshot_names": snap_names}
 
-    async def prepare_import(self, upload: Path, pool_name: str = "", new_name: str = "",
+    async def prepare_import(self, upload: Path, project: str, pool_name: str = "", new_name: str = "",
                              source: brestore.GrowingFile | None = None) -> ImportPlan:
-        """Scan the uploaded tarball and decide everything an import needs; BadRequest, NotFound
-        or Conflict before anything is made. The name is reserved (the caller releases it).
+        """Scan the uploaded tarball and decide everything an import into `project` needs;
+        BadRequest, NotFound or Conflict before anything is made. The instance's key is reserved
+        (the caller releases it: plan.name).
 
         An optimised backup is received meanwhile (the scan hands each stream to the driver as it
         reaches it: no copy of the streams on disk) into a volume under a temporary name, which
@@ -529,13 +538,14 @@ class BackupService:
             if not idx.optimized:
                 stream.close_consumer()
                 res = await scan
-                decided = self._decide(res.index, res.config, pool_name, new_name)
+                decided = self._decide(res.index, res.config, pool_name, new_name, project)
                 return ImportPlan(upload, Path(str(upload) + ".d"), res, **decided)
-            decided = self._decide(idx, idx.config, pool_name, new_name)
+            decided = self._decide(idx, idx.config, pool_name, new_name, project)
             pool = decided["pool"]
             volumes = self.services.storage.volumes
-            vol = volumes.instance_volume(pool, decided["name"])
-            received = vol.renamed(f".import-{uuid.uuid4().hex[:8]}-{decided['name']}")
+            # A temporary name outside any project (named by the key: run_import renames it to
+            # the key, which is the instance volume's name on disk).
+            received = volumes.instance_volume(pool, f".import-{uuid.uuid4().hex[:8]}-{decided['name']}")
             try:
                 await stream.started()
                 await pool.driver.restore_volume_optimized(received, decided["snapshot_names"], stream.member)
@@ -568,9 +578,10 @@ class BackupService:
         """Create the instance the plan describes (the caller releases the name after)."""
         svc = self.services.instances
         volumes = self.services.storage.volumes
-        pool, name, res = plan.pool, plan.name, plan.scan
+        pool, name, res = plan.pool, plan.name, plan.scan  # (name: the key)
+        project, api_name = plan.project, plan.api_name or plan.name
         drv = pool.driver
-        vol = volumes.instance_volume(pool, name)
+        vol = volumes.instance_volume(pool, api_name, project)
         main, snaps_dir = bcreate.member_dirs(VolumeType.CONTAINER)
         try:
             async with Revert() as revert:
@@ -583,8 +594,8 @@ class BackupService:
                     tpath = await drv.mount_volume(tmp)
                     await asyncio.to_thread(_remove, tpath / BACKUP_YAML)
                     await drv.unmount_volume(tmp)
-                    await drv.rename_volume(tmp, name)
-                    revert.add(volumes.delete_instance_volume, pool, "default", name, background=False)
+                    await drv.rename_volume(tmp, name)  # (tmp is of no project: renamed to the key)
+                    revert.add(volumes.delete_instance_volume, pool, project, api_name, background=False)
                     path = await drv.mount_volume(vol)
                 else:
                     first = f"{snaps_dir}/{plan.snapshot_names[0]}" if plan.snapshot_names else main
@@ -594,8 +605,8 @@ class BackupService:
                         # committed: the start-up sweep then knows it for an unfinished import.
                         await brestore.extract_tree(plan.path, res.compression, first, p, exclude_backup_yaml=True)
 
-                    revert.add(volumes.delete_instance_volume, pool, "default", name, background=False)
-                    path = await volumes.create_empty_instance_volume(pool, "default", name, filler=fill)
+                    revert.add(volumes.delete_instance_volume, pool, project, api_name, background=False)
+                    path = await volumes.create_empty_instance_volume(pool, project, api_name, filler=fill)
                     for i, s in enumerate(plan.snapshot_names):
                         if i:
                             await brestore.clear_dir(path)
@@ -735,11 +746,11 @@ class VolumeBackups:
     async def _rows(self, volume_id: int | None = None) -> list[BackupRow]:
         return await self.db.run(lambda session: _select_rows(session, "storage_volumes_backups", volume_id))
 
-    async def list(self, pool: str, name: str, project: str = "default") -> list[BackupRow]:
+    async def list(self, pool: str, name: str, project: str) -> list[BackupRow]:
         rec = await self.custom.get(pool, name, project)
         return await self._rows(rec.id)
 
-    async def get(self, pool: str, name: str, bname: str, project: str = "default") -> BackupRow:
+    async def get(self, pool: str, name: str, bname: str, project: str) -> BackupRow:
         for row in await self.list(pool, name, project):
             if row.name == bname:
                 return row
@@ -750,14 +761,14 @@ class VolumeBackups:
         return {"name": row.name, "created_at": row.created_at, "expires_at": row.expires_at or ZERO_TIME,
                 "volume_only": row.only, "optimized_storage": row.optimized}
 
-    async def next_name(self, pool: str, name: str, project: str = "default") -> str:
+    async def next_name(self, pool: str, name: str, project: str) -> str:
         used = {r.name for r in await self.list(pool, name, project)}
         n = 0
         while f"backup{n}" in used:
             n += 1
         return f"backup{n}"
 
-    async def check_create(self, pool: str, name: str, bname: str, compression: str, project: str = "default") -> str:
+    async def check_create(self, pool: str, name: str, bname: str, compression: str, project: str) -> str:
         rec = await self.custom.get(pool, name, project)
         from lxd_daemon.projects import policy as project_policy
 
@@ -779,7 +790,7 @@ class VolumeBackups:
                 "created_at": rec.created_at}
 
     async def create(self, pool: str, name: str, bname: str, *, expires_at: str = "", volume_only: bool = False,
-                     optimized: bool = False, compression: str = "gzip", project: str = "default") -> BackupRow:
+                     optimized: bool = False, compression: str = "gzip", project: str) -> BackupRow:
         storage = self.services.storage
         p = storage.get(pool)
         async with self.custom.lock(pool, name, project):
@@ -805,7 +816,7 @@ class VolumeBackups:
                 revert.success()
         return row
 
-    async def rename(self, pool: str, name: str, bname: str, new: str, project: str = "default") -> None:
+    async def rename(self, pool: str, name: str, bname: str, new: str, project: str) -> None:
         try:
             names.backup(new)
         except names.InvalidName as e:
@@ -823,13 +834,13 @@ class VolumeBackups:
                     text("UPDATE storage_volumes_backups SET name=:n WHERE id=:i"), {"n": new, "i": row.id}))
                 revert.success()
 
-    async def delete(self, pool: str, name: str, bname: str, project: str = "default") -> None:
+    async def delete(self, pool: str, name: str, bname: str, project: str) -> None:
         row = await self.get(pool, name, bname, project)
         await self.db.run(lambda s: s.execute(text("DELETE FROM storage_volumes_backups WHERE id=:i"),
                                               {"i": row.id}))
         await asyncio.to_thread(_remove, self._file(pool, row.owner_id, bname))
 
-    async def open_file(self, pool: str, name: str, bname: str, project: str = "default"):
+    async def open_file(self, pool: str, name: str, bname: str, project: str):
         row = await self.get(pool, name, bname, project)
         path = self._file(pool, row.owner_id, bname)
 
@@ -862,11 +873,12 @@ class VolumeBackups:
         return gone
 
     # -- import ------------------------------------------------------------------------------
-    async def prepare_import(self, upload: Path, pool: str, new_name: str = "",
-                             project: str = "default") -> VolumeImportPlan:
+    async def prepare_import(self, upload: Path, pool: str, new_name: str,
+                             project: str) -> VolumeImportPlan:
         from lxd_daemon.storage.custom import NEVER, VolumeSnapshot
 
         p = self.services.storage.get(pool)
+        project = self.custom.effective(project)  # where the volume lands (features.storage.volumes)
         res = await asyncio.to_thread(brestore.scan, upload, Path(str(upload) + ".d"))
         idx = res.index
         if idx.type != "custom":

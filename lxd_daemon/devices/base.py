@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from lxd_daemon.devices.runconfig import RunConfig
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.instances.idmap import IdmapSet
+from lxd_daemon.projects.naming import DEFAULT, split
 from lxd_daemon.util import validate as v
 from lxd_daemon.util.sizes import parse_byte_size
 
@@ -81,15 +82,29 @@ class DeviceContext:
                  post_start hooks; at adoption after a daemon restart); 0: ask ctx.instances
     """
 
-    instance: str
+    instance: str  # the instance's key (storage name: `c1`, `p1_c1`), as InstanceService knows it
     idmap: IdmapSet
     privileged: bool
     devices_dir: Path
-    project: str = "default"
+    project: str = ""  # the instance's project ("": the one its key names)
     instances: Any = None
     prepared: dict[str, Any] = field(default_factory=dict)
     runtime: Any = None
     init_pid: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.project:
+            self.project = split(self.instance)[0]
+
+    @property
+    def instance_name(self) -> str:
+        """The instance's own (API) name."""
+        return split(self.instance)[1]
+
+    @property
+    def dns_name(self) -> str:
+        """The instance's name in DNS/DHCP: `c1`, or `c1.p1` outside the default project (as LXD)."""
+        return self.instance_name if self.project == DEFAULT else f"{self.instance_name}.{self.project}"
 
     @property
     def root_ids(self) -> tuple[int, int]:

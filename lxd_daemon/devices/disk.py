@@ -360,10 +360,21 @@ def _custom(services):
     return custom
 
 
-async def check_volumes(services, devices: dict[str, dict], *, project: str = "default") -> None:
+def volume_space(svc, project: str) -> str:
+    """The project whose custom volumes instances of `project` attach (features.storage.volumes)."""
+    return svc.projects.effective(project, "storage.volumes")
+
+
+def _shares_volumes(svc, key: str, space: str) -> bool:
+    """Whether instance `key` attaches custom volumes of project `space`."""
+    rec = svc.records.get(key)
+    return rec is not None and volume_space(svc, rec.project) == space
+
+
+async def check_volumes(services, devices: dict[str, dict], *, project: str) -> None:
     """At the time a device is added (instance create/update, a profile change reaching an
-    instance): every custom-volume disk names a volume that exists and holds a filesystem.
-    BadRequest naming the device otherwise."""
+    instance of `project`): every custom-volume disk names a volume of the project's effective
+    volumes project that exists and holds a filesystem. BadRequest naming the device otherwise."""
     for dname, dev in devices.items():
         ref = volume_of(dev)
         if ref is None:
@@ -405,7 +416,7 @@ async def _prepare_volume(ctx: DeviceContext, dname: str, dev: dict) -> DiskSour
     config = dict(getattr(vol, "config", {}) or {})
     shifted = _true(config.get("security.shifted"))
     if not _true(config.get("security.unmapped")):
-        lock = _VOLUME_LOCKS.setdefault((ctx.project, pool, vname), asyncio.Lock())
+        lock = _VOLUME_LOCKS.setdefault((volume_space(ctx.instances, ctx.project), pool, vname), asyncio.Lock())
         async with lock:
             # re-read under the lock: a parallel start may just have shifted it
             vol = await custom.get(pool, vname, project=ctx.project)
@@ -438,8 +449,9 @@ async def _shift_volume(ctx: DeviceContext, pool: str, vname: str, config: dict,
     nxt = IdmapSet(()) if shifted else ctx.idmap
     if last != nxt:
         if not shifted:
+            space = volume_space(svc, ctx.project)
             for other in sorted(svc.records):
-                if other == ctx.instance:
+                if other == ctx.instance or not _shares_volumes(svc, other, space):
                     continue
                 try:
                     expanded = svc.expanded(other)[1]
@@ -449,7 +461,7 @@ async def _shift_volume(ctx: DeviceContext, pool: str, vname: str, config: dict,
                     continue
                 theirs = _map_of(svc, other)
                 if theirs is not None and theirs != nxt:
-                    raise BadRequest(f"Idmaps of container {other!r} and storage volume {vname!r} are not "
+                    raise BadRequest(f"Idmaps of container {svc.records[other].name!r} and storage volume {vname!r} are not "
                                      f"identical (set security.shifted=true on the volume to share it)")
         n = await asyncio.to_thread(shift_tree, path, last, nxt)
         log.info("shifted storage volume", extra={"pool": pool, "volume": vname, "entries": n})
@@ -459,14 +471,15 @@ async def _shift_volume(ctx: DeviceContext, pool: str, vname: str, config: dict,
             pool, vname, {"volatile.idmap.last": text, "volatile.idmap.next": text}, project=ctx.project)
 
 
-async def unmount_if_unused(svc, pool: str, vname: str, *, exclude: str, project: str = "default") -> None:
-    """Storage unmounts the volume (a no-op for dir and btrfs) unless a running container other
-    than `exclude` uses it."""
+async def unmount_if_unused(svc, pool: str, vname: str, *, exclude: str, project: str) -> None:
+    """Storage unmounts the volume (a no-op for dir and btrfs) of instance `exclude` (a key) of
+    `project` unless another running container attaching the same volume uses it."""
     if svc.services.storage is None:
         return
     unmount = svc.services.storage.custom.unmount
+    space = volume_space(svc, project)
     for other in list(svc.records):
-        if other == exclude or svc.status_of(other)[0] == "Stopped":
+        if other == exclude or not _shares_volumes(svc, other, space) or svc.status_of(other)[0] == "Stopped":
             continue
         try:
             if uses_volume(svc.expanded(other)[1], pool, vname):
@@ -479,20 +492,28 @@ async def unmount_if_unused(svc, pool: str, vname: str, *, exclude: str, project
         log.warning("couldn't unmount a custom volume", extra={"volume": vname, "err": str(e)})
 
 
-async def volume_used_by(svc, profiles, pool: str, name: str, project: str = "default") -> list[str]:
-    """Instances (by their expanded devices) and profiles whose disks attach the custom volume."""
-    if project != "default":
-        return []
-    out = [f"/1.0/profiles/{pname}" for pname, p in sorted(profiles.profiles.items())
-           if uses_volume(p.devices, pool, name)]
+async def volume_used_by(svc, profiles, pool: str, name: str, project: str) -> list[str]:
+    """Instances (by their expanded devices) and profiles whose disks attach the custom volume
+    `name` stored in project `project`: those of every project whose effective volumes project
+    that is. URLs carry their project."""
+    from lxd_daemon.projects.naming import query
+
+    users = [p for p in svc.projects.names() if volume_space(svc, p) == project]
+    out: set[str] = set()
+    for user in users:
+        for pname, p in profiles.in_project(user).items():
+            if uses_volume(p.devices, pool, name):
+                out.add(f"/1.0/profiles/{pname}{query(getattr(p, 'project', user))}")
     for n in sorted(svc.records):
+        if svc.records[n].project not in users:
+            continue
         try:
             expanded = svc.expanded(n)[1]
         except LXDError:
             continue
         if uses_volume(expanded, pool, name):
-            out.append(f"/1.0/instances/{n}")
-    return out
+            out.add(svc.url(n))
+    return sorted(out)
 
 
 # -- block devices ------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ class Proxy(Device):
         return fwd.parse_address(self.config["connect"], listen=False)
 
     def key(self, ctx: DeviceContext) -> str:
-        return proxy_key(ctx.project, ctx.instance, self.name)
+        return proxy_key(ctx.project, ctx.instance_name, self.name)
 
     def pidfile(self, ctx: DeviceContext) -> Path:
         return ctx.devices_dir / f"proxy.{self.name}"
@@ -329,7 +329,10 @@ async def reconcile_nat(instances) -> None:
             devices = instances.expanded(name)[1]
         except LXDError:
             continue
-        wanted |= {proxy_key("default", name, d) for d, c in devices.items()
+        rec = instances.records.get(name)
+        if rec is None:
+            continue
+        wanted |= {proxy_key(rec.project, rec.name, d) for d, c in devices.items()
                    if c.get("type") == "proxy" and dev_bool(c, "nat")}
     try:
         have = (await asyncio.to_thread(fw.keys)).get("proxy", set())

@@ -1,5 +1,10 @@
 """The event hub: fan-out of `operation`, `logging` and `lifecycle` events to /1.0/events listeners.
 
+Every event belongs to a project (lifecycle and operation events: their object's project) or to
+the whole server (project "": the daemon's log lines). A listener gets the events of the projects it
+listens to (one, or with all-projects those its caller may see) and, unless it is a restricted
+certificate's, the server's.
+
 Every listener has a bounded queue. A listener that falls too far behind is cut off (its
 websocket is closed) instead of stalling the publisher: the daemon never waits on a consumer.
 """
@@ -20,18 +25,23 @@ EVENT_TYPES = frozenset({"operation", "logging", "lifecycle"})
 QUEUE_LIMIT = 4096
 
 
+SERVER = ""  # the project of server-wide events (log lines)
+
+
 class Listener:
-    def __init__(self, types: frozenset[str], project: str | None, all_projects: bool):
+    def __init__(self, types: frozenset[str], projects: frozenset[str] | None, server_wide: bool = True):
         self.types = types
-        self.project = project
-        self.all_projects = all_projects
+        self.projects = projects  # None: every project
+        self.server_wide = server_wide
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_LIMIT)
         self.lagged = False
 
     def wants(self, kind: str, project: str) -> bool:
         if kind not in self.types:
             return False
-        return self.all_projects or self.project is None or project == self.project
+        if project == SERVER:
+            return self.server_wide
+        return self.projects is None or project in self.projects
 
     def offer(self, data: bytes) -> None:
         if self.lagged:
@@ -57,9 +67,18 @@ class EventHub:
         self._loop = loop
 
     def subscribe(self, types: Iterable[str] | None = None, *, project: str | None = "default",
-                  all_projects: bool = False) -> Listener:
+                  all_projects: bool = False, visible: Iterable[str] | None = None,
+                  server_wide: bool = True) -> Listener:
+        """A listener for `project`'s events (None: every project's), or with `all_projects` for
+        those of every project in `visible` (None: all); `server_wide`: also the server's."""
         wanted = frozenset(types) if types else EVENT_TYPES
-        listener = Listener(wanted, project, all_projects)
+        if all_projects or project is None:
+            projects = None if visible is None else frozenset(visible)
+        else:
+            projects = frozenset([project])
+            if visible is not None:
+                projects &= frozenset(visible)
+        listener = Listener(wanted, projects, server_wide)
         self._listeners.add(listener)
         return listener
 
@@ -86,16 +105,10 @@ class EventHub:
         targets = [lis for lis in self._listeners if lis.wants(kind, project)]
         if not targets:
             return
-        data = json.dumps(
-            {
-                "type": kind,
-                "timestamp": rfc3339(),
-                "metadata": metadata,
-                "location": self.location,
-                "project": project,
-            },
-            separators=(",", ":"),
-        ).encode()
+        event = {"type": kind, "timestamp": rfc3339(), "metadata": metadata, "location": self.location}
+        if project != SERVER:  # LXD leaves a server-wide event's project out
+            event["project"] = project
+        data = json.dumps(event, separators=(",", ":")).encode()
         for lis in targets:
             lis.offer(data)
 
@@ -150,6 +163,6 @@ class LoggingToEvents(logging.Handler):
                 "level": _LEVELS.get(record.levelno, "info"),
                 "context": context,
             }
-            self.hub.publish_threadsafe("logging", meta)
+            self.hub.publish_threadsafe("logging", meta, project=SERVER)
         except Exception:  # never let logging break the caller
             pass

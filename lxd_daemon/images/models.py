@@ -20,7 +20,7 @@ from lxd_daemon.db.models import metadata
 images = Table(
     "images", metadata,
     Column("id", Integer, primary_key=True),
-    Column("fingerprint", String(64), nullable=False, unique=True),
+    Column("fingerprint", String(64), nullable=False),
     Column("project", String, nullable=False, default="default"),
     Column("filename", String, nullable=False, default=""),
     Column("size", BigInteger, nullable=False, default=0),
@@ -47,6 +47,8 @@ images = Table(
     Column("source_certificate", Text, nullable=True),
     Column("source_alias", String, nullable=True),
     Column("source_image_type", String, nullable=True),
+    # One row per project holding the image (migration 0008); the files are shared by fingerprint.
+    UniqueConstraint("project", "fingerprint"),
 )
 
 images_aliases = Table(

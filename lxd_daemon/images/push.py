@@ -31,6 +31,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from lxd_daemon.errors import BadRequest, Forbidden, LXDError
 from lxd_daemon.images.index import HEX
+from lxd_daemon.projects.naming import query
 from lxd_daemon.util import tlspin
 from lxd_daemon.util.sizes import format_rate
 
@@ -53,6 +54,7 @@ class PushToken:
     public: bool
     properties: dict[str, str] | None
     expires_at: float | None
+    project: str = "default"  # of the request that made the token: the image lands in its images
 
     def check(self, fingerprint: str) -> None:
         """The uploaded image must be the one the token was made for (when it names one by hash)."""
@@ -61,7 +63,7 @@ class PushToken:
             raise BadRequest(f"Fingerprint mismatch: got {fingerprint}, expected {self.fingerprint}")
 
 
-def create_token(ops, events, *, fingerprint: str, aliases: list[dict], public: bool,
+def create_token(ops, events, *, project: str, fingerprint: str, aliases: list[dict], public: bool,
                  properties: dict[str, str] | None, expires_at: str | None, requestor: dict | None = None):
     """The token operation of a push (the target side's first step)."""
     from lxd_daemon.images.service import check_alias_name, parse_time
@@ -75,11 +77,11 @@ def create_token(ops, events, *, fingerprint: str, aliases: list[dict], public: 
     secret = secrets.token_hex(32)
     metadata = {"aliases": aliases, "expires_at": expires_at, "properties": properties, "public": public,
                 "secret": secret}
-    op = ops.create(cls=CLASS_TOKEN, description="Image download token",
-                    resources={"images": [f"/1.0/images/{quote(fingerprint, safe='')}"]}, metadata=metadata,
-                    may_cancel=True)
-    op.push_token = PushToken(fingerprint, aliases, public, properties, expires)
-    events.lifecycle("image-secret-created", f"/1.0/images/{fingerprint}", requestor=requestor)
+    url = f"/1.0/images/{quote(fingerprint, safe='')}{query(project)}"
+    op = ops.create(cls=CLASS_TOKEN, description="Image download token", resources={"images": [url]},
+                    metadata=metadata, may_cancel=True, project=project)
+    op.push_token = PushToken(fingerprint, aliases, public, properties, expires, project)
+    events.lifecycle("image-secret-created", url, requestor=requestor, project=project)
     return op
 
 

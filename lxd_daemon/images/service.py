@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import bindparam, delete, select, update
 
@@ -30,6 +31,7 @@ from lxd_daemon.images.models import images, images_aliases
 from lxd_daemon.images.multipart import MultipartParser, boundary_of
 from lxd_daemon.images.pipeline import UploadScan
 from lxd_daemon.images.store import AsyncSink, HashingWriter, ImageStore
+from lxd_daemon.projects.naming import query
 from lxd_daemon.util.sizes import format_rate
 from lxd_daemon.util.timefmt import EPOCH_TIME, ZERO_TIME, parse_rfc3339, rfc3339
 
@@ -129,23 +131,27 @@ class Upload:
 
 
 _I, _A = images.c, images_aliases.c
-_IMAGE_BY_FP = select(_I.id).where(_I.fingerprint == bindparam("fp"))
-_ALIAS_BY_NAME = select(_A.id).where(_A.name == bindparam("name"))
+_IMAGE_BY_FP = select(_I.id).where(_I.fingerprint == bindparam("fp"), _I.project == bindparam("project"))
+_ANY_BY_FP = select(_I.id).where(_I.fingerprint == bindparam("fp")).limit(1)
+_ALIAS_BY_NAME = select(_A.id).where(_A.name == bindparam("name"), _A.project == bindparam("project"))
 _INSERT_IMAGE = images.insert()
 _INSERT_ALIAS = images_aliases.insert()
 _DELETE_IMAGE = images.delete().where(_I.id == bindparam("id"))
 # A fingerprint prefix as an index range: fingerprints are lower-case hex and "g" sorts after "f".
-_LOCATE = (select(_I.id, _I.fingerprint, _I.public, _I.layout, _I.compression, _I.rootfs_format)
-           .where(_I.fingerprint >= bindparam("lo"), _I.fingerprint < bindparam("hi")).limit(2))
+_LOCATED = (_I.id, _I.fingerprint, _I.public, _I.layout, _I.compression, _I.rootfs_format, _I.project)
+_LOCATE_ALL = select(*_LOCATED)
+_LOCATE_ANY = (_LOCATE_ALL.where(_I.fingerprint >= bindparam("lo"), _I.fingerprint < bindparam("hi"))
+               .group_by(_I.fingerprint).limit(2))  # any project's row: where the shared files are
+_LOCATE = (_LOCATE_ALL.where(_I.fingerprint >= bindparam("lo"), _I.fingerprint < bindparam("hi"),
+                             _I.project == bindparam("project")).limit(2))
 _LOCATE_PUBLIC = _LOCATE.where(_I.public.is_(True))
-_LOCATE_ALL = select(_I.id, _I.fingerprint, _I.public, _I.layout, _I.compression, _I.rootfs_format)
 # An alias row with the columns of its image that alias documents and checks need.
 _ALIAS_JOIN = (select(_A.id, _A.name, _A.description, _A.image_id, _I.fingerprint, _I.type, _I.public)
                .join_from(images_aliases, images, _A.image_id == _I.id))
 
 
-def _prefix_query(prefix: str, public_only: bool):
-    q = select(images).where(_I.fingerprint.startswith(prefix))
+def _prefix_query(prefix: str, public_only: bool, project: str):
+    q = select(images).where(_I.fingerprint.startswith(prefix), _I.project == project)
     if public_only:
         q = q.where(_I.public.is_(True))
     return q.limit(2)
@@ -171,8 +177,32 @@ class ImageService:
         self.remote = Puller(self)  # pulls from image servers (images/remote/)
         self.updater = None  # images/updater.py, set by images/subsystem.py
 
+    # -- projects --------------------------------------------------------------------------
+    def effective(self, project: str) -> str:
+        """The project whose images and aliases `project` uses (features.images), where its rows are."""
+        projects = getattr(self.services, "projects", None)
+        if projects is None:  # the service alone (unit tests): every project is its own
+            return project
+        return projects.effective(project, "images")
+
+    @staticmethod
+    def url(fingerprint: str, project: str) -> str:
+        return f"/1.0/images/{fingerprint}{query(project)}"
+
+    @staticmethod
+    def alias_url(name: str, project: str) -> str:
+        return "/1.0/images/aliases/" + quote(name, safe="/") + query(project)
+
+    async def project_urls(self, project: str) -> list[str]:
+        """The projects `providers` entry: the images a project with features.images holds."""
+        if self.effective(project) != project:
+            return []
+        fps = await self.db.run(lambda s: list(s.scalars(
+            select(_I.fingerprint).where(_I.project == project).order_by(_I.fingerprint))))
+        return [self.url(fp, project) for fp in fps]
+
     # -- remote images ---------------------------------------------------------------------
-    async def pull(self, source: dict, *, project: str = "default", aliases=(), auto_update: bool | None = None,
+    async def pull(self, source: dict, *, project: str, aliases=(), auto_update: bool | None = None,
                    public: bool = False, op=None, cached: bool = False, requestor: dict | None = None) -> str:
         """The image `source` (LXD's ImagesPostSource/InstanceSource: server, protocol, alias or
         fingerprint, certificate, secret, image_type) in the local store, downloaded unless present.
@@ -184,10 +214,10 @@ class ImageService:
     def path(self, fingerprint: str) -> Path:
         return self.store.path(fingerprint)
 
-    async def files(self, fingerprint: str) -> tuple[str, bool, list[tuple[str, Path]]]:
+    async def files(self, fingerprint: str, *, project: str) -> tuple[str, bool, list[tuple[str, Path]]]:
         """(fingerprint, public, [(export file name, path)]): one file, or a split image's metadata
-        and rootfs files."""
-        row = await self.locate(fingerprint)
+        and rootfs files, of the image `project` sees."""
+        row = await self.locate(fingerprint, project=self.effective(project))
         fp, public, layout, compression, rootfs_format = (row.fingerprint, row.public, row.layout,
                                                           row.compression, row.rootfs_format)
         ext = formats.EXTENSIONS.get(compression, "")
@@ -196,11 +226,12 @@ class ImageService:
         return fp, public, [("meta-" + fp + ext, self.store.path(fp)),
                             (fp + formats.EXTENSIONS.get(rootfs_format, ""), self.store.rootfs_path(fp))]
 
-    async def locate(self, fingerprint: str, *, public_only: bool = False) -> Located:
-        """Where an image's files are, from the in-memory index (loaded on first use)."""
+    async def locate(self, fingerprint: str, *, public_only: bool = False, project: str | None) -> Located:
+        """Where an image's files are, from the in-memory index (loaded on first use). `project`
+        is the project the row is stored in (already effective); None: any project's row."""
         if not await self.load_index():  # a write raced with the load: ask the database directly
-            return Located(*await self.db.run(self._locate, fingerprint, public_only))
-        return self._index.resolve(fingerprint, public_only)
+            return Located(*await self.db.run(self._locate, fingerprint, public_only, project))
+        return self._index.resolve(fingerprint, public_only, project)
 
     async def load_index(self) -> bool:
         """Load the file index unless it is loaded; False when a write raced with the load."""
@@ -223,52 +254,65 @@ class ImageService:
         return await self.db.run(fn)
 
     @staticmethod
-    def _find(session, prefix: str, public_only: bool = False):
-        """The image row (every column) with this fingerprint or unique prefix."""
+    def _find(session, prefix: str, public_only: bool = False, *, project: str):
+        """The image row (every column) of `project` (where it is stored) with this fingerprint or
+        unique prefix."""
         prefix = check_prefix(prefix)
-        return pick(prefix, session.execute(_prefix_query(prefix, public_only)).all())
+        return pick(prefix, session.execute(_prefix_query(prefix, public_only, project)).all())
 
     @staticmethod
-    def _locate(session, prefix: str, public_only: bool = False):
+    def _locate(session, prefix: str, public_only: bool = False, project: str | None = None):
         """_find's answer as a row of the columns that say where an image's files are (a prepared
-        query: exports, deletes and launches need no other column)."""
+        query: exports, deletes and launches need no other column). project None: any project."""
         prefix = check_prefix(prefix)
+        if project is None:
+            rows = session.execute(_LOCATE_ANY, {"lo": prefix, "hi": prefix + "g"}).all()
+            if public_only:
+                rows = [r for r in rows if r.public]
+            return pick(prefix, rows)
         stmt = _LOCATE_PUBLIC if public_only else _LOCATE
-        return pick(prefix, session.execute(stmt, {"lo": prefix, "hi": prefix + "g"}).all())
+        return pick(prefix, session.execute(stmt, {"lo": prefix, "hi": prefix + "g", "project": project}).all())
 
     @staticmethod
     def _aliases_of(session, image_id: int) -> list:
         return session.execute(select(images_aliases).where(_A.image_id == image_id)).all()
 
-    async def get(self, fingerprint: str, *, public_only: bool = False) -> dict:
-        """The image with this fingerprint or unique prefix (NotFound, or BadRequest if ambiguous)."""
+    async def get(self, fingerprint: str, *, project: str, public_only: bool = False) -> dict:
+        """The image `project` sees with this fingerprint or unique prefix (NotFound, or BadRequest
+        if ambiguous)."""
+        eff = self.effective(project)
+
         def load(session):
-            row = self._find(session, fingerprint, public_only)
+            row = self._find(session, fingerprint, public_only, project=eff)
             return render(row, self._aliases_of(session, row.id))
 
         return await self.db.run(load)
 
-    async def list(self, *, public_only: bool = False) -> list[dict]:
+    async def list(self, *, project: str, public_only: bool = False) -> list[dict]:
+        eff = self.effective(project)
+
         def load(session):
-            q = select(images).order_by(_I.fingerprint)
+            q = select(images).where(_I.project == eff).order_by(_I.fingerprint)
             if public_only:
                 q = q.where(_I.public.is_(True))
             rows = session.execute(q).all()
             by_image: dict[int, list] = {}
-            for a in session.execute(select(images_aliases)):
+            for a in session.execute(select(images_aliases).where(_A.project == eff)):
                 by_image.setdefault(a.image_id, []).append(a)
             return [render(r, by_image.get(r.id, [])) for r in rows]
 
         return await self.db.run(load)
 
-    async def resolve(self, name: str) -> dict:
-        """An image by alias, full fingerprint or unique prefix (raises NotFound)."""
+    async def resolve(self, name: str, *, project: str) -> dict:
+        """An image `project` sees, by alias, full fingerprint or unique prefix (raises NotFound)."""
+        eff = self.effective(project)
+
         def load(session):
-            alias = session.execute(select(_A.image_id).where(_A.name == name)).first()
+            alias = session.execute(select(_A.image_id).where(_A.name == name, _A.project == eff)).first()
             if alias is not None:
                 row = session.execute(select(images).where(_I.id == alias.image_id)).first()
             else:
-                row = self._find(session, name)
+                row = self._find(session, name, project=eff)
             return render(row, self._aliases_of(session, row.id))
 
         try:
@@ -278,22 +322,26 @@ class ImageService:
         except NotFound:
             raise NotFound(f"Image {name!r} not found") from None
 
-    async def find_by_properties(self, properties: dict[str, str]) -> dict:
-        """The newest image whose properties include all of these (an instance source by properties)."""
+    async def find_by_properties(self, properties: dict[str, str], *, project: str) -> dict:
+        """The newest image `project` sees whose properties include all of these (an instance
+        source by properties)."""
         if not properties:
             raise BadRequest("No image properties given")
-        matches = [i for i in await self.list()
+        matches = [i for i in await self.list(project=project)
                    if all(i["properties"].get(k) == v for k, v in properties.items())]
         if not matches:
             raise NotFound("No image matches the given properties")
         return max(matches, key=lambda i: (i["created_at"], i["uploaded_at"]))
 
-    async def mark_used(self, fingerprint: str) -> None:
+    async def mark_used(self, fingerprint: str, project: str | None = None) -> None:
+        """Set last_used_at of the image `project` sees (None: the rows of every project)."""
         now = time.time()
+        where = [_I.fingerprint == fingerprint]
+        if project is not None:
+            where.append(_I.project == self.effective(project))
 
         def write(session):
-            if not session.execute(update(images).where(_I.fingerprint == fingerprint)
-                                   .values(last_used_at=now)).rowcount:
+            if not session.execute(update(images).where(*where).values(last_used_at=now)).rowcount:
                 raise NotFound("Image not found")
 
         await self.db.run(write)
@@ -421,8 +469,9 @@ class ImageService:
                       size=meta.size + rootfs.size, compression=meta_comp, rootfs_format=rootfs_format,
                       part_filename=rootfs_name, scans=scans)
 
-    async def check(self, upload: Upload, expected_fingerprint: str = "") -> None:
-        """Verify fingerprint, uniqueness and contents (raises, the caller discards)."""
+    async def check(self, upload: Upload, expected_fingerprint: str = "", *, project: str) -> None:
+        """Verify fingerprint, uniqueness in `project`'s images and contents (raises, the caller
+        discards)."""
         if expected_fingerprint and expected_fingerprint.lower() != upload.fingerprint:
             raise BadRequest(f"Fingerprint mismatch: got {upload.fingerprint}, expected {expected_fingerprint}")
         if upload.compression == "squashfs" and upload.rootfs is None:
@@ -432,7 +481,7 @@ class ImageService:
         scans, upload.scans = upload.scans, {}
         scan = asyncio.ensure_future(self._scan_result(upload, dict(scans)))
         try:
-            await self._check_new(upload.fingerprint)
+            await self._check_new(upload.fingerprint, project)
         except BaseException:
             for s in scans.values():
                 s.abort()
@@ -462,10 +511,15 @@ class ImageService:
             for scan in scans.values():  # not reached when another part failed first
                 scan.abort()
 
-    def _check_profiles(self, names: list[str] | None) -> None:
-        """An image's profiles are applied to instances launched from it: they must exist."""
-        known = getattr(getattr(self.services, "profiles", None), "profiles", None)
-        if names is None or known is None:
+    def _check_profiles(self, names: list[str] | None, project: str) -> None:
+        """An image's profiles are applied to instances launched from it: they must exist (in the
+        profiles `project` uses)."""
+        profiles = getattr(self.services, "profiles", None)
+        if names is None or profiles is None:
+            return
+        in_project = getattr(profiles, "in_project", None)
+        known = in_project(project) if in_project is not None else getattr(profiles, "profiles", None)
+        if known is None:
             return
         for name in names:
             if name not in known:
@@ -473,31 +527,35 @@ class ImageService:
         if len(set(names)) != len(names):
             raise BadRequest("Duplicate profile found in request")
 
-    async def _check_new(self, fingerprint: str) -> None:
-        """Refuse a duplicate early (add() checks again inside its transaction)."""
+    async def _check_new(self, fingerprint: str, project: str) -> None:
+        """Refuse a duplicate in the images `project` sees early (add() checks again inside its
+        transaction)."""
+        eff = self.effective(project)
         if await self.load_index():
-            exists = self._index.has(fingerprint)
+            exists = self._index.has(fingerprint, eff)
         else:
-            exists = await self.db.run(
-                lambda session: session.execute(_IMAGE_BY_FP, {"fp": fingerprint}).first()) is not None
+            exists = await self.db.run(lambda session: session.execute(
+                _IMAGE_BY_FP, {"fp": fingerprint, "project": eff}).first()) is not None
         if exists:
             raise Conflict(f"Image with same fingerprint already exists: {fingerprint}")
 
-    async def add(self, upload: Upload, *, filename: str = "", public: bool = False,
+    async def add(self, upload: Upload, *, project: str, filename: str = "", public: bool = False,
                   properties: dict[str, str] | None = None, aliases: list[dict] | None = None,
                   profiles: list[str] | None = None, expires_at: float | None = None,
                   auto_update: bool = False, cached: bool = False, source: dict | None = None,
                   requestor: dict | None = None) -> dict:
-        """Store a checked upload and create its record and aliases, all or nothing."""
+        """Store a checked upload and create its record and aliases in the images `project` sees,
+        all or nothing. Files another project's row already has are shared, not stored twice."""
+        eff = self.effective(project)
         meta = upload.metadata
         props = dict(meta.get("properties") or {})
         props.update(properties or {})
         for a in aliases or []:
             check_alias_name(a.get("name", ""))
-        self._check_profiles(profiles)
+        self._check_profiles(profiles, project)
         now = time.time()
         values = dict(
-            fingerprint=upload.fingerprint, project="default", filename=filename, size=upload.size,
+            fingerprint=upload.fingerprint, project=eff, filename=filename, size=upload.size,
             architecture=meta.get("architecture", ""), type="container",
             layout="unified" if upload.rootfs is None else "split", rootfs_format=upload.rootfs_format,
             compression=upload.compression,
@@ -519,21 +577,24 @@ class ImageService:
             # On the database thread, which serialises every import: check, move the files into
             # place, write the rows. A failure removes the files again (the rows roll back).
             try:
-                if conn.execute(_IMAGE_BY_FP, {"fp": upload.fingerprint}).first():
+                if conn.execute(_IMAGE_BY_FP, {"fp": upload.fingerprint, "project": eff}).first():
                     raise Conflict(f"Image with same fingerprint already exists: {upload.fingerprint}")
-                self.store.install(upload.fingerprint, upload.meta, upload.rootfs)
+                shared = conn.execute(_ANY_BY_FP, {"fp": upload.fingerprint}).first() is not None
+                if not shared:  # else another project's row has the same files: upload.discard()
+                    self.store.install(upload.fingerprint, upload.meta, upload.rootfs)
                 try:
                     image_id = conn.execute(_INSERT_IMAGE, values).inserted_primary_key[0]
                     for a in new_aliases:
-                        if conn.execute(_ALIAS_BY_NAME, {"name": a.name}).first():
+                        if conn.execute(_ALIAS_BY_NAME, {"name": a.name, "project": eff}).first():
                             raise Conflict(f"Alias already exists: {a.name}")
-                        conn.execute(_INSERT_ALIAS, {"project": "default", "name": a.name, "image_id": image_id,
+                        conn.execute(_INSERT_ALIAS, {"project": eff, "name": a.name, "image_id": image_id,
                                                      "description": a.description})
                     located = Located(image_id, upload.fingerprint, public, values["layout"],
-                                      upload.compression, upload.rootfs_format)
+                                      upload.compression, upload.rootfs_format, eff)
                     return render(SimpleNamespace(**values), new_aliases), located
                 except BaseException:
-                    self.store.remove(upload.fingerprint)
+                    if not shared:
+                        self.store.remove(upload.fingerprint)
                     raise
             finally:
                 upload.discard()
@@ -541,22 +602,55 @@ class ImageService:
         async with self._finalize:  # not between a delete's row removal and its file removal
             img, located = await self.db.run(insert)
             self._index.put(located)
-        self.events.lifecycle("image-created", f"/1.0/images/{img['fingerprint']}", {"type": img["type"]},
-                              requestor=requestor)
+        self.events.lifecycle("image-created", self.url(img["fingerprint"], project), {"type": img["type"]},
+                              requestor=requestor, project=project)
         for a in aliases or []:
-            self.events.lifecycle("image-alias-created", f"/1.0/images/aliases/{a['name']}",
-                                  {"target": img["fingerprint"]}, requestor=requestor)
+            self.events.lifecycle("image-alias-created", self.alias_url(a["name"], project),
+                                  {"target": img["fingerprint"]}, requestor=requestor, project=project)
         log.info("image added", extra={"fingerprint": img["fingerprint"], "size": img["size"]})
         return img
 
+    async def share(self, fingerprint: str, *, project: str, public: bool = False, auto_update: bool = False,
+                    cached: bool = False, source: dict | None = None, requestor: dict | None = None) -> None:
+        """A row in the images `project` uses for an image whose files another project's row has
+        (a pull of an image the store holds already): the files are not stored twice."""
+        eff = self.effective(project)
+        now = time.time()
+
+        def insert(conn):
+            if conn.execute(_IMAGE_BY_FP, {"fp": fingerprint, "project": eff}).first():
+                raise Conflict(f"Image with same fingerprint already exists: {fingerprint}")
+            src = conn.execute(select(images).where(_I.fingerprint == fingerprint).limit(1)).first()
+            if src is None:
+                raise NotFound("Image not found")
+            values = {k: v for k, v in src._mapping.items() if k != "id"}
+            values.update(project=eff, public=public, auto_update=auto_update, cached=cached, uploaded_at=now,
+                          last_used_at=None, profiles=json.dumps(["default"]), source_server=None,
+                          source_protocol=None, source_certificate=None, source_alias=None,
+                          source_image_type=None)
+            if source:
+                values.update(source_server=source.get("server"), source_protocol=source.get("protocol"),
+                              source_certificate=source.get("certificate"), source_alias=source.get("alias"),
+                              source_image_type=source.get("image_type"))
+            image_id = conn.execute(_INSERT_IMAGE, values).inserted_primary_key[0]
+            return Located(image_id, fingerprint, public, values["layout"], values["compression"],
+                           values["rootfs_format"], eff), values["type"]
+
+        async with self._finalize:  # not between a delete's row removal and its file removal
+            located, itype = await self.db.run(insert)
+            self._index.put(located)
+        self.events.lifecycle("image-created", self.url(fingerprint, project), {"type": itype},
+                              requestor=requestor, project=project)
+
     # -- updates ---------------------------------------------------------------------------
-    async def update(self, fingerprint: str, *, values: dict[str, Any], replace: bool,
+    async def update(self, fingerprint: str, *, project: str, values: dict[str, Any], replace: bool,
                      if_match: Callable[[str], None] | None = None, requestor: dict | None = None) -> None:
         """PUT (replace=True: every field) or PATCH (only the given fields; properties merge)."""
-        self._check_profiles(values.get("profiles"))
+        self._check_profiles(values.get("profiles"), project)
+        eff = self.effective(project)
 
         def write(session):
-            row = self._find(session, fingerprint)
+            row = self._find(session, fingerprint, project=eff)
             current = render(row, [])
             if if_match is not None:
                 if_match(image_etag(current))
@@ -584,28 +678,33 @@ class ImageService:
             fp = await self.db.run(write)
         finally:
             self._index.invalidate()  # the public flag may have changed
-        self.events.lifecycle("image-updated", f"/1.0/images/{fp}", requestor=requestor)
+        self.events.lifecycle("image-updated", self.url(fp, project), requestor=requestor, project=project)
 
-    async def delete(self, fingerprint: str, *, requestor: dict | None = None) -> None:
+    async def delete(self, fingerprint: str, *, project: str, requestor: dict | None = None) -> None:
+        """Delete the image `project` sees. Its files (and the storage's image volumes and caches,
+        the on_delete hooks) go with the last project's row of that fingerprint."""
+        eff = self.effective(project)
+
         def remove(session):
-            row = self._locate(session, fingerprint)
+            row = self._locate(session, fingerprint, False, eff)
             session.execute(_DELETE_IMAGE, {"id": row.id})  # its aliases go by cascade
-            return row.fingerprint
+            return row.fingerprint, session.execute(_ANY_BY_FP, {"fp": row.fingerprint}).first() is None
 
         async with self._finalize:
-            fp = await self.db.run(remove)
-            self._index.drop(fp)
-            retired = await asyncio.to_thread(self.store.retire, fp)
-        # Unlinking happens in the background: the image is gone once its row and names are.
-        task = asyncio.ensure_future(asyncio.to_thread(_unlink_all, retired))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        for hook in self.on_delete:
-            try:
-                await hook(fp)
-            except Exception:
-                log.exception("image delete hook failed", extra={"fingerprint": fp})
-        self.events.lifecycle("image-deleted", f"/1.0/images/{fp}", requestor=requestor)
+            fp, last = await self.db.run(remove)
+            self._index.drop(fp, eff)
+            retired = await asyncio.to_thread(self.store.retire, fp) if last else []
+        if last:
+            # Unlinking happens in the background: the image is gone once its row and names are.
+            task = asyncio.ensure_future(asyncio.to_thread(_unlink_all, retired))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            for hook in self.on_delete:
+                try:
+                    await hook(fp)
+                except Exception:
+                    log.exception("image delete hook failed", extra={"fingerprint": fp})
+        self.events.lifecycle("image-deleted", self.url(fp, project), requestor=requestor, project=project)
 
     async def drain(self) -> None:
         """Wait for background file removals (at exit, and for tests)."""
@@ -617,9 +716,11 @@ class ImageService:
     def _alias_dict(name: str, description: str, image) -> dict:
         return {"name": name, "description": description, "target": image.fingerprint, "type": image.type}
 
-    async def list_aliases(self, *, public_only: bool = False) -> list[dict]:
+    async def list_aliases(self, *, project: str, public_only: bool = False) -> list[dict]:
+        eff = self.effective(project)
+
         def load(session):
-            q = _ALIAS_JOIN.order_by(_A.name)
+            q = _ALIAS_JOIN.where(_A.project == eff).order_by(_A.name)
             if public_only:
                 q = q.where(_I.public.is_(True))
             return [self._alias_dict(r.name, r.description, r) for r in session.execute(q)]
@@ -627,52 +728,56 @@ class ImageService:
         return await self.db.run(load)
 
     @staticmethod
-    def _get_alias(session, name: str, public_only: bool = False):
-        """The alias row joined with its image's columns (_ALIAS_JOIN)."""
-        row = session.execute(_ALIAS_JOIN.where(_A.name == name)).first()
+    def _get_alias(session, name: str, public_only: bool = False, *, project: str):
+        """The alias row of `project` (where it is stored) joined with its image's columns (_ALIAS_JOIN)."""
+        row = session.execute(_ALIAS_JOIN.where(_A.name == name, _A.project == project)).first()
         if row is None or (public_only and not row.public):
             raise NotFound("Image alias not found")
         return row
 
-    async def get_alias(self, name: str, *, public_only: bool = False) -> dict:
+    async def get_alias(self, name: str, *, project: str, public_only: bool = False) -> dict:
+        eff = self.effective(project)
+
         def load(session):
-            a = self._get_alias(session, name, public_only)
+            a = self._get_alias(session, name, public_only, project=eff)
             return self._alias_dict(a.name, a.description, a)
 
         return await self.db.run(load)
 
-    async def create_alias(self, name: str, target: str, description: str = "", *,
+    async def create_alias(self, name: str, target: str, description: str = "", *, project: str,
                            requestor: dict | None = None) -> dict:
         check_alias_name(name)
         if not target:
             raise BadRequest("name and target are required")
+        eff = self.effective(project)
 
         def write(session):
-            if session.execute(_ALIAS_BY_NAME, {"name": name}).first():
+            if session.execute(_ALIAS_BY_NAME, {"name": name, "project": eff}).first():
                 raise Conflict(f"Alias {name!r} already exists")
-            img = self._find(session, target)
-            session.execute(_INSERT_ALIAS, {"project": "default", "name": name, "image_id": img.id,
+            img = self._find(session, target, project=eff)
+            session.execute(_INSERT_ALIAS, {"project": eff, "name": name, "image_id": img.id,
                                             "description": description})
             return self._alias_dict(name, description, img)
 
         alias = await self.db.run(write)
-        self.events.lifecycle("image-alias-created", f"/1.0/images/aliases/{name}",
-                              {"target": alias["target"]}, requestor=requestor)
+        self.events.lifecycle("image-alias-created", self.alias_url(name, project),
+                              {"target": alias["target"]}, requestor=requestor, project=project)
         return alias
 
-    async def update_alias(self, name: str, values: dict[str, Any], *, replace: bool,
+    async def update_alias(self, name: str, values: dict[str, Any], *, project: str, replace: bool,
                            if_match: Callable[[str], None] | None = None, requestor: dict | None = None) -> None:
         if replace and not values.get("target"):
             raise BadRequest("The target field is required")
+        eff = self.effective(project)
 
         def write(session):
-            a = self._get_alias(session, name)
+            a = self._get_alias(session, name, project=eff)
             if if_match is not None:
                 if_match(alias_etag(self._alias_dict(a.name, a.description, a)))
             target = a.fingerprint
             changes: dict[str, Any] = {}
             if values.get("target") is not None and (replace or "target" in values):
-                img = self._find(session, values["target"])
+                img = self._find(session, values["target"], project=eff)
                 changes["image_id"], target = img.id, img.fingerprint
             if replace or "description" in values:
                 changes["description"] = values.get("description") or ""
@@ -681,42 +786,61 @@ class ImageService:
             return target
 
         target = await self.db.run(write)
-        self.events.lifecycle("image-alias-updated", f"/1.0/images/aliases/{name}", {"target": target},
-                              requestor=requestor)
+        self.events.lifecycle("image-alias-updated", self.alias_url(name, project), {"target": target},
+                              requestor=requestor, project=project)
 
-    async def rename_alias(self, name: str, new_name: str, *, requestor: dict | None = None) -> None:
+    async def rename_alias(self, name: str, new_name: str, *, project: str, requestor: dict | None = None) -> None:
         check_alias_name(new_name)
+        eff = self.effective(project)
 
         def write(session):
-            if session.execute(_ALIAS_BY_NAME, {"name": new_name}).first():
+            if session.execute(_ALIAS_BY_NAME, {"name": new_name, "project": eff}).first():
                 raise Conflict(f"Alias {new_name!r} already exists")
-            a = self._get_alias(session, name)
+            a = self._get_alias(session, name, project=eff)
             session.execute(update(images_aliases).where(_A.id == a.id).values(name=new_name))
 
         await self.db.run(write)
-        self.events.lifecycle("image-alias-renamed", f"/1.0/images/aliases/{new_name}", {"old_name": name},
-                              requestor=requestor)
+        self.events.lifecycle("image-alias-renamed", self.alias_url(new_name, project), {"old_name": name},
+                              requestor=requestor, project=project)
 
-    async def delete_alias(self, name: str, *, requestor: dict | None = None) -> None:
+    async def delete_alias(self, name: str, *, project: str, requestor: dict | None = None) -> None:
+        eff = self.effective(project)
+
         def write(session):
-            a = self._get_alias(session, name)
+            a = self._get_alias(session, name, project=eff)
             session.execute(delete(images_aliases).where(_A.id == a.id))
 
         await self.db.run(write)
-        self.events.lifecycle("image-alias-deleted", f"/1.0/images/aliases/{name}", requestor=requestor)
+        self.events.lifecycle("image-alias-deleted", self.alias_url(name, project), requestor=requestor,
+                              project=project)
 
     # -- secrets (one-use download tokens) -----------------------------------------------------
-    def create_secret(self, fingerprint: str, *, requestor: dict | None = None):
+    def create_secret(self, fingerprint: str, *, project: str, requestor: dict | None = None):
         import secrets as _secrets
 
         from lxd_daemon.ops.manager import CLASS_TOKEN
 
         secret = _secrets.token_hex(32)
         op = self.ops.create(cls=CLASS_TOKEN, description="Image download token",
-                             resources={"images": [f"/1.0/images/{fingerprint}"]},
-                             metadata={"secret": secret, "fingerprint": fingerprint}, may_cancel=True)
-        self.events.lifecycle("image-secret-created", f"/1.0/images/{fingerprint}", requestor=requestor)
+                             resources={"images": [self.url(fingerprint, project)]},
+                             metadata={"secret": secret, "fingerprint": fingerprint, "project": project},
+                             may_cancel=True, project=project)
+        self.events.lifecycle("image-secret-created", self.url(fingerprint, project), requestor=requestor,
+                              project=project)
         return op
+
+    def secret_project(self, secret: str | None) -> str | None:
+        """The project of the request that made a live download token (an untrusted caller with
+        it sees that project's image), or None."""
+        if not secret:
+            return None
+        from lxd_daemon.ops.manager import CLASS_TOKEN
+
+        op = self.ops.find(lambda o: o.cls == CLASS_TOKEN and not o.status.final and o.metadata
+                           and o.metadata.get("secret") == secret and "fingerprint" in o.metadata)
+        if op is None:
+            return None
+        return op.metadata.get("project") or "default"
 
     def use_secret(self, fingerprint: str, secret: str | None) -> bool:
         """True if secret is a live token for this image; it then expires 5 s after first use."""
@@ -747,7 +871,7 @@ class ImageService:
         """Create dest/rootfs (ids shifted), dest/metadata.yaml and dest/templates from an image."""
         from lxd_daemon.images.unpack import unpack
 
-        row = await self.locate(fingerprint)
+        row = await self.locate(fingerprint, project=None)  # the files are shared by every project's row
         fp, layout, rootfs_format = row.fingerprint, row.layout, row.rootfs_format
         rootfs = self.store.rootfs_path(fp) if layout == "split" else None
         return await asyncio.to_thread(unpack, self.store.path(fp), rootfs, rootfs_format, Path(dest),
@@ -757,7 +881,7 @@ class ImageService:
     def compression_default(self) -> str:
         return self.server.config.get("images.compression_algorithm") or "gzip"
 
-    async def publish(self, op, *, source_type: str, name: str, compression: str, filename: str,
+    async def publish(self, op, *, project: str, source_type: str, name: str, compression: str, filename: str,
                       public: bool, properties: dict[str, str] | None, aliases: list[dict],
                       expires_at: float | None, profiles: list[str] | None,
                       requestor: dict | None = None) -> dict:
@@ -768,10 +892,14 @@ class ImageService:
             raise BadRequest("instances are not available")
         for a in aliases:
             check_alias_name(a.get("name", ""))
+        # The instance (or `instance/snapshot`) of the caller's project; the image lands in the
+        # images that project uses.
+        parent, sep, snap = name.partition("/")
+        key = instances.lookup(project, parent).key + sep + snap
         async with self._publish:
             workdir = await asyncio.to_thread(self.store.new_workdir)
             try:
-                async with instances.frozen_rootfs(name) as src:
+                async with instances.frozen_rootfs(key) as src:
                     def progress(done: int, total: int, speed: float) -> None:
                         pct = int(done * 100 / total) if total else 0
                         stage = "create_image_from_container_pack"
@@ -786,10 +914,10 @@ class ImageService:
                 upload = Upload(workdir=workdir, meta=built.path, rootfs=None, fingerprint=built.fingerprint,
                                 size=built.size, compression=compression, metadata=built.metadata)
                 try:
-                    await self._check_new(upload.fingerprint)
+                    await self._check_new(upload.fingerprint, project)
                 except Conflict:
                     raise Conflict(f"The image already exists: {upload.fingerprint}") from None
-                img = await self.add(upload, filename=filename, public=public, properties=None,
+                img = await self.add(upload, project=project, filename=filename, public=public, properties=None,
                                      aliases=aliases, profiles=profiles, expires_at=expires_at,
                                      requestor=requestor)
             except BaseException:

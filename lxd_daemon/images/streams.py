@@ -33,6 +33,7 @@ from email.utils import formatdate
 from pathlib import Path
 
 from lxd_daemon.errors import NotFound
+from lxd_daemon.projects.naming import DEFAULT
 
 log = logging.getLogger("lxd.images")
 
@@ -228,7 +229,7 @@ class StreamsTree:
             raise NotFound("Not found") from None
 
     async def _build(self) -> dict[str, bytes]:
-        images = await self.images.list(public_only=True)
+        images = await self.images.list(project=DEFAULT, public_only=True)  # public serving: default only
         files: dict[str, ImageFiles] = {}
         for img in images:
             try:
@@ -245,7 +246,7 @@ class StreamsTree:
         cached = self._parts.get(fingerprint)
         if cached is not None:
             return cached
-        fp, _, entries = await self.images.files(fingerprint)
+        fp, _, entries = await self.images.files(fingerprint, project=DEFAULT)
 
         def facts() -> ImageFiles:
             try:
@@ -267,7 +268,7 @@ class StreamsTree:
         """The path of one file the tree lists (public images only; anything else is not found)."""
         if len(fingerprint) != 64:
             raise NotFound("Not found")
-        fp, public, entries = await self.images.files(fingerprint)
+        fp, public, entries = await self.images.files(fingerprint, project=DEFAULT)
         if not public or fp != fingerprint:
             raise NotFound("Not found")
         for entry_name, path in entries:

@@ -27,6 +27,8 @@ async def setup(services) -> list:
     svc = ImageService(lxd_dir=services.lxd_dir, db=services.db, events=services.events, ops=services.ops,
                        server=services.server, services=services)
     services.images = svc
+    if getattr(services, "projects", None) is not None:  # what a project with features.images holds
+        services.projects.providers.append(svc.project_urls)
     # Before the API serves anything: drop what a killed daemon left mid-import.
     await svc.cleanup()
     await svc.load_index()

@@ -77,15 +77,15 @@ class Updater:
     async def auto_update(self) -> list[dict]:
         """Refresh every auto-updating image that has a source. Returns [{old, new}] per change."""
         rows = await self.images.db.run(lambda s: s.execute(
-            select(_I.fingerprint).where(_I.auto_update.is_(True), _I.source_server.is_not(None))).all())
+            select(_I.fingerprint, _I.project).where(_I.auto_update.is_(True), _I.source_server.is_not(None))).all())
         changed = []
         if not rows:
             return changed
 
         async def run(op):
-            for (fp,) in rows:
+            for fp, project in rows:
                 try:
-                    new = await self.refresh(fp, op=op)
+                    new = await self.refresh(fp, project=project, op=op)
                 except Exception as e:  # one failing source must not stop the others
                     log.warning("image auto-update failed", extra={"fingerprint": fp, "err": str(e)})
                     continue
@@ -93,17 +93,18 @@ class Updater:
                     changed.append({"old": fp, "new": new})
             return {"images": changed}
 
-        op = self.services.ops.create(description="Updating images", run=run)
+        op = self.services.ops.create(description="Updating images", run=run, project="default")
         await op.done.wait()
         return changed
 
-    async def refresh(self, fingerprint: str, *, op=None, requestor: dict | None = None) -> str | None:
-        """The new image's fingerprint when the source has a newer one (the old image is then gone),
-        None when it is up to date."""
+    async def refresh(self, fingerprint: str, *, project: str, op=None, requestor: dict | None = None) -> str | None:
+        """The new image's fingerprint when the source has a newer one (the old image of the images
+        `project` uses is then gone), None when it is up to date."""
         from lxd_daemon.images.remote.client import remote_for
 
         images = self.images
-        old = await images.db.run(lambda s: images._find(s, fingerprint))
+        eff = images.effective(project)
+        old = await images.db.run(lambda s: images._find(s, fingerprint, project=eff))
         fp = old.fingerprint
         if not old.source_server or not old.source_alias:
             raise BadRequest(f"Image {fp} has no update source: it was not pulled from an image server by alias")
@@ -116,13 +117,14 @@ class Updater:
             if info.fingerprint == fp:
                 self._result(op, False)
                 return None
-            new = await images.remote.obtain(remote, info, source["alias"], certificate=source["certificate"],
+            new = await images.remote.obtain(remote, info, source["alias"], project=eff,
+                                             certificate=source["certificate"],
                                              image_type=source["image_type"], auto_update=True,
                                              public=bool(old.public), op=op, cached=bool(old.cached),
                                              requestor=requestor)
 
             def move(session):
-                new_id = session.execute(select(_I.id).where(_I.fingerprint == new)).scalar_one()
+                new_id = session.execute(select(_I.id).where(_I.fingerprint == new, _I.project == eff)).scalar_one()
                 session.execute(update(images_table).where(_I.id == new_id).values(
                     cached=bool(old.cached), last_used_at=old.last_used_at, auto_update=True,
                     public=bool(old.public), profiles=old.profiles or json.dumps(["default"])))
@@ -130,10 +132,11 @@ class Updater:
 
             await images.db.run(move)
             images._index.invalidate()
-            await images.delete(fp, requestor=requestor)
+            await images.delete(fp, project=eff, requestor=requestor)
         log.info("image refreshed", extra={"fingerprint": fp, "new": new})
         self._result(op, True)
-        self.services.events.lifecycle("image-refreshed", f"/1.0/images/{fp}", requestor=requestor)
+        self.services.events.lifecycle("image-refreshed", images.url(fp, project), requestor=requestor,
+                                       project=project)
         return new
 
     @staticmethod
@@ -149,15 +152,15 @@ class Updater:
             return []
         now = time.time() if now is None else now
         rows = await self.images.db.run(lambda s: s.execute(
-            select(_I.fingerprint, _I.last_used_at, _I.uploaded_at).where(_I.cached.is_(True))).all())
+            select(_I.fingerprint, _I.project, _I.last_used_at, _I.uploaded_at).where(_I.cached.is_(True))).all())
         gone = []
         async with self._lock:
-            for fp, last_used, uploaded in rows:
+            for fp, project, last_used, uploaded in rows:
                 since = last_used or uploaded or 0
                 if since + days * 86400 > now:
                     continue
                 try:
-                    await self.images.delete(fp)
+                    await self.images.delete(fp, project=project)
                 except Exception as e:
                     log.warning("could not delete an expired cached image", extra={"fingerprint": fp, "err": str(e)})
                     continue

@@ -176,8 +176,9 @@ def console_operation(services, inst, width: int, height: int, kind: str) -> Ope
             raise BadRequest("VGA consoles are only available on virtual machines")
         raise BadRequest(f"Unknown console type {kind!r}")
     session = ConsoleSession(services, inst, width, height)
-    op = services.ops.create(cls=CLASS_WEBSOCKET, description="Showing console", resources=resources(inst.name),
-                             metadata={}, run=session.run, on_connect=session.on_connect, start=False)
+    op = services.ops.create(cls=CLASS_WEBSOCKET, description="Showing console", resources=resources(inst),
+                             metadata={}, run=session.run, on_connect=session.on_connect, start=False,
+                             project=inst.project)
     op.metadata["fds"] = {"0": op.new_secret("0"), "control": op.new_secret("control")}
     services.ops.start(op)
     return op

@@ -33,6 +33,7 @@ from typing import Any
 
 from lxd_daemon.errors import BadRequest
 from lxd_daemon.ops import CLASS_TASK, CLASS_WEBSOCKET, Operation
+from lxd_daemon.projects.naming import query
 
 log = logging.getLogger("lxd.exec")
 
@@ -61,8 +62,10 @@ def default_cwd(env: dict[str, str], cwd: str) -> str:
     return env.get("HOME") or "/"
 
 
-def resources(name: str) -> dict[str, list[str]]:
-    return {"instances": [f"/1.0/instances/{name}"], "containers": [f"/1.0/containers/{name}"]}
+def resources(inst) -> dict[str, list[str]]:
+    """An operation's `resources` for an Instance (instances.models): its API name and project."""
+    q = query(inst.project)
+    return {"instances": [f"/1.0/instances/{inst.api_name}{q}"], "containers": [f"/1.0/containers/{inst.api_name}{q}"]}
 
 
 async def _wait_fd(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool, also: asyncio.Event | None = None) -> None:
@@ -406,16 +409,16 @@ async def exec_instance(services, inst, req, *, init_pid: int, requestor: dict |
     env = build_environment(inst.expanded_config, req.environment, req.user)
     cwd = default_cwd(env, req.cwd)
     meta_base = {"command": list(req.command), "environment": env, "interactive": req.interactive}
-    services.events.lifecycle("instance-exec", f"/1.0/instances/{inst.name}", {"command": list(req.command)},
-                              requestor=requestor)
+    services.events.lifecycle("instance-exec", f"/1.0/instances/{inst.api_name}{query(inst.project)}",
+                              {"command": list(req.command)}, requestor=requestor, project=inst.project)
 
     if req.wait_for_websocket:
         session = ExecSession(services, inst, argv=list(req.command), env=env, uid=req.user, gid=req.group,
                               cwd=cwd, interactive=req.interactive, width=req.width, height=req.height,
                               init_pid=init_pid)
         op = services.ops.create(cls=CLASS_WEBSOCKET, description="Executing command",
-                                 resources=resources(inst.name), metadata=dict(meta_base),
-                                 run=session.run, on_connect=session.on_connect, start=False)
+                                 resources=resources(inst), metadata=dict(meta_base),
+                                 run=session.run, on_connect=session.on_connect, start=False, project=inst.project)
         op.metadata["fds"] = session.secrets_for(op)
         services.ops.start(op)
         return op
@@ -424,8 +427,8 @@ async def exec_instance(services, inst, req, *, init_pid: int, requestor: dict |
         return await run_detached(services, inst, op, list(req.command), env, req.user, req.group, cwd,
                                   record=req.record_output, init_pid=init_pid)
 
-    return services.ops.create(cls=CLASS_TASK, description="Executing command", resources=resources(inst.name),
-                               metadata=dict(meta_base), run=run)
+    return services.ops.create(cls=CLASS_TASK, description="Executing command", resources=resources(inst),
+                               metadata=dict(meta_base), run=run, project=inst.project)
 
 
 async def run_detached(services, inst, op: Operation, argv: list[str], env: dict[str, str], uid: int, gid: int,
@@ -442,8 +445,8 @@ async def run_detached(services, inst, op: Operation, argv: list[str], env: dict
             for suffix in ("stdout", "stderr"):
                 path = log_dir / f"exec_{op.id}.{suffix}"
                 fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
-            meta["output"] = {"1": f"/1.0/instances/{inst.name}/logs/exec_{op.id}.stdout",
-                              "2": f"/1.0/instances/{inst.name}/logs/exec_{op.id}.stderr"}
+            base, q = f"/1.0/instances/{inst.api_name}/logs/exec_{op.id}", query(inst.project)
+            meta["output"] = {"1": f"{base}.stdout{q}", "2": f"{base}.stderr{q}"}
         else:
             null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             fds += [null, os.dup(null)]

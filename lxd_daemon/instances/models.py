@@ -52,10 +52,16 @@ class Runtime:
 
 @dataclass
 class Instance:
-    """What exec/files/console/metadata code needs about one instance."""
+    """What exec/files/console/metadata code needs about one instance.
+
+    name      its key (storage name, Record.key): every host-facing use (liblxc, lanes, locks,
+              paths) and every InstanceService call
+    project   its project; api_name: its own name, the one the API shows (svc.url(name) for URLs)
+    """
 
     name: str
     project: str
+    api_name: str
     instance_dir: Path
     rootfs: Path
     log_dir: Path

@@ -1,9 +1,13 @@
 """The instance service: records (in memory, written through to the store), the on-disk layout,
 and the lifecycle of containers on liblxc.
 
-Layout: the root filesystem volume lives in the pool (`<pool>/containers/<name>`), reached through
-`$LXD_DIR/containers/<name>` (a symlink; that directory is liblxc's lxcpath). Logs and the LXC
-config written at each start are in `$LXD_DIR/logs/<name>/`.
+An instance is (project, name). Its key in `records` and every name it has on the host is its
+storage name (projects/naming.py: `c1` in default, `p1_c1` elsewhere); every method taking an
+instance takes that key. The API shows the instance's own name and its project.
+
+Layout: the root filesystem volume lives in the pool (`<pool>/containers/<key>`), reached through
+`$LXD_DIR/containers/<key>` (a symlink; that directory is liblxc's lxcpath). Logs and the LXC
+config written at each start are in `$LXD_DIR/logs/<key>/`.
 
 Running containers are tracked by their init pid (plus its start time, against pid reuse) and a
 pidfd watched on the event loop, so state is known without asking liblxc and a forced stop is
@@ -38,7 +42,7 @@ from lxd_daemon.instances.models import FrozenRootfs, Instance, Record, Runtime
 from lxd_daemon.instances.store import InstanceStore
 from lxd_daemon.instances.tracker import RuntimeTracker
 from lxd_daemon.projects import policy as project_policy
-from lxd_daemon.projects.naming import query, storage_name
+from lxd_daemon.projects.naming import query, split, storage_name
 from lxd_daemon.runtime.client import StartFailed
 from lxd_daemon.util.revert import Revert
 from lxd_daemon.util.timefmt import EPOCH_TIME, rfc3339
@@ -80,7 +84,7 @@ class InstanceService:
         self.db = services.db
         self.pool = services.pool
         self.liblxc = services.runtime  # the typed client of the liblxc workers
-        self.store = InstanceStore(services.db, lambda p: services.profiles.profiles[p].id)
+        self.store = InstanceStore(services.db, lambda project, p: services.profiles.id_of(project, p))
         self.lxd_dir: Path = services.lxd_dir
         self.lxcpath = self.lxd_dir / "containers"
         self.logs_root = self.lxd_dir / "logs"
@@ -168,38 +172,60 @@ class InstanceService:
 
     def url(self, key: str, suffix: str = "") -> str:
         """The API URL of an instance (or of something under it: `suffix`), with its project."""
-        rec = self.record(key)
-        return f"/1.0/instances/{rec.name}{suffix}{query(rec.project)}"
+        project, name = self.ident(key)
+        return f"/1.0/instances/{name}{suffix}{query(project)}"
+
+    def ident(self, key: str) -> tuple[str, str]:
+        """(project, API name) of the instance with key `key` (recorded or not)."""
+        rec = self.records.get(key)
+        return (rec.project, rec.name) if rec is not None else split(key)
+
+    def lifecycle(self, action: str, key: str, context: dict | None = None, *,
+                  requestor: dict | None = None) -> None:
+        """A lifecycle event of instance `key`: its URL and its project."""
+        project, _ = self.ident(key)
+        self.services.events.lifecycle(action, self.url(key), context, requestor=requestor, project=project)
+
+    def profiles_of(self, project: str) -> dict:
+        """The profiles (name -> Profile) instances of `project` use: those of its effective
+        profiles project."""
+        return self.services.profiles.in_project(project)
 
     def profile_inputs(self, rec: Record) -> list[dict]:
-        profiles = self.services.profiles
-        return [profiles.profiles[p].as_expand_input() for p in rec.profiles if p in profiles.profiles]
+        profiles = self.profiles_of(rec.project)
+        return [profiles[p].as_expand_input() for p in rec.profiles if p in profiles]
 
     def expanded(self, name: str) -> tuple[dict, dict]:
         rec = self.record(name)
         return validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
 
-    def names_using_profile(self, profile: str) -> list[str]:
-        return sorted(n for n, r in self.records.items() if profile in r.profiles)
+    def keys_using_profile(self, profile_project: str, profile: str) -> list[str]:
+        """The instances using profile `profile` of project `profile_project`: those of every
+        project whose effective profiles project it is."""
+        projects = {p for p in self.projects.names() if self.projects.effective(p, "profiles") == profile_project}
+        return sorted(k for k, r in self.records.items() if r.project in projects and profile in r.profiles)
 
-    def profile_renamed(self, old: str, new: str) -> None:
-        for r in self.records.values():
+    def profile_renamed(self, profile_project: str, old: str, new: str) -> None:
+        for k in self.keys_using_profile(profile_project, old):
+            r = self.records[k]
             r.profiles = [new if p == old else p for p in r.profiles]
 
     def devices_dir(self, name: str) -> Path:
-        """Host directory for the instance's unix device nodes ($LXD_DIR/devices/<name>, as LXD)."""
+        """Host directory for the instance's unix device nodes ($LXD_DIR/devices/<key>, as LXD)."""
         return self.lxd_dir / "devices" / name
 
     def volume_dir(self, name: str, expanded_devices: dict | None = None) -> Path:
         pool = self._root_pool(expanded_devices if expanded_devices is not None else self.expanded(name)[1], name)
-        return self.services.storage.volumes.instance_path(pool, name)
+        project, api_name = self.ident(name)
+        return self.services.storage.volumes.instance_path(pool, api_name, project)
 
     def _root_pool(self, expanded_devices: dict, name: str | None = None):
         """The pool of the root disk. Given the instance's `name`, one without a root disk (LXD
         lets profiles without devices take it away from a container) finds its volume's pool."""
         root = validation.root_disk(expanded_devices)
         if root is None and name is not None and self.services.storage is not None:
-            found = self.services.storage.volumes.find_instance_pool(name)
+            project, api_name = self.ident(name)
+            found = self.services.storage.volumes.find_instance_pool(api_name, project)
             if found is not None:
                 return found
         if root is None:
@@ -275,14 +301,15 @@ class InstanceService:
 
     def _instance(self, rec: Record) -> Instance:
         ec, ed = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
-        idir = self.lxcpath / rec.name
+        key = rec.key
+        idir = self.lxcpath / key
         privileged = is_true(ec.get("security.privileged"))
         running_map = rec.config.get("volatile.idmap.current") or rec.config.get("volatile.idmap.next")
         return Instance(
-            name=rec.name, project="default", instance_dir=idir, rootfs=idir / "rootfs",
-            log_dir=self.logs_root / rec.name, lxcpath=self.lxcpath, expanded_config=ec,
+            name=key, project=rec.project, api_name=rec.name, instance_dir=idir, rootfs=idir / "rootfs",
+            log_dir=self.logs_root / key, lxcpath=self.lxcpath, expanded_config=ec,
             expanded_devices=ed, disk_idmap=IdmapSet.from_json(rec.config.get("volatile.last_state.idmap")),
-            idmap=IdmapSet.from_json(running_map), privileged=privileged, lane=rec.name,
+            idmap=IdmapSet.from_json(running_map), privileged=privileged, lane=key,
             ephemeral=rec.ephemeral, architecture=rec.architecture, profiles=list(rec.profiles))
 
     # ------------------------------------------------------------------ contract (C2, B2)
@@ -312,7 +339,8 @@ class InstanceService:
             async with self.lock(parent):
                 s = self.services.snapshots.get(parent, snap)
                 pool = self._root_pool(self.expanded(parent)[1], parent)
-                svol = self.services.storage.volumes.instance_volume(pool, parent).snapshot(s.name)
+                project, api_name = self.ident(parent)
+                svol = self.services.storage.volumes.instance_volume(pool, api_name, project).snapshot(s.name)
                 path = await pool.driver.mount_volume(svol)
                 uid, gid = IdmapSet.from_json(s.config.get("volatile.last_state.idmap")).root_ids()
                 try:
@@ -346,7 +374,7 @@ class InstanceService:
 
         records, pending = await self.store.load()
         for rec in records:
-            self.records[rec.name] = rec
+            self.records[rec.key] = rec
         await self._sweep(pending)
         await asyncio.to_thread(self._restore_links)
         await self._find_running()
@@ -415,7 +443,7 @@ class InstanceService:
             await self.store.delete(iid)
         known = set(self.records)
         if storage is not None:  # volumes no record names, half-made image caches, trash
-            await storage.volumes.sweep(("default", n) for n in known)
+            await storage.volumes.sweep([(r.project, r.name) for r in self.records.values()])
         with contextlib.suppress(OSError):
             for e in os.listdir(self.lxcpath):
                 if e not in known:
@@ -469,7 +497,7 @@ class InstanceService:
         """Before booting or deleting a container the daemon believes stopped: refuse when its
         cgroup still holds processes (a copy liblxc can't see from this network namespace)."""
         if await self._adopt_unreachable(name):
-            raise BadRequest(f"Can't {action} instance {name!r}: it is running (its cgroup still has processes) "
+            raise BadRequest(f"Can't {action} instance {self.ident(name)[1]!r}: it is running (its cgroup still has processes) "
                              "although liblxc can't reach it from this daemon's network namespace")
 
     # ------------------------------------------------------------------ runtime tracking
@@ -505,7 +533,7 @@ class InstanceService:
                 st, pid = found.get(name, ["STOPPED", -1])
                 if st == "RUNNING" and pid > 0:
                     self._track(name, pid)
-                    self.services.events.lifecycle("instance-restarted", f"/1.0/instances/{name}")
+                    self.lifecycle("instance-restarted", name)
                     return
                 if st == "STOPPED" and name in self._unreachable:
                     # liblxc can't see it from here: ask the monitor process instead (it
@@ -513,7 +541,7 @@ class InstanceService:
                     pid = await asyncio.to_thread(rstate.find_running_init, str(self.lxcpath), name)
                     if pid is not None:
                         self._track(name, pid)
-                        self.services.events.lifecycle("instance-restarted", f"/1.0/instances/{name}")
+                        self.lifecycle("instance-restarted", name)
                         return
                     if not await asyncio.to_thread(rstate.monitor_running, str(self.lxcpath), name):
                         break
@@ -523,7 +551,7 @@ class InstanceService:
             self._unreachable.discard(name)
             await self._close_volume(name)
             await self._set_volatile(name, {"volatile.last_state.power": "STOPPED"})
-            self.services.events.lifecycle("instance-shutdown", f"/1.0/instances/{name}")
+            self.lifecycle("instance-shutdown", name)
             rec = self.records.get(name)
             if rec is not None and rec.ephemeral:
                 await self._delete_locked(name, None)
@@ -560,7 +588,8 @@ class InstanceService:
 
     def render(self, rec: Record, *, full: bool = False, cached_net: bool = False) -> dict:
         ec, ed = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
-        status, pid = self.status_of(rec.name)
+        key = rec.key
+        status, pid = self.status_of(key)
         out = {
             "architecture": rec.architecture,
             "config": dict(rec.config),
@@ -578,12 +607,12 @@ class InstanceService:
             "last_used_at": rec.last_used_at or EPOCH_TIME,  # LXD: never started = Unix time 0
             "location": "none",
             "type": rec.type,
-            "project": "default",
+            "project": rec.project,
         }
         if full:
-            out["state"] = self.state_of(rec.name, status, pid, cached_net=cached_net)
+            out["state"] = self.state_of(key, status, pid, cached_net=cached_net)
             snaps = self.services.snapshots
-            out["snapshots"] = snaps.render_all(rec.name) if snaps is not None else []
+            out["snapshots"] = snaps.render_all(key) if snaps is not None else []
             out["backups"] = []
         return out
 
@@ -630,34 +659,40 @@ class InstanceService:
         return await asyncio.to_thread(lambda: [self.render(r, full=True, cached_net=True) for r in recs])
 
     # ------------------------------------------------------------------ create
-    def reserve(self, name: str) -> None:
+    def reserve(self, key: str) -> None:
+        """Hold the key of an instance being made (its API name validated)."""
+        project, name = split(key)
         validate_name(name)
-        if name in self.records or name in self._reserved:
+        if key in self.records or key in self._reserved:
             raise Conflict(f"Instance {name!r} already exists")
-        self._reserved.add(name)
+        self._reserved.add(key)
 
-    def random_name(self) -> str:
+    def random_name(self, project: str) -> str:
+        """A free API name in `project` (`lxc launch IMAGE` without a name)."""
         import secrets
 
         for _ in range(100):
             name = f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}"
-            if name not in self.records and name not in self._reserved:
+            key = storage_name(project, name)
+            if key not in self.records and key not in self._reserved:
                 return name
         return f"c{uuid.uuid4().hex[:12]}"
 
-    def release(self, name: str) -> None:
-        self._reserved.discard(name)
-        self.projects.release(project_policy.DEFAULT, name)
+    def release(self, key: str) -> None:
+        self._reserved.discard(key)
+        self.projects.release(*split(key))
 
     # ------------------------------------------------------------------ project limits/restrictions
-    def policy_entities(self, project: str = project_policy.DEFAULT, profile: tuple | None = None
+    def policy_entities(self, project: str, profile: tuple | None = None
                         ) -> tuple[list[project_policy.Entity], list[project_policy.Entity]]:
-        """The project's instances (recorded, or claimed by a change in flight), expanded, and its
-        profiles; `profile` = (name, config, devices) stands for that profile's proposed state."""
-        profs = {n: (p.config, p.devices) for n, p in self.services.profiles.profiles.items()}
+        """The project's instances (recorded, or claimed by a change in flight), expanded and named
+        by their API names, and the profiles of its effective profiles project; `profile` =
+        (name, config, devices) stands for that profile's proposed state."""
+        profs = {n: (p.config, p.devices) for n, p in self.profiles_of(project).items()}
         if profile is not None:
             profs[profile[0]] = (profile[1], profile[2])
-        local = {n: (r.config, r.devices, r.profiles, r.type) for n, r in self.records.items()}
+        local = {r.name: (r.config, r.devices, r.profiles, r.type) for r in self.records.values()
+                 if r.project == project}
         local.update(self.projects.claims.get(project, {}))
         instances = []
         for n, (c, d, ps, t) in sorted(local.items()):
@@ -668,12 +703,15 @@ class InstanceService:
                     for n, (c, d) in sorted(profs.items())]
         return instances, profiles
 
-    def policy_check(self, kind: str, name: str, config: dict, devices: dict, profiles: list[str], *,
-                     current: dict | None = None, strip: bool = False, itype: str = "container") -> None:
-        """Check a create ("create") or an update ("update") of `name` against its project's limits
-        and restrictions, and claim it (release() or policy_done() drops the claim). Synchronous:
-        no other change can pass between the check and the claim."""
-        project = project_policy.DEFAULT
+    def policy_check(self, kind: str, key: str, config: dict, devices: dict, profiles: list[str], *,
+                     project: str, current: dict | None = None, strip: bool = False,
+                     itype: str = "container") -> None:
+        """Check a create ("create") or an update ("update") of instance `key` of `project` against
+        the project's limits and restrictions, and claim it (release() or policy_done() drops the
+        claim). Synchronous: no other change can pass between the check and the claim."""
+        kp, name = split(key)
+        if kp != project:
+            raise ValueError(f"instance key {key!r} is not of project {project!r}")
         cfg = self.projects.config(project)
         if project_policy.has_limits_or_restrictions(cfg):
             instances, profs = self.policy_entities(project)
@@ -686,15 +724,16 @@ class InstanceService:
         self.projects.claim(project, name, (dict(config), {k: dict(v) for k, v in devices.items()},
                                             list(profiles), itype))
 
-    def policy_done(self, name: str) -> None:
-        self.projects.release(project_policy.DEFAULT, name)
+    def policy_done(self, key: str) -> None:
+        self.projects.release(*split(key))
 
     async def adopt_record(self, rec: Record, pool, extra_sql=None) -> None:
         """Record an instance whose volume exists on `pool` but whose rows were lost (`lxd
         recover`; the caller holds the name through reserve()): the rows in one transaction
         (`extra_sql(session, instance_id)` adds its own, e.g. snapshots), then the lxcpath link
         and log directory. The volume is closed to every host user until a start opens it."""
-        vol = self.services.storage.volumes.instance_path(pool, rec.name)
+        vol = self.services.storage.volumes.instance_path(pool, rec.name, rec.project)
+        key = rec.key
 
         def ins(session):
             iid = self.store.insert(session, rec)
@@ -704,12 +743,12 @@ class InstanceService:
         await self.db.run(ins)
 
         def links() -> None:
-            link = self.lxcpath / rec.name
+            link = self.lxcpath / key
             if link.is_symlink() or link.exists():
                 link.unlink()
             link.symlink_to(vol)
-            (self.logs_root / rec.name).mkdir(parents=True, exist_ok=True)
-            os.chmod(self.logs_root / rec.name, 0o700)
+            (self.logs_root / key).mkdir(parents=True, exist_ok=True)
+            os.chmod(self.logs_root / key, 0o700)
             pool.driver.secure_instance_volume(vol, 0)
 
         try:
@@ -717,7 +756,7 @@ class InstanceService:
         except BaseException:
             await self.store.delete(rec.id)
             raise
-        self.records[rec.name] = rec
+        self.records[key] = rec
 
     async def forget_record(self, name: str) -> None:
         """Undo adopt_record(): the rows and links go, the volume stays."""
@@ -727,11 +766,14 @@ class InstanceService:
         await self.store.delete(rec.id)
         await asyncio.to_thread(_remove_paths, self.lxcpath / name)
 
-    async def prepare_create(self, body, *, new_instance: bool = True) -> dict:
-        """Validate a create request (before the operation starts); returns the plan. A new
-        instance (not a pool move's copy) is checked against the project's limits and
-        restrictions, and claimed until release()."""
+    async def prepare_create(self, body, project: str, *, new_instance: bool = True) -> dict:
+        """Validate a create request of instance `body.name` of `project` (the caller's, before
+        the operation starts); returns the plan (with the project and the key). A new instance
+        (not a pool move's copy) is checked against the project's limits and restrictions, and
+        claimed until release(key). A copy's source is an instance of `project`, or of
+        `source.project` (the router checks the caller may see that one)."""
         name = body.name
+        key = storage_name(project, name)
         if body.type not in ("", "container"):
             raise BadRequest(f"Instance type {body.type!r} is not supported (only containers)")
         profiles = ["default"] if body.profiles is None else list(body.profiles)
@@ -745,7 +787,7 @@ class InstanceService:
         if stype == "image":
             if source.get("server") or source.get("mode") == "pull":
                 raise BadRequest("Creating instances from remote images is not supported yet")
-            image = await self._resolve_image(source)
+            image = await self._resolve_image(source, project)
             if body.profiles is None and image.get("profiles") is not None:
                 profiles = list(image["profiles"])  # an image's profiles apply when none are given
             props = image.get("properties") or {}
@@ -754,10 +796,15 @@ class InstanceService:
             config["volatile.base_image"] = image["fingerprint"]
         elif stype == "copy":
             src = source.get("source") or ""
+            src_project = source.get("project") or project
+            self.projects.get(src_project)  # 404 "Project not found"
+            snap_name = None
             if "/" in src:  # `lxc copy c1/snap0 c2`: from a snapshot
                 src, _, snap_name = src.partition("/")
-                src_snap = self.services.snapshots.get(src, snap_name)
-            src_rec = self.record(src)
+            src_key = storage_name(src_project, src)
+            src_rec = self.record(src_key)
+            if snap_name is not None:
+                src_snap = self.services.snapshots.get(src_key, snap_name)
             if src_snap is not None:
                 # The snapshot's config, devices, profiles and architecture, under the source's id.
                 from dataclasses import replace as _replace
@@ -778,8 +825,9 @@ class InstanceService:
             raise NotImplementedYet("Instance migration is not implemented yet")
         elif stype != "none":
             raise BadRequest(f"Unknown source type {stype!r}")
+        known_profiles = self.profiles_of(project)
         for p in profiles:
-            if p not in self.services.profiles.profiles:
+            if p not in known_profiles:
                 raise BadRequest(f"Requested profile {p!r} doesn't exist")
         if len(set(profiles)) != len(profiles):
             raise BadRequest("Duplicate profile found in request")
@@ -790,49 +838,50 @@ class InstanceService:
         await check_raw_lxc(self.liblxc, user_cfg.get("raw.lxc"))
         storage = self.services.storage
         validation.validate_devices(devices, pools=set(storage.pools) if storage else set())
-        pinputs = [self.services.profiles.profiles[p].as_expand_input() for p in profiles]
+        pinputs = [known_profiles[p].as_expand_input() for p in profiles]
         ec, ed = validation.expand(pinputs, config, devices)
         pool = self._root_pool(ed)
-        await check_volumes(self.services, ed)  # custom volumes named by disks exist
+        await check_volumes(self.services, ed, project=project)  # custom volumes named by disks exist
         from lxd_daemon.devices.nic import check_nics
 
-        await check_nics(self.services, ed, instance=name, expanded=ed)  # networks exist, addresses are free
+        await check_nics(self.services, ed, instance=key, expanded=ed)  # networks exist, addresses are free
         arch = body.architecture or (image or {}).get("architecture") or (
             src_rec.architecture if src_rec else host_architecture())
         with_snaps = stype == "copy" and src_snap is None and not (
             source.get("instance_only") or source.get("container_only"))
         if new_instance:  # after the last await: the check and the claim are one step
-            self.policy_check("create", name, config, devices, profiles, strip=stype == "copy")
-        return {"name": name, "profiles": profiles, "config": config, "devices": devices, "image": image,
+            self.policy_check("create", key, config, devices, profiles, project=project, strip=stype == "copy")
+        return {"name": name, "project": project, "key": key, "profiles": profiles, "config": config, "devices": devices, "image": image,
                 "expanded_devices": ed,
                 "source_rec": src_rec, "pool": pool, "expanded_config": ec, "architecture": arch,
                 "source_snapshot": src_snap.name if src_snap is not None else None,
                 "with_snapshots": with_snaps, "copy_snapshots": [],
                 "ephemeral": bool(body.ephemeral), "description": body.description or "", "stype": stype}
 
-    async def _resolve_image(self, source: dict) -> dict:
+    async def _resolve_image(self, source: dict, project: str) -> dict:
+        """The image a create names, among those `project` sees (its effective images project)."""
         images = self.services.images
         if images is None:
             raise BadRequest("Images are not available on this server")
         if source.get("fingerprint"):
-            return await images.resolve(source["fingerprint"])
+            return await images.resolve(source["fingerprint"], project=project)
         if source.get("alias"):
-            return await images.resolve(source["alias"])
+            return await images.resolve(source["alias"], project=project)
         if source.get("properties"):
             finder = getattr(images, "find_by_properties", None)
             if finder is None:
                 raise BadRequest("Selecting images by properties is not supported yet")
-            return await finder(source["properties"])
+            return await finder(source["properties"], project=project)
         raise BadRequest("No image given: set source alias, fingerprint or properties")
 
     async def create(self, plan: dict) -> None:
         """Make the instance: the volume (from a ready copy of the image cache), its links, then
         the record. Any failure undoes every step (revert stack)."""
-        name = plan["name"]
+        name, project, key = plan["name"], plan["project"], plan["key"]
         pool = plan["pool"]
         config = dict(plan["config"])
         ec = plan["expanded_config"]
-        desired = self._desired_idmap(name, ec)
+        desired = self._desired_idmap(key, ec)
         if desired.empty:
             config["volatile.idmap.base"] = "0"
         else:
@@ -848,11 +897,11 @@ class InstanceService:
             config["volatile.apply_template"] = "copy"
         created = rfc3339()
         rec = Record(0, name, plan["architecture"], plan["ephemeral"], False, plan["description"], created, "",
-                     config, plan["devices"], plan["profiles"])
+                     config, plan["devices"], plan["profiles"], project=project)
         volumes = self.services.storage.volumes
-        vol = volumes.instance_path(pool, name)
-        link = self.lxcpath / name
-        logdir = self.logs_root / name
+        vol = volumes.instance_path(pool, name, project)
+        link = self.lxcpath / key
+        logdir = self.logs_root / key
         t0 = _now()
         marks: dict[str, float] = {}
         # Order for crash safety: volume, then the record in ONE transaction. A crash before the
@@ -864,17 +913,17 @@ class InstanceService:
                 await self._create_locked(plan, rec, revert, desired, vol, link, logdir, marks, t0)
                 revert.success()
         except BaseException:
-            self._idmap_claims.pop(name, None)
+            self._idmap_claims.pop(key, None)
             raise
-        self.records[name] = rec
-        self._idmap_claims.pop(name, None)  # recorded in rec.config's volatile.idmap.next now
-        self.refresh_backup_yaml(name)  # after the commit, off the launch's path
+        self.records[key] = rec
+        self._idmap_claims.pop(key, None)  # recorded in rec.config's volatile.idmap.next now
+        self.refresh_backup_yaml(key)  # after the commit, off the launch's path
         marks["done_ms"] = _now() - t0
-        log.debug("created", extra={"instance": name, **{k: round(v, 1) for k, v in marks.items()}})
+        log.debug("created", extra={"instance": key, **{k: round(v, 1) for k, v in marks.items()}})
         if plan["image"] is not None:
             mark = getattr(self.services.images, "mark_used", None)
             if mark is not None:
-                self._spawn(_quietly(mark(plan["image"]["fingerprint"])))  # off the launch's path
+                self._spawn(_quietly(mark(plan["image"]["fingerprint"], project)))  # off the launch's path
 
     async def _create_locked(self, plan: dict, rec: Record, revert: Revert, desired: IdmapSet, vol: Path,
                              link: Path, logdir: Path, marks: dict, t0: float) -> None:
@@ -882,7 +931,7 @@ class InstanceService:
         volumes = self.services.storage.volumes
         # The volume (a leftover of a crash under this name is removed first: no record has it).
         disk_map = await self._make_volume(plan, vol, desired)
-        revert.add(volumes.delete_instance_volume, pool, "default", name, background=False)
+        revert.add(volumes.delete_instance_volume, pool, rec.project, name, background=False)
         # Closed to every host user until a start opens it to the container's own root.
         await asyncio.to_thread(pool.driver.secure_instance_volume, vol, 0)
         marks["volume_ms"] = _now() - t0
@@ -915,7 +964,7 @@ class InstanceService:
         """Create the instance volume through storage (whatever the pool's driver); returns the id
         map its files are stored with."""
         pool = plan["pool"]
-        name = plan["name"]
+        name, project = plan["name"], plan["project"]
         volumes = self.services.storage.volumes
         if plan["stype"] == "none":
             uid, gid = desired.root_ids()
@@ -927,33 +976,35 @@ class InstanceService:
 
                 await asyncio.to_thread(mk)
 
-            await volumes.create_empty_instance_volume(pool, "default", name, filler=fill)
+            await volumes.create_empty_instance_volume(pool, project, name, filler=fill)
             return desired
         if plan["stype"] == "copy":
             src = plan["source_rec"]
-            async with self.lock(src.name):
-                src_pool = self._root_pool(self.expanded(src.name)[1], src.name)
+            skey = src.key
+            async with self.lock(skey):
+                src_pool = self._root_pool(self.expanded(skey)[1], skey)
                 src_name = src.name
                 if plan.get("source_snapshot"):
                     src_name = f"{src.name}/{plan['source_snapshot']}"
                 elif plan.get("with_snapshots"):  # the snapshots as they are now, under the lock
-                    plan["copy_snapshots"] = self.services.snapshots.copy_records(src.name)
+                    plan["copy_snapshots"] = self.services.snapshots.copy_records(skey)
                 # A running source is frozen while its tree is copied, on drivers whose copies
                 # aren't atomic snapshots (dir), as LXD does.
                 cg = None
                 if (src_name == src.name and not src_pool.driver.info.cow_snapshots
-                        and self.status_of(src.name)[0] == "Running"):
+                        and self.status_of(skey)[0] == "Running"):
                     with contextlib.suppress(OSError, LXDError):
-                        await self._freeze_cg(src.name, self._cgroups(src.name), True)
-                        cg = self._cgroups(src.name)
+                        await self._freeze_cg(skey, self._cgroups(skey), True)
+                        cg = self._cgroups(skey)
                 try:
-                    async with self.backup_yaml_lock(src.name):
+                    async with self.backup_yaml_lock(skey):
                         await volumes.copy_instance_volume(src_pool, src_name, pool, name,
+                                                           src_project=src.project, project=project,
                                                            snapshots=bool(plan.get("copy_snapshots")))
                 finally:
                     if cg is not None:
                         with contextlib.suppress(OSError, LXDError):
-                            await self._freeze_cg(src.name, cg, False)
+                            await self._freeze_cg(skey, cg, False)
             return IdmapSet.from_json(src.config.get("volatile.last_state.idmap"))
         # From the image: an image volume's CoW child, or a copy of the unpacked, shifted cache.
         fp = plan["image"]["fingerprint"]
@@ -962,7 +1013,7 @@ class InstanceService:
         async def unpack(path: Path) -> None:
             await self.services.images.unpack(fp, path, uid_shift=uid, gid_shift=gid)
 
-        await volumes.create_instance_volume(pool, "default", name, fp, unpack, f"{uid}_{gid}")
+        await volumes.create_instance_volume(pool, project, name, fp, unpack, f"{uid}_{gid}")
         if desired.empty:
             return IdmapSet(())
         return _simple_map(desired, uid, gid)
@@ -972,8 +1023,9 @@ class InstanceService:
                      profiles: list[str], ephemeral: bool, description: str) -> None:
         async with self.lock(name):
             rec = self.record(name)
+            known_profiles = self.profiles_of(rec.project)
             for p in profiles:
-                if p not in self.services.profiles.profiles:
+                if p not in known_profiles:
                     raise BadRequest(f"Requested profile {p!r} doesn't exist")
             if len(set(profiles)) != len(profiles):
                 raise BadRequest("Duplicate profile found in request")
@@ -989,7 +1041,7 @@ class InstanceService:
                 await check_raw_lxc(self.liblxc, config.get("raw.lxc"))
             storage = self.services.storage
             validation.validate_devices(devices, pools=set(storage.pools) if storage else set())
-            pinputs = [self.services.profiles.profiles[p].as_expand_input() for p in profiles]
+            pinputs = [known_profiles[p].as_expand_input() for p in profiles]
             new = validation.expand(pinputs, config, devices)
             old = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
             from lxd_daemon.devices.nic.common import drop_gone, keep_volatile, volatile_defaults
@@ -997,7 +1049,8 @@ class InstanceService:
             config.update(keep_volatile(rec.config, config, new[1]))  # the nics' kept MAC, name, host end
             config.update(volatile_defaults(new[1], config))
             config = drop_gone(config, old[1], new[1])
-            await check_volumes(self.services, {k: d for k, d in new[1].items() if old[1].get(k) != d})
+            await check_volumes(self.services, {k: d for k, d in new[1].items() if old[1].get(k) != d},
+                                project=rec.project)
             from lxd_daemon.devices.nic import check_nics
 
             await check_nics(self.services, {k: d for k, d in new[1].items() if old[1].get(k) != d}, instance=name,
@@ -1010,7 +1063,8 @@ class InstanceService:
             if new[1] and self._root_pool(new[1]) is not self._root_pool(old[1], name):
                 raise BadRequest("Changing the root disk's storage pool is not supported")
             self._check_expanded(new[0])
-            self.policy_check("update", name, asked, devices, profiles, current=rec.config, itype=rec.type)
+            self.policy_check("update", name, asked, devices, profiles, project=rec.project, current=rec.config,
+                              itype=rec.type)
             try:
                 status, pid = self.status_of(name)
                 if status != "Stopped":
@@ -1018,9 +1072,9 @@ class InstanceService:
                     from lxd_daemon.devices.nic.common import after_live
 
                     config = after_live(self.records[name].config, config, new[1])
-                newrec = Record(rec.id, name, architecture or rec.architecture, ephemeral, rec.stateful,
+                newrec = Record(rec.id, rec.name, architecture or rec.architecture, ephemeral, rec.stateful,
                                 description, rec.created_at, rec.last_used_at, config,
-                                {k: dict(v) for k, v in devices.items()}, list(profiles), rec.type)
+                                {k: dict(v) for k, v in devices.items()}, list(profiles), rec.type, rec.project)
                 await self.store.save(newrec)
                 self.records[name] = newrec
             finally:
@@ -1048,27 +1102,36 @@ class InstanceService:
         await live.apply_live(self.liblxc, name, old, new, init_pid=pid, idmap=inst.idmap,
                               privileged=inst.idmap.empty, devices_dir=self.devices_dir(name), instances=self)
 
-    async def check_profile_change(self, profile: str, config: dict, devices: dict) -> None:
-        project = project_policy.DEFAULT
-        cfg = self.projects.config(project)
-        if project_policy.has_limits_or_restrictions(cfg):  # the project's limits and restrictions
-            instances, profs = self.policy_entities(project, (profile, config, devices))
-            change = project_policy.Change("profile", profile=project_policy.Entity(profile, config, devices,
-                                                                                    "profile"))
-            project_policy.check(project, cfg, instances, profs, change, self.projects.volume_entities(project))
-        for n in self.names_using_profile(profile):
+    async def check_profile_change(self, profile_project: str, profile: str, config: dict, devices: dict) -> None:
+        """Before profile `profile` of project `profile_project` takes this config and these
+        devices: the limits and restrictions of every project using it (those whose effective
+        profiles project it is), then every instance using it."""
+        for project in self.projects.names():
+            if self.projects.effective(project, "profiles") != profile_project:
+                continue
+            cfg = self.projects.config(project)
+            if project_policy.has_limits_or_restrictions(cfg):  # the project's limits and restrictions
+                instances, profs = self.policy_entities(project, (profile, config, devices))
+                change = project_policy.Change("profile", profile=project_policy.Entity(profile, config, devices,
+                                                                                        "profile"))
+                project_policy.check(project, cfg, instances, profs, change,
+                                     self.projects.volume_entities(project))
+        for n in self.keys_using_profile(profile_project, profile):
             rec = self.records[n]
-            pinputs = [({"config": config, "devices": devices} if p == profile else
-                        self.services.profiles.profiles[p].as_expand_input()) for p in rec.profiles]
+            known = self.profiles_of(rec.project)
+            pinputs = [({"config": config, "devices": devices} if p == profile else known[p].as_expand_input())
+                       for p in rec.profiles if p == profile or p in known]
             ec, ed = validation.expand(pinputs, rec.config, rec.devices)
             try:
                 self._check_expanded(ec)
                 if ed:  # as in update(): no devices at all is allowed
                     self._root_pool(ed)
                 old_ed = self.expanded(n)[1]
-                await check_volumes(self.services, {k: d for k, d in ed.items() if old_ed.get(k) != d})
+                await check_volumes(self.services, {k: d for k, d in ed.items() if old_ed.get(k) != d},
+                                    project=rec.project)
             except LXDError as e:
-                raise BadRequest(f"Failed to update instance {n!r}: {e.message}") from None
+                where = "" if rec.project == project_policy.DEFAULT else f" in project {rec.project!r}"
+                raise BadRequest(f"Failed to update instance {rec.name!r}{where}: {e.message}") from None
 
     async def apply_profile_change(self, before: dict[str, tuple], best_effort: bool = False) -> None:
         for n, old in before.items():
@@ -1096,6 +1159,7 @@ class InstanceService:
 
     async def _delete_locked(self, name: str, requestor: dict | None) -> None:
         rec = self.record(name)
+        url = self.url(name)
         try:
             devices = load_all(self.expanded(name)[1])
         except LXDError:
@@ -1114,7 +1178,7 @@ class InstanceService:
         if pool is not None:
             # Renamed out of the way now (instant), removed in the background; a crash before
             # that finishes leaves a `.trash-*` volume, which the start-up sweep removes.
-            await self.services.storage.volumes.delete_instance_volume(pool, "default", name)
+            await self.services.storage.volumes.delete_instance_volume(pool, rec.project, rec.name)
         # each device removes what it keeps on the host; then no disk mount may be left in its dir
         await device_lifecycle.remove_devices(devices, self.device_context(name, IdmapSet(())))
         await asyncio.to_thread(unmount_under, self.devices_dir(name))
@@ -1122,20 +1186,23 @@ class InstanceService:
         from lxd_daemon.instances.lxcconf import remove_seccomp_policy
 
         await asyncio.to_thread(remove_seccomp_policy, self.lxcpath, name)  # its policy goes with it
-        self.services.events.lifecycle("instance-deleted", f"/1.0/instances/{name}", requestor=requestor)
+        self.services.events.lifecycle("instance-deleted", url, requestor=requestor, project=rec.project)
 
-    async def rename(self, name: str, new: str) -> None:
-        validate_name(new)
+    async def rename(self, name: str, new_name: str) -> str:
+        """Rename instance `name` (a key) to the API name `new_name` in its project; returns the
+        new key."""
+        validate_name(new_name)
         async with self.lock(name):
             rec = self.record(name)
+            new = storage_name(rec.project, new_name)
             if self.status_of(name)[0] != "Stopped":
                 raise BadRequest("Renaming of running instance not allowed")
             if new in self.records or new in self._reserved:
-                raise Conflict(f"Name {new!r} already in use")
+                raise Conflict(f"Name {new_name!r} already in use")
             pool = self._root_pool(self.expanded(name)[1], name)
             volumes = self.services.storage.volumes
-            old_vol = volumes.instance_path(pool, name)
-            new_vol = await volumes.rename_instance_volume(pool, "default", name, new)
+            old_vol = volumes.instance_path(pool, rec.name, rec.project)
+            new_vol = await volumes.rename_instance_volume(pool, rec.project, rec.name, new_name)
 
             def mv():
                 (self.lxcpath / name).unlink(missing_ok=True)
@@ -1153,13 +1220,13 @@ class InstanceService:
                     os.rename(self.logs_root / new, self.logs_root / name)
 
             async with Revert() as revert:
-                revert.add(volumes.rename_instance_volume, pool, "default", new, name)
+                revert.add(volumes.rename_instance_volume, pool, rec.project, new_name, rec.name)
                 revert.add(asyncio.to_thread, back)
                 await asyncio.to_thread(mv)
-                await self.store.rename(rec.id, new)
+                await self.store.rename(rec.id, new_name)
                 revert.success()
             del self.records[name]
-            rec.name = new
+            rec.name = new_name
             self.records[new] = rec
             self.refresh_backup_yaml(new)
             from lxd_daemon.instances.lxcconf import remove_seccomp_policy
@@ -1168,6 +1235,7 @@ class InstanceService:
             from lxd_daemon.devices.nic import forget_hosts
 
             await forget_hosts(self.services, name, self.expanded(new)[1])  # DHCP entries of the old name
+        return new
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, name: str) -> None:
@@ -1189,6 +1257,7 @@ class InstanceService:
         ec, ed = validation.expand(self.profile_inputs(rec), rec.config, rec.devices)
         self._root_pool(ed)
         self._check_expanded(ec)
+        hostname = rec.name  # the API name (the key may carry the project)
         desired = self._desired_idmap(name, ec, rec.config.get("volatile.idmap.next"))
         # Recorded in memory in the same synchronous step as the choice (the store follows with
         # the other updates below): a parallel start sees this block as taken.
@@ -1221,7 +1290,7 @@ class InstanceService:
             run_configs = await device_lifecycle.start_devices(load_all(ed), ctx, revert)
             try:
                 text_ = await asyncio.to_thread(self._render_lxc, name, idir, rootfs, logdir, ec, ed, desired,
-                                                run_configs)
+                                                run_configs, hostname)
 
                 def write_conf():
                     logdir.mkdir(parents=True, exist_ok=True)
@@ -1262,11 +1331,11 @@ class InstanceService:
                                     "templates_ms": round(t2 - t1, 1), "config_ms": round(t3 - t2, 1),
                                     "liblxc_ms": round(t4 - t3, 1), "record_ms": round(t5 - t4, 1)})
 
-    def _render_lxc(self, name, idir, rootfs, logdir, ec, ed, idmap, run_configs) -> str:
+    def _render_lxc(self, name, idir, rootfs, logdir, ec, ed, idmap, run_configs, hostname) -> str:
         from lxd_daemon.instances import lxcconf
 
         spec = lxcconf.LxcSpec(name=name, lxcpath=self.lxcpath, rootfs=rootfs, log_file=logdir / "lxc.log",
-                               console_log=logdir / "console.log", hostname=name, expanded_config=ec,
+                               console_log=logdir / "console.log", hostname=hostname, expanded_config=ec,
                                expanded_devices=ed, idmap=idmap, privileged=idmap.empty,
                                devices_dir=self.devices_dir(name), run_configs=run_configs)
         return lxcconf.to_text(lxcconf.render(spec))
@@ -1290,7 +1359,7 @@ class InstanceService:
 
     def device_context(self, name: str, idmap: IdmapSet) -> DeviceContext:
         """What instance `name`'s devices work with (devices/base.py)."""
-        return DeviceContext(instance=name, idmap=idmap, privileged=idmap.empty,
+        return DeviceContext(instance=name, project=self.ident(name)[0], idmap=idmap, privileged=idmap.empty,
                              devices_dir=self.devices_dir(name), instances=self, runtime=self.liblxc)
 
     async def _apply_templates(self, rec, idir, rootfs, ec, ed, idmap) -> None:
@@ -1427,8 +1496,6 @@ class InstanceService:
     async def change_state(self, name: str, action: str, *, timeout: float = -1, force: bool = False,
                            requestor: dict | None = None) -> None:
         """One `PUT .../state` action, serialised with every other action on the instance."""
-        events = self.services.events
-        src = f"/1.0/instances/{name}"
         async with self.lock(name):
             self.record(name)
             if action == "start":
@@ -1436,11 +1503,11 @@ class InstanceService:
                 if was == "Stopped" and self.services.snapshots is not None:
                     await self.services.snapshots.on_start_locked(name)  # `@startup` in snapshots.schedule
                 await self.start(name)
-                events.lifecycle("instance-resumed" if was == "Frozen" else "instance-started", src,
-                                 requestor=requestor)
+                self.lifecycle("instance-resumed" if was == "Frozen" else "instance-started", name,
+                               requestor=requestor)
             elif action == "stop":
                 ev = await self.stop(name, force=force, timeout=timeout)
-                events.lifecycle(ev, src, requestor=requestor)
+                self.lifecycle(ev, name, requestor=requestor)
                 rec = self.records.get(name)
                 if rec is not None and rec.ephemeral:
                     await self._delete_locked(name, requestor)
@@ -1458,13 +1525,13 @@ class InstanceService:
                 else:
                     await self.stop(name, force=force, timeout=timeout)
                 await self.start(name)
-                events.lifecycle("instance-restarted", src, requestor=requestor)
+                self.lifecycle("instance-restarted", name, requestor=requestor)
             elif action == "freeze":
                 await self.freeze(name)
-                events.lifecycle("instance-paused", src, requestor=requestor)
+                self.lifecycle("instance-paused", name, requestor=requestor)
             elif action == "unfreeze":
                 await self.unfreeze(name)
-                events.lifecycle("instance-resumed", src, requestor=requestor)
+                self.lifecycle("instance-resumed", name, requestor=requestor)
             else:
                 raise BadRequest(f"Unknown state action {action!r}")
 

@@ -32,6 +32,7 @@ from sqlalchemy import text
 from lxd_daemon import names
 from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound
 from lxd_daemon.instances import validation
+from lxd_daemon.projects.naming import query, split, storage_name
 from lxd_daemon.storage.volume import Volume
 from lxd_daemon.util import schedule
 from lxd_daemon.util.revert import Revert
@@ -190,7 +191,7 @@ class SnapshotService:
         rec = self.instances.record(name)
         s = self.by_instance.get(rec.id, {}).get(snap)
         if s is None:
-            raise NotFound(f"Instance snapshot {name}/{snap} not found")
+            raise NotFound(f"Instance snapshot {rec.name}/{snap} not found")
         return s
 
     def names(self, name: str) -> list[str]:
@@ -213,8 +214,9 @@ class SnapshotService:
             self.by_instance.setdefault(s.instance_id, {})[s.name] = s
 
     # -- rendering -------------------------------------------------------------------------
-    def render(self, s: Snapshot) -> dict:
-        profiles = self.services.profiles.profiles
+    def render(self, s: Snapshot, project: str) -> dict:
+        """A snapshot of an instance of `project` (whose profiles expand it)."""
+        profiles = self.services.profiles.in_project(project)
         pinputs = [profiles[p].as_expand_input() for p in s.profiles if p in profiles]
         ec, ed = validation.expand(pinputs, s.config, s.devices)
         return {
@@ -235,13 +237,15 @@ class SnapshotService:
         }
 
     def render_all(self, name: str) -> list[dict]:
-        return [self.render(s) for s in self.list(name)]
+        project = self.instances.record(name).project
+        return [self.render(s, project) for s in self.list(name)]
 
     # -- helpers ---------------------------------------------------------------------------
     def _pool_and_volume(self, name: str):
         svc = self.instances
         pool = svc._root_pool(svc.expanded(name)[1], name)
-        return pool, svc.services.storage.volumes.instance_volume(pool, name)
+        project, api_name = split(name)  # (volumes are named by API name and project)
+        return pool, svc.services.storage.volumes.instance_volume(pool, api_name, project)
 
     def _expiry_for(self, name: str, expires_at: str | None, now: float) -> str:
         if expires_at is not None:
@@ -267,23 +271,32 @@ class SnapshotService:
     def _events(self):
         return self.services.events
 
+    def _lifecycle(self, action: str, key: str, suffix: str = "", context: dict | None = None,
+                   requestor: dict | None = None) -> None:
+        """A lifecycle event about instance `key` (or something under it: `suffix`): its source is
+        the instance's API URL with its project, and the event carries the project."""
+        rec = self.instances.records.get(key)
+        project, name = (rec.project, rec.name) if rec is not None else split(key)
+        self._events().lifecycle(action, f"/1.0/instances/{name}{suffix}{query(project)}", context,
+                                 requestor=requestor, project=project)
+
     # -- create ----------------------------------------------------------------------------
-    def _project_allows(self) -> bool:
+    def _project_allows(self, project: str) -> bool:
         from lxd_daemon.errors import LXDError
         from lxd_daemon.projects import policy as project_policy
 
         try:
-            project_policy.snapshot_allowed(project_policy.DEFAULT, self.services.projects.config())
+            project_policy.snapshot_allowed(project, self.services.projects.config(project))
         except LXDError:
             return False
         return True
 
     def check_create(self, name: str, snap: str, stateful: bool) -> None:
         """What can be refused before an operation starts."""
-        self.instances.record(name)
+        project = self.instances.record(name).project
         from lxd_daemon.projects import policy as project_policy
 
-        project_policy.snapshot_allowed(project_policy.DEFAULT, self.instances.projects.config())
+        project_policy.snapshot_allowed(project, self.instances.projects.config(project))
         if stateful:
             raise BadRequest(CRIU_MISSING)
         try:
@@ -298,8 +311,7 @@ class SnapshotService:
         async with self.instances.lock(name):
             s = await self.create_locked(name, snap, expires_at=expires_at, stateful=stateful,
                                          description=description)
-        self._events().lifecycle("instance-snapshot-created", f"/1.0/instances/{name}/snapshots/{snap}",
-                                 requestor=requestor)
+        self._lifecycle("instance-snapshot-created", name, f"/snapshots/{snap}", requestor=requestor)
         return s
 
     async def create_locked(self, name: str, snap: str, *, expires_at: str | None = None, stateful: bool = False,
@@ -365,8 +377,7 @@ class SnapshotService:
     async def delete(self, name: str, snap: str, requestor: dict | None = None) -> None:
         async with self.instances.lock(name):
             await self.delete_locked(name, snap)
-        self._events().lifecycle("instance-snapshot-deleted", f"/1.0/instances/{name}/snapshots/{snap}",
-                                 requestor=requestor)
+        self._lifecycle("instance-snapshot-deleted", name, f"/snapshots/{snap}", requestor=requestor)
 
     async def delete_locked(self, name: str, snap: str) -> None:
         s = self.get(name, snap)
@@ -402,8 +413,8 @@ class SnapshotService:
             self.by_instance[s.instance_id] = {(new if k == snap else k): v for k, v in snaps.items()}
             s.name = new
         self._refresh_backup_yaml(name)
-        self._events().lifecycle("instance-snapshot-renamed", f"/1.0/instances/{name}/snapshots/{new}",
-                                 {"old_name": snap}, requestor=requestor)
+        self._lifecycle("instance-snapshot-renamed", name, f"/snapshots/{new}", {"old_name": snap},
+                        requestor=requestor)
 
     async def update(self, name: str, snap: str, *, expires_at: str | None, description: str | None,
                      requestor: dict | None = None) -> None:
@@ -414,8 +425,7 @@ class SnapshotService:
             await self.store.update(s.id, expires_at=exp, description=desc)
             s.expires_at, s.description = exp, desc
         self._refresh_backup_yaml(name)
-        self._events().lifecycle("instance-snapshot-updated", f"/1.0/instances/{name}/snapshots/{snap}",
-                                 requestor=requestor)
+        self._lifecycle("instance-snapshot-updated", name, f"/snapshots/{snap}", requestor=requestor)
 
     # -- restore ---------------------------------------------------------------------------
     async def restore(self, name: str, snap: str, *, stateful: bool = False, requestor: dict | None = None) -> None:
@@ -427,7 +437,7 @@ class SnapshotService:
         async with svc.lock(name):
             s = self.get(name, snap)
             rec = svc.record(name)
-            missing = [p for p in s.profiles if p not in self.services.profiles.profiles]
+            missing = [p for p in s.profiles if p not in self.services.profiles.in_project(rec.project)]
             if missing:
                 raise BadRequest(f"Can't restore snapshot {snap!r}: its profiles no longer exist: "
                                  f"{', '.join(missing)}")
@@ -435,7 +445,7 @@ class SnapshotService:
             # limits as an update would be (a snapshot may predate them).
             svc.policy_check("update", name, {**{k: v for k, v in s.config.items() if not k.startswith("volatile.")},
                                               **{k: v for k, v in rec.config.items() if k.startswith("volatile.")}},
-                             s.devices, s.profiles, current=rec.config, itype=rec.type)
+                             s.devices, s.profiles, project=rec.project, current=rec.config, itype=rec.type)
             svc.policy_done(name)
             status = svc.status_of(name)[0]
             was_running = status != "Stopped"
@@ -469,19 +479,19 @@ class SnapshotService:
             svc.refresh_backup_yaml(name)
             if was_running:
                 await svc.start(name)
-        self._events().lifecycle("instance-restored", f"/1.0/instances/{name}", {"snapshot": snap},
-                                 requestor=requestor)
+        self._lifecycle("instance-restored", name, "", {"snapshot": snap}, requestor=requestor)
 
     # -- instance start: @startup ----------------------------------------------------------
     async def on_start_locked(self, name: str) -> None:
         """Before a stopped instance starts (the caller holds its lock): an `@startup` trigger
         in snapshots.schedule takes a snapshot."""
         ec = self.instances.expanded(name)[0]
-        if not schedule.has_startup(ec.get("snapshots.schedule", "")) or not self._project_allows():
+        if not schedule.has_startup(ec.get("snapshots.schedule", "")) or \
+                not self._project_allows(self.instances.record(name).project):
             return
         snap = self.next_name(name)
         await self.create_locked(name, snap)
-        self._events().lifecycle("instance-snapshot-created", f"/1.0/instances/{name}/snapshots/{snap}")
+        self._lifecycle("instance-snapshot-created", name, f"/snapshots/{snap}")
 
     # -- scheduler -------------------------------------------------------------------------
     async def run_due(self, now: dt.datetime | None = None) -> dict:
@@ -498,7 +508,7 @@ class SnapshotService:
             except LXDError:
                 continue
             spec = ec.get("snapshots.schedule", "")
-            if not spec or not schedule.due(spec, now, rec.id) or not self._project_allows():
+            if not spec or not schedule.due(spec, now, rec.id) or not self._project_allows(rec.project):
                 continue  # (as LXD, a project that forbids snapshots skips its schedules)
             if svc.status_of(name)[0] == "Stopped" and (ec.get("snapshots.schedule.stopped") or "").lower() \
                     not in TRUE:
@@ -509,10 +519,10 @@ class SnapshotService:
                         continue
                     snap = self.next_name(name, now.timestamp())
                     await self.create_locked(name, snap, clock=now.timestamp())
-                created.append(f"{name}/{snap}")
-                self._events().lifecycle("instance-snapshot-created", f"/1.0/instances/{name}/snapshots/{snap}")
+                created.append(f"{rec.name}/{snap}" + query(rec.project))
+                self._lifecycle("instance-snapshot-created", name, f"/snapshots/{snap}")
             except Exception as e:
-                errors.append(f"{name}: {getattr(e, 'message', str(e))}")
+                errors.append(f"{rec.name}{query(rec.project)}: {getattr(e, 'message', str(e))}")
                 log.warning("scheduled snapshot failed", extra={"instance": name, "err": str(e)})
         ts = now.timestamp()
         for name, rec in list(svc.records.items()):
@@ -524,11 +534,10 @@ class SnapshotService:
                     async with svc.lock(name):
                         if name in svc.records and s.name in self.by_instance.get(rec.id, {}):
                             await self.delete_locked(name, s.name)
-                    expired.append(f"{name}/{s.name}")
-                    self._events().lifecycle("instance-snapshot-deleted",
-                                             f"/1.0/instances/{name}/snapshots/{s.name}")
+                    expired.append(f"{rec.name}/{s.name}" + query(rec.project))
+                    self._lifecycle("instance-snapshot-deleted", name, f"/snapshots/{s.name}")
                 except Exception as e:
-                    errors.append(f"{name}/{s.name}: {getattr(e, 'message', str(e))}")
+                    errors.append(f"{rec.name}/{s.name}{query(rec.project)}: {getattr(e, 'message', str(e))}")
                     log.warning("removing an expired snapshot failed",
                                 extra={"instance": name, "snapshot": s.name, "err": str(e)})
         return {"created": created, "expired": expired, "errors": errors}
@@ -568,7 +577,8 @@ class SnapshotService:
 
     async def move_to_pool(self, name: str, new: str, pool: str, *, instance_only: bool = False,
                            requestor: dict | None = None) -> None:
-        """`lxc move NAME [NEW] -s POOL` (instance_pool_move): copy to a temporary name on `pool`
+        """`lxc move NAME [NEW] -s POOL` (instance_pool_move; `name` is the instance's key, `new`
+        its new API name in the same project): copy to a temporary name on `pool`
         (snapshots too unless `instance_only`; config and volatile keys kept, as a move keeps
         its identity), delete the original, rename the copy. A failure before the delete leaves
         the original as it was."""
@@ -591,23 +601,25 @@ class SnapshotService:
         body = InstancesPost.model_validate({
             "name": tmp, "architecture": rec.architecture, "config": dict(rec.config), "devices": devices,
             "profiles": list(rec.profiles), "ephemeral": rec.ephemeral, "description": rec.description,
-            "source": {"type": "copy", "source": name, "instance_only": instance_only}})
-        svc.reserve(tmp)
+            "source": {"type": "copy", "source": rec.name, "instance_only": instance_only}})
+        project = rec.project
+        tmp_key = storage_name(project, tmp)
+        svc.reserve(tmp_key)
         try:
-            plan = await svc.prepare_create(body, new_instance=False)  # a move makes no new instance
+            plan = await svc.prepare_create(body, project, new_instance=False)  # a move makes no new instance
             await svc.create(plan)
         finally:
-            svc.release(tmp)
+            svc.release(tmp_key)
         # A move makes no new instance: the original's pending template trigger (if any) stays.
-        await svc._set_volatile(tmp, {"volatile.apply_template": rec.config.get("volatile.apply_template")})
+        await svc._set_volatile(tmp_key, {"volatile.apply_template": rec.config.get("volatile.apply_template")})
         try:
             await svc.delete(name, requestor)
         except BaseException:
             with contextlib.suppress(Exception):
-                await svc.delete(tmp, None)
+                await svc.delete(tmp_key, None)
             raise
-        await svc.rename(tmp, new)
-        self._events().lifecycle("instance-updated", f"/1.0/instances/{new}", requestor=requestor)
+        await svc.rename(tmp_key, new)
+        self._lifecycle("instance-updated", storage_name(project, new), requestor=requestor)
 
     async def refresh(self, src: str, dst: str, *, instance_only: bool, requestor: dict | None = None) -> None:
         """`lxc copy SRC DST --refresh`: bring DST's snapshots and volume up to SRC's, copying only
@@ -620,7 +632,7 @@ class SnapshotService:
             svc.record(src)
             drec = svc.record(dst)
             if svc.status_of(dst)[0] != "Stopped":
-                raise BadRequest(f"Can't refresh instance {dst!r} while it is running")
+                raise BadRequest(f"Can't refresh instance {drec.name!r} while it is running")
             src_pool, src_vol = self._pool_and_volume(src)
             dst_pool, dst_vol = self._pool_and_volume(dst)
             volumes = self.services.storage.volumes
@@ -644,7 +656,7 @@ class SnapshotService:
             if disk_map:
                 await svc._set_volatile(dst, {"volatile.last_state.idmap": disk_map})
             await svc._write_backup_yaml(dst)
-        self._events().lifecycle("instance-updated", f"/1.0/instances/{dst}", requestor=requestor)
+        self._lifecycle("instance-updated", dst, requestor=requestor)
 
 
 def _from_row(r) -> Snapshot:

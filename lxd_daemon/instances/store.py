@@ -17,9 +17,11 @@ from lxd_daemon.projects.naming import storage_name
 
 
 class InstanceStore:
-    def __init__(self, db, profile_id: Callable[[str], int]):
+    def __init__(self, db, profile_id: Callable[[str, str], int]):
         self.db = db
-        self._profile_id = profile_id  # profile name -> its row id
+        # (instance's project, profile name) -> the row id of that profile of the project's
+        # effective profiles project
+        self._profile_id = profile_id
 
     async def load(self) -> tuple[list[Record], list[tuple[int, str]]]:
         """Every complete record, and the (id, name) of rows a crash left `pending`."""
@@ -65,7 +67,8 @@ class InstanceStore:
         session.execute(text("DELETE FROM instances_profiles WHERE instance_id=:i"), {"i": rec.id})
         for order, pname in enumerate(rec.profiles):
             session.execute(text("INSERT INTO instances_profiles (instance_id, profile_id, apply_order) "
-                                 "VALUES (:i, :p, :o)"), {"i": rec.id, "p": self._profile_id(pname), "o": order})
+                                 "VALUES (:i, :p, :o)"), {"i": rec.id, "p": self._profile_id(rec.project, pname),
+                                                          "o": order})
 
     def insert(self, session, rec: Record) -> int:
         """Insert `rec` (its config, devices and profiles too) within the caller's transaction;

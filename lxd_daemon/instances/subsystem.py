@@ -23,27 +23,29 @@ async def setup(services) -> list:
     await snaps.load()
     services.snapshots = snaps
 
-    async def project_used_by(project: str) -> list[str]:
-        q = query(project)
-        return ([f"/1.0/instances/{r.name}{q}" for r in svc.records.values() if r.project == project]
-                + [f"/1.0/profiles/{n}{q}" for n in sorted(prof.profiles) if project == "default"])
+    async def project_instances(project: str) -> list[str]:
+        """What a project holds, for its used_by and emptiness: its instances."""
+        return [svc.url(k) for k in svc.keys_in(project)]
 
-    services.projects.providers.append(project_used_by)
+    services.projects.providers.append(project_instances)
     if services.storage is not None:
         async def pool_used_by(pool: str) -> list[str]:
             out = []
-            for pname, p in prof.profiles.items():
-                if any(d.get("type") == "disk" and d.get("pool") == pool for d in p.devices.values()):
-                    out.append(f"/1.0/profiles/{pname}")
+            for project in services.projects.names():
+                if not services.projects.get(project).has("profiles"):
+                    continue  # its instances use default's profiles
+                for pname, p in prof.in_project(project).items():
+                    if any(d.get("type") == "disk" and d.get("pool") == pool for d in p.devices.values()):
+                        out.append(f"/1.0/profiles/{pname}{query(project)}")
             for n in list(svc.records):
                 if any(d.get("type") == "disk" and d.get("pool") == pool for d in svc.expanded(n)[1].values()):
-                    out.append(f"/1.0/instances/{n}")
+                    out.append(svc.url(n))
             return out
 
         services.storage.used_by_providers.append(pool_used_by)
         custom = services.storage.custom
         if custom is not None:  # custom volumes: instances and profiles whose disks attach one
-            async def volume_used_by(pool: str, name: str, project: str = "default") -> list[str]:
+            async def volume_used_by(pool: str, name: str, project: str) -> list[str]:
                 return await disks.volume_used_by(svc, prof, pool, name, project)
 
             custom.used_by_providers.append(volume_used_by)
@@ -76,7 +78,9 @@ async def setup(services) -> list:
         "proxy_haproxy_protocol", "proxy_nat")
     services.server.advertise(
         "snapshot_expiry", "snapshot_expiry_creation", "snapshot_scheduling", "snapshot_schedule_aliases",
-        "container_only_migration", "container_incremental_copy", "instance_pool_move")
+        "container_only_migration", "container_incremental_copy", "instance_pool_move",
+        "container_copy_project",  # `lxc copy --target-project`: source.project (api/instances.py)
+        "instance_all_projects")  # `lxc list --all-projects` (api/instances.py)
     from lxd_daemon.backups import subsystem as backups_subsystem
 
     backup_routers = await backups_subsystem.setup(services)

@@ -5,6 +5,11 @@ Nic and proxy devices use the device-facing part (`get`, `nic_parent`, `mtu`, `s
 `nic_attach`, `nic_detach`, `firewall`). Host reads and changes block: they run in threads.
 Instances and profiles whose `nic` devices name a network (`network=` or `parent=`) are listed
 in its `used_by`, as LXD does; a network in use can be neither renamed nor deleted.
+
+Projects: every method takes the caller's project. A project without `features.networks` sees
+and uses default's networks (and the host's interfaces); one with it would hold its own, but
+LXD only allows OVN networks there, which this server doesn't have, so creating one is refused.
+A restricted project sees only the networks `restricted.networks.access` allows (LXD's 404).
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from dataclasses import dataclass, field
 from sqlalchemy import text
 
 from lxd_daemon import names
-from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound, NotImplementedYet
+from lxd_daemon.errors import BadRequest, Conflict, Forbidden, LXDError, NotFound, NotImplementedYet
 from lxd_daemon.networks import host, subnets
 from lxd_daemon.networks.drivers import DRIVERS, DriverContext, InvalidConfig, NetworkDriver
+from lxd_daemon.projects import policy as project_policy
+from lxd_daemon.projects.naming import DEFAULT, query
 from lxd_daemon.util.revert import Revert
 
 log = logging.getLogger("lxd.networks")
@@ -46,7 +53,18 @@ class Network:
 
 
 def _key(name: str, project: str) -> tuple[str, str]:
-    return (project or "default", name)
+    return (project, name)
+
+
+@dataclass
+class NicUse:
+    """A nic of an instance or profile: what `used_by` and the leases are made of."""
+    kind: str  # "instances" or "profiles"
+    name: str  # the API name
+    url: str  # with ?project=
+    project: str  # the networks project its `network=` names a network of
+    nics: dict[str, dict]  # device name -> config
+    config: dict  # the instance's expanded config ({} for a profile)
 
 
 class NetworkService:
@@ -158,88 +176,142 @@ class NetworkService:
 
     # -- the interface of nic and proxy devices ------------------------------------------------
 
-    def get(self, name: str, project: str = "default") -> Network:
-        n = self.networks.get(_key(name, project))
+    def effective(self, project: str) -> str:
+        """The project whose networks `project` uses (404 "Project not found" for no project)."""
+        projects = self.services.projects
+        return projects.effective(project, "networks") if projects is not None else DEFAULT
+
+    def _config(self, project: str) -> dict[str, str]:
+        projects = self.services.projects
+        return projects.config(project) if projects is not None else {}
+
+    def _allowed(self, project: str, name: str, managed: bool) -> bool:
+        """restricted.networks.access (and restricted.devices.nic) of the caller's project."""
+        return project_policy.network_allowed(self._config(project), name, managed)
+
+    def _check_writable(self, project: str) -> None:
+        """A restricted project may use default's networks but not change them (their config
+        reaches the host: addresses, NAT, raw.dnsmasq), as a project that holds its own could."""
+        eff = self.effective(project)
+        if eff != project and project_policy.is_true(self._config(project).get("restricted")):
+            raise Forbidden(f"Project {project!r} is restricted: it can't change the networks of project {eff!r}")
+
+    def get(self, name: str, project: str) -> Network:
+        """The managed network `name` that an object of `project` (the caller's) uses: the one of
+        `effective(project)`. NotFound when there is none."""
+        n = self.networks.get(_key(name, self.effective(project)))
         if n is None:
             raise NotFound(NOT_FOUND)
         return n
 
-    def _net(self, network: Network | str) -> Network:
-        return self.get(network) if isinstance(network, str) else network
+    def url(self, name: str, project: str) -> str:
+        """The API URL of the network `name` as `project` sees it."""
+        return f"/1.0/networks/{name}{query(self.effective(project))}"
 
-    def nic_parent(self, network: Network | str) -> str:
-        return self._net(network).driver.nic_parent()
+    def _net(self, network: Network | str, project: str | None) -> Network:
+        if isinstance(network, Network):
+            return network
+        if project is None:
+            raise TypeError("a network given by name needs the caller's project")
+        return self.get(network, project)
 
-    def mtu(self, network: Network | str) -> int | None:
-        return self._net(network).driver.mtu()
+    def nic_parent(self, network: Network | str, project: str | None = None) -> str:
+        return self._net(network, project).driver.nic_parent()
 
-    def subnet(self, network: Network | str, family: int):
-        return self._net(network).driver.subnet(family)
+    def mtu(self, network: Network | str, project: str | None = None) -> int | None:
+        return self._net(network, project).driver.mtu()
+
+    def subnet(self, network: Network | str, family: int, project: str | None = None):
+        return self._net(network, project).driver.subnet(family)
 
     async def nic_attach(self, network: Network | str, key: str, *, hwaddr: str, hostname: str,
-                         ipv4: str | None = None, ipv6: str | None = None) -> None:
-        await self._net(network).driver.nic_attach(key, hwaddr=hwaddr, hostname=hostname, ipv4=ipv4, ipv6=ipv6)
+                         ipv4: str | None = None, ipv6: str | None = None, project: str | None = None) -> None:
+        await self._net(network, project).driver.nic_attach(key, hwaddr=hwaddr, hostname=hostname, ipv4=ipv4,
+                                                            ipv6=ipv6)
 
-    async def nic_detach(self, network: Network | str, key: str) -> None:
-        await self._net(network).driver.nic_detach(key)
+    async def nic_detach(self, network: Network | str, key: str, project: str | None = None) -> None:
+        await self._net(network, project).driver.nic_detach(key)
 
     # -- reads -----------------------------------------------------------------------------------
 
-    def managed_names(self, project: str = "default") -> list[str]:
+    def managed_names(self, project: str) -> list[str]:
+        """The project's own managed networks (none for a project using default's)."""
         return [n.name for n in sorted(self.networks.values(), key=lambda n: n.name) if n.project == project]
 
-    async def names(self, project: str = "default") -> list[str]:
-        """Managed networks first, then the host's other interfaces (as LXD lists them)."""
-        out = self.managed_names(project)
-        if project == "default":
-            out += [n for n in await asyncio.to_thread(host.interface_names) if n not in out]
+    async def names(self, project: str) -> list[str]:
+        """Managed networks first, then the host's other interfaces (as LXD lists them): those
+        the caller's `project` sees."""
+        eff = self.effective(project)
+        out = [n for n in self.managed_names(eff) if self._allowed(project, n, True)]
+        if eff == DEFAULT:
+            out += [n for n in await asyncio.to_thread(host.interface_names)
+                    if n not in out and self._allowed(project, n, False)]
         return out
 
-    def _nics(self) -> list[tuple[str, str, dict, dict]]:
-        """(kind, name, device name -> config, instance config) of every nic of every profile and
-        instance ("profiles"/"instances")."""
+    def _nics(self) -> list[NicUse]:
+        """The nics of every profile and instance, of every project."""
         out = []
         profiles = self.services.profiles
-        for pname, p in sorted((profiles.profiles if profiles else {}).items()):
-            out.append(("profiles", pname, {k: d for k, d in p.devices.items() if d.get("type") == "nic"}, {}))
-        instances = self.services.instances
-        for iname in sorted(instances.records if instances else ()):
+        for pproject, by_name in sorted((profiles.by_project if profiles else {}).items()):
             try:
-                config, devices = instances.expanded(iname)
+                eff = self.effective(pproject)
+            except LXDError:  # (a project going away)
+                continue
+            for _, p in sorted(by_name.items()):
+                out.append(NicUse("profiles", p.name, p.url, eff,
+                                  {k: d for k, d in p.devices.items() if d.get("type") == "nic"}, {}))
+        instances = self.services.instances
+        recs = sorted(instances.records.values(), key=lambda r: (r.project, r.name)) if instances else ()
+        for rec in recs:
+            try:
+                config, devices = instances.expanded(rec.key)
+                eff = self.effective(rec.project)
             except LXDError:
                 continue
-            out.append(("instances", iname, {k: d for k, d in devices.items() if d.get("type") == "nic"}, config))
+            out.append(NicUse("instances", rec.name, instances.url(rec.key), eff,
+                              {k: d for k, d in devices.items() if d.get("type") == "nic"}, config))
         return out
 
-    def used_by(self, name: str, *, managed: bool) -> list[str]:
-        def uses(d: dict) -> bool:
-            if managed:
-                return d.get("network") == name or (not d.get("network") and d.get("parent") == name
-                                                    and self.get(name).type == "bridge")
+    def _uses(self, u: NicUse, d: dict, name: str, project: str | None) -> bool:
+        """Whether nic `d` of `u` uses the managed network `name` of `project` (or, project None,
+        the host interface `name`)."""
+        if project is None:
             return not d.get("network") and d.get("parent") == name
+        if d.get("network"):
+            return d["network"] == name and u.project == project
+        n = self.networks.get(_key(name, project))
+        return d.get("parent") == name and n is not None and n.type == "bridge"
 
-        return [f"/1.0/{kind}/{obj}" for kind, obj, nics, _ in self._nics() if any(uses(d) for d in nics.values())]
+    def used_by(self, name: str, project: str | None) -> list[str]:
+        """The instances and profiles (of every project) whose nics use the managed network `name`
+        of `project` (stored there), or with project None the host interface `name`."""
+        return [u.url for u in self._nics() if any(self._uses(u, d, name, project) for d in u.nics.values())]
 
     def _render_managed(self, n: Network) -> dict:
         return {"config": dict(n.config), "description": n.description, "name": n.name, "type": n.type,
-                "used_by": self.used_by(n.name, managed=True), "managed": True,
+                "used_by": self.used_by(n.name, n.project), "managed": True,
                 # LXD's local status: "Unavailable" while the network failed to start.
                 "status": "Unavailable" if n.error else n.status,
                 "locations": ["none"]}
 
-    async def render(self, name: str, project: str = "default") -> dict:
-        """api.Network (404 when neither a managed network nor a host interface has the name)."""
-        n = self.networks.get(_key(name, project))
+    async def render(self, name: str, project: str) -> dict:
+        """api.Network (404 when neither a managed network nor a host interface has the name, or
+        when the caller's project may not see it)."""
+        eff = self.effective(project)
+        n = self.networks.get(_key(name, eff))
         if n is not None:
+            if not self._allowed(project, name, True):
+                raise NotFound(NOT_FOUND)
             return self._render_managed(n)
-        if project != "default" or name.startswith("veth") or not await asyncio.to_thread(host.exists, name):
+        if eff != DEFAULT or name.startswith("veth") or not self._allowed(project, name, False) or \
+                not await asyncio.to_thread(host.exists, name):
             raise NotFound(NOT_FOUND)
         kind = await asyncio.to_thread(host.kind, name)
         return {"config": {}, "description": "", "name": name, "type": kind,
-                "used_by": [] if kind == "loopback" else self.used_by(name, managed=False),
+                "used_by": [] if kind == "loopback" else self.used_by(name, None),
                 "managed": False, "status": "", "locations": None}
 
-    async def render_all(self, project: str = "default") -> list[dict]:
+    async def render_all(self, project: str) -> list[dict]:
         out = []
         for name in await self.names(project):
             try:
@@ -248,22 +320,29 @@ class NetworkService:
                 continue
         return out
 
-    def _managed(self, name: str, project: str = "default") -> Network:
-        """A managed network, for the calls only those take (LXD's "Failed loading network")."""
-        n = self.networks.get(_key(name, project))
+    def _managed(self, name: str, project: str) -> Network:
+        """A managed network the caller's `project` sees, for the calls only those take (LXD's
+        "Failed loading network")."""
+        n = self.networks.get(_key(name, self.effective(project)))
         if n is None:
             raise NotFound(f"Failed loading network: {NOT_FOUND}")
+        if not self._allowed(project, name, True):
+            raise NotFound(NOT_FOUND)
         return n
 
-    async def state(self, name: str, project: str = "default") -> dict:
-        n = self.networks.get(_key(name, project))
+    async def state(self, name: str, project: str) -> dict:
+        eff = self.effective(project)
+        n = self.networks.get(_key(name, eff))
         if n is not None:
+            if not self._allowed(project, name, True):
+                raise NotFound(NOT_FOUND)
             return await n.driver.state()
-        if project != "default" or not await asyncio.to_thread(host.exists, name):
+        if eff != DEFAULT or not self._allowed(project, name, False) or \
+                not await asyncio.to_thread(host.exists, name):
             raise NotFound(NOT_FOUND)
         return await asyncio.to_thread(host.state, name)
 
-    async def leases(self, name: str, project: str = "default") -> list[dict]:
+    async def leases(self, name: str, project: str) -> list[dict]:
         """api.NetworkLease list: the bridge's gateway addresses, the static addresses of nics on
         it, then dnsmasq's leases of those nics not listed already."""
         n = self._managed(name, project)
@@ -274,11 +353,12 @@ class NetworkService:
             (gateway if lease.get("type") == "gateway" else rest).append(lease)
         static = []
         macs: dict[str, str] = {}  # hwaddr -> instance
-        for kind, iname, nics, config in self._nics():
-            if kind != "instances":
+        for u in self._nics():
+            if u.kind != "instances":
                 continue
-            for dev, d in nics.items():
-                if d.get("network") != name and not (not d.get("network") and d.get("parent") == name):
+            iname, config = u.name, u.config
+            for dev, d in u.nics.items():
+                if not self._uses(u, d, name, n.project):
                     continue
                 hwaddr = (d.get("hwaddr") or config.get(f"volatile.{dev}.hwaddr", "")).lower()
                 if hwaddr:
@@ -367,16 +447,29 @@ class NetworkService:
             parent = config.get("parent")
             if any(o is not owner and o.config.get("parent") == parent for o in self.networks.values()):
                 raise BadRequest(f"Parent interface {parent!r} in use by another network")
-            if owner is not None and owner.config.get("parent") != parent and self.used_by(owner.name, managed=True):
+            if owner is not None and owner.config.get("parent") != parent and \
+                    self.used_by(owner.name, owner.project):
                 raise BadRequest("Cannot update network parent interface when in use")
         return config
 
     # -- changes ---------------------------------------------------------------------------------
 
     async def create(self, name: str, type_: str, description: str, config: dict[str, str],
-                     project: str = "default") -> Network:
+                     project: str) -> Network:
+        """A managed network, made through the caller's `project` (in its effective project)."""
         if not name:
             raise BadRequest("No name provided")
+        if not self._allowed(project, name, True):
+            raise Forbidden("Network not allowed in project")
+        self._check_writable(project)
+        caller, project = project, self.effective(project)
+        if project != DEFAULT:
+            # LXD 5.0.2: a project with features.networks holds OVN networks only (its default
+            # type); this server has no OVN.
+            if (type_ or "ovn") == "ovn":
+                raise BadRequest(f"Networks of type 'ovn' are not available on this server (no OVN), and project "
+                                 f"{caller!r} (features.networks=true) can hold OVN networks only")
+            raise BadRequest("Network type does not support non-default projects")
         type_ = type_ or "bridge"
         cls = DRIVERS.get(type_)
         if cls is None:
@@ -394,8 +487,6 @@ class NetworkService:
                 raise BadRequest("The network already exists")
             instances = getattr(self.services, "instances", None)
             if instances is not None:  # the project's limits.networks (checked under the lock)
-                from lxd_daemon.projects import policy as project_policy
-
                 project_policy.check_network_count(project, self.services.projects.config(project),
                                                    self.managed_names(project), name)
             drv = cls(name, {}, self.ctx, project=project)
@@ -437,13 +528,14 @@ class NetworkService:
 
         await self.db.run(upd)
 
-    async def update(self, name: str, description: str, config: dict[str, str], project: str = "default") -> None:
+    async def update(self, name: str, description: str, config: dict[str, str], project: str) -> None:
         n = self._managed(name, project)
+        self._check_writable(project)
         config = {k: v for k, v in config.items() if v != ""}
         async with self.lock:
             old_config, old_description = dict(n.config), n.description
             drv = n.driver
-            probe = type(drv)(n.name, dict(old_config), self.ctx, id=n.id, project=project)
+            probe = type(drv)(n.name, dict(old_config), self.ctx, id=n.id, project=n.project)
             new_config = await self._prepare_config(probe, config, n)
             if new_config == old_config:
                 if description != old_description:
@@ -468,8 +560,10 @@ class NetworkService:
             n.config, n.description = new_config, description
             n.error = None
 
-    async def rename(self, name: str, new_name: str, project: str = "default") -> None:
+    async def rename(self, name: str, new_name: str, project: str) -> None:
         n = self._managed(name, project)
+        self._check_writable(project)
+        project = n.project
         if not new_name:
             raise BadRequest("New network name not provided")
         try:
@@ -478,7 +572,7 @@ class NetworkService:
         except (ValueError, names.InvalidName) as e:
             raise BadRequest(getattr(e, "message", None) or str(e)) from None
         async with self.lock:
-            if self.used_by(name, managed=True):
+            if self.used_by(name, project):
                 raise BadRequest("Network is currently in use")
             if _key(new_name, project) in self.networks:
                 raise Conflict(f"Network {new_name!r} already exists")
@@ -495,10 +589,12 @@ class NetworkService:
             n.name = new_name
             self.networks[_key(new_name, project)] = n
 
-    async def delete(self, name: str, project: str = "default") -> None:
+    async def delete(self, name: str, project: str) -> None:
         n = self._managed(name, project)
+        self._check_writable(project)
+        project = n.project
         async with self.lock:
-            if self.used_by(name, managed=True):
+            if self.used_by(name, project):
                 raise BadRequest("The network is currently in use")
             await n.driver.delete()
             await self._delete_row(n.id)

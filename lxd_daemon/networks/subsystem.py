@@ -31,6 +31,11 @@ async def setup(services) -> list:
     svc = NetworkService(services)
     await svc.load()
     services.networks = svc
+
+    async def project_used_by(project: str) -> list[str]:  # a project's own managed networks
+        return [svc.url(n, project) for n in svc.managed_names(project)]
+
+    services.projects.providers.append(project_used_by)
     # Up before the instances that use them autostart (startup hooks run after every setup()).
     await svc.start_all()
     services.exit_hooks.append(svc.close)

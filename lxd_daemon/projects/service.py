@@ -18,6 +18,7 @@ from sqlalchemy import text
 from lxd_daemon.errors import BadRequest, Conflict, Forbidden, NotFound
 from lxd_daemon.projects import policy
 from lxd_daemon.projects.naming import DEFAULT, query
+from lxd_daemon.util.revert import Revert
 
 # What LXD 5.0.2 turns on in a new project unless the request says otherwise.
 FEATURE_DEFAULTS = ("features.images", "features.profiles", "features.storage.volumes")
@@ -58,6 +59,8 @@ class ProjectService(policy.ProjectPolicy):
         self.on_create: list[Callable[[str], Awaitable[None]]] = []
         self.on_delete: list[Callable[[str], Awaitable[None]]] = []
         self.on_rename: list[Callable[[str, str], Awaitable[None]]] = []
+        # Called after a config change is written (features.* on an empty project: its default profile).
+        self.on_update: list[Callable[[str], Awaitable[None]]] = []
         self.lock = asyncio.Lock()
 
     async def load(self) -> None:
@@ -122,12 +125,15 @@ class ProjectService(policy.ProjectPolicy):
             project = Project(pid, name, description, dict(config))
             self.projects[name] = project
             super().set_config(name, config)
-            try:
+            async with Revert() as revert:
+                # Undone as a whole: the on_delete hooks (each removes whatever the project has
+                # of its kind, which is nothing for a hook that didn't run), then the row.
+                revert.add(self._forget, name)
+                for hook in self.on_delete:
+                    revert.add(hook, name)
                 for hook in self.on_create:
                     await hook(name)
-            except BaseException:
-                await self._forget(name)
-                raise
+                revert.success()
         return project
 
     def check_features_change(self, name: str, new: dict[str, str], empty: bool) -> None:
@@ -141,13 +147,22 @@ class ProjectService(policy.ProjectPolicy):
         """Write a config already validated and checked (api/projects.py)."""
         p = self.get(name)
 
-        def write(session):
+        def write(session, description=description, config=config):
+            old = session.execute(text("SELECT description, config FROM projects WHERE name=:n"), {"n": name}).one()
             session.execute(text("UPDATE projects SET description=:d, config=:c WHERE name=:n"),
                             {"d": description, "c": json.dumps(config, sort_keys=True), "n": name})
+            return old
 
-        await self.db.run(write)
+        old = await self.db.run(write)
         p.description = description
         self.set_config(name, config)
+        try:
+            for hook in self.on_update:
+                await hook(name)
+        except BaseException:  # the caller restores the config in memory; the row goes back here
+            await self.db.run(lambda s: write(s, old.description, json.loads(old.config)))
+            p.description = old.description
+            raise
 
     async def check_rename(self, name: str, new: str) -> None:
         if name == DEFAULT:

@@ -31,8 +31,9 @@ from sqlalchemy.exc import IntegrityError
 
 from lxd_daemon import names
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
+from lxd_daemon.projects.naming import DEFAULT, query, storage_name
 from lxd_daemon.storage.drivers.trees import copy_tree, sync_tree
-from lxd_daemon.storage.volume import DEFAULT_PROJECT, ContentType, Volume, VolumeType
+from lxd_daemon.storage.volume import ContentType, Volume, VolumeType
 from lxd_daemon.util import schedule
 from lxd_daemon.util.revert import Revert
 from lxd_daemon.util.sizes import parse_byte_size
@@ -164,7 +165,16 @@ class CustomVolumeService:
         self._task: asyncio.Task | None = None
 
     # -- helpers -----------------------------------------------------------------------------
-    def lock(self, pool: str, name: str, project: str = DEFAULT_PROJECT) -> asyncio.Lock:
+    def effective(self, project: str) -> str:
+        """The project whose custom volumes `project` uses (features.storage.volumes): every
+        method takes the caller's project and resolves it here (resolving twice changes nothing)."""
+        projects = getattr(self.storage.services, "projects", None)
+        if projects is None:
+            return project
+        return projects.effective(project, "storage.volumes")
+
+    def lock(self, pool: str, name: str, project: str) -> asyncio.Lock:
+        project = self.effective(project)
         key = f"{pool}/{project}/{name}"
         lk = self._locks.get(key)
         if lk is None:
@@ -255,7 +265,8 @@ class CustomVolumeService:
         return ct
 
     # -- records -----------------------------------------------------------------------------
-    async def list(self, pool: str, project: str | None = DEFAULT_PROJECT) -> list[CustomVolume]:
+    async def list(self, pool: str, project: str | None) -> list[CustomVolume]:
+        project = None if project is None else self.effective(project)
         p = self._pool(pool)
 
         def q(session):
@@ -269,7 +280,8 @@ class CustomVolumeService:
 
         return [_row_volume(pool, r) for r in await self.db.run(q)]
 
-    async def _find(self, pool: str, name: str, project: str = DEFAULT_PROJECT) -> CustomVolume | None:
+    async def _find(self, pool: str, name: str, project: str) -> CustomVolume | None:
+        project = self.effective(project)
         p = self._pool(pool)
 
         def q(session):
@@ -281,7 +293,8 @@ class CustomVolumeService:
         r = await self.db.run(q)
         return _row_volume(pool, r) if r is not None else None
 
-    async def get(self, pool: str, name: str, project: str = DEFAULT_PROJECT) -> CustomVolume:
+    async def get(self, pool: str, name: str, project: str) -> CustomVolume:
+        project = self.effective(project)
         vol = await self._find(pool, name, project)
         if vol is None:
             raise NotFound("Storage volume not found")
@@ -301,9 +314,22 @@ class CustomVolumeService:
         """`used_by` of a pool: its custom volumes."""
         if pool not in self.storage.pools:
             return []
-        return [f"/1.0/storage-pools/{pool}/volumes/custom/{v.name}" for v in await self.list(pool, None)]
+        return [f"/1.0/storage-pools/{pool}/volumes/custom/{v.name}{query(v.project)}"
+                for v in await self.list(pool, None)]
 
-    async def used_by(self, pool: str, name: str, project: str = DEFAULT_PROJECT) -> list[str]:
+    async def project_urls(self, project: str) -> list[str]:
+        """The projects `providers` entry: the custom volumes a project with
+        features.storage.volumes holds, on every pool."""
+        if self.effective(project) != project:
+            return []
+        out = []
+        for pool in list(self.storage.pools):
+            out += [f"/1.0/storage-pools/{pool}/volumes/custom/{v.name}{query(project)}"
+                    for v in await self.list(pool, project)]
+        return out
+
+    async def used_by(self, pool: str, name: str, project: str) -> list[str]:
+        project = self.effective(project)
         out: list[str] = []
         for provider in self.used_by_providers:
             out.extend(await provider(pool, name, project))
@@ -317,6 +343,7 @@ class CustomVolumeService:
                       config: dict[str, str], snapshots: list[VolumeSnapshot] = (), *, enforce: bool = True) -> int:
         """The records of a new volume, checked against the project's limits.disk (`enforce`) and
         counted in one step with that check: every create, copy and import ends here."""
+        project = self.effective(project)
         created = rfc3339()
 
         def ins(session):
@@ -352,8 +379,9 @@ class CustomVolumeService:
             pp.forget_volume_id(vid)
 
     # -- volumes -----------------------------------------------------------------------------
-    async def create(self, pool: str, name: str, *, project: str = DEFAULT_PROJECT, description: str = "",
+    async def create(self, pool: str, name: str, *, project: str, description: str = "",
                      config: dict[str, str] | None = None, content_type: str = "filesystem") -> CustomVolume:
+        project = self.effective(project)
         _check_name(names.volume, name)
         p = self._pool(pool)
         ct = self._check_content_type(p, content_type)
@@ -373,14 +401,16 @@ class CustomVolumeService:
                 revert.success()
         return await self.get(pool, name, project)
 
-    async def copy(self, pool: str, name: str, *, src_pool: str, src_name: str, project: str = DEFAULT_PROJECT,
-                   src_project: str = DEFAULT_PROJECT, description: str | None = None,
+    async def copy(self, pool: str, name: str, *, src_pool: str, src_name: str, project: str,
+                   src_project: str, description: str | None = None,
                    config: dict[str, str] | None = None, volume_only: bool = False,
                    enforce_limits: bool = True) -> CustomVolume:
         """Create `pool/name` as a copy of `src_pool/src_name` (a volume, or a snapshot `vol/snap`),
         with the volume's snapshots unless `volume_only`, through the driver's fastest path within a
         pool and a tree copy (rsync for each snapshot in turn) between pools. (`enforce_limits`
         False: a move, which adds nothing to the project's disk usage.)"""
+        project = self.effective(project)
+        src_project = self.effective(src_project)
         _check_name(names.volume, name)
         p, sp = self._pool(pool), self._pool(src_pool)
         parent, _, snap = src_name.partition("/")
@@ -425,12 +455,14 @@ class CustomVolumeService:
                 revert.success()
         return await self.get(pool, name, project)
 
-    async def refresh(self, pool: str, name: str, *, src_pool: str, src_name: str, project: str = DEFAULT_PROJECT,
-                      src_project: str = DEFAULT_PROJECT, volume_only: bool = False) -> CustomVolume:
+    async def refresh(self, pool: str, name: str, *, src_pool: str, src_name: str, project: str,
+                      src_project: str, volume_only: bool = False) -> CustomVolume:
         """`storage volume copy --refresh` onto the existing `pool/name`: its snapshots that the
         source lacks, or has under the same name but taken at another time, are removed; the
         source's snapshots it lacks are added (oldest first), then its content is synced to the
         source's. Only what differs is copied (rsync), within a pool or between pools."""
+        project = self.effective(project)
+        src_project = self.effective(src_project)
         p, sp = self._pool(pool), self._pool(src_pool)
         if "/" in src_name:
             raise BadRequest("A snapshot can't be the source of a refresh")
@@ -512,8 +544,9 @@ class CustomVolumeService:
         await drv.delete_volume(vol)
 
     async def update(self, pool: str, name: str, *, description: str, config: dict[str, str],
-                     project: str = DEFAULT_PROJECT) -> CustomVolume:
+                     project: str) -> CustomVolume:
         """Replace the volume's config and description (a changed `size` goes to the driver)."""
+        project = self.effective(project)
         p = self._pool(pool)
         async with self.lock(pool, name, project):
             rec = await self.get(pool, name, project)
@@ -547,9 +580,10 @@ class CustomVolumeService:
         await self.db.run(upd)
 
     async def set_config_keys(self, pool: str, name: str, values: dict[str, str | None],
-                              project: str = DEFAULT_PROJECT) -> None:
+                              project: str) -> None:
         """Record keys the daemon keeps on a volume (e.g. volatile.idmap.last); an empty or None
         value removes the key. No validation: for the daemon's own keys."""
+        project = self.effective(project)
         async with self.lock(pool, name, project):
             rec = await self.get(pool, name, project)
             config = dict(rec.config)
@@ -560,12 +594,13 @@ class CustomVolumeService:
                     config[k] = str(v)
             await self._write_config(rec.id, config)
 
-    async def adopt(self, pool: str, name: str, *, project: str = DEFAULT_PROJECT, description: str = "",
+    async def adopt(self, pool: str, name: str, *, project: str, description: str = "",
                     config: dict[str, str] | None = None, content_type: str = "filesystem",
                     snapshots: list[VolumeSnapshot] | None = None) -> CustomVolume:
         """Record a custom volume that is on the pool without a record (`lxd recover`, a backup
         import that made the volume itself): rows for it and for `snapshots` (default: the
         snapshots found on the pool, created now, never expiring)."""
+        project = self.effective(project)
         _check_name(names.volume, name)
         p = self._pool(pool)
         ct = self._check_content_type(p, content_type)
@@ -583,22 +618,26 @@ class CustomVolumeService:
             await self._insert(p, name, project, description, ct.value, config, list(snapshots), enforce=False)
         return await self.get(pool, name, project)
 
-    async def mount(self, pool: str, name: str, project: str = DEFAULT_PROJECT) -> Path:
+    async def mount(self, pool: str, name: str, project: str) -> Path:
         """The host path of the mounted volume (mounting it where the driver needs to)."""
+        project = self.effective(project)
         rec = await self.get(pool, name, project)
         return await self._pool(pool).driver.mount_volume(rec.volume)
 
-    async def unmount(self, pool: str, name: str, project: str = DEFAULT_PROJECT) -> None:
+    async def unmount(self, pool: str, name: str, project: str) -> None:
+        project = self.effective(project)
         rec = await self.get(pool, name, project)
         await self._pool(pool).driver.unmount_volume(rec.volume)
 
-    async def usage(self, pool: str, name: str, project: str = DEFAULT_PROJECT) -> dict:
+    async def usage(self, pool: str, name: str, project: str) -> dict:
+        project = self.effective(project)
         rec = await self.get(pool, name, project)
         used = await self._pool(pool).driver.volume_usage(rec.volume)
         total = parse_byte_size(rec.config["size"]) if rec.config.get("size") else -1
         return {"used": used or 0, "total": total}
 
-    async def rename(self, pool: str, name: str, new_name: str, project: str = DEFAULT_PROJECT) -> None:
+    async def rename(self, pool: str, name: str, new_name: str, project: str) -> None:
+        project = self.effective(project)
         _check_name(names.volume, new_name)
         p = self._pool(pool)
         async with self.lock(pool, name, project), self.lock(pool, new_name, project):
@@ -626,22 +665,26 @@ class CustomVolumeService:
                 pp.set_volume(project, p.id, name, None)
                 pp.set_volume(project, p.id, new_name, rec.config, rec.id)
 
-    async def move(self, pool: str, name: str, new_pool: str, new_name: str | None = None,
-                   project: str = DEFAULT_PROJECT) -> None:
-        """Move a volume (with its snapshots) to another pool, also of another driver: copy, then
-        delete the source."""
+    async def move(self, pool: str, name: str, new_pool: str, new_name: str | None,
+                   project: str, new_project: str | None = None) -> None:
+        """Move a volume (with its snapshots) to another pool, also of another driver, or to
+        another project (`lxc storage volume move --target-project`): copy, then delete the
+        source. Into another project the target's limits apply."""
+        project = self.effective(project)
+        target = self.effective(new_project) if new_project else project
         new_name = new_name or name
-        if new_pool == pool:
+        if new_pool == pool and target == project:
             await self.rename(pool, name, new_name, project)
             return
         self._pool(new_pool)
         await self.get(pool, name, project)
         await self._refuse_in_use(pool, name, project)
-        await self.copy(new_pool, new_name, src_pool=pool, src_name=name, project=project, src_project=project,
-                        enforce_limits=False)
+        await self.copy(new_pool, new_name, src_pool=pool, src_name=name, project=target, src_project=project,
+                        enforce_limits=target != project)
         await self.delete(pool, name, project)
 
-    async def delete(self, pool: str, name: str, project: str = DEFAULT_PROJECT) -> None:
+    async def delete(self, pool: str, name: str, project: str) -> None:
+        project = self.effective(project)
         p = self._pool(pool)
         async with self.lock(pool, name, project):
             rec = await self.get(pool, name, project)
@@ -662,7 +705,8 @@ class CustomVolumeService:
             await self._drop(p, trash)
 
     # -- snapshots ---------------------------------------------------------------------------
-    async def snapshots(self, pool: str, name: str, project: str = DEFAULT_PROJECT) -> list[VolumeSnapshot]:
+    async def snapshots(self, pool: str, name: str, project: str) -> list[VolumeSnapshot]:
+        project = self.effective(project)
         rec = await self.get(pool, name, project)
 
         def q(session):
@@ -673,17 +717,19 @@ class CustomVolumeService:
 
         return [_row_snapshot(r) for r in await self.db.run(q)]
 
-    async def get_snapshot(self, pool: str, name: str, snap: str, project: str = DEFAULT_PROJECT) -> VolumeSnapshot:
+    async def get_snapshot(self, pool: str, name: str, snap: str, project: str) -> VolumeSnapshot:
+        project = self.effective(project)
         for s in await self.snapshots(pool, name, project):
             if s.name == snap:
                 return s
         raise NotFound("Storage volume snapshot not found")
 
     async def create_snapshot(self, pool: str, name: str, snap: str | None = None, *,
-                              project: str = DEFAULT_PROJECT, expires_at: str | None = None,
+                              project: str, expires_at: str | None = None,
                               description: str = "", now: datetime | None = None) -> VolumeSnapshot:
         """Snapshot a volume. Without `snap`, the name comes from `snapshots.pattern`; without
         `expires_at`, the expiry from `snapshots.expiry` ("" for never)."""
+        project = self.effective(project)
         p = self._pool(pool)
         pp = self._projects()
         if pp is not None:  # restricted.snapshots (manual and scheduled snapshots alike)
@@ -739,7 +785,8 @@ class CustomVolumeService:
         await self.db.run(rm)
 
     async def update_snapshot(self, pool: str, name: str, snap: str, *, description: str, expires_at: str,
-                              project: str = DEFAULT_PROJECT) -> None:
+                              project: str) -> None:
+        project = self.effective(project)
         s = await self.get_snapshot(pool, name, snap, project)
         if expires_at:
             try:
@@ -755,7 +802,8 @@ class CustomVolumeService:
         await self.db.run(upd)
 
     async def rename_snapshot(self, pool: str, name: str, snap: str, new_snap: str,
-                              project: str = DEFAULT_PROJECT) -> None:
+                              project: str) -> None:
+        project = self.effective(project)
         _check_name(names.snapshot, new_snap)
         p = self._pool(pool)
         async with self.lock(pool, name, project):
@@ -777,7 +825,8 @@ class CustomVolumeService:
                 await p.driver.rename_snapshot(rec.volume.snapshot(new_snap), snap)
                 raise
 
-    async def delete_snapshot(self, pool: str, name: str, snap: str, project: str = DEFAULT_PROJECT) -> None:
+    async def delete_snapshot(self, pool: str, name: str, snap: str, project: str) -> None:
+        project = self.effective(project)
         p = self._pool(pool)
         async with self.lock(pool, name, project):
             rec = await self.get(pool, name, project)
@@ -792,8 +841,9 @@ class CustomVolumeService:
                 raise
             await p.driver.delete_snapshot(rec.volume.snapshot(trash_name))
 
-    async def restore(self, pool: str, name: str, snap: str, project: str = DEFAULT_PROJECT) -> None:
+    async def restore(self, pool: str, name: str, snap: str, project: str) -> None:
         """Make the volume hold what snapshot `snap` holds (refused while a running instance uses it)."""
+        project = self.effective(project)
         p = self._pool(pool)
         async with self.lock(pool, name, project):
             rec = await self.get(pool, name, project)
@@ -812,8 +862,10 @@ class CustomVolumeService:
         out = []
         for u in urls:
             if u.startswith("/1.0/instances/"):
-                n = u.rsplit("/", 1)[1].split("?", 1)[0]
-                if n in runtime:
+                path, _, q = u.partition("?")
+                n = path.rsplit("/", 1)[1]
+                project = q.removeprefix("project=") if q.startswith("project=") else DEFAULT
+                if storage_name(project, n) in runtime:
                     out.append(n)
         return out
 

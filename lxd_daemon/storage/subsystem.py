@@ -15,6 +15,8 @@ async def setup(services) -> list:
     await storage.custom.load()  # finish or undo custom volume changes a crash interrupted
     services.startup_hooks.append(storage.custom.startup)  # snapshots.schedule / snapshots.expiry
     services.exit_hooks.append(storage.custom.close)
+    if getattr(services, "projects", None) is not None:  # a project's own custom volumes
+        services.projects.providers.append(storage.custom.project_urls)
     daemon_storage = DaemonStorage(services, storage)
     daemon_storage.setup()  # storage.images_volume, storage.backups_volume
     await daemon_storage.mount_all()

@@ -140,8 +140,9 @@ def _record(row) -> dict:
 
 
 class TrustService:
-    def __init__(self, *, db, lxd_dir, ops, server):
+    def __init__(self, *, db, lxd_dir, ops, server, projects=None):
         self.db = db
+        self.projects = projects  # services.projects: what a restricted certificate may name
         self.lxd_dir = lxd_dir
         self.server = server
         self.on_revoke: list[Callable[[str], None]] = []
@@ -259,17 +260,61 @@ class TrustService:
         return self._by_fp[found[0]]
 
     async def check_projects(self, projects: list[str]) -> None:
+        """Every project a certificate names must exist (404 naming the first that doesn't)."""
         if not projects:
             return
+        if self.projects is not None:
+            have = set(self.projects.names())
+        else:  # a store without the projects service (unit tests): the table itself
 
-        def known(session) -> set[str]:
-            rows = session.execute(text("SELECT name FROM projects"))
-            return {r.name for r in rows}
+            def known(session) -> set[str]:
+                rows = session.execute(text("SELECT name FROM projects"))
+                return {r.name for r in rows}
 
-        have = await self.db.run(known)
+            have = await self.db.run(known)
         for p in projects:
             if p not in have:
                 raise NotFound(f"Project {p!r} not found")
+
+    # -- projects renamed or deleted (services.projects hooks) ------------------------------
+    # As in LXD, where a certificate's projects are references to the projects: a renamed
+    # project stays in the lists under its new name, a deleted one leaves them (a restricted
+    # certificate whose every project went reaches nothing).
+    async def project_renamed(self, old: str, new: str) -> None:
+        await self._replace_project(old, [new])
+
+    async def project_deleted(self, name: str) -> None:
+        await self._replace_project(name, [])
+
+    async def _replace_project(self, name: str, by: list[str]) -> None:
+        def replaced(projects: list[str]) -> list[str]:
+            out: list[str] = []
+            for p in projects:
+                for q in (by if p == name else [p]):
+                    if q not in out:
+                        out.append(q)
+            return out
+
+        for op in self.tokens.pending():  # what a pending token will grant
+            req = (op.metadata or {}).get("request")
+            if isinstance(req, dict) and name in (req.get("projects") or ()):
+                req["projects"] = replaced(list(req["projects"]))
+        async with self._lock:
+            changed = [{**rec, "projects": replaced(rec["projects"])}
+                       for rec in self._by_fp.values() if name in rec["projects"]]
+            if not changed:
+                return
+
+            def write(session) -> None:
+                for rec in changed:
+                    session.execute(update(certificates).where(certificates.c.fingerprint == rec["fingerprint"])
+                                    .values(projects=json.dumps(rec["projects"])))
+
+            await self.db.run(write)
+            for rec in changed:
+                self._by_fp[rec["fingerprint"]] = rec
+        log.info("certificates' projects updated", extra={"project": name, "now": ",".join(by) or "-",
+                                                          "certificates": len(changed)})
 
     async def add(self, der: bytes, *, name: str, type: str, restricted: bool, projects: list[str],
                   fallback_name: str = "") -> dict:

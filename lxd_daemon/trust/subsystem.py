@@ -17,8 +17,13 @@ EXTENSIONS = (
 async def setup(services) -> list:
     from lxd_daemon.api import certificates
 
-    trust = TrustService(db=services.db, lxd_dir=services.lxd_dir, ops=services.ops, server=services.server)
+    projects = getattr(services, "projects", None)
+    trust = TrustService(db=services.db, lxd_dir=services.lxd_dir, ops=services.ops, server=services.server,
+                         projects=projects)
     await trust.load()
+    if projects is not None:  # a certificate's projects follow a rename and leave with a delete
+        projects.on_rename.append(trust.project_renamed)
+        projects.on_delete.append(trust.project_deleted)
     services.trust = trust
     trust.start()
     services.exit_hooks.append(trust.stop)

@@ -98,7 +98,8 @@ class Tokens:
                 await asyncio.sleep(max(0.0, expires_at - time.time()))
                 op.set_status(Status.CANCELLED, "Token expired")
 
-        op = self.ops.create(cls=CLASS_TOKEN, description=DESCRIPTION, metadata=meta, run=run)
+        # A token belongs to the server: its operation is in `default`, as LXD's is.
+        op = self.ops.create(cls=CLASS_TOKEN, description=DESCRIPTION, metadata=meta, run=run, project="default")
         self._issued[op.id] = op
         return op
 

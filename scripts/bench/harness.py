@@ -2,7 +2,7 @@
 
 Run through scripts/bench/run.sh (it installs Debian's lxd and cleans up even after a crash).
 Suites: api (issue 2), images (issue 3), containers (issue 4), storage (issue 9, storage.py),
-networks (issue 10, networks.py), remote (issue 11, remote.py);
+networks (issue 10, networks.py), remote (issue 11, remote.py), projects (issue 12, projects.py);
 `--only files` runs only the file transfer rows of containers. A suite a daemon cannot serve yet (its endpoint answers 404) is
 skipped for that daemon with a line saying so; LXD still runs, which validates the harness.
 """
@@ -33,10 +33,10 @@ from daemons import DEBIAN_LXD, LXC, OUR_LXD, REPO, Daemon, cleanup  # noqa: E40
 
 HERE = Path(__file__).resolve().parent
 VENV_PY = REPO / ".venv" / "bin" / "python"
-SUITES = ("api", "images", "containers", "storage", "networks", "remote")  # what a run without --only runs
+SUITES = ("api", "images", "containers", "storage", "networks", "remote", "projects")  # what a run without --only runs
 EXTRA_SUITES = ("files",)  # only with --only: a subset of a suite above, for quicker iterations
 ALIASES = {"issue2": "api", "issue3": "images", "issue4": "containers", "issue9": "storage", "issue10": "networks",
-           "issue11": "remote"}
+           "issue11": "remote", "issue12": "projects"}
 POOL = "default"
 
 
@@ -492,6 +492,12 @@ class Bench:
 
         remote.RemoteSuite(self, cpu_seconds).run()
 
+    def suite_projects(self) -> None:
+        """Projects (issue 12): `lxc list` and `lxc launch` in a project against default, in one run."""
+        import projects
+
+        projects.ProjectsSuite(self).run()
+
     def suite_files(self) -> None:
         """Only the file transfer rows of the containers suite (a quicker loop for that work)."""
         self.with_containers("files", self.file_rows)
@@ -703,7 +709,8 @@ class Bench:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[],
-                    help="run only this suite: api|images|containers|storage|networks|remote (or issue2|3|4|9|10|11), or files "
+                    help="run only this suite: api|images|containers|storage|networks|remote|projects (or issue2|3|4|9|10|11|12), "
+                         "or files "
                          "(only the file push/pull rows of containers); repeatable")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shorter cells (a smoke run)")
     ap.add_argument("--rounds", type=int, default=0, help="GET /1.0 rounds per cell (default 3, quick 1)")

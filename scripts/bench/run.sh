@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Benchmark our daemon against LXD 5.0.2 (Debian's `lxd`) in the same run.
-#   scripts/bench/run.sh [--only api|images|containers] [--quick] [more: --help]
+#   scripts/bench/run.sh [--only api|images|containers|...|projects] [--quick] [more: --help]
 # Installs Debian's lxd if needed (never started as a service; the harness starts it in a network
 # namespace of its own with a temporary LXD_DIR), runs the suites, prints a markdown table and
 # writes bench-results/<timestamp>.json. Everything the run creates lives under one

@@ -51,6 +51,10 @@ class Harness:
                                driver_version=await self.pool.call("version"))
         self.services = Services(lxd_dir=self.base, db=self.db, events=self.events, ops=self.ops,
                                  pool=self.pool, server=server)
+        from lxd_daemon.projects.service import ProjectService
+
+        self.services.projects = ProjectService(self.db, self.events)  # every request resolves its project
+        await self.services.projects.load()
         self.server = make_server(Gate(create_app(self.services), self.services, "unix"))
         sock = bind_unix_socket(self.sock_path, None)
         self.serve_task = asyncio.create_task(self.server.serve(sockets=[sock]))

@@ -10,22 +10,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.helpers import Daemon, ensure_containers_ready, release_host_state, run_prefix
+from tests.helpers import Daemon, module_daemon, run_prefix
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def d(tmp_path_factory):
-    base = tmp_path_factory.mktemp("lxdproj")
-    dm = Daemon(lxd_dir=base / "var", conf_dir=base / "conf")
-    dm.start()
-    try:
-        ensure_containers_ready(dm)
-        yield dm
-    finally:
-        dm.stop()
-        release_host_state(dm.lxd_dir)
+    yield from module_daemon(tmp_path_factory, "lxdproj")
 
 
 @pytest.fixture

@@ -262,3 +262,37 @@ def test_restricted_certificates_reach_their_projects_only_and_nothing_server_wi
     assert code != 403, msg
     code, msg = asyncio.run(status(Elsewhere(), "GET", "/1.0/profiles"))
     assert code == 403 and "project 'default'" in msg
+
+
+def test_restricted_certificates_list_all_projects_only_where_the_handler_narrows_the_list(app):
+    """`all-projects=true` lets a certificate confined to p1 call the lists that show only its
+    projects (api.request.listed_projects); it opens nothing else in `default`."""
+
+    class Elsewhere:
+        on_revoke: list = []
+
+        def identify(self, der):
+            return ("ef" * 32, {"type": "client", "restricted": True, "projects": ["p1"]})
+
+    async def status(method, url):
+        gate = Gate(app, type("S", (), {"trust": Elsewhere()})(), "tls")
+        transport = httpx.ASGITransport(gate, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="https://lxd") as c:
+            r = await c.request(method, url, content=b"{}")
+            return r.status_code, (r.json().get("error") if r.status_code != 500 else "")
+
+    for url in ("/1.0/instances?all-projects=true", "/1.0/containers?all-projects=1",
+                "/1.0/operations?all-projects=true", "/1.0/profiles?all-projects=true", "/1.0/projects",
+                "/1.0/projects?recursion=1"):
+        code, msg = asyncio.run(status("GET", url))
+        assert code != 403, (url, msg)  # past the access check (the handler narrows)
+    for method, url in (("GET", "/1.0/instances/x1?all-projects=true"),
+                        ("POST", "/1.0/instances?all-projects=true"),
+                        ("GET", "/1.0/profiles/default?all-projects=true"),
+                        ("GET", "/1.0/operations/x1?all-projects=true"),
+                        ("GET", "/1.0/instances"), ("GET", "/1.0/operations"),
+                        ("GET", "/1.0/instances?all-projects=false")):
+        code, msg = asyncio.run(status(method, url))
+        assert code == 403 and "project 'default'" in msg, (method, url, code, msg)
+    code, msg = asyncio.run(status("POST", "/1.0/projects"))
+    assert (code, msg) == (403, "Certificate is restricted")

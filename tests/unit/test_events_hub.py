@@ -32,3 +32,31 @@ def test_taps_see_their_event_types_even_without_listeners_and_a_failing_tap_sto
     hub.lifecycle("image-created", "/1.0/images/ab")
     hub.publish("logging", {"message": "x"})
     assert seen == ["image-created"]
+
+
+def test_listeners_get_their_projects_events_and_only_unrestricted_ones_the_servers():
+    async def main():
+        hub = EventHub()
+        one = hub.subscribe(["lifecycle", "logging"], project="p1")
+        every = hub.subscribe(["lifecycle", "logging"], all_projects=True)
+        confined = hub.subscribe(["lifecycle", "logging"], all_projects=True, visible=["p1", "p2"],
+                                 server_wide=False)
+        narrowed = hub.subscribe(["lifecycle"], project="p3", visible=["p1"], server_wide=False)
+        for p in ("default", "p1", "p2", "p3"):
+            hub.lifecycle("instance-created", f"/1.0/instances/c1?project={p}", project=p)
+        hub.publish("logging", {"message": "server"}, project="")
+
+        def drain(lis):
+            out = []
+            while not lis.queue.empty():
+                ev = json.loads(lis.queue.get_nowait())
+                out.append(ev.get("project", "") if ev["type"] == "lifecycle" else "log")
+            return out
+
+        return drain(one), drain(every), drain(confined), drain(narrowed)
+
+    one, every, confined, narrowed = asyncio.run(main())
+    assert one == ["p1", "log"]
+    assert every == ["default", "p1", "p2", "p3", "log"]
+    assert confined == ["p1", "p2"]
+    assert narrowed == []

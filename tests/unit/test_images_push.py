@@ -71,7 +71,7 @@ def test_a_token_admits_one_upload():
     async def main():
         hub = EventHub()
         ops = OperationManager(hub)
-        op = create_token(ops, hub, fingerprint="busybox", aliases=[{"name": "bb", "description": ""}],
+        op = create_token(ops, hub, project="default", fingerprint="busybox", aliases=[{"name": "bb", "description": ""}],
                           public=True, properties={"os": "x"}, expires_at="2030-01-01T00:00:00Z")
         secret = op.metadata["secret"]
         assert op.cls == "token" and op.resources == {"images": ["/1.0/images/busybox"]}
@@ -83,8 +83,8 @@ def test_a_token_admits_one_upload():
         assert op.status.final
         assert await take_token(ops, FP, secret) is None
         with pytest.raises(BadRequest):
-            create_token(ops, hub, fingerprint=FP, aliases=[], public=False, properties=None, expires_at="soon")
+            create_token(ops, hub, project="default", fingerprint=FP, aliases=[], public=False, properties=None, expires_at="soon")
         with pytest.raises(BadRequest):
-            create_token(ops, hub, fingerprint="", aliases=[], public=False, properties=None, expires_at=None)
+            create_token(ops, hub, project="default", fingerprint="", aliases=[], public=False, properties=None, expires_at=None)
 
     asyncio.run(main())

@@ -30,6 +30,12 @@ class FakeInstances:
     def __init__(self, base: Path):
         self.base = base
 
+    @staticmethod
+    def lookup(project: str, name: str):
+        if (project, name) != ("default", "c1"):
+            raise NotFound("Instance not found")
+        return SimpleNamespace(key=name)
+
     @contextlib.asynccontextmanager
     async def frozen_rootfs(self, name: str):
         if name != "c1":
@@ -60,11 +66,11 @@ async def _chunks(data: bytes, size: int = 65536):
 async def _import(svc: ImageService, path: Path, **kw) -> dict:
     upload = await svc.receive(_chunks(path.read_bytes()), "application/octet-stream")
     try:
-        await svc.check(upload)
+        await svc.check(upload, project=kw.get("project", "default"))
     except BaseException:
         upload.discard()
         raise
-    return await svc.add(upload, **kw)
+    return await svc.add(upload, **{"project": "default", **kw})
 
 
 def test_import_resolve_unpack_and_delete(env):
@@ -77,15 +83,15 @@ def test_import_resolve_unpack_and_delete(env):
                             properties={"extra": "1"})
         fp = img["fingerprint"]
         assert img["properties"] == {"os": "busybox", "release": "1", "extra": "1"}
-        assert (await svc.resolve("x/y"))["fingerprint"] == fp
-        assert (await svc.resolve(fp[:10]))["fingerprint"] == fp
-        assert (await svc.find_by_properties({"os": "busybox"}))["fingerprint"] == fp
+        assert (await svc.resolve("x/y", project="default"))["fingerprint"] == fp
+        assert (await svc.resolve(fp[:10], project="default"))["fingerprint"] == fp
+        assert (await svc.find_by_properties({"os": "busybox"}, project="default"))["fingerprint"] == fp
         with pytest.raises(NotFound):
-            await svc.resolve("nope")
+            await svc.resolve("nope", project="default")
         with pytest.raises(NotFound):
-            await svc.find_by_properties({"os": "other"})
+            await svc.find_by_properties({"os": "other"}, project="default")
         await svc.mark_used(fp)
-        assert (await svc.get(fp))["last_used_at"] != "0001-01-01T00:00:00Z"
+        assert (await svc.get(fp, project="default"))["last_used_at"] != "0001-01-01T00:00:00Z"
         dest = env.tmp / "inst"
         meta = await svc.unpack(fp, dest)
         assert meta["architecture"] == "x86_64" and (dest / "rootfs" / "bin" / "hello").is_file()
@@ -93,12 +99,12 @@ def test_import_resolve_unpack_and_delete(env):
             await _import(svc, path)
         seen = []
         svc.on_delete.append(lambda f: asyncio.sleep(0, seen.append(f)))
-        await svc.delete(fp[:12])
+        await svc.delete(fp[:12], project="default")
         assert seen == [fp]
         await svc.drain()
         assert sorted(os.listdir(env.tmp / "images")) == []
         with pytest.raises(NotFound):
-            await svc.get_alias("x/y")
+            await svc.get_alias("x/y", project="default")
         actions = []
         while not listener.queue.empty():
             actions.append(__import__("json").loads(await listener.queue.get())["metadata"]["action"])
@@ -112,29 +118,29 @@ def test_the_file_index_follows_every_write(env):
         svc = env.svc
         one = await _import(svc, make_image(env.tmp / "a.tar.gz"))
         fp = one["fingerprint"]
-        assert (await svc.locate(fp[:6])).public is False  # loads the index
+        assert (await svc.locate(fp[:6], project="default")).public is False  # loads the index
         with pytest.raises(NotFound):
-            await svc.locate(fp, public_only=True)
-        await svc.update(fp, values={"public": True}, replace=False)
-        assert (await svc.locate(fp, public_only=True)).fingerprint == fp
+            await svc.locate(fp, public_only=True, project="default")
+        await svc.update(fp, project="default", values={"public": True}, replace=False)
+        assert (await svc.locate(fp, public_only=True, project="default")).fingerprint == fp
         two = await _import(svc, make_image(env.tmp / "b.tar.xz", compression="xz"))
-        located = await svc.locate(two["fingerprint"])
+        located = await svc.locate(two["fingerprint"], project="default")
         assert (located.compression, located.layout) == ("xz", "unified")
-        _, _, files = await svc.files(two["fingerprint"])
+        _, _, files = await svc.files(two["fingerprint"], project="default")
         assert files[0][0].endswith(".tar.xz") and files[0][1].is_file()
         common = os.path.commonprefix([fp, two["fingerprint"]])
         with pytest.raises(BadRequest if common else NotFound):
-            await svc.locate(common or "g")
-        await svc.delete(fp)
+            await svc.locate(common or "g", project="default")
+        await svc.delete(fp, project="default")
         with pytest.raises(NotFound):
-            await svc.files(fp)
+            await svc.files(fp, project="default")
         # A load that races with a write is not installed; the answer comes from the database.
         svc._index.invalidate()
         generation = svc._index.generation
         svc._index.put(located)
         svc._index.install([], generation)
         assert not svc._index.loaded
-        assert (await svc.locate(two["fingerprint"][:8])).fingerprint == two["fingerprint"]
+        assert (await svc.locate(two["fingerprint"][:8], project="default")).fingerprint == two["fingerprint"]
 
     asyncio.run(main())
 
@@ -143,22 +149,22 @@ def test_alias_rules(env):
     async def main():
         svc = env.svc
         img = await _import(svc, make_image(env.tmp / "b.tar.gz"))
-        await svc.create_alias("one", img["fingerprint"][:8])
+        await svc.create_alias("one", img["fingerprint"][:8], project="default")
         with pytest.raises(Conflict):
-            await svc.create_alias("one", img["fingerprint"])
+            await svc.create_alias("one", img["fingerprint"], project="default")
         for bad in ("", "../x", "a:b", "x\n"):
             with pytest.raises(BadRequest):
-                await svc.create_alias(bad, img["fingerprint"])
+                await svc.create_alias(bad, img["fingerprint"], project="default")
         for good in ("a//b", "a/b/"):  # empty components are fine, as in LXD (`lxc image alias create a/b/`)
-            await svc.create_alias(good, img["fingerprint"])
-            await svc.delete_alias(good)
-        await svc.rename_alias("one", "two/three")
+            await svc.create_alias(good, img["fingerprint"], project="default")
+            await svc.delete_alias(good, project="default")
+        await svc.rename_alias("one", "two/three", project="default")
         with pytest.raises(NotFound):
-            await svc.get_alias("one")
-        await svc.update_alias("two/three", {"description": "d"}, replace=False)
-        assert (await svc.get_alias("two/three"))["description"] == "d"
+            await svc.get_alias("one", project="default")
+        await svc.update_alias("two/three", {"description": "d"}, project="default", replace=False)
+        assert (await svc.get_alias("two/three", project="default"))["description"] == "d"
         with pytest.raises(BadRequest, match="target"):
-            await svc.update_alias("two/three", {"description": "d"}, replace=True)
+            await svc.update_alias("two/three", {"description": "d"}, project="default", replace=True)
 
     asyncio.run(main())
 
@@ -174,7 +180,7 @@ def test_publish_through_the_frozen_rootfs_contract(env):
     async def main():
         svc = env.svc
         op = SimpleNamespace(update_metadata=lambda m: None)
-        kw = dict(source_type="instance", name="c1", compression="gzip", filename="c1.tar.gz", public=True,
+        kw = dict(project="default", source_type="instance", name="c1", compression="gzip", filename="c1.tar.gz", public=True,
                   properties={"os": "published"}, aliases=[{"name": "pub"}], expires_at=None, profiles=None)
         with pytest.raises(BadRequest, match="instances are not available"):
             await svc.publish(op, **kw)
@@ -233,12 +239,92 @@ def test_failed_uploads_leave_no_scan_running(env):
             await svc.receive(_chunks(body), f"multipart/form-data; boundary={boundary}")
         upload = await svc.receive(_chunks(data), "application/octet-stream")
         with pytest.raises(BadRequest, match="mismatch"):
-            await svc.check(upload, "0" * 64)
+            await svc.check(upload, "0" * 64, project="default")
         upload.discard()
         for _ in range(100):
             if not pipeline.running():
                 break
             await asyncio.sleep(0.02)
         assert pipeline.running() == 0
+
+    asyncio.run(main())
+
+
+def test_one_image_in_two_projects_shares_its_files(env):
+    """Rows per project (UNIQUE(project, fingerprint)); the files go with the last row."""
+    async def main():
+        svc = env.svc
+        seen = []
+        svc.on_delete.append(lambda f: asyncio.sleep(0, seen.append(f)))
+        path = make_image(env.tmp / "a.tar.gz")
+        one = await _import(svc, path, aliases=[{"name": "b"}])
+        fp = one["fingerprint"]
+        with pytest.raises(NotFound):
+            await svc.get(fp, project="p1")
+        with pytest.raises(NotFound):
+            await svc.resolve("b", project="p1")
+        two = await _import(svc, path, project="p1", aliases=[{"name": "b"}])
+        assert two["fingerprint"] == fp
+        with pytest.raises(Conflict):
+            await _import(svc, path, project="p1")
+        assert [i["fingerprint"] for i in await svc.list(project="p1")] == [fp]
+        assert (await svc.resolve("b", project="p1"))["fingerprint"] == fp
+        await svc.update(fp, project="p1", values={"public": True}, replace=False)
+        assert (await svc.get(fp, project="p1"))["public"] and not (await svc.get(fp, project="default"))["public"]
+        await svc.delete(fp, project="default")
+        await svc.drain()
+        assert seen == [] and svc.path(fp).is_file()
+        with pytest.raises(NotFound):
+            await svc.get(fp, project="default")
+        assert (await svc.locate(fp, project=None)).project == "p1"
+        assert (await svc.get_alias("b", project="p1"))["target"] == fp
+        op = svc.create_secret(fp, project="p1")  # an untrusted caller with it sees p1's image
+        assert svc.secret_project(op.metadata["secret"]) == "p1" and svc.secret_project("nope") is None
+        assert op.project == "p1" and op.resources == {"images": [f"/1.0/images/{fp}?project=p1"]}
+        await svc.delete(fp, project="p1")
+        await svc.drain()
+        assert seen == [fp] and not svc.path(fp).exists()
+
+    asyncio.run(main())
+
+
+def test_pulls_land_in_the_callers_project(env):
+    """A pull into p1 of an image default has: a row of p1's own over the same files, no download;
+    one default doesn't have: downloaded into p1 only."""
+    import hashlib
+    import shutil
+
+    from lxd_daemon.images.remote.client import Fetched, RemoteInfo
+
+    path = make_image(env.tmp / "a.tar.gz")
+    other = make_image(env.tmp / "b.tar.xz", compression="xz")
+    downloads = []
+
+    class Remote:
+        server, protocol = "https://example.invalid", "simplestreams"
+
+        async def download(self, info, workdir, report):
+            src = path if info.fingerprint == hashlib.sha256(path.read_bytes()).hexdigest() else other
+            downloads.append(info.fingerprint)
+            dest = workdir / "image.tar"
+            shutil.copy(src, dest)
+            return Fetched(meta=dest, rootfs=None, fingerprint=info.fingerprint, size=dest.stat().st_size)
+
+    async def main():
+        svc = env.svc
+        fp = (await _import(svc, path))["fingerprint"]
+        got = await svc.remote.obtain(Remote(), RemoteInfo(fp), "bb", project="p1", aliases=[{"name": "bb"}])
+        assert got == fp and downloads == []
+        assert (await svc.resolve("bb", project="p1"))["update_source"]["alias"] == "bb"
+        with pytest.raises(NotFound):
+            await svc.resolve("bb", project="default")
+        fp2 = hashlib.sha256(other.read_bytes()).hexdigest()
+        assert await svc.remote.obtain(Remote(), RemoteInfo(fp2), fp2, project="p1", cached=True) == fp2
+        assert downloads == [fp2] and (await svc.get(fp2, project="p1"))["cached"]
+        with pytest.raises(NotFound):
+            await svc.get(fp2, project="default")
+        await svc.delete(fp, project="p1")
+        await svc.drain()
+        assert svc.path(fp).is_file()  # default's row keeps the files
 
     asyncio.run(main())

@@ -169,11 +169,13 @@ class FakeImages:
         self.paths[fp] = [(f"meta-{fp}.tar.gz", self.root / fp), (fp + ".squashfs", self.root / (fp + ".rootfs"))]
         return fp
 
-    async def list(self, *, public_only=False):
+    async def list(self, *, project, public_only=False):
+        assert project == "default"
         self.lists += 1
         return [d for d in self.docs.values() if d["public"] or not public_only]
 
-    async def files(self, fp):
+    async def files(self, fp, *, project):
+        assert project == "default"
         if fp not in self.docs:
             raise NotFound("Image not found")
         return fp, self.docs[fp]["public"], self.paths[fp]

@@ -405,3 +405,30 @@ def test_token_guesses_are_throttled(tmp_path):
         assert await t.redeem(good, "10.3.0.2") == {"name": "n", "type": "client"}
 
     run(tmp_path, body)
+
+
+def test_certificate_projects_follow_a_project_rename_and_leave_with_a_delete(tmp_path):
+    cert, _ = make_cert("confined")
+    other, _ = make_cert("free")
+
+    async def body(env: Env):
+        t = env.trust
+        with env.db.engine.begin() as c:
+            for name in ("p1", "p2"):
+                c.exec_driver_sql(f"INSERT INTO projects (name, description, config) VALUES ('{name}', '', '{{}}')")
+        with pytest.raises(NotFound):
+            await t.add(der(cert), name="c", type="client", restricted=True, projects=["p1", "nope"])
+        rec = await t.add(der(cert), name="c", type="client", restricted=True, projects=["p1", "p2"])
+        free = await t.add(der(other), name="f", type="client", restricted=False, projects=[])
+        await t.project_renamed("p1", "p3")
+        assert t.identify(der(cert))[1]["projects"] == ["p3", "p2"]
+        await t.project_deleted("p2")
+        assert t.identify(der(cert))[1]["projects"] == ["p3"]
+        assert t.identify(der(other))[1] is free
+        # Written through: a restart reads the same.
+        t2 = TrustService(db=env.db, lxd_dir=env.tmp, ops=env.ops, server=env.server)
+        await t2.load()
+        assert t2.identify(der(cert))[1]["projects"] == ["p3"]
+        assert t2.get(rec["fingerprint"])["restricted"] is True
+
+    run(tmp_path, body)

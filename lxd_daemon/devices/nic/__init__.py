@@ -233,9 +233,10 @@ class Nic(Device):
             await self.kind.remove(self, ctx)
 
 
-async def check_nics(services, devices: dict[str, dict], *, instance: str, project: str = "default",
+async def check_nics(services, devices: dict[str, dict], *, instance: str,
                      expanded: dict[str, dict] | None = None) -> None:
-    """When nics are added or changed (instance create/update): a `network` exists, and a
+    """When nics are added or changed (instance create/update of the instance with key
+    `instance`; networks are those its project sees): a `network` exists, and a
     static address lies in its subnet and isn't another nic's on it; no two nics of the
     instance (`expanded`) have the same interface name. BadRequest naming the device otherwise."""
     from pathlib import Path
@@ -255,7 +256,7 @@ async def check_nics(services, devices: dict[str, dict], *, instance: str, proje
     if not todo:
         return
     ctx = DeviceContext(instance=instance, idmap=IdmapSet(()), privileged=False, devices_dir=Path("/"),
-                        project=project, instances=services.instances)
+                        instances=services.instances)
     for dname, dev in sorted(todo.items()):
         try:
             net = get_network(ctx, dev["network"])
@@ -269,9 +270,12 @@ async def check_nics(services, devices: dict[str, dict], *, instance: str, proje
                              f"({dev['network']!r} is a {net.type} network)")
 
 
-async def forget_hosts(services, instance: str, devices: dict[str, dict], project: str = "default") -> None:
-    """The DHCP host entries of an instance's nics on managed networks go (the instance was
-    renamed: its next start makes them under the new name)."""
+async def forget_hosts(services, instance: str, devices: dict[str, dict]) -> None:
+    """The DHCP host entries of the nics on managed networks of the instance that had key
+    `instance` go (it was renamed: its next start makes them under the new name)."""
+    from lxd_daemon.projects.naming import split
+
+    project, name = split(instance)
     svc = services.networks
     if svc is None:
         return
@@ -279,6 +283,6 @@ async def forget_hosts(services, instance: str, devices: dict[str, dict], projec
         if dev.get("type") != "nic" or not dev.get("network"):
             continue
         try:
-            await svc.nic_detach(dev["network"], f"{project}_{instance}.{dname}")
+            await svc.nic_detach(dev["network"], f"{project}_{name}.{dname}", project=project)
         except LXDError:
             continue

@@ -68,7 +68,11 @@ def address_owner(ctx: DeviceContext, network: str, key: str, addr, *, exclude: 
     svc = ctx.instances
     if svc is None:
         return ""
+    space = svc.projects.effective(ctx.project, "networks")  # the instances on the same network
     for inst in sorted(svc.records):
+        rec = svc.records[inst]
+        if svc.projects.effective(rec.project, "networks") != space:
+            continue
         try:
             devices = svc.expanded(inst)[1]
         except Exception:
@@ -78,7 +82,8 @@ def address_owner(ctx: DeviceContext, network: str, key: str, addr, *, exclude: 
                 continue
             try:
                 if d.get(key) and ipaddress.ip_address(d[key]) == addr:
-                    return f"instance {inst!r} (device {dname!r})"
+                    where = "" if rec.project == "default" else f" of project {rec.project!r}"
+                    return f"instance {rec.name!r}{where} (device {dname!r})"
             except ValueError:
                 continue
     return ""

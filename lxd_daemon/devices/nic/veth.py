@@ -42,7 +42,8 @@ def limits_of(dev: dict) -> tuple[int | None, int | None]:
 
 
 def filter_key(ctx: DeviceContext, dev_name: str) -> str:
-    return f"{ctx.project}_{ctx.instance}.{dev_name}"
+    """The nic's name for the firewall and DHCP host entries (LXD's `<project>_<instance>.<dev>`)."""
+    return f"{ctx.project}_{ctx.instance_name}.{dev_name}"
 
 
 def networks(ctx: DeviceContext):
@@ -213,7 +214,7 @@ async def _managed_attach(nic, ctx: DeviceContext, network, host_name: str, hwad
     """The nic's DHCP host entry on the managed network (its name for DNS, its static lease)."""
     dev = nic.config
     svc = networks(ctx)
-    await svc.nic_attach(network, filter_key(ctx, nic.name), hwaddr=hwaddr, hostname=ctx.instance,
+    await svc.nic_attach(network, filter_key(ctx, nic.name), hwaddr=hwaddr, hostname=ctx.dns_name,
                          ipv4=dev.get("ipv4.address") or None, ipv6=dev.get("ipv6.address") or None)
 
 
@@ -303,6 +304,6 @@ async def remove_managed(nic, ctx: DeviceContext) -> None:
     if nic.config.get("network"):
         try:
             svc = networks(ctx)
-            await svc.nic_detach(svc.get(nic.config["network"]), filter_key(ctx, nic.name))
+            await svc.nic_detach(svc.get(nic.config["network"], ctx.project), filter_key(ctx, nic.name))
         except LXDError:
             pass

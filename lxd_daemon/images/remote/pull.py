@@ -57,20 +57,22 @@ class Puller:
         info = await remote.resolve(name, source.get("image_type") or "")
         return remote, info, name
 
-    async def pull(self, source: dict, *, project: str = "default", aliases=(), auto_update: bool | None = None,
+    async def pull(self, source: dict, *, project: str, aliases=(), auto_update: bool | None = None,
                    public: bool = False, op=None, cached: bool = False, requestor: dict | None = None) -> str:
         remote, info, name = await self.resolve(source)
-        return await self.obtain(remote, info, name, certificate=source.get("certificate") or "",
+        return await self.obtain(remote, info, name, project=project, certificate=source.get("certificate") or "",
                                  image_type=source.get("image_type") or "", aliases=aliases,
                                  auto_update=auto_update, public=public, op=op, cached=cached,
                                  requestor=requestor)
 
-    async def obtain(self, remote, info: RemoteInfo, name: str, *, certificate: str = "", image_type: str = "",
-                     aliases=(), auto_update: bool | None = None, public: bool = False, op=None,
-                     cached: bool = False, requestor: dict | None = None) -> str:
-        """The image `info` (resolved by `remote` from `name`) in the local store: reused, or
-        downloaded and added. Returns its fingerprint."""
+    async def obtain(self, remote, info: RemoteInfo, name: str, *, project: str, certificate: str = "",
+                     image_type: str = "", aliases=(), auto_update: bool | None = None, public: bool = False,
+                     op=None, cached: bool = False, requestor: dict | None = None) -> str:
+        """The image `info` (resolved by `remote` from `name`) in the images `project` uses: reused,
+        shared with another project's row (the files are there), or downloaded and added. Returns
+        its fingerprint."""
         fp = info.fingerprint
+        eff = self.images.effective(project)
         if auto_update is None:
             auto_update = cached and _is_true(self.images.server.config.get("images.auto_update_cached"))
         # Where it came from, kept for auto-update and refresh when asked by a name (LXD: alias != fp).
@@ -78,34 +80,40 @@ class Puller:
         if name != fp:
             origin = {"server": remote.server, "protocol": remote.protocol, "alias": name,
                       "certificate": certificate, "image_type": image_type}
-        existing = await self._exists(fp)
+        existing = await self._exists(fp, eff)
         if not existing:
             try:
-                await self._download(remote, info, op, cached=cached, public=public, auto_update=auto_update,
-                                     origin=origin, requestor=requestor)
+                if await self._exists(fp, None):  # another project's row has the files
+                    await self.images.share(fp, project=project, public=public, auto_update=auto_update,
+                                            cached=cached, source=origin, requestor=requestor)
+                else:
+                    await self._download(remote, info, op, project=project, cached=cached, public=public,
+                                         auto_update=auto_update, origin=origin, requestor=requestor)
             except Conflict:
                 pass  # it arrived meanwhile (another pull or an upload)
-        await self._settle(fp, cached=cached, public=public, auto_update=auto_update, origin=origin,
+        await self._settle(fp, eff, cached=cached, public=public, auto_update=auto_update, origin=origin,
                            downloaded=not existing)
         for a in aliases or ():
             entry = a if isinstance(a, dict) else {"name": str(a)}
-            await self.images.create_alias(entry["name"], fp, entry.get("description") or "", requestor=requestor)
+            await self.images.create_alias(entry["name"], fp, entry.get("description") or "", project=project,
+                                           requestor=requestor)
         return fp
 
-    async def _exists(self, fp: str) -> bool:
+    async def _exists(self, fp: str, project: str | None) -> bool:
         try:
-            await self.images.locate(fp)
+            await self.images.locate(fp, project=project)
         except NotFound:
             return False
         return True
 
-    async def _download(self, remote, info: RemoteInfo, op, **settings) -> None:
+    async def _download(self, remote, info: RemoteInfo, op, *, project: str, **settings) -> None:
         fp = info.fingerprint
-        shared = self._shared.get(fp)
+        key = (self.images.effective(project), fp)
+        shared = self._shared.get(key)
         if shared is None:
-            task = asyncio.ensure_future(self._fetch_and_add(remote, info, fp, **settings))
-            shared = self._shared[fp] = _Shared(task)
-            task.add_done_callback(lambda _t, fp=fp: self._shared.pop(fp, None))
+            task = asyncio.ensure_future(self._fetch_and_add(remote, info, fp, project=project, **settings))
+            shared = self._shared[key] = _Shared(task)
+            task.add_done_callback(lambda _t, key=key: self._shared.pop(key, None))
             task.add_done_callback(_consume)
         if op is not None:
             shared.ops.add(op)
@@ -114,15 +122,15 @@ class Puller:
         finally:
             shared.ops.discard(op)
 
-    def _report(self, fp: str):
+    def _report(self, key: tuple[str, str]):
         def report(text: str) -> None:
-            shared = self._shared.get(fp)
+            shared = self._shared.get(key)
             for op in list(shared.ops) if shared else ():
                 if not op.status.final:
                     op.update_metadata({PROGRESS_KEY: text})
         return report
 
-    async def _fetch_and_add(self, remote, info: RemoteInfo, fp: str, *, cached: bool, public: bool,
+    async def _fetch_and_add(self, remote, info: RemoteInfo, fp: str, *, project: str, cached: bool, public: bool,
                              auto_update: bool, origin: dict | None, requestor: dict | None) -> None:
         from lxd_daemon.images.service import Upload
 
@@ -131,7 +139,7 @@ class Puller:
         workdir = await asyncio.to_thread(store.new_workdir)
         upload = fetched = None
         try:
-            fetched = await remote.download(info, workdir, self._report(fp))
+            fetched = await remote.download(info, workdir, self._report((images.effective(project), fp)))
             try:
                 compression, rootfs_format = await asyncio.to_thread(_formats, fetched.meta, fetched.rootfs)
             except BaseException:
@@ -142,9 +150,9 @@ class Puller:
                             fingerprint=fetched.fingerprint, size=fetched.size, compression=compression,
                             rootfs_format=rootfs_format, part_filename=fetched.rootfs_name,
                             scans=fetched.scans)
-            await images.check(upload)
+            await images.check(upload, project=project)
             props = dict(info.properties)
-            await images.add(upload, filename=info.filename or fetched.meta.name, public=public,
+            await images.add(upload, project=project, filename=info.filename or fetched.meta.name, public=public,
                              properties=props, auto_update=auto_update, cached=cached, source=origin,
                              requestor=requestor)
             log.info("image pulled", extra={"fingerprint": fp, "server": remote.server})
@@ -155,8 +163,8 @@ class Puller:
             await asyncio.to_thread(shutil.rmtree, workdir, True)
             raise
 
-    async def _settle(self, fp: str, *, cached: bool, public: bool, auto_update: bool, origin: dict | None,
-                      downloaded: bool) -> None:
+    async def _settle(self, fp: str, project: str, *, cached: bool, public: bool, auto_update: bool,
+                      origin: dict | None, downloaded: bool) -> None:
         """Apply this pull's wishes to an image that was there already (or pulled by another caller):
         an explicit copy makes a cached image a real one; public/auto_update only ever turn on; a
         launch marks it used."""
@@ -180,10 +188,11 @@ class Puller:
 
         def write(session):
             if flags:
-                session.execute(update(images_table).where(t.fingerprint == fp).values(flags))
+                session.execute(update(images_table).where(t.fingerprint == fp, t.project == project)
+                                .values(flags))
             if src:  # an image keeps the source it has (the first one, as in LXD)
-                session.execute(update(images_table).where(t.fingerprint == fp, t.source_server.is_(None))
-                                .values(src))
+                session.execute(update(images_table).where(t.fingerprint == fp, t.project == project,
+                                                           t.source_server.is_(None)).values(src))
 
         await self.images.db.run(write)
         self.images._index.invalidate()  # the public flag may have changed

@@ -31,11 +31,12 @@ def check_source(src) -> dict:
     return source
 
 
-async def pulled_body(services, body, op, who):
-    """An instance create request from an image server, with the image pulled into the local store
-    (cached, as LXD marks images pulled for instances) and the source now naming it locally."""
+async def pulled_body(services, body, op, who, *, project: str):
+    """An instance create request from an image server, with the image pulled into the images of
+    `project` (the caller's; cached, as LXD marks images pulled for instances) and the source now
+    naming it locally."""
     src = dict(body.source)
-    fp = await services.images.pull(check_source(src), cached=True, op=op, requestor=who)
+    fp = await services.images.pull(check_source(src), project=project, cached=True, op=op, requestor=who)
     local = {k: v for k, v in src.items() if k not in REMOTE_KEYS}
     local.update(type="image", fingerprint=fp)
     return body.model_copy(update={"source": local})
