@@ -204,6 +204,7 @@ def check(conn: HTTPConnection) -> None:
 ALL_PROJECTS_LISTS = frozenset({
     ("GET", "/1.0/instances"), ("GET", "/1.0/containers"), ("GET", "/1.0/operations"),
     ("GET", "/1.0/profiles"), ("WEBSOCKET", "/1.0/events"),
+    ("GET", "/1.0/storage-pools/{pool}/volumes"), ("GET", "/1.0/storage-pools/{pool}/volumes/{type}"),
 })
 
 

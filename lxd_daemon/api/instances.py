@@ -13,6 +13,7 @@ from lxd_daemon.api.envelope import async_, etag_of, sync
 from lxd_daemon.api.request import check_etag, listed_projects, parse, project_of, recursion, visible_project
 from lxd_daemon.errors import BadRequest, Conflict, NotFound, NotImplementedYet
 from lxd_daemon.filter import parse_filter
+from lxd_daemon.projects import policy
 from lxd_daemon.projects.naming import query, storage_name
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.instances import InstancePost, InstancePut, InstancesPost, InstancesPut
@@ -49,6 +50,12 @@ def instance_key(request: Request, name: str) -> str:
     """The key (storage name) of instance `name` of the request's project: what every
     InstanceService method takes."""
     return storage_name(project_of(request).name, name)
+
+
+def check_target(request: Request) -> None:
+    """`?target=` (`lxc launch/copy/move --target`): refused (no cluster), by a restricted project
+    first."""
+    policy.check_target(project_of(request).config, request.query_params.get("target", ""))
 
 
 def resources(project: str, *names: str) -> dict:
@@ -100,6 +107,7 @@ async def list_instances(prefix: str, request: Request) -> Response:
 
 @route("POST", "", access=Access.TRUSTED, body=STREAM)
 async def create_instance(prefix: str, request: Request) -> Response:
+    check_target(request)
     if request.headers.get("content-type", "").split(";")[0].strip().lower() == "application/octet-stream":
         from lxd_daemon.api.instance_backups import import_instance
 
@@ -298,6 +306,7 @@ async def rename_instance(prefix: str, request: Request, name: str) -> Response:
     project = project_name(request)
     key = instance_key(request, name)
     svc.record(key)
+    check_target(request)
     body = await parse(request, InstancePost)
     if body.migration and body.pool:  # `lxc move NAME [NEW] -s POOL`
         return _move_to_pool(prefix, request, name, body)

@@ -11,6 +11,7 @@ from lxd_daemon.api.access import STREAM, Access, Routes, shown
 from lxd_daemon.api.envelope import async_, etag_of, sync
 from lxd_daemon.api.request import (
     check_etag,
+    listed_projects,
     parse,
     project_of,
     read_json,
@@ -43,7 +44,8 @@ EXTENSIONS = (
     "custom_volume_snapshot_expiry",
     "volume_snapshot_scheduling",
     "custom_volume_refresh",
-    "storage_api_project",  # `lxc storage volume copy/move --target-project`
+    "storage_api_project",
+    "storage_volumes_all_projects",  # `lxc storage volume list --all-projects`  # `lxc storage volume copy/move --target-project`
 )
 
 TYPES = ("container", "virtual-machine", "image", "custom")
@@ -217,22 +219,32 @@ async def _one(services, pool: str, vtype: str, name: str, project: str) -> dict
 def _listing(request: Request, pool: str, vols: list[dict]) -> Response:
     if recursion(request):
         return sync([shown(request, v) for v in vols])
-    project = project_of(request).name
-    return sync([_url(pool, v["type"], v["name"], project) for v in vols])
+    return sync([_url(pool, v["type"], v["name"], v["project"]) for v in vols])
+
+
+async def _listed(request: Request, pool: str, vtype: str | None) -> list[dict]:
+    """The volumes of the request's project, or with `all-projects=true` of every project the
+    caller may see (each once: projects without features.storage.volumes share default's)."""
+    services = get_services(request)
+    out, seen = [], set()
+    for project in listed_projects(request):
+        for v in await _volumes(services, pool, vtype, project):
+            if (v["project"], v["type"], v["name"]) not in seen:
+                seen.add((v["project"], v["type"], v["name"]))
+                out.append(v)
+    return out
 
 
 # -- collection -----------------------------------------------------------------------------------
 
 @router.get(BASE, access=Access.TRUSTED)
 async def list_volumes(request: Request, pool: str) -> Response:
-    services = get_services(request)
-    return _listing(request, pool, await _volumes(services, pool, None, project_of(request).name))
+    return _listing(request, pool, await _listed(request, pool, None))
 
 
 @router.get(BASE + "/{type}", access=Access.TRUSTED)
 async def list_volumes_of_type(request: Request, pool: str, type: str) -> Response:
-    services = get_services(request)
-    return _listing(request, pool, await _volumes(services, pool, _type(type), project_of(request).name))
+    return _listing(request, pool, await _listed(request, pool, _type(type)))
 
 
 async def _create(request: Request, pool: str, vtype: str | None) -> Response:

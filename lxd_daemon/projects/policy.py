@@ -25,7 +25,7 @@ import os.path
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from lxd_daemon.errors import BadRequest
+from lxd_daemon.errors import BadRequest, Forbidden
 from lxd_daemon.util.sizes import parse_byte_size
 from lxd_daemon.util.validate import is_abs_path, is_any, list_of
 
@@ -89,6 +89,19 @@ def _range(v: str) -> None:
     parse_uint32_range(v)
 
 
+def _uplink_subnet(v: str) -> None:
+    """`UPLINK:CIDR` (restricted.networks.subnets)."""
+    import ipaddress
+
+    uplink, sep, cidr = v.partition(":")
+    if not sep or not uplink:
+        raise ValueError(f"Invalid subnet {v!r}: expected UPLINK:CIDR")
+    try:
+        ipaddress.ip_network(cidr, strict=False)
+    except ValueError:
+        raise ValueError(f"Invalid subnet {v!r}: {cidr!r} is not a CIDR subnet") from None
+
+
 _ALLOW_BLOCK = _one_of("block", "allow")
 _ALLOW_BLOCK_MANAGED = _one_of("block", "allow", "managed")
 
@@ -136,19 +149,19 @@ LXD_KEYS: dict[str, Callable[[str], None]] = {
     "restricted.idmap.gid": list_of(_range),
     "restricted.networks.access": is_any,
     "restricted.networks.uplinks": is_any,
-    "restricted.networks.subnets": is_any,
+    "restricted.networks.subnets": list_of(_uplink_subnet),
     "restricted.networks.zones": is_any,
     "restricted.snapshots": _ALLOW_BLOCK,
 }
 
 # Keys LXD has that this server doesn't enforce (yet): refused, never accepted silently.
-# (features.* can't change on the default project anyway; the cluster and uplink keys have
-# nothing to act on here.)
+# (The cluster keys restrict targeting cluster members, which this unclustered server refuses to
+# everyone (check_target); the uplink, subnet and zone keys restrict the OVN networks and zones of a
+# project, which this server can't make (networks/service.py refuses networks in a project with
+# features.networks): both are enforced by there being nothing to allow.)
 UNSUPPORTED = frozenset({
     "backups.compression_algorithm", "images.auto_update_cached", "images.auto_update_interval",
     "images.compression_algorithm", "images.default_architecture", "images.remote_cache_expiry",
-    "restricted.cluster.groups", "restricted.cluster.target",
-    "restricted.networks.uplinks", "restricted.networks.subnets", "restricted.networks.zones",
 })
 
 FEATURES = ("features.images", "features.networks", "features.profiles", "features.storage.volumes")
@@ -156,6 +169,7 @@ FEATURES = ("features.images", "features.networks", "features.profiles", "featur
 # The restrictions and their defaults (what applies when `restricted=true` and the key is unset).
 RESTRICTION_DEFAULTS: dict[str, str] = {
     "restricted.backups": "block",
+    "restricted.cluster.target": "block",
     "restricted.containers.nesting": "block",
     "restricted.containers.interception": "block",
     "restricted.containers.lowlevel": "block",
@@ -720,6 +734,16 @@ def allocations(cfg: dict[str, str], instances: list[Entity], networks: int,
         "virtual-machines": {"limit": limit_of("limits.virtual-machines"),
                              "usage": sum(1 for i in instances if i.type == "virtual-machine")},
     }
+
+
+def check_target(cfg: dict[str, str], target: str) -> None:
+    """`?target=MEMBER` on an instance create, copy or move: a restricted project refuses it first
+    (restricted.cluster.target), as LXD; and this server is not a cluster."""
+    if not target:
+        return
+    if is_true(cfg.get("restricted")) and _restriction(cfg, "restricted.cluster.target") != "allow":
+        raise Forbidden("This project doesn't allow cluster member targeting")
+    raise BadRequest("Target only allowed when clustered")
 
 
 def snapshot_allowed(project: str, cfg: dict[str, str]) -> None:

@@ -200,6 +200,23 @@ def test_two_projects_each_run_a_container_named_c1(d, projects):
     assert d.api("GET", "/1.0/instances/c1").status_code == 404
 
 
+def test_move_an_instance_to_another_project(d, projects):
+    """`lxc move c1 --target-project P` (the client copies, then deletes the source)."""
+    p = projects("mv")
+    d.lxc("init", "busybox", "mc1", "-c", "user.kept=yes")
+    try:
+        d.lxc("move", "mc1", "--target-project", p)
+        assert d.api("GET", "/1.0/instances/mc1").status_code == 404
+        moved = d.api("GET", f"/1.0/instances/mc1?project={p}").json()["metadata"]
+        assert moved["project"] == p and moved["config"]["user.kept"] == "yes"
+        assert (d.lxd_dir / "containers" / f"{p}_mc1").exists() and not (d.lxd_dir / "containers" / "mc1").exists()
+        d.lxc("start", "mc1", "--project", p)
+        assert d.lxc("exec", "mc1", "--project", p, "--", "hostname").stdout.strip() == "mc1"
+    finally:
+        d.lxc("delete", "-f", "mc1", "--project", p, check=False)
+        d.lxc("delete", "-f", "mc1", check=False)
+
+
 # -- features.images ---------------------------------------------------------------------------------
 
 def test_features_images_off_shares_default_images_and_on_isolates_them(d, projects):
@@ -296,6 +313,9 @@ def test_restricted_project_refuses_escapes_through_create_edit_profile_and_copy
     # Nothing of the refused settings landed anywhere.
     got = d.api("GET", f"/1.0/instances/ok?project={p}").json()["metadata"]["config"]
     assert not {k for k, _, _ in ESCAPES} & set(got)
+    # restricted.cluster.target (blocked by `restricted`): targeting a member is refused first.
+    assert "doesn't allow cluster member targeting" in fails(d, "init", "busybox", "bad", "--target", "m1", *pp)
+    assert "Target only allowed when clustered" in fails(d, "init", "busybox", "bad", "--target", "m1")
     # The same keys are fine in default (unrestricted), which the restriction doesn't touch.
     d.lxc("init", "busybox", "free", "-c", "security.nesting=true")
     d.lxc("delete", "free")

@@ -148,3 +148,21 @@ def test_volume_moves_to_another_project_with_its_snapshots_and_content(ready, p
     assert [s["name"] for s in volumes(d, p2, "custom") if s["name"].startswith(v + "/")] == [f"{v}/s0"]
     assert "not found" in fails(d, "storage", "volume", "move", f"{POOL}/{v}", f"{POOL}/{v}",
                                 "--project", p2, "--target-project", "nosuchproject").lower()
+
+
+def test_volume_list_all_projects(ready, projects):
+    """`lxc storage volume list --all-projects`: every project's volumes, each once, with its project."""
+    d = ready
+    p1, p2 = projects("al1"), projects("al2", "features.storage.volumes=false")
+    v = run_prefix() + "a"
+    d.lxc("storage", "volume", "create", POOL, v, "--project", p1)
+    d.lxc("storage", "volume", "create", POOL, v + "d", "--project", p2)  # lands in default
+    try:
+        out = json.loads(d.lxc("storage", "volume", "list", POOL, "--all-projects", "--format", "json").stdout)
+        got = sorted((x["project"], x["name"]) for x in out if x["type"] == "custom" and x["name"].startswith(v))
+        assert got == [("default", v + "d"), (p1, v)]
+        urls = d.api("GET", f"/1.0/storage-pools/{POOL}/volumes/custom?all-projects=true").json()["metadata"]
+        assert f"/1.0/storage-pools/{POOL}/volumes/custom/{v}?project={p1}" in urls
+        assert f"/1.0/storage-pools/{POOL}/volumes/custom/{v}d" in urls
+    finally:
+        d.lxc("storage", "volume", "delete", POOL, v + "d", check=False)

@@ -31,8 +31,11 @@ def create(e: Entity, local: dict | None = None, strip: bool = False) -> Change:
     ({"restricted.devices.nic": "x"}, "(not one of [block allow managed])"),
     ({"restricted.devices.disk.paths": "/a,b"}, "Item 'b': Must be absolute file path"),
     ({"restricted.idmap.uid": "5-1"}, "Start number must be lower than end number"),
-    ({"restricted.cluster.target": "allow"}, 'Project configuration key "restricted.cluster.target" is not '
+    ({"images.compression_algorithm": "xz"}, 'Project configuration key "images.compression_algorithm" is not '
                                              'supported by this server yet'),
+    ({"restricted.cluster.target": "maybe"}, "(not one of [block allow])"),
+    ({"restricted.networks.subnets": "br0"}, "expected UPLINK:CIDR"),
+    ({"restricted.networks.subnets": "br0:10.0.0.0/33"}, "is not a CIDR subnet"),
     ({"limits.disk": "lots"}, 'Invalid project configuration key "limits.disk" value'),
     ({"limits.networks": "-1"}, 'Invalid project configuration key "limits.networks" value'),
 ])
@@ -46,7 +49,8 @@ def test_validate_accepts_and_features_are_fixed_on_default():
     ok = {**FEATURES, "limits.instances": "3", "limits.cpu": "4", "limits.memory": "1GiB", "restricted": "true",
           "restricted.devices.disk.paths": "/srv,/data", "restricted.idmap.uid": "1000-1999,5000",
           "user.owner": "x", "limits.virtual-machines": "0", "restricted.devices.gpu": "allow",
-          "limits.disk": "10GiB", "limits.networks": "2"}
+          "limits.disk": "10GiB", "limits.networks": "2", "restricted.cluster.target": "allow",
+          "restricted.networks.uplinks": "br0", "restricted.networks.subnets": "br0:10.1.0.0/24,br0:fd00::/64"}
     policy.validate_config(ok, FEATURES)
     with pytest.raises(BadRequest, match="You can't change the features of the default project"):
         policy.validate_config({**FEATURES, "features.images": "false"}, FEATURES)
@@ -400,3 +404,14 @@ def test_project_policy_load_reads_configs_and_custom_volumes(tmp_path):
     assert pp.volume_entities(P) == [policy.VolumeEntity("v", {"size": "5MiB"}), policy.VolumeEntity("w", {})]
     assert pp.volume_by_id(7) == (P, 1, "v")
     db.engine.dispose()
+
+
+def test_targeting_a_cluster_member_is_refused_by_a_restricted_project_first():
+    from lxd_daemon.errors import Forbidden
+
+    policy.check_target({"restricted": "true"}, "")  # no target: nothing to refuse
+    with pytest.raises(Forbidden, match="doesn't allow cluster member targeting"):
+        policy.check_target({"restricted": "true"}, "node1")
+    for cfg in ({}, {"restricted": "true", "restricted.cluster.target": "allow"}):
+        with pytest.raises(BadRequest, match="Target only allowed when clustered"):
+            policy.check_target(cfg, "node1")
