@@ -32,6 +32,7 @@ from lxd_daemon.images.multipart import MultipartParser, boundary_of
 from lxd_daemon.images.pipeline import UploadScan
 from lxd_daemon.images.store import AsyncSink, HashingWriter, ImageStore
 from lxd_daemon.projects.naming import query
+from lxd_daemon.projects.service import making
 from lxd_daemon.util.sizes import format_rate
 from lxd_daemon.util.timefmt import EPOCH_TIME, ZERO_TIME, parse_rfc3339, rfc3339
 
@@ -539,7 +540,17 @@ class ImageService:
         if exists:
             raise Conflict(f"Image with same fingerprint already exists: {fingerprint}")
 
-    async def add(self, upload: Upload, *, project: str, filename: str = "", public: bool = False,
+    async def add(self, upload: Upload, *, project: str, **kw) -> dict:
+        """Store a checked upload and create its record and aliases in the images `project` sees,
+        all or nothing (_add), never in a project being deleted."""
+        with making(getattr(self.services, "projects", None), self.effective(project)):
+            return await self._add(upload, project=project, **kw)
+
+    async def share(self, fingerprint: str, *, project: str, **kw) -> None:
+        with making(getattr(self.services, "projects", None), self.effective(project)):
+            await self._share(fingerprint, project=project, **kw)
+
+    async def _add(self, upload: Upload, *, project: str, filename: str = "", public: bool = False,
                   properties: dict[str, str] | None = None, aliases: list[dict] | None = None,
                   profiles: list[str] | None = None, expires_at: float | None = None,
                   auto_update: bool = False, cached: bool = False, source: dict | None = None,
@@ -610,7 +621,7 @@ class ImageService:
         log.info("image added", extra={"fingerprint": img["fingerprint"], "size": img["size"]})
         return img
 
-    async def share(self, fingerprint: str, *, project: str, public: bool = False, auto_update: bool = False,
+    async def _share(self, fingerprint: str, *, project: str, public: bool = False, auto_update: bool = False,
                     cached: bool = False, source: dict | None = None, requestor: dict | None = None) -> None:
         """A row in the images `project` uses for an image whose files another project's row has
         (a pull of an image the store holds already): the files are not stored twice."""

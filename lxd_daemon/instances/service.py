@@ -663,9 +663,15 @@ class InstanceService:
         """Hold the key of an instance being made (its API name validated)."""
         project, name = split(key)
         validate_name(name)
+        if self.projects is not None:
+            self.projects.check_open(project)  # not one being deleted or renamed meanwhile
         if key in self.records or key in self._reserved:
             raise Conflict(f"Instance {name!r} already exists")
         self._reserved.add(key)
+
+    def reserved_keys(self) -> list[str]:
+        """Keys of instances being created (reserved, not recorded yet)."""
+        return [k for k in self._reserved if k not in self.records]
 
     def random_name(self, project: str) -> str:
         """A free API name in `project` (`lxc launch IMAGE` without a name)."""

@@ -6,7 +6,7 @@ from lxd_daemon.api import instance_logs, instance_state, instances, profiles  #
 from lxd_daemon.devices import disk as disks
 from lxd_daemon.instances.service import InstanceService
 from lxd_daemon.profiles.service import ProfileService
-from lxd_daemon.projects.naming import query
+from lxd_daemon.projects.naming import query, split
 
 
 async def setup(services) -> list:
@@ -24,8 +24,10 @@ async def setup(services) -> list:
     services.snapshots = snaps
 
     async def project_instances(project: str) -> list[str]:
-        """What a project holds, for its used_by and emptiness: its instances."""
-        return [svc.url(k) for k in svc.keys_in(project)]
+        """What a project holds, for its used_by and emptiness: its instances, and those being
+        created (a project isn't deleted from under a create in flight)."""
+        pending = sorted(name for p, name in map(split, svc.reserved_keys()) if p == project)
+        return [svc.url(k) for k in svc.keys_in(project)] + [f"/1.0/instances/{n}{query(project)}" for n in pending]
 
     services.projects.providers.append(project_instances)
     if services.storage is not None:

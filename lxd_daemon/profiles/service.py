@@ -18,6 +18,7 @@ from lxd_daemon import names
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
 from lxd_daemon.instances import validation
 from lxd_daemon.projects.naming import DEFAULT, query
+from lxd_daemon.projects.service import making
 
 
 @dataclass
@@ -136,13 +137,14 @@ class ProfileService:
         config = {k: v for k, v in config.items() if v != ""}  # an empty value unsets the key
         self.validate(config, devices)
         await self._check_raw_lxc(config)
-        async with self.lock:
-            if name in self.by_project.get(eff, {}):
-                raise Conflict(f"Profile {name!r} already exists")
-            inst = self.services.instances
-            if inst is not None:  # the project's limits and restrictions (no instance uses it yet)
-                await inst.check_profile_change(eff, name, config, devices)
-            return await self._insert(eff, name, description, config, devices)
+        with making(self.services.projects, eff):  # not in a project being deleted
+            async with self.lock:
+                if name in self.by_project.get(eff, {}):
+                    raise Conflict(f"Profile {name!r} already exists")
+                inst = self.services.instances
+                if inst is not None:  # the project's limits and restrictions (no instance uses it yet)
+                    await inst.check_profile_change(eff, name, config, devices)
+                return await self._insert(eff, name, description, config, devices)
 
     async def update(self, project: str, name: str, description: str, config: dict, devices: dict) -> None:
         p = self.get(project, name)

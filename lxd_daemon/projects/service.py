@@ -9,6 +9,7 @@ are this service's projects' configs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -44,6 +45,12 @@ class Project:
         return query(self.name)
 
 
+def making(projects: ProjectService | None, name: str):
+    """ProjectService.making(name), or nothing to hold when there are no projects (a service
+    alone, in unit tests)."""
+    return projects.making(name) if projects is not None else contextlib.nullcontext()
+
+
 # A contents provider: async (project name) -> the URLs of what the project holds (its `used_by`).
 Provider = Callable[[str], Awaitable[list[str]]]
 
@@ -62,6 +69,8 @@ class ProjectService(policy.ProjectPolicy):
         # Called after a config change is written (features.* on an empty project: its default profile).
         self.on_update: list[Callable[[str], Awaitable[None]]] = []
         self.lock = asyncio.Lock()
+        self.closing: set[str] = set()  # being renamed or deleted (check_open)
+        self.busy: dict[str, int] = {}  # project -> things being made in it (making())
 
     async def load(self) -> None:
         await super().load()
@@ -98,7 +107,9 @@ class ProjectService(policy.ProjectPolicy):
         return sorted(set(out))
 
     async def is_empty(self, name: str) -> bool:
-        """LXD's rule: nothing but its own `default` profile."""
+        """LXD's rule: nothing but its own `default` profile (and nothing being made)."""
+        if self.busy.get(name):
+            return False
         return all(u.split("?")[0] == "/1.0/profiles/default" for u in await self.used_by(name))
 
     async def render(self, name: str) -> dict:
@@ -173,30 +184,61 @@ class ProjectService(policy.ProjectPolicy):
         if not await self.is_empty(name):
             raise BadRequest("Only empty projects can be renamed")
 
+    def check_open(self, name: str) -> None:
+        """Before something is made in a project (an instance reserved, ...): the project exists and
+        isn't being renamed or deleted. Both mark it closing before they check that it is empty, so
+        whatever was made before the mark is seen by that check, and nothing after it."""
+        if name not in self.projects or name in self.closing:
+            raise NotFound("Project not found")
+
+    @contextlib.contextmanager
+    def making(self, name: str):
+        """Held while something is made in a project (a custom volume, a profile, an image row):
+        the project is open when it starts, and a delete or rename meanwhile finds it not empty."""
+        self.check_open(name)
+        self.busy[name] = self.busy.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            self.busy[name] -= 1
+            if not self.busy[name]:
+                del self.busy[name]
+
+    @contextlib.contextmanager
+    def _closing(self, name: str):
+        self.closing.add(name)
+        try:
+            yield
+        finally:
+            self.closing.discard(name)
+
     async def rename(self, name: str, new: str) -> None:
         async with self.lock:
-            await self.check_rename(name, new)
-            def mv(session):
-                session.execute(text("UPDATE projects SET name=:new WHERE name=:n"), {"new": new, "n": name})
+            with self._closing(name):
+                await self.check_rename(name, new)
 
-            await self.db.run(mv)
-            p = self.projects.pop(name)
-            p.name = new
-            self.projects[new] = p
-            self.configs[new] = self.configs.pop(name, {})
-            for hook in self.on_rename:
-                await hook(name, new)
+                def mv(session):
+                    session.execute(text("UPDATE projects SET name=:new WHERE name=:n"), {"new": new, "n": name})
+
+                await self.db.run(mv)
+                p = self.projects.pop(name)
+                p.name = new
+                self.projects[new] = p
+                self.configs[new] = self.configs.pop(name, {})
+                for hook in self.on_rename:
+                    await hook(name, new)
 
     async def delete(self, name: str) -> None:
         async with self.lock:
             if name == DEFAULT:
                 raise Forbidden("The 'default' project cannot be deleted")
             self.get(name)
-            if not await self.is_empty(name):
-                raise BadRequest("Only empty projects can be removed")
-            for hook in self.on_delete:
-                await hook(name)
-            await self._forget(name)
+            with self._closing(name):
+                if not await self.is_empty(name):
+                    raise BadRequest("Only empty projects can be removed")
+                for hook in self.on_delete:
+                    await hook(name)
+                await self._forget(name)
 
     async def _forget(self, name: str) -> None:
         def rm(session):

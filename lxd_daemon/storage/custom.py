@@ -32,6 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from lxd_daemon import names
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
 from lxd_daemon.projects.naming import DEFAULT, query, storage_name
+from lxd_daemon.projects.service import making
 from lxd_daemon.storage.drivers.trees import copy_tree, sync_tree
 from lxd_daemon.storage.volume import ContentType, Volume, VolumeType
 from lxd_daemon.util import schedule
@@ -386,19 +387,20 @@ class CustomVolumeService:
         p = self._pool(pool)
         ct = self._check_content_type(p, content_type)
         config = self.validate_config(p, self._with_pool_defaults(p, dict(config or {})))
-        async with self.lock(pool, name, project):
-            if await self._find(pool, name, project) is not None:
-                raise Conflict(f"Storage volume {name!r} already exists on pool {pool!r}")
-            self._check_disk(p, name, project, config, "creation")
-            final = Volume(pool, VolumeType.CUSTOM, name, project=project, content_type=ct, config=config)
-            tmp = final.renamed(_tmp_name(name))
-            async with Revert() as revert:
-                await p.driver.create_volume(tmp)
-                revert.add(p.driver.delete_volume, tmp)
-                vid = await self._insert(p, name, project, description, ct.value, config)
-                revert.add(self._delete_row, vid)
-                await p.driver.rename_volume(tmp, name)
-                revert.success()
+        with making(self._projects(), project):  # not in a project being deleted
+            async with self.lock(pool, name, project):
+                if await self._find(pool, name, project) is not None:
+                    raise Conflict(f"Storage volume {name!r} already exists on pool {pool!r}")
+                self._check_disk(p, name, project, config, "creation")
+                final = Volume(pool, VolumeType.CUSTOM, name, project=project, content_type=ct, config=config)
+                tmp = final.renamed(_tmp_name(name))
+                async with Revert() as revert:
+                    await p.driver.create_volume(tmp)
+                    revert.add(p.driver.delete_volume, tmp)
+                    vid = await self._insert(p, name, project, description, ct.value, config)
+                    revert.add(self._delete_row, vid)
+                    await p.driver.rename_volume(tmp, name)
+                    revert.success()
         return await self.get(pool, name, project)
 
     async def copy(self, pool: str, name: str, *, src_pool: str, src_name: str, project: str,
@@ -427,32 +429,33 @@ class CustomVolumeService:
         cfg = {k: v for k, v in cfg.items() if not k.startswith("volatile.")}
         cfg = self.validate_config(p, cfg)
         desc = src_rec.description if description is None else description
-        async with self.lock(pool, name, project):
-            if await self._find(pool, name, project) is not None:
-                raise Conflict(f"Storage volume {name!r} already exists on pool {pool!r}")
-            if enforce_limits:
-                self._check_disk(p, name, project, cfg, "creation")
-            final = Volume(pool, VolumeType.CUSTOM, name, project=project, content_type=ct, config=cfg)
-            tmp = final.renamed(_tmp_name(name))
-            async with Revert() as revert:
-                if p is sp:
-                    await p.driver.create_volume_from_copy(tmp, src, snapshots=bool(snaps))
-                    revert.add(self._drop, p, tmp)
-                    # The driver copies every snapshot on disk; keep those with records only.
-                    for s in await p.driver.list_snapshots(tmp):
-                        if s not in {x.name for x in snaps}:
-                            await p.driver.delete_snapshot(tmp.snapshot(s))
-                    if cfg.get("size"):
-                        await p.driver.set_volume_quota(tmp.with_config(cfg), parse_byte_size(cfg["size"]))
-                else:
-                    revert.add(self._drop, p, tmp)
-                    await self._copy_between_pools(sp, src, snaps, p, tmp.with_config(cfg))
-                copied = [VolumeSnapshot(0, 0, s.name, s.description, s.created_at, s.expires_at, dict(s.config))
-                          for s in snaps]
-                vid = await self._insert(p, name, project, desc, ct.value, cfg, copied, enforce=enforce_limits)
-                revert.add(self._delete_row, vid)
-                await p.driver.rename_volume(tmp, name)
-                revert.success()
+        with making(self._projects(), project):  # not in a project being deleted
+            async with self.lock(pool, name, project):
+                if await self._find(pool, name, project) is not None:
+                    raise Conflict(f"Storage volume {name!r} already exists on pool {pool!r}")
+                if enforce_limits:
+                    self._check_disk(p, name, project, cfg, "creation")
+                final = Volume(pool, VolumeType.CUSTOM, name, project=project, content_type=ct, config=cfg)
+                tmp = final.renamed(_tmp_name(name))
+                async with Revert() as revert:
+                    if p is sp:
+                        await p.driver.create_volume_from_copy(tmp, src, snapshots=bool(snaps))
+                        revert.add(self._drop, p, tmp)
+                        # The driver copies every snapshot on disk; keep those with records only.
+                        for s in await p.driver.list_snapshots(tmp):
+                            if s not in {x.name for x in snaps}:
+                                await p.driver.delete_snapshot(tmp.snapshot(s))
+                        if cfg.get("size"):
+                            await p.driver.set_volume_quota(tmp.with_config(cfg), parse_byte_size(cfg["size"]))
+                    else:
+                        revert.add(self._drop, p, tmp)
+                        await self._copy_between_pools(sp, src, snaps, p, tmp.with_config(cfg))
+                    copied = [VolumeSnapshot(0, 0, s.name, s.description, s.created_at, s.expires_at, dict(s.config))
+                              for s in snaps]
+                    vid = await self._insert(p, name, project, desc, ct.value, cfg, copied, enforce=enforce_limits)
+                    revert.add(self._delete_row, vid)
+                    await p.driver.rename_volume(tmp, name)
+                    revert.success()
         return await self.get(pool, name, project)
 
     async def refresh(self, pool: str, name: str, *, src_pool: str, src_name: str, project: str,

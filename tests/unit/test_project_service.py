@@ -95,3 +95,29 @@ def test_rename_and_delete_only_empty_projects_never_default(svc):
     assert svc.config("p9")["features.images"] == "true"
     asyncio.run(svc.delete("p9"))
     assert set(rows(svc)) == {"default"}
+
+
+def test_nothing_is_made_in_a_project_while_it_is_deleted_or_renamed(svc):
+    """A project is closed (check_open refuses) from before its emptiness check to the end of the
+    delete or rename: what was made before is seen, nothing can be made after."""
+    seen = []
+
+    async def provider(project):
+        try:
+            svc.check_open(project)
+            seen.append("open")
+        except NotFound:
+            seen.append("closed")
+        return []
+
+    svc.providers.append(provider)
+    asyncio.run(svc.create("p1", "", {}))
+    svc.check_open("p1")
+    asyncio.run(svc.rename("p1", "p2"))
+    svc.check_open("p2")
+    with pytest.raises(NotFound):
+        svc.check_open("p1")
+    asyncio.run(svc.delete("p2"))
+    assert seen == ["closed", "closed"]
+    with pytest.raises(NotFound):
+        svc.check_open("p2")
