@@ -515,6 +515,25 @@ class Bench:
                 log(f"{suite}: {d.label}: {skipped[d.key]}")
         return ready
 
+    def with_prepared(self, suite: str, what: str, paths: tuple[str, ...], prepare, teardown, run) -> None:
+        """The daemons serving `paths`, each prepared (prepare(d, busybox, fp); one that fails sits
+        the suite out), run(ready, skipped, fp), then teardown(d) for each (failures logged)."""
+        active, skipped = self.split_support(suite, *paths)
+        if not active:
+            return
+        small = self.busybox()
+        fp = images.sha256_file(small)
+        ready = self.prepare_each(suite, what, active, skipped, lambda d: prepare(d, small, fp))
+        try:
+            if ready:
+                run(ready, skipped, fp)
+        finally:
+            for d in ready:
+                try:
+                    teardown(d)
+                except Exception as e:  # noqa: BLE001
+                    log(f"{d.label}: {suite} teardown: {e}")
+
     def with_containers(self, suite: str, run) -> None:
         """Prepare both daemons for containers (pool, image, profile), call run(active, skipped, fp),
         then delete this run's instances."""

@@ -88,26 +88,13 @@ class NetworksSuite:
 
     # -- the suite -----------------------------------------------------------------------------
     def run(self) -> None:
-        b = self.b
-        active, skipped = b.split_support("networks", "/1.0/images", "/1.0/instances", "/1.0/profiles",
-                                          "/1.0/networks")
-        if not active:
-            return
-        small = b.busybox()
-        from images import sha256_file
-        fp = sha256_file(small)
-        ready = b.prepare_each("networks", "preparing the bridge", active, skipped,
-                               lambda d: self.prepare(d, small, fp))
-        try:
-            if ready:
-                self.launches(ready, skipped, fp)
-                self.mass(ready, skipped, fp)
-        finally:
-            for d in ready:
-                try:
-                    self.teardown(d)
-                except Exception as e:  # noqa: BLE001
-                    self.log(f"{d.label}: networks teardown: {e}")
+        def steps(ready, skipped, fp):
+            self.launches(ready, skipped, fp)
+            self.mass(ready, skipped, fp)
+
+        self.b.with_prepared("networks", "preparing the bridge",
+                             ("/1.0/images", "/1.0/instances", "/1.0/profiles", "/1.0/networks"),
+                             self.prepare, self.teardown, steps)
 
     def launches(self, active, skipped, fp: str) -> None:
         n = 3 if self.quick else 8

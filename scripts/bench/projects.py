@@ -99,26 +99,13 @@ class ProjectsSuite:
 
     # -- the suite -----------------------------------------------------------------------------
     def run(self) -> None:
-        b = self.b
-        active, skipped = b.split_support("projects", "/1.0/images", "/1.0/instances", "/1.0/profiles",
-                                          "/1.0/projects")
-        if not active:
-            return
-        small = b.busybox()
-        from images import sha256_file
-        fp = sha256_file(small)
-        ready = b.prepare_each("projects", "preparing the project", active, skipped,
-                               lambda d: self.prepare(d, small, fp))
-        try:
-            if ready:
-                self.listing(ready, skipped, fp)
-                self.launches(ready, skipped)
-        finally:
-            for d in ready:
-                try:
-                    self.teardown(d)
-                except Exception as e:  # noqa: BLE001
-                    self.log(f"{d.label}: projects teardown: {e}")
+        def steps(ready, skipped, fp):
+            self.listing(ready, skipped, fp)
+            self.launches(ready, skipped)
+
+        self.b.with_prepared("projects", "preparing the project",
+                             ("/1.0/images", "/1.0/instances", "/1.0/profiles", "/1.0/projects"),
+                             self.prepare, self.teardown, steps)
 
     def pair_rows(self, active, skipped, samples, errors, what: str, label: str) -> None:
         """The default and project rows of one measurement, then the project/default ratio row."""
