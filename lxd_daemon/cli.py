@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("action", choices=["export"])
     st.add_argument("directory", help="where to write it (streams/v1/*.json and streams/images/*)")
 
+    sub.add_parser("netcat", help="internal: tie stdin/stdout to a unix socket (rsync's transport in a migration)",
+                   usage="lxd netcat SOCKET [NAME]")
+
     q = sub.add_parser("sql", help="run a SQL query against the database")
     q.add_argument("database", choices=["local", "global"])
     q.add_argument("query", help="the query, or - to read it from stdin")
@@ -92,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["netcat"]:  # rsync's remote shell during a migration: no argparse, rsync appends its own args
+        from lxd_daemon.migration.netcat import main as netcat
+
+        rc = netcat(argv[1:])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
     args = _parser().parse_args(argv)
     if args.version:
         print(__version__)

@@ -229,3 +229,46 @@ def tls_pair(tmp_path_factory):
         ns.destroy()
         for d in daemons:
             release_host_state(d.lxd_dir)
+
+
+@pytest.fixture(scope="module")
+def lxd502(tls_pair, tmp_path_factory):
+    """LXD 5.0.2 started by scripts/bench/daemons.py inside the pair's namespace, with the busybox
+    image and a TLS listener on loopback; A's client knows it as `lx`, its own client knows A as
+    `ou`. (Used by tests/integration/test_migration*.py; test_backups_lxd_interop.py has its own.)"""
+    import json
+    import subprocess
+
+    from tests.helpers import busybox_tarball, lxd502_setup
+
+    daemons, wd = lxd502_setup(tmp_path_factory, "miglxd")
+    d = daemons.Daemon("lxd", "LXD 5.0.2", daemons.DEBIAN_LXD, wd, run_prefix(), netns=str(tls_pair.ns.path))
+    port = int(tls_pair.ns.run("/usr/bin/python3", "-c", "import socket; s = socket.socket(); "
+                               "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])").stdout)
+    try:
+        d.start()
+        d.preseed("default")
+        d.lxc("image", "import", str(busybox_tarball()), "--alias", "busybox")
+        d.lxc("config", "set", "core.https_address", f"127.0.0.1:{port}")
+        d.lxc("config", "set", "core.trust_password", tls_pair.password)
+        tls_pair.remote_add(tls_pair.a, "lx", f"https://127.0.0.1:{port}")
+        r = subprocess.run(["nsenter", f"--net={tls_pair.ns.path}", daemons.LXC, "remote", "add", "ou",
+                            tls_pair.url_a, f"--password={tls_pair.password}", "--accept-certificate"],
+                           env=d.env, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+
+        def lxc_ns(*args, check=True):
+            r = subprocess.run(["nsenter", f"--net={tls_pair.ns.path}", daemons.LXC, *args], env=d.env,
+                               capture_output=True, text=True, timeout=300)
+            assert not check or r.returncode == 0, r.stderr
+            return r
+
+        d.lxc_ns = lxc_ns
+        yield d
+    finally:
+        try:
+            for inst_ in json.loads(d.lxc("list", "--format=json", check=False).stdout or "[]"):
+                d.lxc("delete", "-f", inst_["name"], check=False)
+            d.stop()
+        finally:
+            daemons.cleanup(wd, log=lambda *_: None)

@@ -11,7 +11,7 @@ from lxd_daemon.api.access import Access, Routes
 from lxd_daemon.api.envelope import async_, etag_of, sync
 from lxd_daemon.api.instances import instance_key, instance_routes, project_name
 from lxd_daemon.api.request import check_etag, parse, recursion
-from lxd_daemon.errors import BadRequest, NotImplementedYet
+from lxd_daemon.errors import BadRequest
 from lxd_daemon.instances.snapshots import parse_expires_at
 from lxd_daemon.projects.naming import query
 from lxd_daemon.services import get_services, requestor
@@ -56,6 +56,8 @@ async def create_snapshot(prefix: str, request: Request, name: str) -> Response:
     services.instances.record(key)
     body = await parse(request, InstanceSnapshotsPost)
     snap = body.name or snaps.next_name(key)
+    if body.stateful:
+        await _stateful_snapshot_checks(services, key)
     snaps.check_create(key, snap, body.stateful)
     expires_at = body.expires_at if "expires_at" in body.model_fields_set else None
     if expires_at is not None:
@@ -69,6 +71,15 @@ async def create_snapshot(prefix: str, request: Request, name: str) -> Response:
     op = services.ops.create(description="Snapshotting instance", resources=_resources(project, name, snap),
                              run=run, project=project)
     return async_(op.render())
+
+
+async def _stateful_snapshot_checks(services, key: str) -> None:
+    """`snapshot --stateful`: refused before any operation without a running instance or CRIU."""
+    from lxd_daemon.migration import criu
+
+    await criu.require("A stateful snapshot")
+    if services.instances.status_of(key)[0] == "Stopped":
+        raise BadRequest("Unable to create a stateful snapshot: the instance isn't running")
 
 
 @route("GET", "/{name}/snapshots/{snapshot}", access=Access.TRUSTED)
@@ -123,8 +134,10 @@ async def rename_snapshot(prefix: str, request: Request, name: str, snapshot: st
     key = instance_key(request, name)
     snaps.get(key, snapshot)
     body = await parse(request, InstanceSnapshotPost)
-    if body.migration:
-        raise NotImplementedYet("Migrating instance snapshots is not implemented yet")
+    if body.migration:  # `lxc copy c1/snap0 remote:c2` (migration/source.py)
+        from lxd_daemon.api.instances import migrate
+
+        return await migrate(request, name, body, snapshot=snapshot)
     if not body.name:
         raise BadRequest("A new snapshot name is required")
     new = body.name

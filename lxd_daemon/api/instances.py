@@ -120,6 +120,8 @@ async def create_instance(prefix: str, request: Request) -> Response:
         body.name = svc.random_name(project)  # as LXD: `lxc launch IMAGE` without a name
     key = storage_name(project, body.name)
     src = body.source or {}
+    if src.get("type") == "migration":  # from another server (migration/sink.py)
+        return await _receive(request, body)
     if src.get("type") == "copy" and src.get("refresh") and key in svc.records:
         return _refresh(prefix, request, body)  # `lxc copy A B --refresh` onto an existing B
     if src.get("type") == "copy" and src.get("project"):
@@ -187,6 +189,11 @@ async def bulk_state(prefix: str, request: Request) -> Response:
     st = body.state
     if st.action not in ("start", "stop", "restart", "freeze", "unfreeze"):
         raise BadRequest(f"Unknown state action {st.action!r}")
+    if st.stateful:  # never silently stateless
+        from lxd_daemon.migration import criu
+
+        await criu.require("A stateful state change")
+        raise NotImplementedYet("Stateful state changes of all instances at once are not implemented yet")
     keys = svc.keys_in(project)
     names = [svc.records[k].name for k in keys]
     who = requestor(request)
@@ -247,14 +254,16 @@ async def _update(prefix: str, request: Request, name: str, replace: bool) -> Re
     if body.restore:
         snap = body.restore.split("/", 1)[1] if "/" in body.restore else body.restore
         services.snapshots.get(key, snap)  # 404 for an unknown snapshot, before an operation
-        if body.stateful:
-            from lxd_daemon.instances.snapshots import CRIU_MISSING
+        stateful = bool(body.stateful)
+        if stateful:  # no CRIU, or a stateless snapshot: a 400 before an operation
+            from lxd_daemon.migration import criu
 
-            raise BadRequest(CRIU_MISSING)
+            await criu.require("Restoring a stateful snapshot")
+            services.snapshots.check_restore(key, snap, True)
         who = requestor(request)
 
         async def restore(op):
-            await services.snapshots.restore(key, snap, requestor=who)
+            await services.snapshots.restore(key, snap, stateful=stateful, requestor=who)
 
         op = services.ops.create(description="Restoring snapshot", resources=resources(project, name), run=restore,
                                  project=project)
@@ -310,8 +319,8 @@ async def rename_instance(prefix: str, request: Request, name: str) -> Response:
     body = await parse(request, InstancePost)
     if body.migration and body.pool:  # `lxc move NAME [NEW] -s POOL`
         return _move_to_pool(prefix, request, name, body)
-    if body.migration:
-        raise NotImplementedYet("Instance migration is not implemented yet")
+    if body.migration:  # to another server (migration/source.py)
+        return await migrate(request, name, body)
     if not body.name:
         raise BadRequest("A new name is required")
     new = body.name
@@ -324,6 +333,60 @@ async def rename_instance(prefix: str, request: Request, name: str) -> Response:
 
     op = services.ops.create(description="Renaming instance", resources=resources(project, name), run=run,
                              project=project)
+    return async_(op.render())
+
+
+async def migrate(request: Request, name: str, body, snapshot: str | None = None) -> Response:
+    """The source of a migration (`lxc copy/move` to another server): a websocket operation
+    with the `control` and `fs` secrets (pull, relay), or, given `target`, a task that dials
+    the sink's operation (push)."""
+    from lxd_daemon.migration.source import MigrationSource
+    from lxd_daemon.ops.manager import CLASS_WEBSOCKET
+
+    services = get_services(request)
+    project = project_name(request)
+    key = instance_key(request, name)
+    src = MigrationSource(services, key, snapshot=snapshot, live=body.live,
+                          instance_only=getattr(body, "instance_only", False) or getattr(body, "container_only", False),
+                          target=body.target, requestor=requestor(request))
+    await src.check()
+    res = resources(project, name)
+    if snapshot is not None:
+        q = query(project)
+        res["instances_snapshots"] = [f"/1.0/instances/{name}/snapshots/{snapshot}{q}"]
+        res["containers_snapshots"] = [f"/1.0/containers/{name}/snapshots/{snapshot}{q}"]
+    if body.target is not None:
+        op = services.ops.create(description="Migrating instance", resources=res, run=src.run,
+                                 on_cancel=src.on_cancel, may_cancel=True, project=project)
+        return async_(op.render())
+    op = services.ops.create(cls=CLASS_WEBSOCKET, description="Migrating instance", resources=res, run=src.run,
+                             on_connect=src.on_connect, on_cancel=src.on_cancel, may_cancel=True,
+                             project=project, start=False)
+    op.metadata = src.ends.secrets(op)
+    services.ops.start(op)
+    return async_(op.render())
+
+
+async def _receive(request: Request, body) -> Response:
+    """The sink of a migration: pull (a task dialing the source's operation) or push (a
+    websocket operation the source or the relaying client connects)."""
+    from lxd_daemon.migration import sink
+    from lxd_daemon.ops.manager import CLASS_WEBSOCKET
+
+    services = get_services(request)
+    project = project_name(request)
+    plan = await sink.prepare(services, body, project)  # every check before data moves
+    s = sink.MigrationSink(services, body, project, plan=plan, requestor=requestor(request))
+    res = resources(project, body.name)
+    if s.mode == "pull":
+        op = services.ops.create(description="Creating instance", resources=res, run=s.run,
+                                 on_cancel=s.on_cancel, may_cancel=True, project=project)
+        return async_(op.render())
+    op = services.ops.create(cls=CLASS_WEBSOCKET, description="Creating instance", resources=res, run=s.run,
+                             on_connect=s.on_connect, on_cancel=s.on_cancel, may_cancel=True, project=project,
+                             start=False)
+    op.metadata = s.ends.secrets(op)
+    services.ops.start(op)
     return async_(op.render())
 
 

@@ -44,6 +44,8 @@ EXTENSIONS = (
     "custom_volume_snapshot_expiry",
     "volume_snapshot_scheduling",
     "custom_volume_refresh",
+    "storage_api_remote_volume_handling",  # `lxc storage volume copy/move A:pool/vol b:pool/vol`
+    "storage_api_remote_volume_snapshots",  # ... with the volume's snapshots
     "storage_api_project",
     "storage_volumes_all_projects",  # `lxc storage volume list --all-projects`  # `lxc storage volume copy/move --target-project`
 )
@@ -273,6 +275,8 @@ async def _create(request: Request, pool: str, vtype: str | None) -> Response:
                                     config=body.config, content_type=body.content_type)
         services.events.lifecycle("storage-volume-created", url, {"type": "custom"}, requestor=who, project=project)
         return sync(None, status=201, location=url)
+    if src.type == "migration":  # from another server (migration/volumes.py)
+        return await _receive(request, pool, body)
     if src.type != "copy":
         raise NotImplementedYet(f"Storage volume source type {src.type!r} is not implemented")
     if not src.name:
@@ -300,6 +304,59 @@ async def _create(request: Request, pool: str, vtype: str | None) -> Response:
 
     op = services.ops.create(description="Copying storage volume", resources=_resources(pool, body.name, project),
                              run=run, project=project)
+    return async_(op.render())
+
+
+async def _receive(request: Request, pool: str, body) -> Response:
+    """The sink of a volume migration: pull (a task dialing the source's operation) or push (a
+    websocket operation the source or the relaying client connects)."""
+    from lxd_daemon.migration import volumes
+    from lxd_daemon.ops.manager import CLASS_WEBSOCKET
+
+    services = get_services(request)
+    project = project_of(request).name
+    sink = await volumes.prepare_sink(services, pool, body, project)  # every check before data moves
+    url = _url(pool, "custom", body.name, sink.project)
+    who = requestor(request)
+
+    async def run(op):
+        await sink.run(op)
+        action = "storage-volume-updated" if sink.refresh else "storage-volume-created"
+        services.events.lifecycle(action, url, {"type": "custom"}, requestor=who, project=sink.project)
+
+    res = _resources(pool, body.name, sink.project)
+    if sink.mode == "pull":
+        op = services.ops.create(description="Creating storage volume", resources=res, run=run,
+                                 on_cancel=sink.on_cancel, may_cancel=True, project=project)
+        return async_(op.render())
+    op = services.ops.create(cls=CLASS_WEBSOCKET, description="Creating storage volume", resources=res, run=run,
+                             on_connect=sink.on_connect, on_cancel=sink.on_cancel, may_cancel=True,
+                             project=project, start=False)
+    op.metadata = sink.ends.secrets(op)
+    services.ops.start(op)
+    return async_(op.render())
+
+
+async def _migrate(request: Request, pool: str, name: str, body) -> Response:
+    """The source of a volume migration: a websocket operation with the `control` and `fs`
+    secrets (pull, relay), or, given `target`, a task that dials the sink's operation (push)."""
+    from lxd_daemon.migration import volumes
+    from lxd_daemon.ops.manager import CLASS_WEBSOCKET
+
+    services = get_services(request)
+    project = project_of(request).name
+    src = volumes.VolumeSource(services, pool, name, project, volume_only=body.volume_only, target=body.target)
+    await src.check()
+    res = _resources(pool, name, src.project)
+    if body.target is not None:
+        op = services.ops.create(description="Migrating storage volume", resources=res, run=src.run,
+                                 on_cancel=src.on_cancel, may_cancel=True, project=project)
+        return async_(op.render())
+    op = services.ops.create(cls=CLASS_WEBSOCKET, description="Migrating storage volume", resources=res,
+                             run=src.run, on_connect=src.on_connect, on_cancel=src.on_cancel, may_cancel=True,
+                             project=project, start=False)
+    op.metadata = src.ends.secrets(op)
+    services.ops.start(op)
     return async_(op.render())
 
 
@@ -368,8 +425,8 @@ async def rename_volume(request: Request, pool: str, type: str, name: str) -> Re
     storage.get(pool)
     _custom_only(type, "renamed or moved")
     body = await parse(request, StorageVolumePost)
-    if body.migration:
-        raise NotImplementedYet("Migrating storage volumes between servers is not implemented yet")
+    if body.migration:  # to another server (migration/volumes.py)
+        return await _migrate(request, pool, name, body)
     await storage.custom.get(pool, name, project)
     if body.project and body.project != project:  # `lxc storage volume move --target-project`
         target = visible_project(request, body.project)

@@ -297,8 +297,6 @@ class SnapshotService:
         from lxd_daemon.projects import policy as project_policy
 
         project_policy.snapshot_allowed(project, self.instances.projects.config(project))
-        if stateful:
-            raise BadRequest(CRIU_MISSING)
         try:
             names.snapshot(snap)
         except names.InvalidName as e:
@@ -317,16 +315,27 @@ class SnapshotService:
     async def create_locked(self, name: str, snap: str, *, expires_at: str | None = None, stateful: bool = False,
                             description: str = "", clock: float | None = None) -> Snapshot:
         """Take snapshot `snap` of `name` (the caller holds the instance's lock). snapshots.expiry
-        counts from `clock` (the scheduler's time; default now)."""
-        svc = self.instances
+        counts from `clock` (the scheduler's time; default now). `stateful`: the running
+        instance is checkpointed (left running) first and the snapshot's volume holds its state
+        (migration/criu.py `snapshot_state`)."""
         self.check_create(name, snap, stateful)
+        if stateful:
+            from lxd_daemon.migration import criu
+
+            async with criu.snapshot_state(self.instances, name):
+                return await self._create_locked(name, snap, expires_at, True, description, clock)
+        return await self._create_locked(name, snap, expires_at, False, description, clock)
+
+    async def _create_locked(self, name: str, snap: str, expires_at: str | None, stateful: bool, description: str,
+                             clock: float | None) -> Snapshot:
+        svc = self.instances
         rec = svc.record(name)
         now = _now()
         expiry = self._expiry_for(name, expires_at, now if clock is None else clock)
         pool, vol = self._pool_and_volume(name)
         svol = vol.snapshot(snap)
         drv = pool.driver
-        s = Snapshot(0, rec.id, snap, rfc3339(now), expiry, description, False, rec.architecture, rec.ephemeral,
+        s = Snapshot(0, rec.id, snap, rfc3339(now), expiry, description, stateful, rec.architecture, rec.ephemeral,
                      dict(rec.config), {k: dict(v) for k, v in rec.devices.items()}, list(rec.profiles))
         async with Revert() as revert:
             await self._take(name, pool, svol)
@@ -428,14 +437,28 @@ class SnapshotService:
         self._lifecycle("instance-snapshot-updated", name, f"/snapshots/{snap}", requestor=requestor)
 
     # -- restore ---------------------------------------------------------------------------
+    def check_restore(self, name: str, snap: str, stateful: bool) -> Snapshot:
+        """What a restore can refuse before an operation starts (CRIU is asked by the caller)."""
+        s = self.get(name, snap)
+        if stateful and not s.stateful:
+            raise BadRequest(f"Snapshot {snap!r} is stateless: it has no saved state to restore "
+                             "(restore it without --stateful)")
+        return s
+
     async def restore(self, name: str, snap: str, *, stateful: bool = False, requestor: dict | None = None) -> None:
         """Make instance `name` what snapshot `snap` holds: its volume, config, devices and
-        profiles. A running instance is stopped, restored and started again (as LXD)."""
-        if stateful:
-            raise BadRequest(CRIU_MISSING)
+        profiles. A running instance is stopped, restored and started again (as LXD).
+        `stateful` (a stateful snapshot's): the instance then starts from the snapshot's saved
+        state, whether or not it was running (migration/criu.py); a failed restore of that state
+        leaves it stopped and stateful (`lxc start` tries again, `--stateless` boots instead).
+        A stateless restore leaves no saved state behind."""
+        from lxd_daemon.migration import criu
+
         svc = self.instances
+        if stateful:
+            await criu.require("Restoring a stateful snapshot")
         async with svc.lock(name):
-            s = self.get(name, snap)
+            s = self.check_restore(name, snap, stateful)
             rec = svc.record(name)
             missing = [p for p in s.profiles if p not in self.services.profiles.in_project(rec.project)]
             if missing:
@@ -475,9 +498,13 @@ class SnapshotService:
             rec.profiles = list(s.profiles)
             rec.architecture = s.architecture or rec.architecture
             rec.ephemeral = s.ephemeral
+            if not stateful:
+                await criu.drop_state(svc, name)  # (the volume's state dir is the snapshot's now)
             await svc.store.save(rec)
             svc.refresh_backup_yaml(name)
-            if was_running:
+            if stateful:
+                await criu.restore_snapshot_state(svc, name)
+            elif was_running:
                 await svc.start(name)
         self._lifecycle("instance-restored", name, "", {"snapshot": snap}, requestor=requestor)
 

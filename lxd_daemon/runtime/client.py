@@ -8,6 +8,7 @@ Services call `services.runtime.<method>(...)`; the worker processes (runtime/wo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from lxd_daemon.errors import BadRequest, LXDError
 from lxd_daemon.runtime.pool import WorkerError, WorkerPool
@@ -28,6 +29,15 @@ def _reason(e: Exception) -> str:
 class RuntimeClient:
     def __init__(self, pool: WorkerPool):
         self.pool = pool
+        # name -> (state directory, log file): the next start() of `name` restores from a
+        # checkpoint instead of booting (migration/criu.py stateful_start arms it).
+        self._restore_from: dict[str, tuple[str, str]] = {}
+
+    def arm_restore(self, name: str, state_dir: str, logfile: str = "") -> None:
+        self._restore_from[name] = (state_dir, logfile)
+
+    def disarm_restore(self, name: str) -> None:
+        self._restore_from.pop(name, None)
 
     # -- the workers -------------------------------------------------------------------------
     async def version(self) -> str:
@@ -42,6 +52,14 @@ class RuntimeClient:
 
     async def start(self, name: str, lxcpath: str, conf: str) -> int:
         """Boot the container from `conf`; returns its init pid. Raises StartFailed."""
+        armed = self._restore_from.pop(name, None)
+        if armed is not None:
+            from lxd_daemon.migration import criu
+
+            try:
+                return await criu.restore(self, name, lxcpath, conf, Path(armed[0]), logfile=armed[1] or None)
+            except LXDError as e:
+                raise StartFailed(f"restoring its saved state: {e.message}") from None
         try:
             return int(await self.pool.call("lxc_start", name, lxcpath, conf, lane=name))
         except WorkerError as e:
@@ -53,6 +71,21 @@ class RuntimeClient:
             await self.pool.call("lxc_stop", name, lxcpath, lane=name)
         except WorkerError as e:
             raise LXDError(f"Failed to stop the instance: {_reason(e)}") from None
+
+    async def checkpoint(self, name: str, argv: list[str], timeout: float) -> None:
+        """Run an `lxc-checkpoint` dump or pre-dump (argv from migration/criu.py) for `name`."""
+        try:
+            await self.pool.call("lxc_checkpoint", list(argv), timeout, lane=name)
+        except WorkerError as e:
+            raise LXDError(_reason(e)) from None
+
+    async def restore(self, name: str, lxcpath: str, argv: list[str], timeout: float) -> int:
+        """Boot `name` from its checkpoint (`lxc-checkpoint -r`, argv from migration/criu.py);
+        returns its init pid."""
+        try:
+            return int(await self.pool.call("lxc_restore", name, lxcpath, list(argv), timeout, lane=name))
+        except WorkerError as e:
+            raise LXDError(_reason(e)) from None
 
     async def config_items_ok(self, items: list[list[str]]) -> list:
         """liblxc's verdict on each [key, value] of a raw.lxc config (True, or why not)."""

@@ -129,3 +129,65 @@ def lxc_config_items_ok(worker: Worker, items: list) -> list:
         return [bool(c.set_config_item(str(k), str(v))) for k, v in items]
     finally:
         del c
+
+
+def _checkpoint_argv(argv: list, restore: bool) -> list[str]:
+    """Only liblxc's own checkpoint tool, and a restore only through lxc_restore."""
+    argv = [str(a) for a in argv]
+    if not argv or argv[0] != "lxc-checkpoint" or ("-r" in argv) != restore:
+        raise ValueError("not an lxc-checkpoint " + ("restore" if restore else "dump") + " command line")
+    return argv
+
+
+@method("lxc_checkpoint")
+def lxc_checkpoint(worker: Worker, argv: list, timeout: float = 600.0) -> Pending:
+    """Dump (or pre-dump) a running container with `lxc-checkpoint` (migration/criu.py builds
+    argv); replies None once it exited 0, else raises with its last stderr line."""
+    argv = _checkpoint_argv(argv, restore=False)
+    err = os.memfd_create("lxc-checkpoint-stderr", os.MFD_CLOEXEC)
+    try:
+        proc = spawn(argv, stderr=err)
+    except BaseException:
+        os.close(err)
+        raise
+
+    def finish(returncode: int | None) -> None:
+        try:
+            if returncode != 0:
+                tail = (_tail(err).strip().splitlines() or [""])[-1] if returncode is not None else "timed out"
+                raise RuntimeError("Failed to checkpoint the container" + (f": {tail}" if tail else "")
+                                   + (f" (exit status {returncode})" if returncode else ""))
+            return None
+        finally:
+            os.close(err)
+
+    return Pending(proc, finish, max(timeout, 1))
+
+
+@method("lxc_restore")
+def lxc_restore(worker: Worker, name: str, lxcpath: str, argv: list, timeout: float = 120.0) -> Pending:
+    """Boot a container from its checkpoint with `lxc-checkpoint -r` (daemonized, as lxc-start);
+    the result is the init pid once RUNNING, as lxc_start's."""
+    argv = _checkpoint_argv(argv, restore=True)
+    c = _container(name, lxcpath)
+    try:
+        if c.state == "RUNNING":
+            raise RuntimeError("The instance is already running")
+    finally:
+        del c
+    err = os.memfd_create("lxc-restore-stderr", os.MFD_CLOEXEC)
+    try:
+        proc = spawn(argv, stderr=err)
+    except BaseException:
+        os.close(err)
+        raise
+
+    def finish(returncode: int | None) -> int:
+        try:
+            return _started(name, lxcpath, returncode, _tail(err), min(timeout, 10.0))
+        except RuntimeError as e:
+            raise RuntimeError(str(e).replace("Failed to start the container", "lxc-checkpoint failed", 1)) from None
+        finally:
+            os.close(err)
+
+    return Pending(proc, finish, max(timeout, 1) + 5)

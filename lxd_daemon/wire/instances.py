@@ -54,6 +54,12 @@ class InstancePost(Request):
     migration: StrictBool = False
     pool: StrictStr = ""  # with migration: move to this storage pool (instance_pool_move)
     instance_only: StrictBool = False
+    # with migration to another server (migration/source.py): live (CRIU), the sink's operation
+    # to dial in push mode ({"operation", "secrets", "certificate"}), the older name of instance_only
+    live: StrictBool = False
+    target: dict[StrictStr, Any] | None = None
+    container_only: StrictBool = False
+    allow_inconsistent: StrictBool = False
 
 
 class InstanceStatePut(Request):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import StrictBool, StrictStr
 
 from lxd_daemon import names
@@ -27,6 +29,11 @@ class StorageVolumeSource(Request):
     project: StrictStr = ""
     volume_only: StrictBool = False
     refresh: StrictBool = False
+    # type "migration" (migration/volumes.py): the source's operation, pinned certificate, secrets
+    mode: StrictStr = ""
+    operation: StrictStr = ""
+    certificate: StrictStr = ""
+    secrets: dict[StrictStr, StrictStr] = {}
 
 
 class StorageVolumePut(Request):
@@ -48,6 +55,7 @@ class StorageVolumePost(Request):
     project: StrictStr = ""
     migration: StrictBool = False
     volume_only: StrictBool = False
+    target: dict[StrictStr, Any] | None = None  # push migration: the sink's operation, certificate, secrets
 
 
 class StorageVolumeSnapshotsPost(Request):

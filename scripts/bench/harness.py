@@ -2,7 +2,8 @@
 
 Run through scripts/bench/run.sh (it installs Debian's lxd and cleans up even after a crash).
 Suites: api (issue 2), images (issue 3), containers (issue 4), storage (issue 9, storage.py),
-networks (issue 10, networks.py), remote (issue 11, remote.py), projects (issue 12, projects.py);
+networks (issue 10, networks.py), remote (issue 11, remote.py), projects (issue 12, projects.py),
+migration (issue 13, migration.py);
 `--only files` runs only the file transfer rows of containers. A suite a daemon cannot serve yet (its endpoint answers 404) is
 skipped for that daemon with a line saying so; LXD still runs, which validates the harness.
 """
@@ -33,10 +34,10 @@ from daemons import DEBIAN_LXD, LXC, OUR_LXD, REPO, Daemon, cleanup  # noqa: E40
 
 HERE = Path(__file__).resolve().parent
 VENV_PY = REPO / ".venv" / "bin" / "python"
-SUITES = ("api", "images", "containers", "storage", "networks", "remote", "projects")  # what a run without --only runs
+SUITES = ("api", "images", "containers", "storage", "networks", "remote", "projects", "migration")  # what a run without --only runs
 EXTRA_SUITES = ("files",)  # only with --only: a subset of a suite above, for quicker iterations
 ALIASES = {"issue2": "api", "issue3": "images", "issue4": "containers", "issue9": "storage", "issue10": "networks",
-           "issue11": "remote", "issue12": "projects"}
+           "issue11": "remote", "issue12": "projects", "issue13": "migration"}
 POOL = "default"
 
 
@@ -498,6 +499,12 @@ class Bench:
 
         projects.ProjectsSuite(self).run()
 
+    def suite_migration(self) -> None:
+        """Migration (issue 13): `lxc copy` between two daemons of a kind over TLS, btrfs and dir pools."""
+        import migration
+
+        migration.MigrationSuite(self).run()
+
     def suite_files(self) -> None:
         """Only the file transfer rows of the containers suite (a quicker loop for that work)."""
         self.with_containers("files", self.file_rows)
@@ -728,7 +735,8 @@ class Bench:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[],
-                    help="run only this suite: api|images|containers|storage|networks|remote|projects (or issue2|3|4|9|10|11|12), "
+                    help="run only this suite: api|images|containers|storage|networks|remote|projects|migration "
+                         "(or issue2|3|4|9|10|11|12|13), "
                          "or files "
                          "(only the file push/pull rows of containers); repeatable")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shorter cells (a smoke run)")
@@ -753,6 +761,9 @@ def main(argv=None) -> int:
     ap.add_argument("--storage-steps", default="",
                     help="storage: run only these steps, comma-separated (btrfs_busybox, dir_500, export_import, "
                     "debian_launches, debian_disk)")
+    ap.add_argument("--migration-mb", type=int, default=0,
+                    help="migration: MB of data in the copied container (default 500, quick 50)")
+    ap.add_argument("--migration-rounds", type=int, default=0, help="migration: rounds (default 3, quick 2)")
     ap.add_argument("--wait-load", type=float, default=0,
                     help="first wait (at most 10 min) until the 1-minute load average is below this")
     ap.add_argument("--verbose", action="store_true")

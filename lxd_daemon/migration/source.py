@@ -1,0 +1,382 @@
+"""The source side of a migration (docs/design/migration.md): `POST /1.0/instances/NAME
+{"migration": true, ...}` (or `.../snapshots/SNAP`).
+
+Pull and relay: a websocket operation whose metadata holds the `control` and `fs` secrets; the
+sink (pull) or the client (relay) connects both. Push (`target` given): a task operation that
+dials the sink's operation. Then the exchange, the same in every mode: our MigrationHeader offer,
+the sink's answer, the index header (version 1: the instance's backup.yaml-like config), every
+snapshot oldest first then the volume (rsync, each stream ended by a barrier), and the sink's
+final MigrationControl, which is the operation's result. Any failure is sent to the peer as a
+MigrationControl{success: false} and fails the operation; nothing on the source changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from lxd_daemon.errors import BadRequest, LXDError
+from lxd_daemon.migration import header as hdr
+from lxd_daemon.migration import migrate_pb2 as pb
+from lxd_daemon.migration.wire import Channel, MigrationError, accepted, dial
+
+log = logging.getLogger("lxd.migration")
+
+CHANNELS = ("control", "fs")
+CONNECT_TIMEOUT = 30.0  # for the peer (or the relaying client) to connect every websocket
+CONTROL_TIMEOUT = 60.0  # for each control message of the exchange
+FINAL_TIMEOUT = 300.0  # for the sink's verdict after the last stream (it commits then)
+FOREVER = 7 * 86400.0
+
+
+class Endpoints:
+    """The websockets of one migration, accepted (an operation's on_connect) or dialed."""
+
+    def __init__(self) -> None:
+        self.channels: dict[str, Channel] = {}
+        self.connected = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    def secrets(self, op) -> dict[str, str]:
+        return {name: op.new_secret(name) for name in CHANNELS}
+
+    async def on_connect(self, op, name: str, websocket) -> None:
+        """An operation's on_connect: keep the websocket until the migration is over."""
+        if name in self.channels or self.finished.is_set():
+            with contextlib.suppress(Exception):
+                await websocket.close(code=1008)
+            return
+        ch = accepted(websocket, name)
+        self.channels[name] = ch
+        if all(n in self.channels for n in CHANNELS):
+            self.connected.set()
+        waiter = asyncio.ensure_future(self.finished.wait())
+        gone = asyncio.ensure_future(ch.wait_closed())
+        try:
+            await asyncio.wait({waiter, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            gone.cancel()
+        await ch.close()
+
+    async def wait_connected(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+        except TimeoutError:
+            raise MigrationError("Timed out waiting for the migration websockets to connect") from None
+
+    async def dial(self, services, url: str, secrets: dict, certificate: str | None) -> None:
+        missing = [n for n in CHANNELS if not secrets.get(n)]
+        if missing:
+            raise MigrationError(f"The migration's {', '.join(missing)} secret is missing")
+        cert, key = services.lxd_dir / "server.crt", services.lxd_dir / "server.key"
+        for name in CHANNELS:
+            self.channels[name] = await dial(url, secrets[name], certificate or None, cert=cert, key=key,
+                                             name=name)
+        self.connected.set()
+
+    @property
+    def control(self) -> Channel:
+        return self.channels["control"]
+
+    @property
+    def fs(self) -> Channel:
+        return self.channels["fs"]
+
+    async def notify(self, message: str) -> None:
+        """Tell the peer the migration failed (best effort)."""
+        ch = self.channels.get("control")
+        if ch is not None and not ch.closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ch.send_control(pb.MigrationControl(success=False, message=message)), 5)
+
+    async def fail(self, message: str) -> None:
+        """Tell the peer (best effort) and close."""
+        await self.notify(message)
+        await self.close()
+
+    async def close(self) -> None:
+        self.finished.set()
+        for ch in list(self.channels.values()):
+            with contextlib.suppress(Exception):
+                await ch.close()
+
+
+def message_of(e: BaseException) -> str:
+    if isinstance(e, MigrationError | LXDError):
+        return e.message
+    return str(e) or e.__class__.__name__
+
+
+class Progress:
+    """`fs_progress` in the operation's metadata ("NAME: 12.35MB (4.50MB/s)", as LXD shows it),
+    for one migration: `stream(label)` gives the callback of one rsync stream (rsync.py calls it
+    with the stream's bytes so far and its rate); `finish()` publishes the total of every stream
+    (what the whole transfer moved)."""
+
+    def __init__(self, op, name: str):
+        self.op = op
+        self.name = name
+        self.start = time.monotonic()
+        self.done_before = 0  # bytes of the finished streams
+        self.current = 0
+
+    def stream(self, label: str):
+        self.done_before += self.current
+        self.current = 0
+
+        def update(done, speed=0.0, *_rest) -> None:
+            from lxd_daemon.migration.rsync import progress_text
+
+            self.current = int(done)
+            if self.op is not None:
+                self.op.update_metadata({"fs_progress": progress_text(label, int(done), float(speed))})
+
+        return update
+
+    @property
+    def total(self) -> int:
+        return self.done_before + self.current
+
+    def finish(self, total: int | None = None) -> None:
+        from lxd_daemon.migration.rsync import progress_text
+
+        n = self.total if total is None else total
+        rate = n / max(time.monotonic() - self.start, 1e-3)
+        if self.op is not None:
+            self.op.update_metadata({"fs_progress": progress_text(self.name, n, rate)})
+
+
+async def watch_control(channel: Channel) -> pb.MigrationControl:
+    return await channel.recv_control(pb.MigrationControl, timeout=FOREVER)
+
+
+async def while_watching(control_task: asyncio.Task, work) -> None:
+    """Run `work` (a coroutine) unless the peer's MigrationControl arrives first: a failure it
+    reports ends the work and is raised."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({task, control_task}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()
+            return
+        ctl = control_task.result() if not control_task.cancelled() else None
+        if ctl is not None and not ctl.success:
+            raise MigrationError(ctl.message or "The peer reported a failure")
+        await task  # a success before the end: finish the stream anyway
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        # A broken control channel surfaces as this task's error: look at it so asyncio doesn't warn.
+        if control_task.done() and not control_task.cancelled():
+            control_task.exception()
+
+
+class MigrationSource:
+    """One instance (or snapshot) being sent."""
+
+    def __init__(self, services, key: str, *, snapshot: str | None = None, live: bool = False,
+                 instance_only: bool = False, target: dict | None = None, requestor: dict | None = None):
+        self.services = services
+        self.key = key
+        self.snapshot = snapshot
+        self.live = live
+        self.instance_only = instance_only or snapshot is not None
+        self.target = target
+        self.requestor = requestor
+        self.ends = Endpoints()
+
+    # -- checks before the operation ---------------------------------------------------------
+    async def check(self) -> None:
+        """Refusals before the operation: an unknown snapshot, a live migration this server
+        can't make, a push target without its operation."""
+        svc = self.services.instances
+        svc.record(self.key)
+        if self.snapshot is not None:
+            self.services.snapshots.get(self.key, self.snapshot)  # 404 first
+            self.live = False
+        if self.live:
+            if svc.status_of(self.key)[0] == "Running":
+                from lxd_daemon.migration import criu
+
+                await criu.require("Live migration")  # a clear 400 when CRIU is unusable
+                raise BadRequest("Live migration of a running container is not implemented yet "
+                                 "(copy or move it with --stateless, or stop it first)")
+            self.live = False  # a stopped instance has no state to carry
+        if self.target is not None:
+            t = self.target
+            if not t.get("operation") or not isinstance(t["operation"], str):
+                raise BadRequest("The migration target's operation URL is missing")
+            secrets = t.get("secrets") or {}
+            if not isinstance(secrets, dict) or not all(isinstance(secrets.get(n), str) and secrets[n]
+                                                        for n in CHANNELS):
+                raise BadRequest("The migration target's control and fs secrets are missing")
+            if not isinstance(t.get("certificate", ""), str):
+                raise BadRequest("The migration target's certificate must be a PEM string")
+
+    # -- operation callbacks -----------------------------------------------------------------
+    async def on_connect(self, op, name: str, websocket) -> None:
+        await self.ends.on_connect(op, name, websocket)
+
+    async def on_cancel(self, op) -> None:
+        await self.ends.fail("Migration cancelled on the source")
+
+    async def run(self, op) -> None:
+        try:
+            if self.target is not None:
+                await self.ends.dial(self.services, self.target["operation"], self.target.get("secrets") or {},
+                                     self.target.get("certificate"))
+            else:
+                await self.ends.wait_connected()
+            await self._exchange(op)
+        except asyncio.CancelledError:
+            await self.ends.fail("Migration cancelled on the source")
+            raise
+        except BaseException as e:
+            msg = message_of(e)
+            log.warning("migration failed on the source", extra={"instance": self.key, "err": msg})
+            await self.ends.fail(msg)
+            if isinstance(e, LXDError):
+                raise
+            raise LXDError(msg) from None
+        await self.ends.close()
+
+    # -- the exchange --------------------------------------------------------------------------
+    async def _exchange(self, op) -> None:
+        from lxd_daemon.instances.idmap import IdmapSet
+
+        services = self.services
+        svc = services.instances
+        rec = svc.record(self.key)
+        status = svc.status_of(self.key)[0]
+        snaps = [] if self.instance_only else list(services.snapshots.list(self.key))
+        if self.snapshot is not None:
+            src_snap = services.snapshots.get(self.key, self.snapshot)
+            disk_map = IdmapSet.from_json(src_snap.config.get("volatile.last_state.idmap"))
+        else:
+            src_snap = None
+            disk_map = IdmapSet.from_json(rec.config.get("volatile.last_state.idmap"))
+        pool = svc._root_pool(svc.expanded(self.key)[1], self.key)
+        # btrfs send/receive when both pools are btrfs: offered for a stopped instance (a running
+        # one goes by rsync, in two passes)
+        native = (self.snapshot is None and status == "Stopped"
+                  and "BTRFS" in pool.driver.info.migration_types)
+        offer = hdr.offer(fs=pb.BTRFS if native else pb.RSYNC, disk_idmap=disk_map, snapshots=snaps,
+                          running=status != "Stopped" and self.snapshot is None, live=self.live)
+        if native:
+            offer.btrfsFeatures.CopyFrom(hdr.btrfs_features_pb())
+        ctl = self.ends.control
+        await ctl.send_control(offer)
+        resp = await ctl.recv_control(pb.MigrationHeader, timeout=CONTROL_TIMEOUT)
+        if resp.fs not in ((pb.RSYNC, pb.BTRFS) if native else (pb.RSYNC,)):
+            raise MigrationError(f"The sink asked for a transfer type this source can't send ({resp.fs})")
+        features = hdr.agreed_features(resp)
+        to_send = hdr.snapshots_to_send(offer, resp)
+        watcher = asyncio.ensure_future(watch_control(ctl))
+        try:
+            running = offer.HasField("criu") and offer.criu == pb.NONE
+            await while_watching(watcher, self._send_all(op, rec, src_snap, to_send, resp, features, running))
+            try:
+                verdict = await asyncio.wait_for(asyncio.shield(watcher), FINAL_TIMEOUT)
+            except TimeoutError:
+                raise MigrationError("Timed out waiting for the sink to finish the migration") from None
+        finally:
+            if not watcher.done():
+                watcher.cancel()
+                with contextlib.suppress(BaseException):
+                    await watcher
+        if not verdict.success:
+            raise MigrationError(verdict.message or "The sink reported a failure")
+
+    async def _send_all(self, op, rec, src_snap, to_send: list[str], resp, features: dict,
+                        offer_running: bool = False) -> None:
+        from lxd_daemon.backups.config import instance_backup_config
+        from lxd_daemon.migration import rsync
+
+        services = self.services
+        svc = services.instances
+        fs = self.ends.fs
+        if resp.HasField("indexHeaderVersion") and resp.indexHeaderVersion >= 1:
+            cfg = (await instance_backup_config(services, self.key)).to_dict()
+            if src_snap is not None:  # a snapshot's copy: the snapshot is the instance
+                cfg = _snapshot_as_instance(cfg, src_snap)
+            else:
+                cfg["snapshots"] = [s for s in cfg.get("snapshots") or [] if s.get("name") in set(to_send)]
+                cfg["volume_snapshots"] = [s for s in cfg.get("volume_snapshots") or []
+                                           if s.get("name") in set(to_send)]
+            await fs.send_json(hdr.index_header(cfg))
+            answer = await fs.recv_json(timeout=CONTROL_TIMEOUT)
+            try:
+                hdr.check_index_response(answer)
+            except ValueError as e:
+                raise MigrationError(str(e)) from None
+        feats = rsync.Features(**features)
+        pool = svc._root_pool(svc.expanded(self.key)[1], self.key)
+        vol = services.storage.volumes.instance_volume(pool, rec.name, rec.project)
+        drv = pool.driver
+        bwlimit = (pool.config or {}).get("rsync.bwlimit", "")  # the pool's limit, as LXD
+        progress = Progress(op, rec.name)
+        if resp.fs == pb.BTRFS:
+            from lxd_daemon.migration import streams
+
+            log.info("migration: sending by btrfs send", extra={"instance": self.key})
+            await streams.send_btrfs_volume(drv, vol, to_send, fs, streams.features_of(resp.btrfsFeatures),
+                                            progress=progress.stream)
+            progress.finish(fs.bytes_sent)
+            return
+        for s in to_send:
+            svol = vol.snapshot(s)
+            path = await drv.mount_volume(svol)
+            try:
+                await rsync.send(path, fs, feats, progress=progress.stream(s), bwlimit=bwlimit)
+            finally:
+                await drv.unmount_volume(svol)
+        main = vol.snapshot(src_snap.name) if src_snap is not None else vol
+        path = await drv.mount_volume(main)
+        try:
+            if offer_running:
+                # A running container (stateless, `criu` NONE in the offer): a first pass while it
+                # runs, then the final sync with it frozen, which the sink expects (as LXD's).
+                await rsync.send(path, fs, feats, progress=progress.stream(rec.name), bwlimit=bwlimit)
+            async with self._consistent(pool, src_snap is not None):
+                await rsync.send(path, fs, feats, progress=progress.stream(rec.name), bwlimit=bwlimit)
+        finally:
+            await drv.unmount_volume(main)
+        progress.finish(fs.bytes_sent)
+
+    @contextlib.asynccontextmanager
+    async def _consistent(self, pool, is_snapshot: bool):
+        """A running container is frozen while its volume is sent (a stateless copy of a
+        consistent tree, as a local copy does on drivers without atomic snapshots)."""
+        svc = self.services.instances
+        cg = None
+        if not is_snapshot and svc.status_of(self.key)[0] == "Running":
+            with contextlib.suppress(OSError, LXDError):
+                cg = svc._cgroups(self.key)
+                await svc._freeze_cg(self.key, cg, True)
+        try:
+            yield
+        finally:
+            if cg is not None:
+                with contextlib.suppress(OSError, LXDError):
+                    await svc._freeze_cg(self.key, cg, False)
+
+
+def _snapshot_as_instance(cfg: dict, snap) -> dict:
+    """The index header of a snapshot's copy: the snapshot's config, devices and profiles as
+    the instance's, and no snapshots."""
+    inst = dict(cfg.get("container") or {})
+    inst["config"] = dict(snap.config)
+    inst["devices"] = {k: dict(v) for k, v in snap.devices.items()}
+    inst["profiles"] = list(snap.profiles)
+    if snap.architecture:
+        inst["architecture"] = snap.architecture
+    out = dict(cfg)
+    out["container"] = inst
+    out.pop("snapshots", None)
+    out.pop("volume_snapshots", None)
+    return out
