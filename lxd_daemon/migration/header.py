@@ -93,7 +93,16 @@ def snapshot_from_pb(p: pb.Snapshot) -> dict:
 
 def rsync_features_pb(*, xattrs: bool = True, delete: bool = True, compress: bool = True,
                       bidirectional: bool = True) -> pb.rsyncFeatures:
-    return pb.rsyncFeatures(xattrs=xattrs, delete=delete, compress=compress, bidirectional=bidirectional)
+    """Ours, also in the answer: `negotiate` (our extension, migrate.proto) says our rsync (3.2 or
+    later) negotiates its capabilities."""
+    return pb.rsyncFeatures(xattrs=xattrs, delete=delete, compress=compress, bidirectional=bidirectional,
+                            negotiate=True)
+
+
+def negotiates(offered: pb.MigrationHeader) -> bool:
+    """Whether the sender is one of ours (its rsync negotiates): the receiver may then offer its
+    capabilities (zstd instead of zlib for `compress`). Never for LXD, whose rsync may be older."""
+    return offered.HasField("rsyncFeatures") and offered.rsyncFeatures.negotiate
 
 
 def offer(*, fs: int, disk_idmap: IdmapSet, snapshots: list, running: bool, live: bool,

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmigrate.proto\x12\tmigration\"Y\n\tIDMapType\x12\r\n\x05isuid\x18\x01 \x02(\x08\x12\r\n\x05isgid\x18\x02 \x02(\x08\x12\x0e\n\x06hostid\x18\x03 \x02(\x05\x12\x0c\n\x04nsid\x18\x04 \x02(\x05\x12\x10\n\x08maprange\x18\x05 \x02(\x05\"$\n\x06\x43onfig\x12\x0b\n\x03key\x18\x01 \x02(\t\x12\r\n\x05value\x18\x02 \x02(\t\"9\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x02(\t\x12!\n\x06\x63onfig\x18\x02 \x03(\x0b\x32\x11.migration.Config\"\xfa\x01\n\x08Snapshot\x12\x0c\n\x04name\x18\x01 \x02(\t\x12&\n\x0blocalConfig\x18\x02 \x03(\x0b\x32\x11.migration.Config\x12\x10\n\x08profiles\x18\x03 \x03(\t\x12\x11\n\tephemeral\x18\x04 \x02(\x08\x12\'\n\x0clocalDevices\x18\x05 \x03(\x0b\x32\x11.migration.Device\x12\x14\n\x0c\x61rchitecture\x18\x06 \x02(\x05\x12\x10\n\x08stateful\x18\x07 \x02(\x08\x12\x15\n\rcreation_date\x18\x08 \x01(\x03\x12\x16\n\x0elast_used_date\x18\t \x01(\x03\x12\x13\n\x0b\x65xpiry_date\x18\n \x01(\x03\"X\n\rrsyncFeatures\x12\x0e\n\x06xattrs\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65lete\x18\x02 \x01(\x08\x12\x10\n\x08\x63ompress\x18\x03 \x01(\x08\x12\x15\n\rbidirectional\x18\x04 \x01(\x08\"O\n\x0bzfsFeatures\x12\x10\n\x08\x63ompress\x18\x01 \x01(\x08\x12\x18\n\x10migration_header\x18\x02 \x01(\x08\x12\x14\n\x0cheader_zvols\x18\x03 \x01(\x08\"d\n\rbtrfsFeatures\x12\x18\n\x10migration_header\x18\x01 \x01(\x08\x12\x19\n\x11header_subvolumes\x18\x02 \x01(\x08\x12\x1e\n\x16header_subvolume_uuids\x18\x03 \x01(\x08\"\xd0\x03\n\x0fMigrationHeader\x12&\n\x02\x66s\x18\x01 \x02(\x0e\x32\x1a.migration.MigrationFSType\x12!\n\x04\x63riu\x18\x02 \x01(\x0e\x32\x13.migration.CRIUType\x12#\n\x05idmap\x18\x03 \x03(\x0b\x32\x14.migration.IDMapType\x12\x15\n\rsnapshotNames\x18\x04 \x03(\t\x12&\n\tsnapshots\x18\x05 \x03(\x0b\x32\x13.migration.Snapshot\x12\x0f\n\x07predump\x18\x07 \x01(\x08\x12/\n\rrsyncFeatures\x18\x08 \x01(\x0b\x32\x18.migration.rsyncFeatures\x12\x0f\n\x07refresh\x18\t \x01(\x08\x12+\n\x0bzfsFeatures\x18\n \x01(\x0b\x32\x16.migration.zfsFeatures\x12\x12\n\nvolumeSize\x18\x0b \x01(\x03\x12/\n\rbtrfsFeatures\x18\x0c \x01(\x0b\x32\x18.migration.btrfsFeatures\x12\x1a\n\x12indexHeaderVersion\x18\r \x01(\r\x12-\n\tfsRefresh\x18\x0e \x01(\x0e\x32\x1a.migration.MigrationFSType\"4\n\x10MigrationControl\x12\x0f\n\x07success\x18\x01 \x02(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"%\n\rMigrationSync\x12\x14\n\x0c\x66inalPreDump\x18\x01 \x02(\x08*N\n\x0fMigrationFSType\x12\t\n\x05RSYNC\x10\x00\x12\t\n\x05\x42TRFS\x10\x01\x12\x07\n\x03ZFS\x10\x02\x12\x07\n\x03RBD\x10\x03\x12\x13\n\x0f\x42LOCK_AND_RSYNC\x10\x04*<\n\x08\x43RIUType\x12\x0e\n\nCRIU_RSYNC\x10\x00\x12\t\n\x05PHAUL\x10\x01\x12\x08\n\x04NONE\x10\x02\x12\x0b\n\x07VM_QEMU\x10\x03')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\rmigrate.proto\x12\tmigration\"Y\n\tIDMapType\x12\r\n\x05isuid\x18\x01 \x02(\x08\x12\r\n\x05isgid\x18\x02 \x02(\x08\x12\x0e\n\x06hostid\x18\x03 \x02(\x05\x12\x0c\n\x04nsid\x18\x04 \x02(\x05\x12\x10\n\x08maprange\x18\x05 \x02(\x05\"$\n\x06\x43onfig\x12\x0b\n\x03key\x18\x01 \x02(\t\x12\r\n\x05value\x18\x02 \x02(\t\"9\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x02(\t\x12!\n\x06\x63onfig\x18\x02 \x03(\x0b\x32\x11.migration.Config\"\xfa\x01\n\x08Snapshot\x12\x0c\n\x04name\x18\x01 \x02(\t\x12&\n\x0blocalConfig\x18\x02 \x03(\x0b\x32\x11.migration.Config\x12\x10\n\x08profiles\x18\x03 \x03(\t\x12\x11\n\tephemeral\x18\x04 \x02(\x08\x12\'\n\x0clocalDevices\x18\x05 \x03(\x0b\x32\x11.migration.Device\x12\x14\n\x0c\x61rchitecture\x18\x06 \x02(\x05\x12\x10\n\x08stateful\x18\x07 \x02(\x08\x12\x15\n\rcreation_date\x18\x08 \x01(\x03\x12\x16\n\x0elast_used_date\x18\t \x01(\x03\x12\x13\n\x0b\x65xpiry_date\x18\n \x01(\x03\"k\n\rrsyncFeatures\x12\x0e\n\x06xattrs\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65lete\x18\x02 \x01(\x08\x12\x10\n\x08\x63ompress\x18\x03 \x01(\x08\x12\x15\n\rbidirectional\x18\x04 \x01(\x08\x12\x11\n\tnegotiate\x18\x64 \x01(\x08\"O\n\x0bzfsFeatures\x12\x10\n\x08\x63ompress\x18\x01 \x01(\x08\x12\x18\n\x10migration_header\x18\x02 \x01(\x08\x12\x14\n\x0cheader_zvols\x18\x03 \x01(\x08\"d\n\rbtrfsFeatures\x12\x18\n\x10migration_header\x18\x01 \x01(\x08\x12\x19\n\x11header_subvolumes\x18\x02 \x01(\x08\x12\x1e\n\x16header_subvolume_uuids\x18\x03 \x01(\x08\"\xd0\x03\n\x0fMigrationHeader\x12&\n\x02\x66s\x18\x01 \x02(\x0e\x32\x1a.migration.MigrationFSType\x12!\n\x04\x63riu\x18\x02 \x01(\x0e\x32\x13.migration.CRIUType\x12#\n\x05idmap\x18\x03 \x03(\x0b\x32\x14.migration.IDMapType\x12\x15\n\rsnapshotNames\x18\x04 \x03(\t\x12&\n\tsnapshots\x18\x05 \x03(\x0b\x32\x13.migration.Snapshot\x12\x0f\n\x07predump\x18\x07 \x01(\x08\x12/\n\rrsyncFeatures\x18\x08 \x01(\x0b\x32\x18.migration.rsyncFeatures\x12\x0f\n\x07refresh\x18\t \x01(\x08\x12+\n\x0bzfsFeatures\x18\n \x01(\x0b\x32\x16.migration.zfsFeatures\x12\x12\n\nvolumeSize\x18\x0b \x01(\x03\x12/\n\rbtrfsFeatures\x18\x0c \x01(\x0b\x32\x18.migration.btrfsFeatures\x12\x1a\n\x12indexHeaderVersion\x18\r \x01(\r\x12-\n\tfsRefresh\x18\x0e \x01(\x0e\x32\x1a.migration.MigrationFSType\"4\n\x10MigrationControl\x12\x0f\n\x07success\x18\x01 \x02(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"%\n\rMigrationSync\x12\x14\n\x0c\x66inalPreDump\x18\x01 \x02(\x08*N\n\x0fMigrationFSType\x12\t\n\x05RSYNC\x10\x00\x12\t\n\x05\x42TRFS\x10\x01\x12\x07\n\x03ZFS\x10\x02\x12\x07\n\x03RBD\x10\x03\x12\x13\n\x0f\x42LOCK_AND_RSYNC\x10\x04*<\n\x08\x43RIUType\x12\x0e\n\nCRIU_RSYNC\x10\x00\x12\t\n\x05PHAUL\x10\x01\x12\x08\n\x04NONE\x10\x02\x12\x0b\n\x07VM_QEMU\x10\x03')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'migrate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MIGRATIONFSTYPE']._serialized_start=1302
-  _globals['_MIGRATIONFSTYPE']._serialized_end=1380
-  _globals['_CRIUTYPE']._serialized_start=1382
-  _globals['_CRIUTYPE']._serialized_end=1442
+  _globals['_MIGRATIONFSTYPE']._serialized_start=1321
+  _globals['_MIGRATIONFSTYPE']._serialized_end=1399
+  _globals['_CRIUTYPE']._serialized_start=1401
+  _globals['_CRIUTYPE']._serialized_end=1461
   _globals['_IDMAPTYPE']._serialized_start=28
   _globals['_IDMAPTYPE']._serialized_end=117
   _globals['_CONFIG']._serialized_start=119
@@ -44,15 +44,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SNAPSHOT']._serialized_start=217
   _globals['_SNAPSHOT']._serialized_end=467
   _globals['_RSYNCFEATURES']._serialized_start=469
-  _globals['_RSYNCFEATURES']._serialized_end=557
-  _globals['_ZFSFEATURES']._serialized_start=559
-  _globals['_ZFSFEATURES']._serialized_end=638
-  _globals['_BTRFSFEATURES']._serialized_start=640
-  _globals['_BTRFSFEATURES']._serialized_end=740
-  _globals['_MIGRATIONHEADER']._serialized_start=743
-  _globals['_MIGRATIONHEADER']._serialized_end=1207
-  _globals['_MIGRATIONCONTROL']._serialized_start=1209
-  _globals['_MIGRATIONCONTROL']._serialized_end=1261
-  _globals['_MIGRATIONSYNC']._serialized_start=1263
-  _globals['_MIGRATIONSYNC']._serialized_end=1300
+  _globals['_RSYNCFEATURES']._serialized_end=576
+  _globals['_ZFSFEATURES']._serialized_start=578
+  _globals['_ZFSFEATURES']._serialized_end=657
+  _globals['_BTRFSFEATURES']._serialized_start=659
+  _globals['_BTRFSFEATURES']._serialized_end=759
+  _globals['_MIGRATIONHEADER']._serialized_start=762
+  _globals['_MIGRATIONHEADER']._serialized_end=1226
+  _globals['_MIGRATIONCONTROL']._serialized_start=1228
+  _globals['_MIGRATIONCONTROL']._serialized_end=1280
+  _globals['_MIGRATIONSYNC']._serialized_start=1282
+  _globals['_MIGRATIONSYNC']._serialized_end=1319
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,9 @@ DRAIN_TIMEOUT = 30.0  # once rsync exited, how long the other side may take to e
 # The receiver's server options: what LXD's receiver passes (the sender's -ar --devices
 # --numeric-ids --partial --sparse as rsync would hand them to its server).
 SERVER_FLAGS = "-vlogDtpre.iLsfx"
+# The same with rsync 3.2's capability negotiation (checksum and compression choice, varint
+# lists, ...): only when the sender said its rsync negotiates (Features.negotiate): zstd, not zlib.
+SERVER_FLAGS_NEGOTIATED = SERVER_FLAGS + "CIvu"
 
 Progress = Callable[[int, float], None]  # (bytes so far, bytes per second); at most once a second
 
@@ -57,6 +60,7 @@ class Features:
     delete: bool = True
     compress: bool = True
     bidirectional: bool = True
+    negotiate: bool = False  # the sender's rsync negotiates (header.negotiates): the receiver's flags
 
     @classmethod
     def from_pb(cls, msg) -> Features:
@@ -249,7 +253,8 @@ async def receive(path: Path, channel: Channel, features: Features, *, progress:
     path = Path(path)
     if not path.is_absolute() or ".." in path.parts:
         raise MigrationError(f"Rsync path {str(path)!r} must be absolute")
-    args = ["rsync", "--server", SERVER_FLAGS, "--numeric-ids", "--devices", "--partial", "--sparse",
+    flags = SERVER_FLAGS_NEGOTIATED if features.negotiate else SERVER_FLAGS
+    args = ["rsync", "--server", flags, "--numeric-ids", "--devices", "--partial", "--sparse",
             "--modify-window=-1", *features.args(), *(extra_args or []), "--", ".", str(path)]
     log.debug("rsync receive: %s", args)
     proc = await asyncio.create_subprocess_exec(

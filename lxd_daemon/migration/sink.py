@@ -196,7 +196,7 @@ class MigrationSink:
             got = await fs.recv_json(timeout=CONTROL_TIMEOUT)
             info = got if isinstance(got, dict) else {}
             await fs.send_json(hdr.index_response(self.refresh))
-        feats = rsync.Features(**hdr.agreed_features(resp))
+        feats = rsync.Features(**hdr.agreed_features(resp), negotiate=hdr.negotiates(offer))
         services = self.services
         volumes = services.storage.volumes
         native = resp.fs == pb.BTRFS

@@ -341,7 +341,7 @@ class VolumeSink:
         cfg_info = info.get("config") or {}
         src_vol = cfg_info.get("volume") or {}
         snap_info = {str(s.get("name")): s for s in (cfg_info.get("volume_snapshots") or []) if isinstance(s, dict)}
-        feats = rsync.Features(**hdr.agreed_features(resp))
+        feats = rsync.Features(**hdr.agreed_features(resp), negotiate=hdr.negotiates(offer))
         custom = self.custom
         p = custom._pool(self.pool)
         drv = p.driver

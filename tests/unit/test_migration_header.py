@@ -93,3 +93,18 @@ def test_btrfs_answer_keeps_the_features_both_have():
     assert a.btrfsFeatures.migration_header and not a.btrfsFeatures.header_subvolumes
     assert not a.btrfsFeatures.header_subvolume_uuids  # not one this daemon speaks
     assert not hdr.answer(offered).HasField("btrfsFeatures")  # rsync: no btrfs features
+
+
+def test_only_our_senders_get_the_negotiated_rsync_receiver():
+    """Our offer carries rsyncFeatures.negotiate (our extension, ignored by LXD); LXD's never does,
+    so an LXD sender meets LXD's own receiver flags."""
+    from lxd_daemon.migration import rsync
+
+    ours = hdr.offer(fs=pb.RSYNC, disk_idmap=MAP, snapshots=[], running=False, live=False)
+    lxd = pb.MigrationHeader(fs=pb.RSYNC, rsyncFeatures=pb.rsyncFeatures(xattrs=True, delete=True, compress=True,
+                                                                         bidirectional=True))
+    assert hdr.negotiates(ours) and not hdr.negotiates(lxd)
+    assert not hdr.negotiates(pb.MigrationHeader(fs=pb.RSYNC))
+    # LXD parses our header (the unknown field is skipped) and its own round-trips without it.
+    assert pb.MigrationHeader.FromString(lxd.SerializeToString()).rsyncFeatures.negotiate is False
+    assert rsync.SERVER_FLAGS_NEGOTIATED.startswith(rsync.SERVER_FLAGS)
