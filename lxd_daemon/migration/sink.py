@@ -25,15 +25,15 @@ import contextlib
 import logging
 import uuid
 
-from lxd_daemon.errors import BadRequest, LXDError, NotFound
+from lxd_daemon.errors import BadRequest, NotFound
 from lxd_daemon.migration import header as hdr
 from lxd_daemon.migration import migrate_pb2 as pb
 from lxd_daemon.migration.source import (
     CONTROL_TIMEOUT,
-    Endpoints,
     MigrationError,
     Progress,
-    message_of,
+    Side,
+    source_peer,
     watch_control,
     while_watching,
 )
@@ -46,12 +46,14 @@ log = logging.getLogger("lxd.migration")
 BACKUP_YAML = "backup.yaml"
 
 
-class MigrationSink:
+class MigrationSink(Side):
     """One instance being received. `plan` is InstanceService.prepare_create's plan for a new
     instance (its key reserved by the caller until the operation ends), None for a refresh."""
 
+    role = "target"
+
     def __init__(self, services, body, project: str, *, plan: dict | None, requestor: dict | None = None):
-        self.services = services
+        super().__init__(services)
         self.body = body
         self.source = dict(body.source or {})
         self.mode = self.source.get("mode") or "pull"
@@ -61,7 +63,6 @@ class MigrationSink:
         self.plan = plan
         self.refresh = plan is None
         self.requestor = requestor
-        self.ends = Endpoints()
 
     @staticmethod
     def check_source(source: dict) -> None:
@@ -80,39 +81,18 @@ class MigrationSink:
                 raise BadRequest("The migration source's control and fs secrets are missing")
 
     # -- operation callbacks -----------------------------------------------------------------
-    async def on_connect(self, op, name: str, websocket) -> None:
-        await self.ends.on_connect(op, name, websocket)
+    def peer(self):
+        return source_peer(self.source, self.mode)
 
-    async def on_cancel(self, op) -> None:
-        # The peer hears it now; the operation's task is cancelled next, which undoes what was
-        # received (the channels stay open until then: closing them first would fail the
-        # transfer, whose undo the cancellation would then cut short).
-        await self.ends.notify("Migration cancelled on the target")
+    def subject(self) -> dict:
+        return {"instance": self.key}
 
-    async def run(self, op) -> None:
-        try:
-            if self.mode == "pull":
-                secrets = self.source.get("secrets") or self.source.get("websockets") or {}
-                await self.ends.dial(self.services, self.source["operation"], secrets,
-                                     self.source.get("certificate"))
-            else:
-                await self.ends.wait_connected()
-            await self._exchange(op)
-        except asyncio.CancelledError:
-            await self.ends.fail("Migration cancelled on the target")
-            raise
-        except BaseException as e:
-            msg = message_of(e)
-            log.warning("migration failed on the target", extra={"instance": self.key, "err": msg})
-            await self.ends.fail(msg)
-            if isinstance(e, LXDError):
-                raise
-            raise LXDError(msg) from None
-        finally:
-            if self.plan is not None:
-                self.services.instances.release(self.key)
-                self.services.instances._idmap_claims.pop(self.key, None)
-        await self.ends.close()
+    async def cleanup(self) -> None:
+        if self.plan is not None:
+            self.services.instances.release(self.key)
+            self.services.instances._idmap_claims.pop(self.key, None)
+
+    async def finished(self) -> None:
         if self.refresh:
             self.services.events.lifecycle("instance-updated", f"/1.0/instances/{self.name}{query(self.project)}",
                                            requestor=self.requestor, project=self.project)
@@ -122,7 +102,7 @@ class MigrationSink:
                                            requestor=self.requestor, project=self.project)
 
     # -- the exchange ------------------------------------------------------------------------
-    async def _exchange(self, op) -> None:
+    async def exchange(self, op) -> None:
         if not self.refresh:
             return await self._exchange_locked(op)
         # A refresh changes an existing instance: nothing else may meanwhile (start, snapshot, ...).

@@ -176,19 +176,100 @@ async def while_watching(control_task: asyncio.Task, work) -> None:
             control_task.exception()
 
 
-class MigrationSource:
+class Side:
+    """What every migration end shares (an instance's or a custom volume's source or sink): its
+    channels, connecting them (dialing the peer's operation, or waiting for the peer or the
+    relaying client to connect), and ending the exchange: a failure or cancel goes to the peer as
+    a MigrationControl and fails the operation. Subclasses give `exchange()`, and may give
+    `peer()`, `cleanup()` (always, after the exchange) and `finished()` (after success)."""
+
+    role = "source"  # "source" or "target", as messages name the side
+    what = "migration"  # for the log
+
+    def __init__(self, services) -> None:
+        self.services = services
+        self.ends = Endpoints()
+
+    def peer(self) -> tuple[str, dict, str | None] | None:
+        """The peer operation to dial (URL, secrets, certificate), or None to wait for it."""
+        return None
+
+    def subject(self) -> dict:
+        return {}
+
+    async def exchange(self, op) -> None:
+        raise NotImplementedError
+
+    async def cleanup(self) -> None:
+        pass
+
+    async def finished(self) -> None:
+        pass
+
+    async def on_connect(self, op, name: str, websocket) -> None:
+        await self.ends.on_connect(op, name, websocket)
+
+    async def on_cancel(self, op) -> None:
+        if self.role == "source":
+            await self.ends.fail("Migration cancelled on the source")
+        else:
+            # The peer hears it now; the operation's task is cancelled next, which undoes what
+            # was received (the channels stay open until then: closing them first would fail
+            # the transfer, whose undo the cancellation would then cut short).
+            await self.ends.notify("Migration cancelled on the target")
+
+    async def run(self, op) -> None:
+        try:
+            peer = self.peer()
+            if peer is not None:
+                await self.ends.dial(self.services, *peer)
+            else:
+                await self.ends.wait_connected()
+            await self.exchange(op)
+        except asyncio.CancelledError:
+            await self.ends.fail(f"Migration cancelled on the {self.role}")
+            raise
+        except BaseException as e:
+            msg = message_of(e)
+            log.warning(f"{self.what} failed on the {self.role}", extra={**self.subject(), "err": msg})
+            await self.ends.fail(msg)
+            if isinstance(e, LXDError):
+                raise
+            raise LXDError(msg) from None
+        finally:
+            await self.cleanup()
+        await self.ends.close()
+        await self.finished()
+
+
+def target_peer(target: dict | None) -> tuple[str, dict, str | None] | None:
+    """A source's push target (`target`: the sink's operation, secrets and certificate)."""
+    if target is None:
+        return None
+    return target["operation"], target.get("secrets") or {}, target.get("certificate")
+
+
+def source_peer(source: dict, mode: str) -> tuple[str, dict, str | None] | None:
+    """A sink's pull source (`source.operation`, `secrets` (or LXD's older `websockets`),
+    `certificate`); push and relay wait instead."""
+    if mode != "pull":
+        return None
+    return (source["operation"], source.get("secrets") or source.get("websockets") or {},
+            source.get("certificate"))
+
+
+class MigrationSource(Side):
     """One instance (or snapshot) being sent."""
 
     def __init__(self, services, key: str, *, snapshot: str | None = None, live: bool = False,
                  instance_only: bool = False, target: dict | None = None, requestor: dict | None = None):
-        self.services = services
+        super().__init__(services)
         self.key = key
         self.snapshot = snapshot
         self.live = live
         self.instance_only = instance_only or snapshot is not None
         self.target = target
         self.requestor = requestor
-        self.ends = Endpoints()
 
     # -- checks before the operation ---------------------------------------------------------
     async def check(self) -> None:
@@ -218,35 +299,14 @@ class MigrationSource:
             if not isinstance(t.get("certificate", ""), str):
                 raise BadRequest("The migration target's certificate must be a PEM string")
 
-    # -- operation callbacks -----------------------------------------------------------------
-    async def on_connect(self, op, name: str, websocket) -> None:
-        await self.ends.on_connect(op, name, websocket)
+    def peer(self):
+        return target_peer(self.target)
 
-    async def on_cancel(self, op) -> None:
-        await self.ends.fail("Migration cancelled on the source")
-
-    async def run(self, op) -> None:
-        try:
-            if self.target is not None:
-                await self.ends.dial(self.services, self.target["operation"], self.target.get("secrets") or {},
-                                     self.target.get("certificate"))
-            else:
-                await self.ends.wait_connected()
-            await self._exchange(op)
-        except asyncio.CancelledError:
-            await self.ends.fail("Migration cancelled on the source")
-            raise
-        except BaseException as e:
-            msg = message_of(e)
-            log.warning("migration failed on the source", extra={"instance": self.key, "err": msg})
-            await self.ends.fail(msg)
-            if isinstance(e, LXDError):
-                raise
-            raise LXDError(msg) from None
-        await self.ends.close()
+    def subject(self) -> dict:
+        return {"instance": self.key}
 
     # -- the exchange --------------------------------------------------------------------------
-    async def _exchange(self, op) -> None:
+    async def exchange(self, op) -> None:
         from lxd_daemon.instances.idmap import IdmapSet
 
         services = self.services

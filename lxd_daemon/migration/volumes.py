@@ -26,17 +26,18 @@ import asyncio
 import contextlib
 import logging
 
-from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound
+from lxd_daemon.errors import BadRequest, Conflict, NotFound
 from lxd_daemon.migration import header as hdr
 from lxd_daemon.migration import migrate_pb2 as pb
 from lxd_daemon.migration.source import (
     CHANNELS,
     CONTROL_TIMEOUT,
     FINAL_TIMEOUT,
-    Endpoints,
     MigrationError,
     Progress,
-    message_of,
+    Side,
+    source_peer,
+    target_peer,
     watch_control,
     while_watching,
 )
@@ -86,19 +87,20 @@ def check_target(target: dict | None) -> None:
         raise BadRequest("The migration target's certificate must be a PEM string")
 
 
-class VolumeSource:
+class VolumeSource(Side):
     """One custom volume being sent."""
+
+    what = "volume migration"
 
     def __init__(self, services, pool: str, name: str, project: str, *, volume_only: bool = False,
                  target: dict | None = None):
-        self.services = services
+        super().__init__(services)
         self.custom = services.storage.custom
         self.pool = pool
         self.name = name
         self.project = self.custom.effective(project)
         self.volume_only = volume_only
         self.target = target
-        self.ends = Endpoints()
 
     async def check(self) -> None:
         if "/" in self.name:
@@ -108,33 +110,13 @@ class VolumeSource:
             raise BadRequest(f"Migrating {rec.content_type} storage volumes between servers is not supported")
         check_target(self.target)
 
-    async def on_connect(self, op, name: str, websocket) -> None:
-        await self.ends.on_connect(op, name, websocket)
+    def peer(self):
+        return target_peer(self.target)
 
-    async def on_cancel(self, op) -> None:
-        await self.ends.fail("Migration cancelled on the source")
+    def subject(self) -> dict:
+        return {"volume": self.name}
 
-    async def run(self, op) -> None:
-        try:
-            if self.target is not None:
-                await self.ends.dial(self.services, self.target["operation"], self.target.get("secrets") or {},
-                                     self.target.get("certificate"))
-            else:
-                await self.ends.wait_connected()
-            await self._exchange(op)
-        except asyncio.CancelledError:
-            await self.ends.fail("Migration cancelled on the source")
-            raise
-        except BaseException as e:
-            msg = message_of(e)
-            log.warning("volume migration failed on the source", extra={"volume": self.name, "err": msg})
-            await self.ends.fail(msg)
-            if isinstance(e, LXDError):
-                raise
-            raise LXDError(msg) from None
-        await self.ends.close()
-
-    async def _exchange(self, op) -> None:
+    async def exchange(self, op) -> None:
         custom = self.custom
         rec = await custom.get(self.pool, self.name, self.project)
         snaps = [] if self.volume_only else await custom.snapshots(self.pool, self.name, self.project)
@@ -198,11 +180,14 @@ class VolumeSource:
         progress.finish(fs.bytes_sent)
 
 
-class VolumeSink:
+class VolumeSink(Side):
     """One custom volume being received (new, or a refresh of an existing one)."""
 
+    role = "target"
+    what = "volume migration"
+
     def __init__(self, services, pool: str, body, project: str, *, refresh: bool):
-        self.services = services
+        super().__init__(services)
         self.custom = services.storage.custom
         self.pool = pool
         self.body = body
@@ -213,7 +198,6 @@ class VolumeSink:
         self.refresh = refresh
         self.volume_only = bool(self.source.get("volume_only"))
         self.config: dict[str, str] = {}
-        self.ends = Endpoints()
 
     async def check(self) -> None:
         """Everything before the operation: the source fields, the name, pool, content type,
@@ -242,35 +226,18 @@ class VolumeSink:
                 raise Conflict(f"Storage volume {self.name!r} already exists on pool {self.pool!r}")
             custom._check_disk(p, self.name, self.project, self.config, "creation")
 
-    async def on_connect(self, op, name: str, websocket) -> None:
-        await self.ends.on_connect(op, name, websocket)
+    def peer(self):
+        return source_peer(self.source, self.mode)
 
-    async def on_cancel(self, op) -> None:
-        await self.ends.notify("Migration cancelled on the target")
+    def subject(self) -> dict:
+        return {"volume": self.name}
 
-    async def run(self, op) -> None:
-        try:
-            if self.mode == "pull":
-                await self.ends.dial(self.services, self.source["operation"], self.source.get("secrets") or {},
-                                     self.source.get("certificate"))
-            else:
-                await self.ends.wait_connected()
-            if self.refresh:
-                async with self.custom.lock(self.pool, self.name, self.project):
-                    await self._exchange(op)
-            else:
+    async def exchange(self, op) -> None:
+        if self.refresh:
+            async with self.custom.lock(self.pool, self.name, self.project):
                 await self._exchange(op)
-        except asyncio.CancelledError:
-            await self.ends.fail("Migration cancelled on the target")
-            raise
-        except BaseException as e:
-            msg = message_of(e)
-            log.warning("volume migration failed on the target", extra={"volume": self.name, "err": msg})
-            await self.ends.fail(msg)
-            if isinstance(e, LXDError):
-                raise
-            raise LXDError(msg) from None
-        await self.ends.close()
+        else:
+            await self._exchange(op)
 
     async def _exchange(self, op) -> None:
         ctl = self.ends.control
