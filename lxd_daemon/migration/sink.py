@@ -34,8 +34,6 @@ from lxd_daemon.migration.source import (
     Progress,
     Side,
     source_peer,
-    watch_control,
-    while_watching,
 )
 from lxd_daemon.projects.naming import query
 from lxd_daemon.util.revert import Revert
@@ -129,25 +127,7 @@ class MigrationSink(Side):
         resp = hdr.answer(offer, fs_types=fs_types, refresh=self.refresh, have_snapshots=have)
         await ctl.send_control(resp)
         wanted = [s for s in offer.snapshots if s.name in set(resp.snapshotNames)]
-        watcher = asyncio.ensure_future(watch_control(ctl))
-        revert = Revert()
-        try:
-            try:
-                await while_watching(watcher, self._receive_all(op, offer, resp, wanted, revert))
-                if watcher.done():  # the source gave up meanwhile
-                    got = watcher.result()
-                    raise MigrationError(got.message or "The source reported a failure")
-                await ctl.send_control(pb.MigrationControl(success=True))
-                revert.success()
-            except BaseException:
-                # Undone to the end even if the operation is cancelled again meanwhile.
-                await asyncio.shield(revert.fail())
-                raise
-        finally:
-            if not watcher.done():
-                watcher.cancel()
-                with contextlib.suppress(BaseException):
-                    await watcher
+        await self.receive_committed(ctl, lambda revert: self._receive_all(op, offer, resp, wanted, revert))
 
     async def _prepare_refresh(self, offer) -> list[str]:
         """A refresh: drop our snapshots the source no longer has (or has anew under the same

@@ -21,6 +21,7 @@ from lxd_daemon.errors import BadRequest, LXDError
 from lxd_daemon.migration import header as hdr
 from lxd_daemon.migration import migrate_pb2 as pb
 from lxd_daemon.migration.wire import Channel, MigrationError, accepted, dial
+from lxd_daemon.util.revert import Revert
 
 log = logging.getLogger("lxd.migration")
 
@@ -206,6 +207,30 @@ class Side:
     async def finished(self) -> None:
         pass
 
+    async def receive_committed(self, ctl: Channel, receive) -> None:
+        """A sink's transfer: `receive(revert)` (a coroutine function) takes the streams and
+        registers how to undo what it made; unless the source's MigrationControl reports a failure
+        meanwhile, our success goes to the source and everything is kept; otherwise, or on any
+        error or cancel, everything is undone (to the end, even if cancelled again)."""
+        watcher = asyncio.ensure_future(watch_control(ctl))
+        revert = Revert()
+        try:
+            try:
+                await while_watching(watcher, receive(revert))
+                if watcher.done():  # the source gave up meanwhile
+                    got = watcher.result()
+                    raise MigrationError(got.message or "The source reported a failure")
+                await ctl.send_control(pb.MigrationControl(success=True))
+                revert.success()
+            except BaseException:
+                await asyncio.shield(revert.fail())
+                raise
+        finally:
+            if not watcher.done():
+                watcher.cancel()
+                with contextlib.suppress(BaseException):
+                    await watcher
+
     async def on_connect(self, op, name: str, websocket) -> None:
         await self.ends.on_connect(op, name, websocket)
 
@@ -240,6 +265,19 @@ class Side:
             await self.cleanup()
         await self.ends.close()
         await self.finished()
+
+
+def check_target(target: dict | None) -> None:
+    """A push target (`target`) is complete: the sink's operation URL, its secrets, its certificate."""
+    if target is None:
+        return
+    if not isinstance(target, dict) or not target.get("operation") or not isinstance(target["operation"], str):
+        raise BadRequest("The migration target's operation URL is missing")
+    secrets = target.get("secrets") or {}
+    if not isinstance(secrets, dict) or not all(isinstance(secrets.get(n), str) and secrets[n] for n in CHANNELS):
+        raise BadRequest("The migration target's control and fs secrets are missing")
+    if not isinstance(target.get("certificate", ""), str):
+        raise BadRequest("The migration target's certificate must be a PEM string")
 
 
 def target_peer(target: dict | None) -> tuple[str, dict, str | None] | None:
@@ -288,16 +326,7 @@ class MigrationSource(Side):
                 raise BadRequest("Live migration of a running container is not implemented yet "
                                  "(copy or move it with --stateless, or stop it first)")
             self.live = False  # a stopped instance has no state to carry
-        if self.target is not None:
-            t = self.target
-            if not t.get("operation") or not isinstance(t["operation"], str):
-                raise BadRequest("The migration target's operation URL is missing")
-            secrets = t.get("secrets") or {}
-            if not isinstance(secrets, dict) or not all(isinstance(secrets.get(n), str) and secrets[n]
-                                                        for n in CHANNELS):
-                raise BadRequest("The migration target's control and fs secrets are missing")
-            if not isinstance(t.get("certificate", ""), str):
-                raise BadRequest("The migration target's certificate must be a PEM string")
+        check_target(self.target)
 
     def peer(self):
         return target_peer(self.target)

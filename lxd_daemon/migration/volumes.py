@@ -30,12 +30,12 @@ from lxd_daemon.errors import BadRequest, Conflict, NotFound
 from lxd_daemon.migration import header as hdr
 from lxd_daemon.migration import migrate_pb2 as pb
 from lxd_daemon.migration.source import (
-    CHANNELS,
     CONTROL_TIMEOUT,
     FINAL_TIMEOUT,
     MigrationError,
     Progress,
     Side,
+    check_target,
     source_peer,
     target_peer,
     watch_control,
@@ -73,18 +73,6 @@ def volume_offer(snapshots: list) -> pb.MigrationHeader:
                               indexHeaderVersion=hdr.INDEX_HEADER_VERSION,
                               snapshotNames=[s.name for s in snapshots],
                               snapshots=[snapshot_pb(s) for s in snapshots])
-
-
-def check_target(target: dict | None) -> None:
-    if target is None:
-        return
-    if not isinstance(target, dict) or not target.get("operation") or not isinstance(target["operation"], str):
-        raise BadRequest("The migration target's operation URL is missing")
-    secrets = target.get("secrets") or {}
-    if not isinstance(secrets, dict) or not all(isinstance(secrets.get(n), str) and secrets[n] for n in CHANNELS):
-        raise BadRequest("The migration target's control and fs secrets are missing")
-    if not isinstance(target.get("certificate", ""), str):
-        raise BadRequest("The migration target's certificate must be a PEM string")
 
 
 class VolumeSource(Side):
@@ -252,24 +240,7 @@ class VolumeSink(Side):
         resp = hdr.answer(offer, fs_types=(pb.RSYNC,), refresh=self.refresh, have_snapshots=have)
         await ctl.send_control(resp)
         wanted = hdr.snapshots_to_send(offer, resp) if self.refresh else list(resp.snapshotNames)
-        watcher = asyncio.ensure_future(watch_control(ctl))
-        revert = Revert()
-        try:
-            try:
-                await while_watching(watcher, self._receive_all(op, offer, resp, wanted, revert))
-                if watcher.done():
-                    got = watcher.result()
-                    raise MigrationError(got.message or "The source reported a failure")
-                await ctl.send_control(pb.MigrationControl(success=True))
-                revert.success()
-            except BaseException:
-                await asyncio.shield(revert.fail())
-                raise
-        finally:
-            if not watcher.done():
-                watcher.cancel()
-                with contextlib.suppress(BaseException):
-                    await watcher
+        await self.receive_committed(ctl, lambda revert: self._receive_all(op, offer, resp, wanted, revert))
 
     async def _prepare_refresh(self, offer) -> list[str]:
         """Our snapshots the source no longer has (or has anew under the same name) go; the
