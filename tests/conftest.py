@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Daemon, ensure_containers_ready, release_host_state, run_prefix
+from tests.helpers import Daemon, btrfs_pool_of, ensure_containers_ready, release_host_state, run_prefix
 from tests.netns import NetNS
 
 
@@ -150,21 +150,7 @@ _BTRFS_POOLS = iter(range(1, 10_000))
 def btrfs_pool(ready):
     """A btrfs pool on a 1 GiB loop file the shared daemon makes for one test module; whatever
     the module leaves on it (instances, custom volumes) is deleted with it."""
-    d = ready
-    drivers = {x["Name"] for x in d.api("GET", "/1.0").json()["metadata"]["environment"]["storage_supported_drivers"]}
-    if "btrfs" not in drivers:
-        pytest.skip("btrfs can't run on this host")
-    name = f"{run_prefix()}-bt{next(_BTRFS_POOLS)}"
-    r = d.api("POST", "/1.0/storage-pools", json={"name": name, "driver": "btrfs", "config": {"size": "1GiB"}})
-    assert r.status_code == 201, r.text
-    yield name
-    for inst in d.api("GET", "/1.0/instances?recursion=1").json()["metadata"] or []:
-        if inst["expanded_devices"].get("root", {}).get("pool") == name:
-            d.lxc("delete", "-f", inst["name"], check=False)
-    for v in d.api("GET", f"/1.0/storage-pools/{name}/volumes/custom").json().get("metadata") or []:
-        d.lxc("storage", "volume", "delete", name, v.rsplit("/", 1)[-1], check=False)
-    r = d.api("DELETE", f"/1.0/storage-pools/{name}")
-    assert r.status_code == 200, r.text
+    yield from btrfs_pool_of(ready, f"{run_prefix()}-bt{next(_BTRFS_POOLS)}", "1GiB")
 
 
 _FREE_PORTS = """

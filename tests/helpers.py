@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 LXC = shutil.which("lxc") or "/usr/bin/lxc"
@@ -521,3 +522,21 @@ def module_daemon(tmp_path_factory, tag: str) -> Iterator[Daemon]:
         dm.lxc("project", "switch", "default", check=False)
         dm.stop()
         release_host_state(dm.lxd_dir)
+
+
+def btrfs_pool_of(d: Daemon, name: str, size: str) -> Iterator[str]:
+    """A btrfs pool (on a loop file of `size`) of daemon `d` for a fixture (`yield from` it); what
+    is left on it (instances, custom volumes) goes with it. Skips where btrfs can't run."""
+    drivers = {x["Name"] for x in d.api("GET", "/1.0").json()["metadata"]["environment"]["storage_supported_drivers"]}
+    if "btrfs" not in drivers:
+        pytest.skip("btrfs can't run on this host")
+    r = d.api("POST", "/1.0/storage-pools", json={"name": name, "driver": "btrfs", "config": {"size": size}})
+    assert r.status_code == 201, r.text
+    yield name
+    for inst in d.api("GET", "/1.0/instances?recursion=1").json()["metadata"] or []:
+        if inst["expanded_devices"].get("root", {}).get("pool") == name:
+            d.lxc("delete", "-f", inst["name"], check=False)
+    for v in d.api("GET", f"/1.0/storage-pools/{name}/volumes/custom").json().get("metadata") or []:
+        d.lxc("storage", "volume", "delete", name, v.rsplit("/", 1)[-1], check=False)
+    r = d.api("DELETE", f"/1.0/storage-pools/{name}")
+    assert r.status_code == 200, r.text

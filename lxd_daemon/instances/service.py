@@ -1419,10 +1419,15 @@ class InstanceService:
         except BaseException:
             rt.stopping = False
             raise
+        await self.stopped(name)
+        return action
+
+    async def stopped(self, name: str) -> None:
+        """The bookkeeping once a container stopped at our request (stop, a stateful stop): its
+        volume closed, its power state and running id map recorded."""
         await self._close_volume(name)
         await self._set_volatile(name, {"volatile.last_state.power": "STOPPED",
                                         "volatile.idmap.current": None})
-        return action
 
     async def _close_volume(self, name: str) -> None:
         """A stopped container's volume goes back to root (0100): if its host uids are given to

@@ -85,13 +85,6 @@ async def setup(services) -> list:
         "instance_all_projects")  # `lxc list --all-projects` (api/instances.py)
     services.server.advertise(  # migration between servers (migration/source.py, sink.py): pull, push, relay
         "migration_progress", "container_push", "container_push_target", "container_stateless_copy")
-
-    async def probe_criu() -> None:  # cached for the first stateful request (migration/criu.py)
-        from lxd_daemon.migration import criu
-
-        await criu.startup(services)
-
-    services.startup_hooks.append(probe_criu)
     from lxd_daemon.backups import subsystem as backups_subsystem
 
     backup_routers = await backups_subsystem.setup(services)

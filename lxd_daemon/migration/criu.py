@@ -394,8 +394,7 @@ async def stateful_stop(svc, name: str) -> None:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(remove_state, state)
             raise
-        await svc._close_volume(name)
-        await svc._set_volatile(name, {"volatile.last_state.power": "STOPPED", "volatile.idmap.current": None})
+        await svc.stopped(name)
         rec.stateful = True
         await svc.store.save(rec)
 

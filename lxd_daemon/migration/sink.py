@@ -148,15 +148,10 @@ class MigrationSink(Side):
         return keep
 
     async def _receive_all(self, op, offer, resp, wanted: list, revert: Revert) -> None:
-        from lxd_daemon.migration import rsync
 
         fs = self.ends.fs
-        info: dict = {}
-        if resp.HasField("indexHeaderVersion") and resp.indexHeaderVersion >= 1:
-            got = await fs.recv_json(timeout=CONTROL_TIMEOUT)
-            info = got if isinstance(got, dict) else {}
-            await fs.send_json(hdr.index_response(self.refresh))
-        feats = rsync.Features(**hdr.agreed_features(resp), negotiate=hdr.negotiates(offer))
+        info = await self.receive_index(resp, self.refresh)
+        feats = self.rsync_features(offer, resp)
         services = self.services
         volumes = services.storage.volumes
         native = resp.fs == pb.BTRFS

@@ -207,6 +207,22 @@ class Side:
     async def finished(self) -> None:
         pass
 
+    async def receive_index(self, resp, refresh: bool) -> dict:
+        """A sink's half of the index header (when the answer `resp` agreed on version 1): the
+        source's config frame, answered; {} before version 1."""
+        if not (resp.HasField("indexHeaderVersion") and resp.indexHeaderVersion >= 1):
+            return {}
+        got = await self.ends.fs.recv_json(timeout=CONTROL_TIMEOUT)
+        await self.ends.fs.send_json(hdr.index_response(refresh))
+        return got if isinstance(got, dict) else {}
+
+    @staticmethod
+    def rsync_features(offer, resp):
+        """The receiver's rsync features: those the answer agreed, and whether the sender negotiates."""
+        from lxd_daemon.migration import rsync
+
+        return rsync.Features(**hdr.agreed_features(resp), negotiate=hdr.negotiates(offer))
+
     async def receive_committed(self, ctl: Channel, receive) -> None:
         """A sink's transfer: `receive(revert)` (a coroutine function) takes the streams and
         registers how to undo what it made; unless the source's MigrationControl reports a failure

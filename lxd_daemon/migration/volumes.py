@@ -271,15 +271,11 @@ class VolumeSink(Side):
         from lxd_daemon.storage.volume import ContentType, Volume, VolumeType
 
         fs = self.ends.fs
-        info: dict = {}
-        if resp.HasField("indexHeaderVersion") and resp.indexHeaderVersion >= 1:
-            got = await fs.recv_json(timeout=CONTROL_TIMEOUT)
-            info = got if isinstance(got, dict) else {}
-            await fs.send_json(hdr.index_response(self.refresh))
+        info = await self.receive_index(resp, self.refresh)
         cfg_info = info.get("config") or {}
         src_vol = cfg_info.get("volume") or {}
         snap_info = {str(s.get("name")): s for s in (cfg_info.get("volume_snapshots") or []) if isinstance(s, dict)}
-        feats = rsync.Features(**hdr.agreed_features(resp), negotiate=hdr.negotiates(offer))
+        feats = self.rsync_features(offer, resp)
         custom = self.custom
         p = custom._pool(self.pool)
         drv = p.driver

@@ -757,6 +757,11 @@ def backup_allowed(project: str, cfg: dict[str, str]) -> None:
 
 
 # ---------------------------------------------------------------------------------- state
+def parse_config(stored: str | None) -> dict[str, str]:
+    """A project's config as the `projects` table stores it (JSON)."""
+    return {str(k): str(v) for k, v in json.loads(stored or "{}").items()}
+
+
 def _sized(config: dict[str, str]) -> dict[str, str]:
     return {"size": str(config["size"])} if "size" in config else {}
 
@@ -780,14 +785,20 @@ class ProjectPolicy:
         from sqlalchemy import text
 
         def q(session):
-            return (session.execute(text("SELECT name, config FROM projects")).all(),
-                    session.execute(text("SELECT id, pool_id, project, name, config FROM storage_volumes "
-                                         "WHERE type='custom'")).all())
+            return session.execute(text("SELECT name, config FROM projects")).all()
 
-        projects, volumes = await self.db.run(q)
-        for name, config in projects:
-            self.configs[name] = {str(k): str(v) for k, v in json.loads(config or "{}").items()}
-        for vid, pool_id, project, name, config in volumes:
+        for name, config in await self.db.run(q):
+            self.configs[name] = parse_config(config)
+        await self.load_volumes()
+
+    async def load_volumes(self) -> None:
+        from sqlalchemy import text
+
+        def q(session):
+            return session.execute(text("SELECT id, pool_id, project, name, config FROM storage_volumes "
+                                        "WHERE type='custom'")).all()
+
+        for vid, pool_id, project, name, config in await self.db.run(q):
             self.set_volume(project, pool_id, name, json.loads(config or "{}"), vid)
 
     # -- custom volumes (limits.disk) ---------------------------------------------------------

@@ -73,13 +73,12 @@ class ProjectService(policy.ProjectPolicy):
         self.busy: dict[str, int] = {}  # project -> things being made in it (making())
 
     async def load(self) -> None:
-        await super().load()
-
         def q(session):
             return session.execute(text("SELECT id, name, description, config FROM projects")).all()
 
         for r in await self.db.run(q):
-            self.projects[r.name] = Project(r.id, r.name, r.description, dict(self.configs.get(r.name, {})))
+            self.projects[r.name] = Project(r.id, r.name, r.description, policy.parse_config(r.config))
+        await self.load_volumes()
 
     # -- reading ------------------------------------------------------------------------------
     def get(self, name: str) -> Project:
@@ -94,8 +93,12 @@ class ProjectService(policy.ProjectPolicy):
     def effective(self, project: str, feature: str) -> str:
         return self.get(project).effective(feature)
 
+    # The policy's config state is the projects' own (Project.config): one copy.
+    def config(self, project: str = DEFAULT) -> dict[str, str]:
+        p = self.projects.get(project)
+        return p.config if p is not None else {}
+
     def set_config(self, project: str, config: dict[str, str]) -> None:
-        super().set_config(project, config)
         p = self.projects.get(project)
         if p is not None:
             p.config = dict(config)
@@ -135,7 +138,6 @@ class ProjectService(policy.ProjectPolicy):
             pid = await self.db.run(ins)
             project = Project(pid, name, description, dict(config))
             self.projects[name] = project
-            super().set_config(name, config)
             async with Revert() as revert:
                 # Undone as a whole: the on_delete hooks (each removes whatever the project has
                 # of its kind, which is nothing for a hook that didn't run), then the row.
@@ -224,7 +226,6 @@ class ProjectService(policy.ProjectPolicy):
                 p = self.projects.pop(name)
                 p.name = new
                 self.projects[new] = p
-                self.configs[new] = self.configs.pop(name, {})
                 for hook in self.on_rename:
                     await hook(name, new)
 
@@ -246,5 +247,4 @@ class ProjectService(policy.ProjectPolicy):
 
         await self.db.run(rm)
         self.projects.pop(name, None)
-        self.configs.pop(name, None)
         self.claims.pop(name, None)

@@ -356,6 +356,14 @@ class Bench:
                                              "config": {}, "devices": {"root": {"type": "disk", "path": "/",
                                                                                "pool": POOL}}})
 
+    def ensure_base(self, d: Daemon, c: UnixHTTP, small: Path, fp: str) -> None:
+        """What a suite's own set-up starts from: the dir pool `default` with the default profile's
+        root disk (lxd init --preseed), and the busybox image; each made only when missing."""
+        if c.request("GET", f"/1.0/storage-pools/{POOL}").status == 404:
+            d.preseed(POOL)
+        if c.request("GET", f"/1.0/images/{fp}").status == 404:
+            self.import_image(c, small, fp)
+
     def cname(self, d: Daemon, tag: str) -> str:
         return f"{self.prefix}-{d.key[0]}{tag}"
 

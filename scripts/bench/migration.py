@@ -40,6 +40,7 @@ import uuid
 from pathlib import Path
 
 from daemons import LXC, Daemon
+from storage import KindPools
 
 HOST = "127.0.0.1"
 PORT_A, PORT_B = 8443, 8444
@@ -85,11 +86,9 @@ class MigrationSuite:
         self.password = uuid.uuid4().hex
         self.mb = self.args.migration_mb or (50 if self.quick else 500)
         self.change_mb = max(1, self.mb // 50)  # 10 MB of 500, 1 MB of 50
-        self.bt_pool = f"{self.prefix}-mb"
-        self.pool_of = {"dir": "default", "btrfs": self.bt_pool}
-        self.profile = {k: f"{self.prefix}-m{k[0]}" for k in KINDS}
+        self.pools = KindPools(bench, f"{self.prefix}-mb", {k: f"{self.prefix}-m{k[0]}" for k in KINDS})
+        self.bt_pool, self.profile, self.pool_of = self.pools.bt_pool, self.pools.profile, self.pools.pool_of
         self.peers: dict[str, Daemon] = {}  # A's key -> B
-        self.made_pools: dict[str, list[str]] = {}
         self.pem: dict[str, str] = {}
         self.files: list[tuple[str, int]] = []  # (relative path, size) of the data set
         self.small_files: list[str] = []  # the 1 MB files the refresh rounds replace
@@ -109,19 +108,7 @@ class MigrationSuite:
 
     def prepare_daemon(self, d: Daemon, small: Path, fp: str, port: int) -> None:
         with d.http() as c:
-            if c.request("GET", "/1.0/storage-pools/default").status == 404:
-                d.preseed("default")
-            if c.request("GET", f"/1.0/storage-pools/{self.bt_pool}").status == 404:
-                c.call("POST", "/1.0/storage-pools", {"name": self.bt_pool, "driver": "btrfs", "description": "",
-                                                      "config": {"size": f"{self.args.btrfs_size}GiB"}})
-                self.made_pools.setdefault(d.key, []).append(self.bt_pool)
-            if c.request("GET", f"/1.0/images/{fp}").status == 404:
-                self.b.import_image(c, small, fp)
-            for kind, prof in self.profile.items():
-                if c.request("GET", f"/1.0/profiles/{prof}").status == 404:
-                    c.call("POST", "/1.0/profiles", {
-                        "name": prof, "description": f"benchmark: root disk on {kind}", "config": {},
-                        "devices": {"root": {"type": "disk", "path": "/", "pool": self.pool_of[kind]}}})
+            self.pools.prepare(d, c, small, fp)
             r = c.request("PATCH", "/1.0", {"config": {"core.https_address": f"{HOST}:{port}",
                                                        "core.trust_password": self.password}})
             if r.status >= 400:
@@ -328,18 +315,9 @@ class MigrationSuite:
         try:
             self.b.delete_prefixed(d)
             with d.http() as c:
-                for prof in self.profile.values():
-                    c.request("DELETE", f"/1.0/profiles/{prof}")
+                self.pools.drop_profiles(c)
                 self.b_settle(d, 60)
-                for pool in self.made_pools.get(d.key, []):
-                    r = None
-                    for _ in range(20):
-                        r = c.request("DELETE", f"/1.0/storage-pools/{pool}")
-                        if r.status < 400:
-                            break
-                        time.sleep(0.5)
-                    if r is not None and r.status >= 400:
-                        log(f"migration: {d.label}: could not delete pool {pool}: {r.body[:200]!r}")
+                self.pools.drop_pools(d, c, lambda msg: log(f"migration: {msg}"))
                 c.request("PATCH", "/1.0", {"config": {"core.https_address": "", "core.trust_password": ""}})
         except Exception as e:  # noqa: BLE001
             log(f"migration: tearing down {d.label}: {type(e).__name__}: {e}")

@@ -50,10 +50,7 @@ class ProjectsSuite:
     # -- set-up ------------------------------------------------------------------------------
     def prepare(self, d, small, fp: str) -> None:
         with d.http() as c:
-            if c.request("GET", "/1.0/storage-pools/default").status == 404:
-                d.preseed("default")
-            if c.request("GET", f"/1.0/images/{fp}").status == 404:
-                self.b.import_image(c, small, fp)
+            self.b.ensure_base(d, c, small, fp)
             if c.request("GET", f"/1.0/images/aliases/{self.alias}").status == 404:
                 c.call("POST", "/1.0/images/aliases", {"name": self.alias, "target": fp, "description": ""})
             if c.request("GET", f"/1.0/projects/{self.project}").status == 404:

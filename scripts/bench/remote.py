@@ -259,10 +259,7 @@ class RemoteSuite:
 
     def prepare(self, d: Daemon, small: Path, fp: str) -> None:
         with d.http() as c:
-            if c.request("GET", "/1.0/storage-pools/default").status == 404:
-                d.preseed("default")
-            if c.request("GET", f"/1.0/images/{fp}").status == 404:
-                self.b.import_image(c, small, fp)
+            self.b.ensure_base(d, c, small, fp)
             if c.request("GET", f"/1.0/profiles/{self.profile}").status == 404:
                 c.call("POST", "/1.0/profiles", {
                     "name": self.profile, "description": "benchmark: root disk only", "config": {},

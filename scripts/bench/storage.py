@@ -55,16 +55,55 @@ def du_bytes(path: Path) -> int:
     return int(r.stdout.split()[0])
 
 
+class KindPools:
+    """The `dir` pool and a btrfs pool (on a loop file) of a suite that compares the two, each
+    with a profile whose root disk is on it. prepare() makes what a daemon lacks (and the busybox
+    image); drop_profiles() and drop_pools() remove what it made."""
+
+    def __init__(self, bench, bt_pool: str, profile: dict[str, str]):
+        self.b = bench
+        self.bt_pool = bt_pool
+        self.profile = profile  # kind ("dir", "btrfs") -> profile name
+        self.pool_of = {"dir": DIR_POOL, "btrfs": bt_pool}
+        self.made_pools: dict[str, list[str]] = {}
+
+    def prepare(self, d, c: UnixHTTP, small: Path, fp: str) -> None:
+        self.b.ensure_base(d, c, small, fp)  # the dir pool (DIR_POOL) and the image
+        if c.request("GET", f"/1.0/storage-pools/{self.bt_pool}").status == 404:
+            c.call("POST", "/1.0/storage-pools", {"name": self.bt_pool, "driver": "btrfs", "description": "",
+                                                  "config": {"size": f"{self.b.args.btrfs_size}GiB"}})
+            self.made_pools.setdefault(d.key, []).append(self.bt_pool)
+        for kind, prof in self.profile.items():
+            if c.request("GET", f"/1.0/profiles/{prof}").status == 404:
+                c.call("POST", "/1.0/profiles", {
+                    "name": prof, "description": f"benchmark: root disk on {kind}", "config": {},
+                    "devices": {"root": {"type": "disk", "path": "/", "pool": self.pool_of[kind]}}})
+
+    def drop_profiles(self, c: UnixHTTP) -> None:
+        for prof in self.profile.values():
+            c.request("DELETE", f"/1.0/profiles/{prof}")
+
+    def drop_pools(self, d, c: UnixHTTP, log) -> None:
+        """The pools this made (retried while a deleted volume is still being removed)."""
+        for pool in self.made_pools.get(d.key, []):
+            r = None
+            for _ in range(20):
+                r = c.request("DELETE", f"/1.0/storage-pools/{pool}")
+                if r.status < 400:
+                    break
+                time.sleep(0.5)
+            if r is not None and r.status >= 400:
+                log(f"{d.label}: could not delete pool {pool}: {r.body[:200]!r}")
+
+
 class StorageSuite:
     def __init__(self, bench):
         self.b = bench
         self.args = bench.args
         self.quick = bench.quick
         self.prefix = bench.prefix
-        self.bt_pool = f"{self.prefix}-bt"
-        self.profile = {"dir": f"{self.prefix}-sd", "btrfs": f"{self.prefix}-sb"}
-        self.pool_of = {"dir": DIR_POOL, "btrfs": self.bt_pool}
-        self.made_pools: dict[str, list[str]] = {}
+        self.pools = KindPools(bench, f"{self.prefix}-bt", {"dir": f"{self.prefix}-sd", "btrfs": f"{self.prefix}-sb"})
+        self.bt_pool, self.profile, self.pool_of = self.pools.bt_pool, self.pools.profile, self.pools.pool_of
         self.debian: tuple[Path, str] | None = None
 
     @staticmethod
@@ -109,37 +148,16 @@ class StorageSuite:
     # -- set-up ----------------------------------------------------------------------------
     def prepare(self, d, small: Path, fp: str) -> None:
         with d.http() as c:
-            if c.request("GET", f"/1.0/storage-pools/{DIR_POOL}").status == 404:
-                d.preseed(DIR_POOL)
-            if c.request("GET", f"/1.0/storage-pools/{self.bt_pool}").status == 404:
-                c.call("POST", "/1.0/storage-pools", {"name": self.bt_pool, "driver": "btrfs", "description": "",
-                                                      "config": {"size": f"{self.args.btrfs_size}GiB"}})
-                self.made_pools.setdefault(d.key, []).append(self.bt_pool)
-            if c.request("GET", f"/1.0/images/{fp}").status == 404:
-                self.b.import_image(c, small, fp)
-            for kind, prof in self.profile.items():
-                if c.request("GET", f"/1.0/profiles/{prof}").status == 404:
-                    c.call("POST", "/1.0/profiles", {
-                        "name": prof, "description": f"benchmark: root disk on {kind}", "config": {},
-                        "devices": {"root": {"type": "disk", "path": "/", "pool": self.pool_of[kind]}}})
+            self.pools.prepare(d, c, small, fp)
 
     def teardown(self, d) -> None:
         self.b.delete_prefixed(d)
         with d.http() as c:
-            for prof in self.profile.values():
-                c.request("DELETE", f"/1.0/profiles/{prof}")
+            self.pools.drop_profiles(c)
             if self.debian:
                 self.delete_image(c, self.debian[1])
             time.sleep(1)  # our daemon removes deleted volumes in the background
-            for pool in self.made_pools.get(d.key, []):
-                r = None
-                for _ in range(20):
-                    r = c.request("DELETE", f"/1.0/storage-pools/{pool}")
-                    if r.status < 400:
-                        break
-                    time.sleep(0.5)
-                if r is not None and r.status >= 400:
-                    self.log(f"{d.label}: could not delete pool {pool}: {r.body[:200]!r}")
+            self.pools.drop_pools(d, c, self.log)
 
     # -- API steps -------------------------------------------------------------------------
     def cname(self, d, tag: str) -> str:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.helpers import Daemon, module_daemon, run_prefix
+from tests.helpers import Daemon, btrfs_pool_of, module_daemon, run_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -242,17 +242,7 @@ MiB = 2 ** 20
 @pytest.fixture(scope="module")
 def bt(d):
     """A btrfs pool of this module's daemon (sized custom volumes need quotas; dir has none here)."""
-    drivers = {x["Name"] for x in d.api("GET", "/1.0").json()["metadata"]["environment"]["storage_supported_drivers"]}
-    if "btrfs" not in drivers:
-        pytest.skip("btrfs can't run on this host")
-    name = f"{run_prefix()}-pbt"
-    r = d.api("POST", "/1.0/storage-pools", json={"name": name, "driver": "btrfs", "config": {"size": "512MiB"}})
-    assert r.status_code == 201, r.text
-    yield name
-    for v in d.api("GET", f"/1.0/storage-pools/{name}/volumes/custom").json().get("metadata") or []:
-        d.lxc("storage", "volume", "delete", name, v.rsplit("/", 1)[-1], check=False)
-    r = d.api("DELETE", f"/1.0/storage-pools/{name}")
-    assert r.status_code == 200, r.text
+    yield from btrfs_pool_of(d, f"{run_prefix()}-pbt", "512MiB")
 
 
 @pytest.fixture
