@@ -178,12 +178,9 @@ class TLSPair:
         client.lxc("remote", "add", name, url, f"--password={self.password}", "--accept-certificate")
 
 
-@pytest.fixture(scope="module")
-def tls_pair(tmp_path_factory):
-    """Two daemons (`.a`, `.b`) in one network namespace this module made, each with a dir pool,
-    the default profile's root disk, the busybox image, `core.https_address=127.0.0.1:PORT` and
-    `core.trust_password`. Their `lxc()` runs inside the namespace; A's client knows B as remote
-    `b`. Everything goes when the module is done."""
+def make_tls_pair(tmp_path_factory, extra_env=None):
+    """The `tls_pair` fixture's body (a generator), for modules that need the pair's daemons
+    started with `extra_env(tag, base)` added to their environment ("a" and "b")."""
     base = tmp_path_factory.mktemp("lxdtls")
     ns = NetNS(run_prefix() + "ns").create()
     daemons: list[Daemon] = []
@@ -192,8 +189,9 @@ def tls_pair(tmp_path_factory):
         port_a, port_b = (int(p) for p in ns.run("/usr/bin/python3", "-c", _FREE_PORTS).stdout.split())
         password = "pw-" + run_prefix()
         for tag in ("a", "b"):
-            d = Daemon(lxd_dir=base / tag / "var", conf_dir=base / tag / "conf", netns=ns, clients_in_netns=True)
             (base / tag).mkdir()
+            d = Daemon(lxd_dir=base / tag / "var", conf_dir=base / tag / "conf", netns=ns, clients_in_netns=True,
+                       extra_env=extra_env(tag, base) if extra_env else {})
             daemons.append(d.start(wait=False))
         for d, port in zip(daemons, (port_a, port_b), strict=True):
             d.waitready()
@@ -215,6 +213,15 @@ def tls_pair(tmp_path_factory):
         ns.destroy()
         for d in daemons:
             release_host_state(d.lxd_dir)
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory):
+    """Two daemons (`.a`, `.b`) in one network namespace this module made, each with a dir pool,
+    the default profile's root disk, the busybox image, `core.https_address=127.0.0.1:PORT` and
+    `core.trust_password`. Their `lxc()` runs inside the namespace; A's client knows B as remote
+    `b`. Everything goes when the module is done."""
+    yield from make_tls_pair(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

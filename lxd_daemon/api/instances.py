@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 
 from fastapi import Request
@@ -318,7 +319,7 @@ async def rename_instance(prefix: str, request: Request, name: str) -> Response:
     check_target(request)
     body = await parse(request, InstancePost)
     if body.migration and body.pool:  # `lxc move NAME [NEW] -s POOL`
-        return _move_to_pool(prefix, request, name, body)
+        return await _move_to_pool(prefix, request, name, body)
     if body.migration:  # to another server (migration/source.py)
         return await migrate(request, name, body)
     if not body.name:
@@ -390,23 +391,41 @@ async def _receive(request: Request, body) -> Response:
     return async_(op.render())
 
 
-def _move_to_pool(prefix: str, request: Request, name: str, body) -> Response:
+async def _move_to_pool(prefix: str, request: Request, name: str, body) -> Response:
     services = get_services(request)
     storage = services.storage
     project = project_name(request)
     key = instance_key(request, name)
     if storage is None or body.pool not in storage.pools:
         raise NotFound(f"Storage pool {body.pool!r} not found")
-    if services.instances.status_of(key)[0] != "Stopped":
-        raise BadRequest("The instance must be stopped to move it to another storage pool")
+    svc = services.instances
+    # A running instance moves statefully (the client's default: stopped with CRIU, moved, restored),
+    # as LXD's; statelessly it must be stopped first.
+    stateful = svc.status_of(key)[0] != "Stopped"
+    if stateful and not body.live:
+        raise BadRequest("Instance must be stopped to move between pools statelessly")
     new = body.name or name
-    if new != name and storage_name(project, new) in services.instances.records:
+    if new != name and storage_name(project, new) in svc.records:
         raise Conflict(f"Instance {new!r} already exists")
+    from lxd_daemon.migration import criu
+
+    if stateful:
+        await criu.require("Moving a running instance between pools")
     who = requestor(request)
 
     async def run(op):
-        await services.snapshots.move_to_pool(key, new, body.pool, instance_only=body.instance_only,
-                                              requestor=who)
+        if stateful:
+            await criu.stateful_stop(svc, key)
+        try:
+            await services.snapshots.move_to_pool(key, new, body.pool, instance_only=body.instance_only,
+                                                  requestor=who)
+        except BaseException:
+            if stateful:  # not moved: it runs on where it was
+                with contextlib.suppress(Exception):
+                    await criu.stateful_start(svc, key)
+            raise
+        if stateful:
+            await criu.stateful_start(svc, storage_name(project, new))
 
     op = services.ops.create(description="Moving instance", resources=resources(project, name), run=run,
                              project=project)

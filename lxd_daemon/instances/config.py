@@ -129,6 +129,14 @@ def _is_uint(value: str) -> None:
         raise ValueError(f"Invalid value {value!r}: must be a non-negative integer")
 
 
+def _is_within(lo: int, hi: int) -> Callable[[str], None]:
+    def check(value: str) -> None:
+        if not value.isdigit() or not lo <= int(value) <= hi:
+            raise ValueError(f"Invalid value {value!r}: must be an integer from {lo} to {hi}")
+
+    return check
+
+
 def _is_raw_idmap(value: str) -> None:
     from lxd_daemon.instances.idmap import parse_raw_idmap
 
@@ -289,6 +297,10 @@ KEYS: dict[str, Key] = {
     "security.syscalls.intercept.mount.allowed": Key(_is_fs_list),
     "security.syscalls.intercept.mount.fuse": Key(_is_mount_fuse),
     "security.syscalls.intercept.mount.shift": Key(v.is_bool, default="false"),
+    # live migration's memory pre-copy rounds (migration/criu.py PreCopy reads them)
+    "migration.incremental.memory": Key(v.is_bool, live="none", default="false"),
+    "migration.incremental.memory.iterations": Key(_is_within(1, 999), live="none", default="10"),
+    "migration.incremental.memory.goal": Key(_is_within(1, 100), live="none", default="70"),
     # snapshots (instances/snapshots.py reads them; the syntax is util/schedule.py's)
     "snapshots.schedule": Key(_is_snapshot_schedule, live="none"),
     "snapshots.schedule.stopped": Key(v.is_bool, live="none", default="false"),

@@ -639,6 +639,10 @@ class SnapshotService:
             svc.release(tmp_key)
         # A move makes no new instance: the original's pending template trigger (if any) stays.
         await svc._set_volatile(tmp_key, {"volatile.apply_template": rec.config.get("volatile.apply_template")})
+        if rec.stateful:  # its saved state came along in the volume (a stateful move)
+            trec = svc.record(tmp_key)
+            trec.stateful = True
+            await svc.store.save(trec)
         try:
             await svc.delete(name, requestor)
         except BaseException:

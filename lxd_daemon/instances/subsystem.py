@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from lxd_daemon.api import instance_logs, instance_state, instances, profiles  # noqa: F401  (routes register)
 from lxd_daemon.devices import disk as disks
 from lxd_daemon.instances.service import InstanceService
@@ -64,6 +66,14 @@ async def setup(services) -> list:
     services.startup_hooks.append(reconcile_proxies)
     services.startup_hooks.append(svc.autostart)
     services.startup_hooks.append(snaps.start_scheduler)
+
+    async def probe_criu() -> None:  # stateful features: advertised once CRIU answered (off the start-up path)
+        from lxd_daemon.migration import criu, live
+
+        await asyncio.to_thread(live.sweep, services)  # CRIU images a crashed live migration left
+        await criu.startup(services)
+
+    services.startup_hooks.append(probe_criu)
     services.shutdown_hooks.append(svc.shutdown_all)
     services.exit_hooks.append(snaps.close)
     services.exit_hooks.append(svc.close)

@@ -150,12 +150,13 @@ async def require(what: str) -> Status:
     return await PROBE.require(what)
 
 
-async def startup(services, *, live_migration: bool = False) -> None:
-    """A startup hook: probe CRIU (off the start-up path, so the first stateful request finds
-    the answer cached) and advertise the pre-copy extension when CRIU can pre-dump and the
-    migration source/sink do live migration (`live_migration`: they don't yet)."""
+async def startup(services, *, delay: float = 5.0) -> None:
+    """A startup hook: probe CRIU once the daemon has settled (off the start-up path; the first
+    stateful request then finds the answer cached) and advertise the pre-copy extension when
+    CRIU works and can pre-dump."""
+    await asyncio.sleep(delay)
     st = await PROBE.status()
-    if st.usable and st.predump and live_migration:
+    if st.usable and st.predump:
         services.server.advertise(*EXTENSIONS)
 
 
@@ -423,15 +424,21 @@ async def _start_from_state(svc, name: str) -> None:
     directory; on success the state is dropped, on failure the instance stays stopped and
     stateful, its state kept for another try (or `start --stateless`)."""
     rec = svc.record(name)
-    _, state, _, logfile = _paths(svc, name)
-    svc.liblxc.arm_restore(name, str(state), logfile)
+    state = _paths(svc, name)[1]
+    await start_from(svc, name, state)
+    rec.stateful = False
+    await svc.store.save(rec)
+    await asyncio.to_thread(remove_state, state)
+
+
+async def start_from(svc, name: str, images: Path) -> None:
+    """(Under the instance's lock.) The usual start (devices, config) with the boot replaced by a
+    restore from CRIU's images in `images` (a stateful start's state, a live migration's final dump)."""
+    svc.liblxc.arm_restore(name, str(images), _paths(svc, name)[3])
     try:
         await svc.start(name)
     finally:
         svc.liblxc.disarm_restore(name)
-    rec.stateful = False
-    await svc.store.save(rec)
-    await asyncio.to_thread(remove_state, state)
 
 
 # -- stateful snapshots (the snapshots service calls these under the instance's lock) ----------
@@ -486,5 +493,6 @@ async def drop_state(svc, name: str) -> None:
 
 __all__ = ["PROBE", "PreCopy", "Probe", "Status", "checkpoint", "discard_state", "drop_state", "dump_argv",
            "has_state", "live_checkpoint", "parse_stats", "predump_argv", "read_stats", "remove_state", "require",
-           "restore", "restore_argv", "restore_snapshot_state", "snapshot_state", "state_path", "stateful_start",
+           "restore", "restore_argv", "restore_snapshot_state", "snapshot_state", "start_from", "state_path",
+           "stateful_start",
            "stateful_stop", "status", "startup"]

@@ -30,9 +30,12 @@ from lxd_daemon.migration import header as hdr
 from lxd_daemon.migration import migrate_pb2 as pb
 from lxd_daemon.migration.source import (
     CONTROL_TIMEOUT,
+    LIVE_CHANNELS,
+    Endpoints,
     MigrationError,
     Progress,
     Side,
+    offer_predump,
     source_peer,
 )
 from lxd_daemon.projects.naming import query
@@ -61,6 +64,17 @@ class MigrationSink(Side):
         self.plan = plan
         self.refresh = plan is None
         self.requestor = requestor
+        self.live = self.is_live(self.source)
+        if self.live:
+            self.ends = Endpoints(LIVE_CHANNELS)
+
+    @staticmethod
+    def is_live(source: dict) -> bool:
+        """A live migration (the source's memory comes too, over `criu`): asked for (`live`), or
+        in pull mode the source gave a `criu` secret (as LXD decides)."""
+        secrets = source.get("secrets") or source.get("websockets") or {}
+        return bool(source.get("live")) or ((source.get("mode") or "pull") == "pull" and isinstance(secrets, dict)
+                                            and bool(secrets.get("criu")))
 
     @staticmethod
     def check_source(source: dict) -> None:
@@ -110,21 +124,30 @@ class MigrationSink(Side):
     async def _exchange_locked(self, op) -> None:
         ctl = self.ends.control
         offer = await ctl.recv_control(pb.MigrationHeader, timeout=CONTROL_TIMEOUT)
-        if offer.HasField("criu") and offer.criu == pb.CRIU_RSYNC:
-            from lxd_daemon.instances.snapshots import CRIU_MISSING
-
-            raise MigrationError(f"Live migration needs CRIU: {CRIU_MISSING}")
+        live = offer.HasField("criu") and offer.criu == pb.CRIU_RSYNC
+        if live and not self.live:
+            raise MigrationError("The source offers a live migration, which this target wasn't asked for "
+                                 "(no criu channel)")
+        if self.live and not live:
+            raise MigrationError("The source didn't offer the live migration this target was set up for")
         if offer.fs != pb.RSYNC and offer.fs not in (pb.BTRFS, pb.ZFS):
             raise MigrationError(f"Unsupported migration transfer type {offer.fs}")
         have: list[str] = []
         if self.refresh:
+            if live:
+                raise MigrationError("A refresh can't be a live migration")
             have = await self._prepare_refresh(offer)
-        # btrfs send/receive when the target pool is btrfs too, for a new instance from a stopped source
+        # btrfs send/receive when the target pool is btrfs too, for a new instance (a running
+        # source sends a read-only snapshot); a live migration goes by rsync (its files' final
+        # pass follows the dump)
         fs_types = (pb.RSYNC,)
-        if (not self.refresh and not offer.HasField("criu")
-                and "BTRFS" in self.plan["pool"].driver.info.migration_types):
+        if not self.refresh and not live and "BTRFS" in self.plan["pool"].driver.info.migration_types:
             fs_types = (pb.RSYNC, pb.BTRFS)
         resp = hdr.answer(offer, fs_types=fs_types, refresh=self.refresh, have_snapshots=have)
+        if live:
+            from lxd_daemon.migration import criu
+
+            resp.predump = offer_predump(offer) and (await criu.status()).predump
         await ctl.send_control(resp)
         wanted = [s for s in offer.snapshots if s.name in set(resp.snapshotNames)]
         await self.receive_committed(ctl, lambda revert: self._receive_all(op, offer, resp, wanted, revert))
@@ -148,7 +171,27 @@ class MigrationSink(Side):
         return keep
 
     async def _receive_all(self, op, offer, resp, wanted: list, revert: Revert) -> None:
+        if not self.live:
+            return await self._receive_files(op, offer, resp, wanted, revert)
+        from lxd_daemon.migration import live
 
+        # The memory's images arrive over `criu` while the files arrive over `fs`; the instance,
+        # once recorded, starts from the final dump (a failure undoes it all: the source restores
+        # its own container then).
+        async with live.state_dir(self.services) as state:
+            memory = asyncio.ensure_future(live.receive_state(self.ends.criu, state, self.rsync_features(offer, resp),
+                                                              predump=offer_predump(resp)))
+            try:
+                await self._receive_files(op, offer, resp, wanted, revert)
+                await memory
+            finally:
+                if not memory.done():
+                    memory.cancel()
+                    with contextlib.suppress(BaseException):
+                        await memory
+            await live.restore_received(self.services, self.key, state)
+
+    async def _receive_files(self, op, offer, resp, wanted: list, revert: Revert) -> None:
         fs = self.ends.fs
         info = await self.receive_index(resp, self.refresh)
         feats = self.rsync_features(offer, resp)
@@ -205,8 +248,8 @@ class MigrationSink(Side):
                 await drv.create_snapshot(snap)
                 revert.add(drv.delete_snapshot, snap)
             await rsync.receive(path, fs, feats, progress=progress.stream(self.name))
-            if offer.HasField("criu") and offer.criu == pb.NONE:
-                # The source runs (stateless): the final sync of its volume follows.
+            if offer.HasField("criu"):
+                # The source runs (stateless, or live until its dump): the final sync of its volume follows.
                 await rsync.receive(path, fs, feats, progress=progress.stream(self.name))
         finally:
             await drv.unmount_volume(vol)
@@ -293,6 +336,12 @@ async def prepare(services, body, project: str) -> dict | None:
     svc = services.instances
     src = dict(body.source or {})
     MigrationSink.check_source(src)
+    if MigrationSink.is_live(src):
+        from lxd_daemon.migration import criu
+
+        await criu.require("Live migration")  # a clear 400 when CRIU is unusable here
+        if src.get("refresh"):
+            raise BadRequest("A refresh can't be a live migration (copy with --stateless)")
     key = svc.key(project, body.name)
     if src.get("refresh") and key in svc.records:
         if svc.status_of(key)[0] != "Stopped":

@@ -7,7 +7,8 @@ dials the sink's operation. Then the exchange, the same in every mode: our Migra
 the sink's answer, the index header (version 1: the instance's backup.yaml-like config), every
 snapshot oldest first then the volume (rsync, each stream ended by a barrier), and the sink's
 final MigrationControl, which is the operation's result. Any failure is sent to the peer as a
-MigrationControl{success: false} and fails the operation; nothing on the source changes.
+MigrationControl{success: false} and fails the operation; nothing on the source changes (a live
+migration's container, which its final dump stopped, is restored from that dump: live.py).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import time
 from lxd_daemon.errors import BadRequest, LXDError
 from lxd_daemon.migration import header as hdr
 from lxd_daemon.migration import migrate_pb2 as pb
+from lxd_daemon.migration.criu import PreCopy
 from lxd_daemon.migration.wire import Channel, MigrationError, accepted, dial
 from lxd_daemon.util.revert import Revert
+from lxd_daemon.util.tasks import to_the_end
 
 log = logging.getLogger("lxd.migration")
 
 CHANNELS = ("control", "fs")
+LIVE_CHANNELS = (*CHANNELS, "criu")  # a live migration's: CRIU's images travel over `criu`
 CONNECT_TIMEOUT = 30.0  # for the peer (or the relaying client) to connect every websocket
 CONTROL_TIMEOUT = 60.0  # for each control message of the exchange
 FINAL_TIMEOUT = 300.0  # for the sink's verdict after the last stream (it commits then)
@@ -35,13 +39,14 @@ FOREVER = 7 * 86400.0
 class Endpoints:
     """The websockets of one migration, accepted (an operation's on_connect) or dialed."""
 
-    def __init__(self) -> None:
+    def __init__(self, names: tuple[str, ...] = CHANNELS) -> None:
+        self.names = names
         self.channels: dict[str, Channel] = {}
         self.connected = asyncio.Event()
         self.finished = asyncio.Event()
 
     def secrets(self, op) -> dict[str, str]:
-        return {name: op.new_secret(name) for name in CHANNELS}
+        return {name: op.new_secret(name) for name in self.names}
 
     async def on_connect(self, op, name: str, websocket) -> None:
         """An operation's on_connect: keep the websocket until the migration is over."""
@@ -51,7 +56,7 @@ class Endpoints:
             return
         ch = accepted(websocket, name)
         self.channels[name] = ch
-        if all(n in self.channels for n in CHANNELS):
+        if all(n in self.channels for n in self.names):
             self.connected.set()
         waiter = asyncio.ensure_future(self.finished.wait())
         gone = asyncio.ensure_future(ch.wait_closed())
@@ -69,11 +74,11 @@ class Endpoints:
             raise MigrationError("Timed out waiting for the migration websockets to connect") from None
 
     async def dial(self, services, url: str, secrets: dict, certificate: str | None) -> None:
-        missing = [n for n in CHANNELS if not secrets.get(n)]
+        missing = [n for n in self.names if not secrets.get(n)]
         if missing:
             raise MigrationError(f"The migration's {', '.join(missing)} secret is missing")
         cert, key = services.lxd_dir / "server.crt", services.lxd_dir / "server.key"
-        for name in CHANNELS:
+        for name in self.names:
             self.channels[name] = await dial(url, secrets[name], certificate or None, cert=cert, key=key,
                                              name=name)
         self.connected.set()
@@ -85,6 +90,10 @@ class Endpoints:
     @property
     def fs(self) -> Channel:
         return self.channels["fs"]
+
+    @property
+    def criu(self) -> Channel:
+        return self.channels["criu"]
 
     async def notify(self, message: str) -> None:
         """Tell the peer the migration failed (best effort)."""
@@ -239,7 +248,7 @@ class Side:
                 await ctl.send_control(pb.MigrationControl(success=True))
                 revert.success()
             except BaseException:
-                await asyncio.shield(revert.fail())
+                await to_the_end(revert.fail())
                 raise
         finally:
             if not watcher.done():
@@ -283,8 +292,14 @@ class Side:
         await self.finished()
 
 
-def check_target(target: dict | None) -> None:
-    """A push target (`target`) is complete: the sink's operation URL, its secrets, its certificate."""
+def offer_predump(header) -> bool:
+    """Whether a header asks for (or agrees to) CRIU pre-dump rounds."""
+    return header.HasField("predump") and header.predump
+
+
+def check_target(target: dict | None, channels: tuple[str, ...] = CHANNELS) -> None:
+    """A push target (`target`) is complete: the sink's operation URL, its secrets (one per
+    channel), its certificate."""
     if target is None:
         return
     if not isinstance(target, dict) or not target.get("operation") or not isinstance(target["operation"], str):
@@ -292,6 +307,9 @@ def check_target(target: dict | None) -> None:
     secrets = target.get("secrets") or {}
     if not isinstance(secrets, dict) or not all(isinstance(secrets.get(n), str) and secrets[n] for n in CHANNELS):
         raise BadRequest("The migration target's control and fs secrets are missing")
+    if "criu" in channels and not (isinstance(secrets.get("criu"), str) and secrets["criu"]):
+        raise BadRequest("The migration target has no criu secret: it isn't set up for a live migration "
+                         "(copy or move the running container with --stateless)")
     if not isinstance(target.get("certificate", ""), str):
         raise BadRequest("The migration target's certificate must be a PEM string")
 
@@ -324,6 +342,7 @@ class MigrationSource(Side):
         self.instance_only = instance_only or snapshot is not None
         self.target = target
         self.requestor = requestor
+        self.criu = None  # CRIU's status, for a live migration
 
     # -- checks before the operation ---------------------------------------------------------
     async def check(self) -> None:
@@ -338,11 +357,11 @@ class MigrationSource(Side):
             if svc.status_of(self.key)[0] == "Running":
                 from lxd_daemon.migration import criu
 
-                await criu.require("Live migration")  # a clear 400 when CRIU is unusable
-                raise BadRequest("Live migration of a running container is not implemented yet "
-                                 "(copy or move it with --stateless, or stop it first)")
-            self.live = False  # a stopped instance has no state to carry
-        check_target(self.target)
+                self.criu = await criu.require("Live migration")  # a clear 400 when CRIU is unusable
+                self.ends = Endpoints(LIVE_CHANNELS)
+            else:
+                self.live = False  # a stopped instance has no state to carry
+        check_target(self.target, self.ends.names)
 
     def peer(self):
         return target_peer(self.target)
@@ -366,39 +385,55 @@ class MigrationSource(Side):
             src_snap = None
             disk_map = IdmapSet.from_json(rec.config.get("volatile.last_state.idmap"))
         pool = svc._root_pool(svc.expanded(self.key)[1], self.key)
-        # btrfs send/receive when both pools are btrfs: offered for a stopped instance (a running
-        # one goes by rsync, in two passes)
-        native = (self.snapshot is None and status == "Stopped"
-                  and "BTRFS" in pool.driver.info.migration_types)
+        # btrfs send/receive when both pools are btrfs, from a read-only snapshot of the volume
+        # (running or not). Not for a live migration: its files must be sent again once the dump
+        # stopped the container, which only rsync does.
+        native = self.snapshot is None and not self.live and "BTRFS" in pool.driver.info.migration_types
         offer = hdr.offer(fs=pb.BTRFS if native else pb.RSYNC, disk_idmap=disk_map, snapshots=snaps,
                           running=status != "Stopped" and self.snapshot is None, live=self.live)
         if native:
             offer.btrfsFeatures.CopyFrom(hdr.btrfs_features_pb())
+        if self.live:  # pre-copy rounds: when the instance asks for them and CRIU can track dirty pages
+            offer.predump = self.criu.predump and PreCopy.from_config(svc.expanded(self.key)[0]).enabled
         ctl = self.ends.control
         await ctl.send_control(offer)
         resp = await ctl.recv_control(pb.MigrationHeader, timeout=CONTROL_TIMEOUT)
         if resp.fs not in ((pb.RSYNC, pb.BTRFS) if native else (pb.RSYNC,)):
             raise MigrationError(f"The sink asked for a transfer type this source can't send ({resp.fs})")
+        if self.live and not (resp.HasField("criu") and resp.criu == pb.CRIU_RSYNC):
+            raise MigrationError("The target didn't agree to a live migration (CRIU over rsync)")
         features = hdr.agreed_features(resp)
         to_send = hdr.snapshots_to_send(offer, resp)
         watcher = asyncio.ensure_future(watch_control(ctl))
+        state = None
         try:
-            running = offer.HasField("criu") and offer.criu == pb.NONE
-            await while_watching(watcher, self._send_all(op, rec, src_snap, to_send, resp, features, running))
+            running = offer.HasField("criu") and self.snapshot is None
+            if self.live:
+                from lxd_daemon.migration import live
+
+                state = await asyncio.to_thread(live.work_dir, services)
+            await while_watching(watcher, self._send_all(op, rec, src_snap, to_send, resp, features, running,
+                                                         state))
             try:
                 verdict = await asyncio.wait_for(asyncio.shield(watcher), FINAL_TIMEOUT)
             except TimeoutError:
                 raise MigrationError("Timed out waiting for the sink to finish the migration") from None
+            if not verdict.success:
+                raise MigrationError(verdict.message or "The sink reported a failure")
+        except BaseException:
+            if state is not None:  # the container runs on here, from its dump if that had stopped it
+                await to_the_end(live.rollback(services, self.key, state))
+            raise
         finally:
             if not watcher.done():
                 watcher.cancel()
                 with contextlib.suppress(BaseException):
                     await watcher
-        if not verdict.success:
-            raise MigrationError(verdict.message or "The sink reported a failure")
+            if state is not None:
+                await to_the_end(asyncio.to_thread(live.remove, state))
 
     async def _send_all(self, op, rec, src_snap, to_send: list[str], resp, features: dict,
-                        offer_running: bool = False) -> None:
+                        offer_running: bool = False, state=None) -> None:
         from lxd_daemon.backups.config import instance_backup_config
         from lxd_daemon.migration import rsync
 
@@ -444,9 +479,15 @@ class MigrationSource(Side):
         path = await drv.mount_volume(main)
         try:
             if offer_running:
-                # A running container (stateless, `criu` NONE in the offer): a first pass while it
-                # runs, then the final sync with it frozen, which the sink expects (as LXD's).
+                # A running container: a first pass while it runs, then the final sync, which the
+                # sink expects (as LXD's): with the container frozen (stateless), or after the
+                # live migration's final dump stopped it.
                 await rsync.send(path, fs, feats, progress=progress.stream(rec.name), bwlimit=bwlimit)
+            if state is not None:
+                from lxd_daemon.migration import live
+
+                await live.dump_and_send(services, self.key, state, self.ends.criu, feats,
+                                         predump=offer_predump(resp), bwlimit=bwlimit)
             async with self._consistent(pool, src_snap is not None):
                 await rsync.send(path, fs, feats, progress=progress.stream(rec.name), bwlimit=bwlimit)
         finally:

@@ -157,22 +157,38 @@ def host_write(d, name: str, rel: str, data: bytes) -> None:
     p.write_bytes(data)
 
 
-def test_copy_running_stateless(tls_pair, source):
+@pytest.mark.parametrize("mode", ["pull", "push", "relay"])
+def test_copy_running_stateless(tls_pair, source, mode):
     """A running container is copied stateless (frozen while its volume goes) and the copy boots."""
     a, b = tls_pair.a, tls_pair.b
     dst = uniq("run")
     a.lxc("start", source)
     try:
-        # Without --stateless the client asks for a live (CRIU) migration: refused up front here.
-        r = a.lxc("copy", source, f"b:{dst}", check=False)
-        assert r.returncode != 0 and "Live migration needs CRIU" in r.stderr, r.stderr
+        # Without --stateless the client asks for a live (CRIU) migration: refused up front here
+        # (test_migration_live.py runs it with CRIU's tools replaced).
+        r = a.lxc("copy", source, f"b:{dst}", f"--mode={mode}", check=False)
+        assert r.returncode != 0 and "Live migration needs CRIU, which doesn't work on this server" in r.stderr, \
+            r.stderr
         assert inst(b, dst) is None
-        a.lxc("copy", source, f"b:{dst}", "--stateless", "--mode=push")
+        a.lxc("copy", source, f"b:{dst}", "--stateless", f"--mode={mode}")
         assert inst(a, source)["status"] == "Running"  # thawed again
         check_copy(tls_pair, source, dst)
     finally:
         a.lxc("stop", "-f", source, check=False)
         b.lxc("delete", "-f", dst, check=False)
+
+
+def test_live_target_refused_without_criu(tls_pair):
+    """A sink asked for a live migration refuses it before any operation when CRIU can't work."""
+    b = tls_pair.b
+    name = uniq("lv")
+    for source in ({"type": "migration", "mode": "push", "live": True},
+                   {"type": "migration", "mode": "pull", "operation": f"{tls_pair.url_a}/1.0/operations/x",
+                    "secrets": {"control": "c", "fs": "f", "criu": "m"}}):
+        r = b.api("POST", "/1.0/instances", json={"name": name, "source": source})
+        assert r.status_code == 400, r.text
+        assert "Live migration needs CRIU, which doesn't work on this server" in r.json()["error"]
+    assert inst(b, name) is None
 
 
 def test_refresh_moves_only_the_changes(tls_pair):
@@ -357,16 +373,21 @@ def test_copy_between_projects(tls_pair):
 
 
 def test_copy_instance_only(tls_pair, source):
-    b = tls_pair.b
+    """`--instance-only`, with `-d DEVICE,KEY=VALUE` overriding one of the copy's devices."""
+    a, b = tls_pair.a, tls_pair.b
     dst = uniq("io")
+    a.lxc("config", "device", "add", source, "nul", "unix-char", "source=/dev/null", "path=/dev/n1")
     try:
         mon = OpsMonitor(b, "lifecycle")
-        tls_pair.a.lxc("copy", source, f"b:{dst}", "--instance-only")
+        a.lxc("copy", source, f"b:{dst}", "--instance-only", "-d", "nul,path=/dev/n2")
         events = mon.stop()
         assert [e for e in events if e["action"] == "instance-created" and e["source"] == f"/1.0/instances/{dst}"]
         assert snaps(b, dst) == []
         assert (b.lxd_dir / "containers" / dst / "rootfs" / "data" / "after").read_text() == "after\n"
+        assert inst(b, dst)["devices"]["nul"] == {"type": "unix-char", "source": "/dev/null", "path": "/dev/n2"}
+        assert inst(a, source)["devices"]["nul"]["path"] == "/dev/n1"
     finally:
+        a.lxc("config", "device", "remove", source, "nul", check=False)
         b.lxc("delete", "-f", dst, check=False)
 
 
@@ -398,9 +419,21 @@ def test_copy_btrfs_to_btrfs_is_native(tls_pair):
         b.lxc("start", name)
         assert sh(b, name, "cat /marker") == "main!"
         b.lxc("stop", "-f", name)
+
+        # running (stateless): a read-only snapshot of the volume is sent, in one pass
+        a.lxc("start", name)
+        sh(a, name, "echo running > /marker2")
+        a.lxc("copy", name, f"b:{name}-r", "-s", pb_, "--stateless")
+        assert f'msg="migration: receiving by btrfs receive" instance={name}-r' in b.log.read_text()
+        assert inst(a, name)["status"] == "Running"
+        assert snaps(b, f"{name}-r") == ["s0"]
+        b.lxc("start", f"{name}-r")
+        assert sh(b, f"{name}-r", "cat /marker /marker2") == "main!running\n"
+        b.lxc("stop", "-f", f"{name}-r")
     finally:
         a.lxc("delete", "-f", name, check=False)
         b.lxc("delete", "-f", name, check=False)
+        b.lxc("delete", "-f", f"{name}-r", check=False)
         a.api("DELETE", f"/1.0/storage-pools/{pa}")
         b.api("DELETE", f"/1.0/storage-pools/{pb_}")
 

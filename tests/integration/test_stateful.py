@@ -238,3 +238,44 @@ def test_stateful_snapshot_then_restore(fake_daemon):
     info = d.api("GET", f"/1.0/instances/{c}").json()["metadata"]
     assert info["status"] == "Running" and info["stateful"] is False and not state.exists()
     d.lxc("delete", "-f", c)
+
+
+def test_running_instance_moves_between_pools_statefully(fake_daemon):
+    """`lxc move c -s POOL` of a running container (the client asks for a stateful move): a
+    stateful stop, the move with its saved state, a restoring start on the new pool. Stateless,
+    it must be stopped first (as LXD)."""
+    d, base = fake_daemon
+    log = base / "argv.log"
+    c = f"{run_prefix()}-mp"
+    pool = f"{run_prefix()}-p2"
+    r = d.api("POST", "/1.0/storage-pools", json={"name": pool, "driver": "dir"})
+    assert r.status_code == 201, r.text
+    try:
+        d.lxc("launch", "busybox", c)
+        d.lxc("exec", c, "--", "sh", "-c", "echo kept > /marker")
+        assert "Instance must be stopped to move between pools statelessly" in fails(
+            d, "move", c, "-s", pool, "--stateless")
+        n = len(log.read_text().splitlines()) if log.exists() else 0
+        d.lxc("move", c, "-s", pool)
+        lines = log.read_text().splitlines()[n:]
+        assert lines[0].endswith(" -s") and lines[1].startswith("-r ") and len(lines) == 2, lines
+        info = d.api("GET", f"/1.0/instances/{c}").json()["metadata"]
+        assert info["status"] == "Running" and info["stateful"] is False
+        assert info["expanded_devices"]["root"]["pool"] == pool
+        assert d.lxc("exec", c, "--", "cat", "/marker").stdout.strip() == "kept"
+        assert not (d.lxd_dir / "containers" / c / "state").exists()
+    finally:
+        d.lxc("delete", "-f", c, check=False)
+        d.api("DELETE", f"/1.0/storage-pools/{pool}")
+
+
+def test_running_move_between_pools_refused_without_criu(ready, names):
+    if asyncio.run(criu.Probe().status()).usable:
+        pytest.skip("CRIU works on this host: the refusal doesn't apply")
+    d = ready
+    c = names("mp")
+    d.lxc("launch", "busybox", c)
+    assert "Moving a running instance between pools needs CRIU" in fails(d, "move", c, "-s", "default")
+    r = d.api("POST", f"/1.0/instances/{c}", json={"migration": True, "pool": "default", "live": True})
+    assert r.status_code == 400 and "needs CRIU" in r.json()["error"], r.text
+    assert d.api("GET", f"/1.0/instances/{c}").json()["metadata"]["status"] == "Running"

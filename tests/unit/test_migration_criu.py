@@ -136,12 +136,12 @@ def test_startup_advertises_only_when_criu_works(fakebin, monkeypatch):
     class Services:
         server = Server()
 
-    for fail, live, want in (("1", True, []), ("", False, []), ("", True, ["migration_pre_copy"])):
+    for fail, want in (("1", []), ("", ["migration_pre_copy"])):
         monkeypatch.setenv("FAKE_CHECK_FAIL", fail)
         s = Services()
         s.server = Server()
         monkeypatch.setattr(criu, "PROBE", criu.Probe())
-        asyncio.run(criu.startup(s, live_migration=live))
+        asyncio.run(criu.startup(s, delay=0))
         assert s.server.names == want
         assert criu.PROBE.cached() is not None  # probed either way
 
