@@ -122,9 +122,14 @@ class _Meter:
             self.progress(self.total, self.total / max(now - self.start, 1e-3))
 
 
+NETCAT = str(Path(__file__).with_name("netcat.py"))
+
+
 def netcat_command(address: str, name: str) -> str:
-    """The remote shell rsync runs (it splits on blanks and honours quotes; no shell involved)."""
-    argv = [sys.executable, "-m", "lxd_daemon", "netcat", "--", address, name or "-"]
+    """The remote shell rsync runs (it splits on blanks and honours quotes; no shell involved):
+    `lxd netcat`, started as its own file in isolated mode without site packages (`-I -S`: it
+    needs only the standard library, and starts once per stream, so its start-up counts)."""
+    argv = [sys.executable, "-I", "-S", NETCAT, "--", address, name or "-"]
     return " ".join(shlex.quote(a) for a in argv)
 
 

@@ -230,7 +230,7 @@ def test_killed_peer_fails_the_other_end(tmp_path, killed):
                 assert ch.bytes_received + ch.bytes_sent > 256 << 10
                 assert not mine.done()
                 running = "\n".join(leftovers(str(tmp_path)))
-                assert "lxd_daemon netcat" in running and "rsync --server" in running  # both ends' processes
+                assert "migration/netcat.py" in running and "rsync --server" in running  # both ends' processes
                 peer.send_signal(signal.SIGKILL)
                 t0 = time.monotonic()
                 with pytest.raises(MigrationError, match="closed the connection|rsync exited"):
@@ -277,7 +277,7 @@ def test_cancelled_transfer_leaves_no_process(tmp_path):
                 if acc.bytes_received > 256 << 10:
                     break
                 await asyncio.sleep(0.1)
-            assert "lxd_daemon netcat" in "\n".join(leftovers(str(src)))
+            assert "migration/netcat.py" in "\n".join(leftovers(str(src)))
             sender.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await sender
