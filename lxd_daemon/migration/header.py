@@ -105,15 +105,22 @@ def negotiates(offered: pb.MigrationHeader) -> bool:
     return offered.HasField("rsyncFeatures") and offered.rsyncFeatures.negotiate
 
 
+def pool_compresses(pool) -> bool:
+    """Whether a pool's rsync transfers compress (`rsync.compression`, true unless set false)."""
+    return ((getattr(pool, "config", None) or {}).get("rsync.compression") or "true").strip().lower() not in (
+        "false", "0", "no", "off")
+
+
 def offer(*, fs: int, disk_idmap: IdmapSet, snapshots: list, running: bool, live: bool,
-          index_header_version: int = INDEX_HEADER_VERSION) -> pb.MigrationHeader:
+          index_header_version: int = INDEX_HEADER_VERSION, compress: bool = True) -> pb.MigrationHeader:
     """The source's offer: its transfer type, the id map its files are stored with, the
-    snapshots it would send (oldest first), and whether the instance runs (`criu` NONE when it
-    runs and the copy is stateless, as LXD: the sink then knows the files were moving)."""
+    snapshots it would send (oldest first), whether the instance runs (`criu` NONE when it
+    runs and the copy is stateless, as LXD: the sink then knows the files were moving), and the
+    rsync features of its pool (`compress` off with rsync.compression=false)."""
     h = pb.MigrationHeader(fs=fs, idmap=idmap_to_pb(disk_idmap),
                            snapshotNames=[s.name for s in snapshots],
                            snapshots=[snapshot_to_pb(s) for s in snapshots],
-                           predump=False, rsyncFeatures=rsync_features_pb(),
+                           predump=False, rsyncFeatures=rsync_features_pb(compress=compress),
                            indexHeaderVersion=index_header_version)
     if live:
         h.criu = pb.CRIU_RSYNC
@@ -131,13 +138,17 @@ def btrfs_features_pb(names=BTRFS_FEATURES) -> pb.btrfsFeatures:
 
 
 def answer(offered: pb.MigrationHeader, *, fs_types: tuple[int, ...] = (pb.RSYNC,), refresh: bool = False,
-           have_snapshots: list[str] | tuple[str, ...] = ()) -> pb.MigrationHeader:
+           have_snapshots: list[str] | tuple[str, ...] = (), compress: bool = True) -> pb.MigrationHeader:
     """The sink's answer to `offered`: the same fs type when it can take it, else RSYNC; the
-    rsync features it supports (and for btrfs those of BTRFS_FEATURES both have); the index
-    header version both speak; for a refresh, the snapshots it still needs (those it lacks, in
-    the offer's order)."""
+    rsync features both sides have (ours: `compress` unless our pool's rsync.compression is
+    false; an offer without `bidirectional` has LXD 3.7's fixed set), and for btrfs those of
+    BTRFS_FEATURES both have; the index header version both speak; for a refresh, the
+    snapshots it still needs (those it lacks, in the offer's order)."""
     fs = offered.fs if offered.fs in fs_types else pb.RSYNC
-    h = pb.MigrationHeader(fs=fs, rsyncFeatures=rsync_features_pb(),
+    theirs = agreed_features(offered)
+    common = rsync_features_pb(xattrs=theirs["xattrs"], delete=theirs["delete"],
+                               compress=theirs["compress"] and compress, bidirectional=theirs["bidirectional"])
+    h = pb.MigrationHeader(fs=fs, rsyncFeatures=common,
                            indexHeaderVersion=min(offered.indexHeaderVersion if offered.HasField("indexHeaderVersion")
                                                   else 0, INDEX_HEADER_VERSION))
     if offered.HasField("criu"):
@@ -155,8 +166,8 @@ def answer(offered: pb.MigrationHeader, *, fs_types: tuple[int, ...] = (pb.RSYNC
 
 
 def agreed_features(resp: pb.MigrationHeader) -> dict[str, bool]:
-    """The rsync features the sink's answer allows: without `bidirectional` (an old peer), the
-    fixed set xattrs, delete and compress, as LXD assumes."""
+    """The rsync features a header carries (the sink's answer: those agreed): without
+    `bidirectional` (an old peer), the fixed set xattrs, delete and compress, as LXD assumes."""
     f = resp.rsyncFeatures if resp.HasField("rsyncFeatures") else None
     if f is None or not f.bidirectional:
         return {"xattrs": True, "delete": True, "compress": True, "bidirectional": False}

@@ -143,7 +143,8 @@ class MigrationSink(Side):
         fs_types = (pb.RSYNC,)
         if not self.refresh and not live and "BTRFS" in self.plan["pool"].driver.info.migration_types:
             fs_types = (pb.RSYNC, pb.BTRFS)
-        resp = hdr.answer(offer, fs_types=fs_types, refresh=self.refresh, have_snapshots=have)
+        resp = hdr.answer(offer, fs_types=fs_types, refresh=self.refresh, have_snapshots=have,
+                          compress=hdr.pool_compresses(self._pool()))
         if live:
             from lxd_daemon.migration import criu
 
@@ -151,6 +152,13 @@ class MigrationSink(Side):
         await ctl.send_control(resp)
         wanted = [s for s in offer.snapshots if s.name in set(resp.snapshotNames)]
         await self.receive_committed(ctl, lambda revert: self._receive_all(op, offer, resp, wanted, revert))
+
+    def _pool(self):
+        """The pool the instance lands in."""
+        if self.refresh:
+            svc = self.services.instances
+            return svc._root_pool(svc.expanded(self.key)[1], self.key)
+        return self.plan["pool"]
 
     async def _prepare_refresh(self, offer) -> list[str]:
         """A refresh: drop our snapshots the source no longer has (or has anew under the same
@@ -198,12 +206,10 @@ class MigrationSink(Side):
         services = self.services
         volumes = services.storage.volumes
         native = resp.fs == pb.BTRFS
+        pool = self._pool()
         if self.refresh:
-            svc = services.instances
-            pool = svc._root_pool(svc.expanded(self.key)[1], self.key)
             vol = volumes.instance_volume(pool, self.name, self.project)
         else:
-            pool = self.plan["pool"]
             vol = volumes.instance_volume(pool, f".migrate-{uuid.uuid4().hex[:8]}-{self.key}")
             await volumes._clear_leftover(pool, vol)
             revert.add(volumes._clear_leftover, pool, vol)

@@ -163,9 +163,11 @@ async def watch_control(channel: Channel) -> pb.MigrationControl:
     return await channel.recv_control(pb.MigrationControl, timeout=FOREVER)
 
 
-async def while_watching(control_task: asyncio.Task, work) -> None:
+async def while_watching(control_task: asyncio.Task, work, *, done_on_success: bool = False) -> None:
     """Run `work` (a coroutine) unless the peer's MigrationControl arrives first: a failure it
-    reports ends the work and is raised."""
+    reports ends the work and is raised. A success ends it too when `done_on_success` (a
+    source: the sink says so only once it has everything, so what is left of the work is
+    waiting for our rsync to exit, which polls its remote shell's exit every 20 ms)."""
     task = asyncio.ensure_future(work)
     try:
         await asyncio.wait({task, control_task}, return_when=asyncio.FIRST_COMPLETED)
@@ -175,6 +177,8 @@ async def while_watching(control_task: asyncio.Task, work) -> None:
         ctl = control_task.result() if not control_task.cancelled() else None
         if ctl is not None and not ctl.success:
             raise MigrationError(ctl.message or "The peer reported a failure")
+        if ctl is not None and done_on_success:
+            return  # (the finally below stops the work)
         await task  # a success before the end: finish the stream anyway
     finally:
         if not task.done():
@@ -390,7 +394,8 @@ class MigrationSource(Side):
         # stopped the container, which only rsync does.
         native = self.snapshot is None and not self.live and "BTRFS" in pool.driver.info.migration_types
         offer = hdr.offer(fs=pb.BTRFS if native else pb.RSYNC, disk_idmap=disk_map, snapshots=snaps,
-                          running=status != "Stopped" and self.snapshot is None, live=self.live)
+                          running=status != "Stopped" and self.snapshot is None, live=self.live,
+                          compress=hdr.pool_compresses(pool))
         if native:
             offer.btrfsFeatures.CopyFrom(hdr.btrfs_features_pb())
         if self.live:  # pre-copy rounds: when the instance asks for them and CRIU can track dirty pages
@@ -413,7 +418,7 @@ class MigrationSource(Side):
 
                 state = await asyncio.to_thread(live.work_dir, services)
             await while_watching(watcher, self._send_all(op, rec, src_snap, to_send, resp, features, running,
-                                                         state))
+                                                         state), done_on_success=True)
             try:
                 verdict = await asyncio.wait_for(asyncio.shield(watcher), FINAL_TIMEOUT)
             except TimeoutError:

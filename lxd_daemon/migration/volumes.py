@@ -68,8 +68,8 @@ def snapshot_pb(s) -> pb.Snapshot:
                        creation_date=hdr._ts(s.created_at), last_used_date=0, expiry_date=0)
 
 
-def volume_offer(snapshots: list) -> pb.MigrationHeader:
-    return pb.MigrationHeader(fs=pb.RSYNC, rsyncFeatures=hdr.rsync_features_pb(),
+def volume_offer(snapshots: list, *, compress: bool = True) -> pb.MigrationHeader:
+    return pb.MigrationHeader(fs=pb.RSYNC, rsyncFeatures=hdr.rsync_features_pb(compress=compress),
                               indexHeaderVersion=hdr.INDEX_HEADER_VERSION,
                               snapshotNames=[s.name for s in snapshots],
                               snapshots=[snapshot_pb(s) for s in snapshots])
@@ -108,7 +108,7 @@ class VolumeSource(Side):
         custom = self.custom
         rec = await custom.get(self.pool, self.name, self.project)
         snaps = [] if self.volume_only else await custom.snapshots(self.pool, self.name, self.project)
-        offer = volume_offer(snaps)
+        offer = volume_offer(snaps, compress=hdr.pool_compresses(self.services.storage.get(self.pool)))
         ctl = self.ends.control
         await ctl.send_control(offer)
         resp = await ctl.recv_control(pb.MigrationHeader, timeout=CONTROL_TIMEOUT)
@@ -117,7 +117,7 @@ class VolumeSource(Side):
         to_send = hdr.snapshots_to_send(offer, resp)
         watcher = asyncio.ensure_future(watch_control(ctl))
         try:
-            await while_watching(watcher, self._send_all(op, rec, snaps, to_send, resp))
+            await while_watching(watcher, self._send_all(op, rec, snaps, to_send, resp), done_on_success=True)
             try:
                 verdict = await asyncio.wait_for(asyncio.shield(watcher), FINAL_TIMEOUT)
             except TimeoutError:
@@ -237,7 +237,8 @@ class VolumeSink(Side):
             have = await self._prepare_refresh(offer)
         # (The source decides whether snapshots come: `volume_only` in its request; the sink takes what
         # is offered, as LXD's, since a source not asked for a refresh sends every snapshot it offered.)
-        resp = hdr.answer(offer, fs_types=(pb.RSYNC,), refresh=self.refresh, have_snapshots=have)
+        resp = hdr.answer(offer, fs_types=(pb.RSYNC,), refresh=self.refresh, have_snapshots=have,
+                          compress=hdr.pool_compresses(self.services.storage.get(self.pool)))
         await ctl.send_control(resp)
         wanted = hdr.snapshots_to_send(offer, resp) if self.refresh else list(resp.snapshotNames)
         await self.receive_committed(ctl, lambda revert: self._receive_all(op, offer, resp, wanted, revert))
