@@ -503,3 +503,19 @@ def test_copy_dir_to_btrfs_falls_back_to_rsync(tls_pair, source):
         b.lxc("delete", "-f", dst, check=False)
         r = b.api("DELETE", f"/1.0/storage-pools/{pool}")
         assert r.status_code == 200, r.text
+
+
+def test_rsync_compression_false_turns_compress_off(tls_pair, source):
+    """`rsync.compression=false` on the source's pool: the rsync streams go uncompressed (B's
+    receiver runs without --compress), as LXD's; the copy is whole."""
+    a, b = tls_pair.a, tls_pair.b
+    dst = uniq("nc")
+    a.lxc("storage", "set", "default", "rsync.compression", "false")
+    try:
+        a.lxc("copy", source, f"b:{dst}", "--instance-only")
+        mine = [ln for ln in b.log.read_text().splitlines() if "rsync receive:" in ln and dst in ln]
+        assert mine and all("--compress" not in ln for ln in mine), mine
+        assert (b.lxd_dir / "containers" / dst / "rootfs" / "data" / "after").read_text() == "after\n"
+    finally:
+        a.lxc("storage", "unset", "default", "rsync.compression")
+        b.lxc("delete", "-f", dst, check=False)

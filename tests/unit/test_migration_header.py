@@ -108,3 +108,25 @@ def test_only_our_senders_get_the_negotiated_rsync_receiver():
     # LXD parses our header (the unknown field is skipped) and its own round-trips without it.
     assert pb.MigrationHeader.FromString(lxd.SerializeToString()).rsyncFeatures.negotiate is False
     assert rsync.SERVER_FLAGS_NEGOTIATED.startswith(rsync.SERVER_FLAGS)
+
+
+class _Pool:
+    def __init__(self, config):
+        self.config = config
+
+
+def test_rsync_compression_of_either_pool_turns_compress_off():
+    assert hdr.pool_compresses(_Pool({})) and hdr.pool_compresses(_Pool({"rsync.compression": "true"}))
+    assert not hdr.pool_compresses(_Pool({"rsync.compression": "false"}))
+    on = hdr.offer(fs=pb.RSYNC, disk_idmap=MAP, snapshots=[], running=False, live=False)
+    off = hdr.offer(fs=pb.RSYNC, disk_idmap=MAP, snapshots=[], running=False, live=False, compress=False)
+    assert on.rsyncFeatures.compress and not off.rsyncFeatures.compress
+    # the answer has what both sides have (as LXD's MatchTypes)
+    assert hdr.agreed_features(hdr.answer(on))["compress"]
+    assert not hdr.agreed_features(hdr.answer(off))["compress"]
+    assert not hdr.agreed_features(hdr.answer(on, compress=False))["compress"]
+    # an old peer (no `bidirectional`) can't negotiate: LXD 3.7's fixed set, compress included, as LXD's
+    old = pb.MigrationHeader(fs=pb.RSYNC)
+    for compress in (True, False):
+        assert hdr.agreed_features(hdr.answer(old, compress=compress)) == {
+            "xattrs": True, "delete": True, "compress": True, "bidirectional": False}

@@ -69,3 +69,35 @@ def test_to_the_end_survives_a_cancellation():
         assert steps == ["start", "end", "start", "end"]  # the second undo finished anyway
 
     asyncio.run(main())
+
+
+def test_a_source_stops_waiting_once_the_sink_succeeded():
+    """while_watching(done_on_success): the sink's success ends what is left of the source's
+    work (waiting for its rsync to exit); without it, the work runs to its end."""
+    from lxd_daemon.migration.source import while_watching
+
+    async def main() -> None:
+        for early in (True, False):
+            ended: list[str] = []
+
+            async def work(ended: list[str] = ended) -> None:
+                try:
+                    await asyncio.sleep(0.3)
+                    ended.append("finished")
+                except asyncio.CancelledError:
+                    ended.append("stopped")
+                    raise
+
+            async def verdict():
+                await asyncio.sleep(0.01)
+                return pb.MigrationControl(success=True)
+
+            watcher = asyncio.ensure_future(verdict())
+            await while_watching(watcher, work(), done_on_success=early)
+            assert ended == (["stopped"] if early else ["finished"])
+
+            watcher = asyncio.ensure_future(asyncio.sleep(0.01, pb.MigrationControl(success=False, message="no")))
+            with pytest.raises(Exception, match="no"):
+                await while_watching(watcher, work(), done_on_success=early)
+
+    asyncio.run(main())
