@@ -540,3 +540,22 @@ def btrfs_pool_of(d: Daemon, name: str, size: str) -> Iterator[str]:
         d.lxc("storage", "volume", "delete", name, v.rsplit("/", 1)[-1], check=False)
     r = d.api("DELETE", f"/1.0/storage-pools/{name}")
     assert r.status_code == 200, r.text
+
+
+# -- stand-in tools (CRIU can't run on the development machine) ----------------------------------
+# A `criu` that passes the daemon's probe, dirty-page tracking included (tests/integration/
+# test_stateful.py and test_migration_live.py pair it with a stand-in `lxc-checkpoint`).
+FAKE_CRIU = """#!/bin/sh
+case "$*" in
+  --version) echo "Version: 3.17.1" ;;
+esac
+exit 0
+"""
+
+
+def write_tool(directory: Path, name: str, text: str) -> Path:
+    """An executable script `name` in `directory` (to put first on a daemon's PATH)."""
+    p = directory / name
+    p.write_text(text)
+    p.chmod(0o755)
+    return p

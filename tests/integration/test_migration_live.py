@@ -13,22 +13,14 @@ files' pass, the sink's restore, the source's rollback."""
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_tls_pair
-from tests.helpers import init_pid, run_prefix, wait_for
+from tests.helpers import FAKE_CRIU, init_pid, run_prefix, wait_for, write_tool
 
 pytestmark = pytest.mark.integration
-
-FAKE_CRIU = """#!/bin/sh
-case "$*" in
-  --version) echo "Version: 3.17.1" ;;
-esac
-exit 0
-"""
 
 FAKE_CHECKPOINT = r'''#!/usr/bin/python3
 import os, struct, subprocess, sys
@@ -75,18 +67,12 @@ if "-s" in argv:
 '''
 
 
-def _tool(d: Path, name: str, text: str) -> None:
-    p = d / name
-    p.write_text(text)
-    p.chmod(p.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-
-
 def _env(tag: str, base: Path) -> dict:
     bindir = base / "bin"
     if not bindir.exists():
         bindir.mkdir()
-        _tool(bindir, "criu", FAKE_CRIU)
-        _tool(bindir, "lxc-checkpoint", FAKE_CHECKPOINT)
+        write_tool(bindir, "criu", FAKE_CRIU)
+        write_tool(bindir, "lxc-checkpoint", FAKE_CHECKPOINT)
     return {"PATH": f"{bindir}:{os.environ['PATH']}", "FAKE_LOG": str(base / tag / "argv.log"),
             "FAKE_FAIL": str(base / tag / "fail")}
 

@@ -12,23 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import os
-import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from lxd_daemon.migration import criu
-from tests.helpers import Daemon, ensure_containers_ready, init_pid, release_host_state, run_prefix
+from tests.helpers import (
+    FAKE_CRIU,
+    Daemon,
+    ensure_containers_ready,
+    init_pid,
+    release_host_state,
+    run_prefix,
+    write_tool,
+)
 
 pytestmark = pytest.mark.integration
-
-FAKE_CRIU = """#!/bin/sh
-case "$*" in
-  --version) echo "Version: 3.17.1" ;;
-esac
-exit 0
-"""
 
 FAKE_CHECKPOINT = """#!/bin/sh
 printf '%s\\n' "$*" >> "$FAKE_LOG"
@@ -47,12 +46,6 @@ mkdir -p "$dir" && echo fake > "$dir/inventory.img"
 [ -n "$stop" ] && lxc-stop -k -n "$name" -P "$lxcpath"
 exit 0
 """
-
-
-def _tool(d: Path, name: str, text: str) -> None:
-    p = d / name
-    p.write_text(text)
-    p.chmod(p.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
 def fails(d: Daemon, *args: str) -> str:
@@ -105,8 +98,8 @@ def fake_daemon(tmp_path_factory):
     base = tmp_path_factory.mktemp("stateful")
     bindir = base / "bin"
     bindir.mkdir()
-    _tool(bindir, "criu", FAKE_CRIU)
-    _tool(bindir, "lxc-checkpoint", FAKE_CHECKPOINT)
+    write_tool(bindir, "criu", FAKE_CRIU)
+    write_tool(bindir, "lxc-checkpoint", FAKE_CHECKPOINT)
     d = Daemon(lxd_dir=base / "var", conf_dir=base / "conf",
                extra_env={"PATH": f"{bindir}:{os.environ['PATH']}", "FAKE_LOG": str(base / "argv.log"),
                           "FAKE_FAIL": str(base / "fail")})

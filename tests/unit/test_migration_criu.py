@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import shutil
-import stat
 import subprocess
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lxd_daemon.errors import BadRequest, LXDError
 from lxd_daemon.migration import criu
 from lxd_daemon.runtime.client import RuntimeClient, StartFailed
 from lxd_daemon.runtime.pool import WorkerPool
+from tests.helpers import write_tool
 
 FAKE_CRIU = """#!/bin/sh
 echo "$*" >> "$FAKE_LOG"
@@ -44,12 +44,6 @@ exit 0
 """
 
 
-def _tool(d: Path, name: str, text: str) -> None:
-    p = d / name
-    p.write_text(text)
-    p.chmod(p.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-
-
 @pytest.fixture
 def fakebin(tmp_path, monkeypatch):
     d = tmp_path / "bin"
@@ -71,7 +65,7 @@ def fakebin(tmp_path, monkeypatch):
 # -- the probe ---------------------------------------------------------------------------------
 def test_probe_of_a_working_criu_is_cached(fakebin):
     d, calls = fakebin
-    _tool(d, "criu", FAKE_CRIU)
+    write_tool(d, "criu", FAKE_CRIU)
     probe = criu.Probe()
 
     async def go():
@@ -84,7 +78,7 @@ def test_probe_of_a_working_criu_is_cached(fakebin):
 
 def test_probe_failure_keeps_criu_reason_and_refuses(fakebin, monkeypatch):
     d, calls = fakebin
-    _tool(d, "criu", FAKE_CRIU)
+    write_tool(d, "criu", FAKE_CRIU)
     monkeypatch.setenv("FAKE_CHECK_FAIL", "1")
     probe = criu.Probe()
     st = asyncio.run(probe.status())
@@ -101,13 +95,13 @@ def test_probe_failure_keeps_criu_reason_and_refuses(fakebin, monkeypatch):
 
 def test_probe_without_pre_copy(fakebin, monkeypatch):
     d, _ = fakebin
-    _tool(d, "criu", FAKE_CRIU)
+    write_tool(d, "criu", FAKE_CRIU)
     monkeypatch.setenv("FAKE_NO_PREDUMP", "1")
     st = asyncio.run(criu.Probe().status())
     assert st.usable and not st.predump
 
 
-def test_probe_without_the_tool(tmp_path, monkeypatch):
+def test_probe_without_thewrite_tool(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     st = asyncio.run(criu.Probe().status())
     assert st == criu.Status(False, "the criu tool is not installed")
@@ -124,7 +118,7 @@ def test_probe_of_this_host_matches_criu_check():
 
 def test_startup_advertises_only_when_criu_works(fakebin, monkeypatch):
     d, _ = fakebin
-    _tool(d, "criu", FAKE_CRIU)
+    write_tool(d, "criu", FAKE_CRIU)
 
     class Server:
         def __init__(self):
@@ -222,7 +216,7 @@ def runtime(fakebin):
 
 def test_pre_dump_rounds_until_the_goal(fakebin, runtime, tmp_path, monkeypatch):
     d, calls = fakebin
-    _tool(d, "lxc-checkpoint", FAKE_CHECKPOINT)
+    write_tool(d, "lxc-checkpoint", FAKE_CHECKPOINT)
     stats = tmp_path / "stats"
     crit_stats(stats / "000", 100, 0)
     crit_stats(stats / "001", 50, 50)  # 50% unchanged: below the goal
@@ -248,7 +242,7 @@ def test_pre_dump_rounds_until_the_goal(fakebin, runtime, tmp_path, monkeypatch)
 
 def test_rounds_stop_at_iterations_and_without_pre_copy(fakebin, runtime, tmp_path, monkeypatch):
     d, calls = fakebin
-    _tool(d, "lxc-checkpoint", FAKE_CHECKPOINT)
+    write_tool(d, "lxc-checkpoint", FAKE_CHECKPOINT)
     # no stats images: only `iterations` ends the rounds
     client, run = runtime
     state = tmp_path / "s"
@@ -262,7 +256,7 @@ def test_rounds_stop_at_iterations_and_without_pre_copy(fakebin, runtime, tmp_pa
 
 def test_a_failed_dump_is_an_error_with_criu_reason(fakebin, runtime, tmp_path, monkeypatch):
     d, calls = fakebin
-    _tool(d, "lxc-checkpoint", FAKE_CHECKPOINT)
+    write_tool(d, "lxc-checkpoint", FAKE_CHECKPOINT)
     (tmp_path / "fail").touch()
     client, run = runtime
     with pytest.raises(LXDError) as e:
@@ -282,7 +276,7 @@ def test_worker_refuses_other_command_lines(fakebin, runtime):
 def test_restore_runs_lxc_checkpoint_r_and_needs_the_images(fakebin, runtime, tmp_path, monkeypatch):
     d, calls = fakebin
     monkeypatch.setattr(criu, "RESTORE_TIMEOUT", 1.0)  # how long the worker waits for RUNNING
-    _tool(d, "lxc-checkpoint", FAKE_CHECKPOINT)
+    write_tool(d, "lxc-checkpoint", FAKE_CHECKPOINT)
     client, run = runtime
     state = tmp_path / "state"
     state.mkdir()
@@ -322,8 +316,8 @@ class _Instances:
 
 def test_snapshot_state_dumps_left_running_and_always_drops_the_copy(fakebin, runtime, tmp_path, monkeypatch):
     d, calls = fakebin
-    _tool(d, "criu", FAKE_CRIU)
-    _tool(d, "lxc-checkpoint", FAKE_CHECKPOINT)
+    write_tool(d, "criu", FAKE_CRIU)
+    write_tool(d, "lxc-checkpoint", FAKE_CHECKPOINT)
     monkeypatch.setattr(criu, "PROBE", criu.Probe())
     client, run = runtime
     svc = _Instances(tmp_path, client, "Running")
