@@ -27,6 +27,7 @@ SD_LISTEN_FDS_START = 3
 # Subsystems wired in this order. Each module has `async def setup(services) -> list[Routes]`:
 # it sets its service on `services`, registers hooks and API extensions, and returns its routers.
 SUBSYSTEMS: tuple[str, ...] = (
+    "lxd_daemon.warnings.subsystem",  # services.warnings first: any setup below may raise one
     "lxd_daemon.projects.subsystem",  # services.projects: everything else belongs to a project
     "lxd_daemon.trust.subsystem",  # services.trust (the Gate asks it), /1.0/certificates
     "lxd_daemon.storage.subsystem",
@@ -35,6 +36,8 @@ SUBSYSTEMS: tuple[str, ...] = (
     "lxd_daemon.api.instance_exec",
     "lxd_daemon.networks.subsystem",
     "lxd_daemon.server.https",  # the TLS listener on core.https_address (started once the app is built)
+    "lxd_daemon.api.resources",  # GET /1.0/resources (the host's hardware)
+    "lxd_daemon.api.metrics",  # GET /1.0/metrics, core.metrics_authentication
     "lxd_daemon.api.not_yet",
 )
 
@@ -247,9 +250,10 @@ class Daemon:
         config = ServerConfig(await db.run(load_config))
         from lxd_daemon.runtime.client import RuntimeClient
 
-        driver_version = await RuntimeClient(pool).version()
+        runtime = RuntimeClient(pool)
+        driver_version, lxc_features = await asyncio.gather(runtime.version(), runtime.lxc_features())
         server = ServerService(db=db, events=events, config=config, certificate_pem=cert_pem,
-                               driver_version=driver_version)
+                               driver_version=driver_version, lxc_features=lxc_features)
         services = Services(lxd_dir=s.lxd_dir, db=db, events=events, ops=ops, pool=pool, server=server,
                             request_stop=self.request_stop, debug=s.debug)
         self.services = services

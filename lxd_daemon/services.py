@@ -45,6 +45,7 @@ class Services:
     trust: Any = None  # the trust store (trust/store.py): who is trusted over TLS
     https: Any = None  # the TLS listener on core.https_address (server/https.py)
     streams: Any = None  # the simplestreams tree of the public images (images/streams.py)
+    warnings: Any = None  # warnings/service.py; raise through lxd_daemon.warnings.raise_warning (None-safe)
     # The ASGI application (app.create_app), served by each listener behind its api.access.Gate.
     app: Any = None
     # The typed client of the liblxc workers (runtime/client.py), over `pool`.

@@ -33,6 +33,7 @@ from fastapi import APIRouter
 from starlette.requests import HTTPConnection
 
 from lxd_daemon.errors import Forbidden, TooLarge
+from lxd_daemon.util.validate import FALSE
 
 BODY_LIMIT = 1 << 20  # the default for a JSON request body (also api.request.BODY_LIMIT)
 STREAM = None  # body=STREAM: an upload, read as a stream by its handler
@@ -44,6 +45,9 @@ class Access(enum.Enum):
     TRUSTED = "trusted"  # trusted clients; a restricted certificate only in its projects
     ADMIN = "admin"  # trusted clients with an unrestricted certificate (server-wide settings, pools)
     LOCAL = "local"  # the unix socket only
+    # GET /1.0/metrics: trusted clients, `metrics` certificates, and anyone when the server's
+    # core.metrics_authentication is false (see _check_metrics)
+    METRICS = "metrics"
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,8 @@ def check(conn: HTTPConnection) -> None:
                 pass  # the handler lists only the caller's projects (visible_projects)
             elif project not in (record.get("projects") or ()):
                 raise Forbidden(f"Certificate is restricted and has no access to project {project!r}")
+    elif access is Access.METRICS:
+        _check_metrics(conn)
     elif access is Access.GUARDED and is_trusted(conn):
         record = conn.scope.get("lxd_certificate") or {}
         if record.get("restricted") and _project(conn) not in (record.get("projects") or ()):
@@ -196,6 +202,32 @@ def check(conn: HTTPConnection) -> None:
         length = conn.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > endpoint.body:
             raise TooLarge(f"Request body too large (limit {endpoint.body} bytes)")
+
+
+def _check_metrics(conn: HTTPConnection) -> None:
+    """Who may scrape: a trusted client; over TLS a certificate of type `metrics` (untrusted
+    everywhere else: the trust store does not identify it); anyone when the server config key
+    core.metrics_authentication is false. A restricted certificate names only its own projects
+    (without ?project= the handler reports those only: visible_projects)."""
+    record = conn.scope.get("lxd_certificate") if is_trusted(conn) else None
+    if not is_trusted(conn):
+        services = getattr(conn.app.state, "services", None)
+        trust = getattr(services, "trust", None)
+        fp = conn.scope.get("lxd_fingerprint") or ""
+        metrics = getattr(trust, "metrics", None)
+        record = metrics(fp) if fp and metrics is not None else None
+        if record is not None:
+            conn.scope["lxd_metrics_certificate"] = record
+        else:
+            server = getattr(services, "server", None)
+            config = getattr(server, "config", None)
+            open_ = config is not None and config.get("core.metrics_authentication").strip().lower() in FALSE
+            if not open_:
+                raise Forbidden("not authorized")
+            return
+    project = conn.query_params.get("project")
+    if record and record.get("restricted") and project and project not in (record.get("projects") or ()):
+        raise Forbidden(f"Certificate is restricted and has no access to project {project!r}")
 
 
 # Lists whose handler narrows what it shows to visible_projects(): GET /1.0/projects always, and
@@ -229,7 +261,7 @@ def _narrowed(conn: HTTPConnection, path: str) -> bool:
 def visible_projects(conn: HTTPConnection) -> frozenset[str] | None:
     """The projects a caller may see (`all-projects=true` lists, `GET /1.0/projects`): those of a
     restricted certificate, or None for all."""
-    record = conn.scope.get("lxd_certificate") or {}
+    record = conn.scope.get("lxd_certificate") or conn.scope.get("lxd_metrics_certificate") or {}
     if record.get("restricted"):
         return frozenset(record.get("projects") or ())
     return None

@@ -9,7 +9,7 @@ missing kind (a backup) cannot exist: asking for one is a 404 that
 says why.
 
 The API extensions of these features stay unadvertised, so the stock client refuses the commands
-that depend on them (`lxc export`, `lxc cluster list`, `lxc warning list`) on its own.
+that depend on them (`lxc export`, `lxc cluster list`) on its own.
 """
 
 from __future__ import annotations
@@ -29,11 +29,8 @@ WRITES = ["PUT", "PATCH", "POST", "DELETE"]
 
 SFTP = "SFTP access to instances is not implemented yet"
 CLUSTER = "Clustering is not implemented yet"
-WARNINGS = "Warnings are not implemented yet"
 NETWORK_ACLS = "Network ACLs are not implemented yet"
 NETWORK_ZONES = "Network zones are not implemented yet"
-RESOURCES = "Server resources (lxc info --resources) are not implemented yet"
-METRICS = "Metrics are not implemented yet"
 
 
 def _add(path: str, methods: list[str], handler) -> None:
@@ -68,12 +65,10 @@ def _feature(message: str):
     return handler
 
 
-for _path, _message in (("/1.0/cluster", CLUSTER), ("/1.0/warnings", WARNINGS),
+for _path, _message in (("/1.0/cluster", CLUSTER),
                         ("/1.0/network-acls", NETWORK_ACLS), ("/1.0/network-zones", NETWORK_ZONES)):
     _add(_path, ALL, _feature(_message))
     _add(_path + "/{rest:path}", ALL, _feature(_message))
-_add("/1.0/resources", ["GET"], _feature(RESOURCES))
-_add("/1.0/metrics", ["GET"], _feature(METRICS))
 
 
 async def setup(services) -> list:

@@ -48,3 +48,21 @@ networks = Table(
     Column("status", String, nullable=False, default="Created"),
     UniqueConstraint("project", "name"),
 )
+
+# Warnings the daemon raised (migration 0009): one row per (type, project, entity).
+warnings = Table(
+    "warnings", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("uuid", String(36), nullable=False, unique=True),
+    Column("project", String, nullable=True),  # NULL: server-wide
+    Column("type", String, nullable=False),  # LXD's type name ("Storage pool unavailable")
+    Column("entity_type", String, nullable=False, default=""),  # "storage-pool", "instance", ""
+    Column("entity_url", String, nullable=False, default=""),
+    Column("last_message", Text, nullable=False, default=""),
+    Column("count", Integer, nullable=False, default=1),
+    Column("first_seen_at", Float, nullable=False),  # unix times
+    Column("last_seen_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("status", String, nullable=False, default="new"),  # new | acknowledged | resolved
+    Column("severity", String, nullable=False, default="low"),  # low | moderate | high
+)

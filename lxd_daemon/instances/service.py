@@ -1192,6 +1192,9 @@ class InstanceService:
         from lxd_daemon.instances.lxcconf import remove_seccomp_policy
 
         await asyncio.to_thread(remove_seccomp_policy, self.lxcpath, name)  # its policy goes with it
+        from lxd_daemon.warnings import forget_warnings
+
+        await forget_warnings(self.services, url)  # (autostart, scheduled snapshots)
         self.services.events.lifecycle("instance-deleted", url, requestor=requestor, project=rec.project)
 
     async def rename(self, name: str, new_name: str) -> str:
@@ -1558,12 +1561,21 @@ class InstanceService:
                 if self.status_of(name)[0] == "Stopped":
                     todo.append((-int(ec.get("boot.autostart.priority") or 0), name,
                                  int(ec.get("boot.autostart.delay") or 0)))
+        from lxd_daemon.warnings import INSTANCE_AUTOSTART_FAILURE, raise_warning, resolve_warning
+
         for _, name, delay in sorted(todo):
+            project = self.ident(name)[0]
             try:
                 await self.change_state(name, "start")
             except Exception as e:
-                log.warning("autostart failed", extra={"instance": name, "err": str(e)})
+                why = getattr(e, "message", None) or str(e)
+                log.warning("autostart failed", extra={"instance": name, "err": why})
+                await raise_warning(self.services, INSTANCE_AUTOSTART_FAILURE,
+                                    f"Failed to autostart instance {self.ident(name)[1]!r}: {why}",
+                                    project=project, entity_url=self.url(name))
                 continue
+            await resolve_warning(self.services, INSTANCE_AUTOSTART_FAILURE, project=project,
+                                  entity_url=self.url(name))
             if delay > 0:
                 await asyncio.sleep(delay)
 

@@ -38,6 +38,7 @@ from lxd_daemon.util import schedule
 from lxd_daemon.util.revert import Revert
 from lxd_daemon.util.tasks import cancel_and_wait
 from lxd_daemon.util.timefmt import ZERO_TIME, parse_rfc3339, rfc3339
+from lxd_daemon.warnings import SCHEDULED_SNAPSHOT_FAILURE, raise_warning, resolve_warning
 
 log = logging.getLogger("lxd.snapshots")
 
@@ -551,6 +552,13 @@ class SnapshotService:
             except Exception as e:
                 errors.append(f"{rec.name}{query(rec.project)}: {getattr(e, 'message', str(e))}")
                 log.warning("scheduled snapshot failed", extra={"instance": name, "err": str(e)})
+                await raise_warning(self.services, SCHEDULED_SNAPSHOT_FAILURE,
+                                    f"Failed to create a scheduled snapshot of {rec.name!r}: "
+                                    f"{getattr(e, 'message', None) or e}",
+                                    project=rec.project, entity_url=svc.url(name))
+            else:
+                await resolve_warning(self.services, SCHEDULED_SNAPSHOT_FAILURE, project=rec.project,
+                                      entity_url=svc.url(name))
         ts = now.timestamp()
         for name, rec in list(svc.records.items()):
             for s in list(self.by_instance.get(rec.id, {}).values()):

@@ -158,6 +158,13 @@ async def startup(services, *, delay: float = 5.0) -> None:
     st = await PROBE.status()
     if st.usable and st.predump:
         services.server.advertise(*EXTENSIONS)
+    from lxd_daemon.warnings import CRIU_UNUSABLE, raise_warning, resolve_warning
+
+    if st.usable:  # a low-severity warning while it doesn't: stateful stop/snapshot/live migration
+        await resolve_warning(services, CRIU_UNUSABLE)
+    else:
+        await raise_warning(services, CRIU_UNUSABLE,
+                            f"CRIU doesn't work here (stateful features unavailable): {st.reason}")
 
 
 # -- command lines ---------------------------------------------------------------------------

@@ -44,6 +44,10 @@ class RuntimeClient:
         """liblxc's version as the workers see it."""
         return await self.pool.call("version")
 
+    async def lxc_features(self) -> dict[str, str]:
+        """liblxc's API extensions LXD reports (`environment.lxc_features`): name -> "true"/"false"."""
+        return await self.pool.call("lxc_features")
+
     # -- container lifecycle -----------------------------------------------------------------
     async def lookup(self, names: Sequence[str], lxcpath: str, *, lane: str | None = None) -> dict[str, tuple[str, int]]:
         """{name: (liblxc state, init pid or -1)} for each name."""

@@ -244,6 +244,27 @@ def version(worker: Worker) -> str:
     return _lxc.get_version()
 
 
+# liblxc's API extensions that LXD 5.0.2 reports in GET /1.0 `environment.lxc_features`.
+LXC_FEATURES = ("cgroup2", "core_scheduling", "devpts_fd", "idmapped_mounts_v2", "mount_injection_file",
+                "network_gateway_device_route", "network_ipvlan", "network_l2proxy", "network_phys_macvlan_mtu",
+                "network_veth_router", "pidfd", "seccomp_allow_deny_syntax", "seccomp_notify",
+                "seccomp_proxy_send_notify_fd")
+
+
+@method()
+def lxc_features(worker: Worker) -> dict[str, str]:
+    """Which of LXC_FEATURES this liblxc has (lxc_has_api_extension); {} without the symbol."""
+    import ctypes
+
+    try:
+        has = ctypes.CDLL("liblxc.so.1").lxc_has_api_extension
+    except (OSError, AttributeError):
+        return {}
+    has.argtypes = [ctypes.c_char_p]
+    has.restype = ctypes.c_bool
+    return {name: "true" if has(name.encode()) else "false" for name in LXC_FEATURES}
+
+
 @method()
 def pid(worker: Worker) -> int:
     return os.getpid()

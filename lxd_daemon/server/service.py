@@ -73,13 +73,14 @@ def _kernel_features() -> dict[str, str]:
 
 class ServerService:
     def __init__(self, *, db, events: EventHub, config: ServerConfig, certificate_pem: str,
-                 driver_version: str):
+                 driver_version: str, lxc_features: dict[str, str] | None = None):
         self.db = db
         self.events = events
         self.config = config
         self.certificate_pem = certificate_pem
         self.fingerprint = cert_fingerprint(certificate_pem)
         self.driver_version = driver_version
+        self.lxc_features = dict(lxc_features or {})
         # Filled in by later subsystems (storage driver in use, listener addresses).
         self.storage = ""
         self.storage_version = ""
@@ -106,8 +107,8 @@ class ServerService:
             "kernel_architecture": uname.machine,
             "kernel_features": _kernel_features(),
             "kernel_version": uname.release,
-            "lxc_features": {"cgroup2": "true" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "false",
-                             "pidfd": "true"},
+            # liblxc's own answers (runtime worker `lxc_features`), as LXD reports them
+            "lxc_features": self.lxc_features or {"pidfd": "true"},
             "os_name": os_name,
             "os_version": os_version,
             "project": "default",

@@ -16,6 +16,7 @@ from lxd_daemon.storage.custom import CustomVolumeService
 from lxd_daemon.storage.drivers import DRIVERS, Driver
 from lxd_daemon.storage.volumes import VolumeService
 from lxd_daemon.util.revert import Revert
+from lxd_daemon.warnings import STORAGE_POOL_UNAVAILABLE, forget_warnings, raise_warning, resolve_warning
 
 log = logging.getLogger("lxd.storage")
 POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -67,12 +68,28 @@ class StorageService:
         self.drivers_available = await asyncio.to_thread(probe)
         for pool in self.pools.values():
             # Bring each pool's volumes within reach (a loop file re-attached after a reboot,
-            # a zpool imported, a VG activated); a pool that can't be mounted stays listed.
+            # a zpool imported, a VG activated); a pool that can't be mounted stays listed,
+            # with a warning (`lxc warning list`) until a start-up finds it usable again.
             try:
                 await pool.driver.mount_pool()
+                await asyncio.to_thread(self._check_usable, pool)
             except Exception as e:
-                log.warning("couldn't mount the storage pool", extra={"pool": pool.name, "err": str(e)})
+                why = getattr(e, "message", None) or str(e)
+                log.warning("couldn't mount the storage pool", extra={"pool": pool.name, "err": why})
+                await raise_warning(self.services, STORAGE_POOL_UNAVAILABLE,
+                                    f"Failed mounting storage pool {pool.name!r}: {why}",
+                                    entity_url=f"/1.0/storage-pools/{pool.name}")
+            else:
+                await resolve_warning(self.services, STORAGE_POOL_UNAVAILABLE,
+                                      entity_url=f"/1.0/storage-pools/{pool.name}")
         self._advertise_driver()
+
+    @staticmethod
+    def _check_usable(pool: Pool) -> None:
+        """A dir pool's directory (or the `source` it links to) must be there."""
+        if pool.driver_name == "dir" and not os.path.isdir(pool.driver.mount_path):
+            source = pool.config.get("source") or str(pool.driver.mount_path)
+            raise OSError(f"Source path {source!r} doesn't exist")
 
     def _driver(self, name: str, driver: str, config: dict) -> Driver:
         return DRIVERS[driver](name, self.root / name, config)
@@ -255,6 +272,7 @@ class StorageService:
 
         await self.db.run(rm)
         del self.pools[name]
+        await forget_warnings(self.services, f"/1.0/storage-pools/{name}")
         await pool.driver.delete_pool()
         self._advertise_driver()
 

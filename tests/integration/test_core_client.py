@@ -49,6 +49,14 @@ def test_lxc_info_and_query_show_the_full_server(daemon):
     assert len(env["certificate_fingerprint"]) == 64
     assert (daemon.lxd_dir / "server.crt").read_text() == env["certificate"]
     assert query(daemon, "/") == ["/1.0"]
+    # liblxc's own answers for the features LXD reports
+    import ctypes
+
+    has = ctypes.CDLL("liblxc.so.1").lxc_has_api_extension
+    has.argtypes, has.restype = [ctypes.c_char_p], ctypes.c_bool
+    assert set(env["lxc_features"]) >= {"cgroup2", "pidfd", "seccomp_notify", "idmapped_mounts_v2", "network_ipvlan"}
+    for name, value in env["lxc_features"].items():
+        assert value == ("true" if has(name.encode()) else "false"), name
 
 
 def test_curl_get_1_0_envelope_and_etag(daemon):

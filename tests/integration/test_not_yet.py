@@ -53,9 +53,7 @@ def test_volumes_of_a_missing_pool_are_not_found(daemon):
     ("GET", "/1.0/cluster", "Clustering is not implemented yet"),
     ("PUT", "/1.0/cluster", "Clustering is not implemented yet"),
     ("GET", "/1.0/cluster/members", "Clustering is not implemented yet"),
-    ("GET", "/1.0/warnings", "Warnings are not implemented yet"),
     ("GET", "/1.0/network-acls", "Network ACLs are not implemented yet"),
-    ("GET", "/1.0/resources", "not implemented yet"),
 ])
 def test_endpoints_answer_501_in_the_envelope(daemon, ct, method, path, words):
     r = daemon.api(method, path.format(ct=ct), json={"name": "x"})
