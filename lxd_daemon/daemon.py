@@ -38,6 +38,7 @@ SUBSYSTEMS: tuple[str, ...] = (
     "lxd_daemon.server.https",  # the TLS listener on core.https_address (started once the app is built)
     "lxd_daemon.api.resources",  # GET /1.0/resources (the host's hardware)
     "lxd_daemon.api.metrics",  # GET /1.0/metrics, core.metrics_authentication
+    "lxd_daemon.devlxd.server",  # /dev/lxd: the guest API on $LXD_DIR/devlxd/sock (its own app)
     "lxd_daemon.api.not_yet",
 )
 

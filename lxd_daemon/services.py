@@ -46,6 +46,7 @@ class Services:
     https: Any = None  # the TLS listener on core.https_address (server/https.py)
     streams: Any = None  # the simplestreams tree of the public images (images/streams.py)
     warnings: Any = None  # warnings/service.py; raise through lxd_daemon.warnings.raise_warning (None-safe)
+    devlxd: Any = None  # the /dev/lxd listener (devlxd/server.py)
     # The ASGI application (app.create_app), served by each listener behind its api.access.Gate.
     app: Any = None
     # The typed client of the liblxc workers (runtime/client.py), over `pool`.

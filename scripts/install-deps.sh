@@ -9,6 +9,7 @@ DEB_PACKAGES=(
   busybox-static squashfs-tools xz-utils zstd bzip2 rsync btrfs-progs dnsmasq-base nftables python3-nftables  # nftables: the daemon's firewall tables, through libnftables
   criu uidmap lxd-client python3-pylxd debootstrap curl iproute2 systemd
   ansible  # the third-party client tests drive the daemon with community.general's lxd plugins
+  prometheus  # tests/integration/test_metrics_prometheus.py: a real Prometheus scrapes /1.0/metrics
 )
 
 missing=()

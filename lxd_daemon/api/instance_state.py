@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import Request
 from starlette.responses import Response
 
@@ -12,6 +10,7 @@ from lxd_daemon.api.envelope import async_, sync
 from lxd_daemon.api.instances import instance_key, project_name, resources, route, router
 from lxd_daemon.api.request import parse
 from lxd_daemon.errors import BadRequest
+from lxd_daemon.instances import disk_usage
 from lxd_daemon.migration import criu
 from lxd_daemon.services import get_services, requestor
 from lxd_daemon.wire.instances import InstanceStatePut
@@ -27,7 +26,7 @@ async def get_state(prefix: str, request: Request, name: str) -> Response:
     svc = get_services(request).instances
     key = instance_key(request, name)
     svc.record(key)
-    return sync(await asyncio.to_thread(svc.state_of, key))
+    return sync(await disk_usage.state(svc, key))
 
 
 @route("PUT", "/{name}/state", access=Access.TRUSTED)

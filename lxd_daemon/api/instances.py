@@ -14,6 +14,7 @@ from lxd_daemon.api.envelope import async_, etag_of, sync
 from lxd_daemon.api.request import check_etag, listed_projects, parse, project_of, recursion, visible_project
 from lxd_daemon.errors import BadRequest, Conflict, NotFound, NotImplementedYet
 from lxd_daemon.filter import parse_filter
+from lxd_daemon.instances import disk_usage
 from lxd_daemon.projects import policy
 from lxd_daemon.projects.naming import query, storage_name
 from lxd_daemon.services import get_services, requestor
@@ -226,8 +227,9 @@ async def get_instance(prefix: str, request: Request, name: str) -> Response:
     svc = get_services(request).instances
     rec = svc.record(instance_key(request, name))
     full = recursion(request) >= 1 and request.url.path.startswith("/1.0/instances")
-    # a full render reads the container's state (/proc, cgroups, its links over netlink): in a thread
-    out = await asyncio.to_thread(svc.render, rec, full=True) if full else svc.render(rec)
+    # a full render reads the container's state (/proc, cgroups, its links over netlink: in a
+    # thread) and its disk usage (the storage drivers)
+    out = await disk_usage.render_full(svc, rec) if full else svc.render(rec)
     if full:
         await _fill_backups(get_services(request), [out])
     return sync(out, etag=etag_of(*svc.etag(rec)))

@@ -1,7 +1,7 @@
 """The `lxd-imagebuilder` command: build a busybox or Debian image for `lxc image import`.
 
     lxd-imagebuilder busybox [--output DIR|FILE] [--format unified|split] [--compression C]
-    lxd-imagebuilder debian  [--release bookworm] [--variant minbase] [--mirror URL] [...]
+    lxd-imagebuilder debian  [--release bookworm] [--variant minbase] [--mirror URL] [--cloud-init] [...]
 
 It prints the output file(s) and the image's fingerprint as LXD computes it.
 """
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--include", default="", help="extra packages, comma separated")
     d.add_argument("--cache-dir", type=Path, default=None,
                    help="keep downloaded .debs here between builds")
+    d.add_argument("--cloud-init", action="store_true",
+                   help="install cloud-init and the NoCloud seed templates (cloud-init.user-data "
+                        "and the other cloud-init keys configure the instance)")
 
     v = sub.add_parser("verify", help="boot an image as a throwaway unprivileged liblxc container, "
                                       "run ps and hostname in it and stop it cleanly")
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from lxd_daemon.imagebuilder.debian import build_debian
 
-            alias = args.alias_hint or f"debian-{args.release}"
+            alias = args.alias_hint or f"debian-{args.release}" + ("-cloud" if args.cloud_init else "")
             res = build_debian(output=args.output, name=alias, fmt=args.fmt,
                                compression=args.compression, rootfs_format=args.rootfs_format,
                                squashfs_compression=args.squashfs_compression,
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                init=args.init,
                                include=[x for x in args.include.split(",") if x],
                                cache_dir=args.cache_dir, expiry_days=args.expiry_days,
+                               cloud_init=args.cloud_init,
                                log=None if args.json else sys.stderr)
     except BuildError as e:
         print(f"lxd-imagebuilder: {e}", file=sys.stderr)

@@ -54,6 +54,7 @@ from lxd_daemon.imagebuilder.pack import (
     BuildError,
     BuildResult,
     TarOptions,
+    Template,
     build_time,
     debian_architecture,
     lxd_architecture,
@@ -62,6 +63,17 @@ from lxd_daemon.imagebuilder.pack import (
     planned_outputs,
     serial,
 )
+
+# --cloud-init: cloud-init from the mirror, only its NoCloud datasource (the seed files the
+# daemon renders from the image's templates: lxd_daemon/instances/cloudinit.py). Installed with
+# apt in the debootstrapped tree: debootstrap's --include does not resolve virtual packages
+# (python3-cryptography needs python3-cffi-backend-api-*).
+CLOUD_INIT_PACKAGES = ["cloud-init"]
+CLOUD_INIT_CFG = """# lxd-imagebuilder: the daemon renders the NoCloud seed (/var/lib/cloud/seed/nocloud-net)
+datasource_list: [ NoCloud, None ]
+# C.UTF-8 is always there (cloud-init's default, en_US.UTF-8, is not generated in the image)
+locale: C.UTF-8
+"""
 
 DEBIAN_VERSIONS = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13"}
 
@@ -379,6 +391,45 @@ def configure_rootfs(root: Path, *, release: str, mirror: str, security: str | N
         (root / p).unlink(missing_ok=True)
 
 
+def apt_install(root: Path, packages: Iterable[str], *, log: TextIO | None = None) -> None:
+    """apt-get install in the debootstrapped tree (its sources are the build's mirror), with /proc
+    mounted and no service started."""
+    policy = root / "usr/sbin/policy-rc.d"
+    _write(root, "usr/sbin/policy-rc.d", "#!/bin/sh\nexit 101\n", 0o755)
+    rc = root / "etc/resolv.conf"
+    if not rc.is_symlink() and (not rc.exists() or rc.stat().st_size == 0) and Path("/etc/resolv.conf").is_file():
+        shutil.copyfile("/etc/resolv.conf", rc)  # (configure_rootfs empties it again)
+    proc = root / "proc"
+    proc.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "proc", "proc", str(proc)], check=True, capture_output=True)
+    try:
+        _chroot(root, "apt-get", "update", log=log)
+        _chroot(root, "apt-get", "install", "-y", "--no-install-recommends", *packages, log=log)
+    finally:
+        subprocess.run(["umount", "-l", str(proc)], capture_output=True)
+        policy.unlink(missing_ok=True)
+
+
+def _cloud_init_setup(root: Path) -> list[Template]:
+    """--cloud-init: NoCloud only, and the seed templates (rendered at create, copy and start)."""
+    from lxd_daemon.instances.cloudinit import image_templates
+
+    if not (root / "usr/bin/cloud-init").exists():
+        raise BuildError("cloud-init did not get installed")
+    _write(root, "etc/cloud/cloud.cfg.d/99_lxd_imagebuilder.cfg", CLOUD_INIT_CFG)
+    files, entries = image_templates()
+    return [Template(path, e["template"], files[e["template"]], when=tuple(e["when"]))
+            for path, e in entries.items()]
+
+
+def _cloud_init_properties(meta: dict) -> None:
+    """The templates' `properties` (the user-data and vendor-data default)."""
+    from lxd_daemon.instances.cloudinit import image_templates
+
+    for path, e in image_templates()[1].items():
+        meta["templates"][path]["properties"] = dict(e.get("properties") or {})
+
+
 # --------------------------------------------------------------------------------------------
 # Build
 
@@ -456,6 +507,7 @@ def build_debian(
     expiry_days: int | None = None,
     work_dir: Path | None = None,
     log: TextIO | None = None,
+    cloud_init: bool = False,
 ) -> BuildResult:
     """Build a Debian image with debootstrap; needs root and the mirror's reachability."""
     if os.geteuid() != 0:
@@ -477,8 +529,13 @@ def build_debian(
         root = Path(tmp) / "rootfs"
         debootstrap(root, release=release, variant=variant, mirror=mirror, arch=deb_arch,
                     include=packages, cache_dir=cache_dir, log=log)
+        if cloud_init:
+            apt_install(root, CLOUD_INIT_PACKAGES, log=log)
         t_boot = time.monotonic()
         configure_rootfs(root, release=release, mirror=mirror, security=security, init=init, log=log)
+        templates = list(DEFAULT_TEMPLATES)
+        if cloud_init:
+            templates += _cloud_init_setup(root)
         version = DEBIAN_VERSIONS.get(release, "")
         dv = root / "etc/debian_version"
         point = dv.read_text().strip() if dv.is_file() else ""
@@ -497,12 +554,16 @@ def build_debian(
                 "init": init,
                 "debootstrap_variant": variant,
             },
+            templates=templates,
         )
+        if cloud_init:
+            meta["properties"]["variant"] = "cloud"
+            _cloud_init_properties(meta)
         if log:
             log.write(f"debootstrap took {t_boot - t0:.1f}s; packing {fmt} ({compression})\n")
             log.flush()
         opts = TarOptions(owner="preserve", mtime_clamp=ts, xattrs=True)
-        res = pack_image(root, finals, meta, DEFAULT_TEMPLATES, fmt=fmt, compression=compression,
+        res = pack_image(root, finals, meta, templates, fmt=fmt, compression=compression,
                          rootfs_format=rootfs_format, squashfs_compression=squashfs_compression,
                          opts=opts)
     res.seconds = time.monotonic() - t0

@@ -248,6 +248,24 @@ def _is_snapshot_expiry(value: str) -> None:
     validate_expiry(value)
 
 
+def _is_cloud_user_data(value: str) -> None:
+    from lxd_daemon.instances.cloudinit import check_user_data
+
+    check_user_data(value)
+
+
+def _is_yaml(value: str) -> None:
+    from lxd_daemon.instances.cloudinit import check_yaml
+
+    check_yaml(value)
+
+
+def _is_uuid(value: str) -> None:
+    from lxd_daemon.instances.cloudinit import check_uuid
+
+    check_uuid(value)
+
+
 # -- the table --------------------------------------------------------------------------------
 
 
@@ -275,6 +293,8 @@ KEYS: dict[str, Key] = {
     "boot.host_shutdown_timeout": Key(_is_uint, live="none", default="30"),
     "security.privileged": Key(v.is_bool, default="false"),
     "security.nesting": Key(v.is_bool, default="false"),
+    "security.devlxd": Key(v.is_bool, live="devlxd", default="true"),  # /dev/lxd in the container
+    "security.devlxd.images": Key(v.is_bool, live="none", default="false"),  # its images/{fp}/export
     "security.idmap.isolated": Key(v.is_bool, default="false"),
     "security.idmap.size": Key(_is_positive_int),
     "security.idmap.base": Key(_is_uint),
@@ -306,6 +326,11 @@ KEYS: dict[str, Key] = {
     "snapshots.schedule.stopped": Key(v.is_bool, live="none", default="false"),
     "snapshots.pattern": Key(_is_snapshot_pattern, live="none", default="snap%d"),
     "snapshots.expiry": Key(_is_snapshot_expiry, live="none"),
+    # cloud-init (instances/cloudinit.py): read by the image's templates at the next start
+    "cloud-init.user-data": Key(_is_cloud_user_data, live="none"),
+    "cloud-init.vendor-data": Key(_is_cloud_user_data, live="none"),
+    "cloud-init.network-config": Key(_is_yaml, live="none"),
+    "volatile.cloud-init.instance-id": Key(_is_uuid, live="none", instance_only=True),
 }
 
 PREFIXES: dict[str, Key] = {
@@ -316,7 +341,7 @@ PREFIXES: dict[str, Key] = {
     "limits.kernel.": Key(_is_prlimit),
 }
 
-LIVE_KINDS = frozenset({"cgroup", "none"})
+LIVE_KINDS = frozenset({"cgroup", "none", "devlxd"})
 
 
 def lookup(key: str) -> Key | None:

@@ -68,7 +68,43 @@ async def _noop(*args, **kwargs) -> None:
     return None
 
 
-UPDATERS: dict[str, Updater] = {"cgroup": update_cgroups, "none": _noop}
+def _devlxd_on(config: dict) -> bool:
+    return (config.get("security.devlxd") or "true").lower() in ("true", "1", "yes", "on")
+
+
+def _root_ids(pid: int) -> tuple[int, int]:
+    """Host (uid, gid) of the root of process `pid`'s user namespace."""
+    ids = []
+    for kind in ("uid", "gid"):
+        host = 0
+        with open(f"/proc/{pid}/{kind}_map") as f:
+            for line in f:
+                inside, outside, _count = line.split()
+                if inside == "0":
+                    host = int(outside)
+        ids.append(host)
+    return ids[0], ids[1]
+
+
+async def update_devlxd(runtime, name: str, old_config: dict, new_config: dict, *, init_pid: int) -> None:
+    """security.devlxd on a running container: bind-mount $LXD_DIR/devlxd at /dev/lxd, or take it
+    away (what the start path's lxc.mount.entry does at the next start)."""
+    if _devlxd_on(old_config) == _devlxd_on(new_config):
+        return
+    lxcpath = await asyncio.to_thread(_monitor_lxcpath, name, init_pid)
+    base = Path(lxcpath).parent if lxcpath else lxd_dir_from_env()
+    try:
+        uid, gid = await asyncio.to_thread(_root_ids, init_pid)
+    except (OSError, ValueError):
+        raise BadRequest("The instance isn't running") from None
+    if _devlxd_on(new_config):
+        await runtime.hotplug_mount(name, init_pid, str(base / "devlxd"), "/dev/lxd",
+                                    {"kind": "dir", "root_uid": uid, "root_gid": gid}, what="/dev/lxd")
+    else:
+        await runtime.hotplug_unmount(name, init_pid, "/dev/lxd", True, uid, gid, what="/dev/lxd")
+
+
+UPDATERS: dict[str, Updater] = {"cgroup": update_cgroups, "none": _noop, "devlxd": update_devlxd}
 
 
 # -- devices --------------------------------------------------------------------------------------

@@ -34,9 +34,9 @@ from lxd_daemon.devices.base import DeviceContext
 from lxd_daemon.devices.disk import check_volumes, unmount_under
 from lxd_daemon.devices.registry import load_all
 from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound, NotImplementedYet
+from lxd_daemon.instances import cloudinit, validation
 from lxd_daemon.instances import idmap as idmaps
 from lxd_daemon.instances import state as rstate
-from lxd_daemon.instances import validation
 from lxd_daemon.instances.idmap import IdmapEntry, IdmapSet, shift_tree
 from lxd_daemon.instances.models import FrozenRootfs, Instance, Record, Runtime
 from lxd_daemon.instances.store import InstanceStore
@@ -53,7 +53,7 @@ STATUS_CODES = {"Running": 103, "Stopped": 102, "Frozen": 110, "Error": 112}
 # volatile keys the daemon manages: a PUT that leaves them out keeps them.
 MANAGED_VOLATILE = ("volatile.idmap.base", "volatile.idmap.current", "volatile.idmap.next",
                     "volatile.last_state.idmap", "volatile.last_state.power", "volatile.base_image",
-                    "volatile.apply_template", "volatile.uuid")
+                    "volatile.apply_template", "volatile.uuid", "volatile.cloud-init.instance-id")
 TRUE = ("true", "1", "yes", "on")
 _ADJECTIVES = ("able", "bold", "brave", "calm", "clever", "eager", "fair", "gentle", "happy", "keen", "lively",
                "lucky", "merry", "neat", "proud", "quick", "quiet", "sharp", "smart", "swift", "tidy", "vivid",
@@ -655,8 +655,11 @@ class InstanceService:
         recs = [self.records[n] for n in names if n in self.records]
         if not full:
             return [self.render(r) for r in recs]
-        # /proc and cgroup reads for many containers: off the event loop, in one go.
-        return await asyncio.to_thread(lambda: [self.render(r, full=True, cached_net=True) for r in recs])
+        # /proc and cgroup reads for many containers off the event loop in one go, with the
+        # disk usage of each (instances/disk_usage.py: its listing cache)
+        from lxd_daemon.instances.disk_usage import render_many_full
+
+        return await render_many_full(self, recs)
 
     # ------------------------------------------------------------------ create
     def reserve(self, key: str) -> None:
@@ -894,6 +897,7 @@ class InstanceService:
             config["volatile.idmap.base"] = str(desired.root_ids()[0])
         config["volatile.idmap.next"] = desired.to_json()
         config.setdefault("volatile.uuid", str(uuid.uuid4()))
+        config.update(cloudinit.on_create(config))  # a copy's too: volatile keys aren't copied
         from lxd_daemon.devices.nic.common import volatile_defaults
 
         config.update(volatile_defaults(plan.get("expanded_devices") or {}, config))  # nics' MAC and name
@@ -1055,6 +1059,7 @@ class InstanceService:
             config.update(keep_volatile(rec.config, config, new[1]))  # the nics' kept MAC, name, host end
             config.update(volatile_defaults(new[1], config))
             config = drop_gone(config, old[1], new[1])
+            config.update(cloudinit.on_update(old, new, config))  # a new instance-id when cloud-init's input changed
             await check_volumes(self.services, {k: d for k, d in new[1].items() if old[1].get(k) != d},
                                 project=rec.project)
             from lxd_daemon.devices.nic import check_nics
@@ -1152,6 +1157,13 @@ class InstanceService:
                 if not best_effort:
                     raise
                 log.exception("profile change: live apply failed", extra={"instance": n})
+        if not best_effort:  # (best_effort: a rollback to what the instances had)
+            for n, old in before.items():
+                rec = self.records.get(n)
+                rotated = cloudinit.on_update(old, self.expanded(n), rec.config) if rec is not None else {}
+                if rotated:
+                    await self._set_volatile(n, rotated)
+                    self.refresh_backup_yaml(n)
 
     # ------------------------------------------------------------------ delete / rename
     async def delete(self, name: str, requestor: dict | None) -> None:
@@ -1237,6 +1249,7 @@ class InstanceService:
             del self.records[name]
             rec.name = new_name
             self.records[new] = rec
+            await self._set_volatile(new, cloudinit.on_rename())  # cloud-init runs again under the new name
             self.refresh_backup_yaml(new)
             from lxd_daemon.instances.lxcconf import remove_seccomp_policy
 
@@ -1346,7 +1359,9 @@ class InstanceService:
         spec = lxcconf.LxcSpec(name=name, lxcpath=self.lxcpath, rootfs=rootfs, log_file=logdir / "lxc.log",
                                console_log=logdir / "console.log", hostname=hostname, expanded_config=ec,
                                expanded_devices=ed, idmap=idmap, privileged=idmap.empty,
-                               devices_dir=self.devices_dir(name), run_configs=run_configs)
+                               devices_dir=self.devices_dir(name), run_configs=run_configs,
+                               devlxd_dir=self.lxd_dir / "devlxd"
+                               if is_true(ec.get("security.devlxd") or "true") else None)
         return lxcconf.to_text(lxcconf.render(spec))
 
     async def adopt_devices(self) -> None:
@@ -1377,9 +1392,9 @@ class InstanceService:
         if not (idir / "metadata.yaml").exists():
             return
         uid, gid = idmap.root_ids()
-        ctx = {"container": {"name": rec.name, "architecture": rec.architecture,
+        ctx = {"container": {"name": rec.name, "type": "container", "architecture": rec.architecture,
                              "privileged": str(idmap.empty).lower(), "ephemeral": str(rec.ephemeral).lower()},
-               "instance": {"name": rec.name, "architecture": rec.architecture,
+               "instance": {"name": rec.name, "type": "container", "architecture": rec.architecture,
                             "privileged": str(idmap.empty).lower(), "ephemeral": str(rec.ephemeral).lower()},
                "config": ec, "devices": ed, "properties": {}}
         triggers = []

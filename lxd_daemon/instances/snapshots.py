@@ -31,7 +31,7 @@ from sqlalchemy import text
 
 from lxd_daemon import names
 from lxd_daemon.errors import BadRequest, Conflict, LXDError, NotFound
-from lxd_daemon.instances import validation
+from lxd_daemon.instances import cloudinit, validation
 from lxd_daemon.projects.naming import query, split, storage_name
 from lxd_daemon.storage.volume import Volume
 from lxd_daemon.util import schedule
@@ -486,6 +486,7 @@ class SnapshotService:
             # The snapshot's own config, devices and profiles; the files' id map is the
             # snapshot's (a start shifts them if the instance's map differs now); the
             # instance's identity and current maps stay.
+            before = svc.expanded(name)
             config = {k: v for k, v in s.config.items() if not k.startswith("volatile.")}
             for k, v in rec.config.items():
                 if k.startswith("volatile."):
@@ -499,6 +500,8 @@ class SnapshotService:
             rec.profiles = list(s.profiles)
             rec.architecture = s.architecture or rec.architecture
             rec.ephemeral = s.ephemeral
+            # cloud-init runs again when the restored cloud-init keys differ (as an update would)
+            rec.config.update(cloudinit.on_update(before, svc.expanded(name), rec.config))
             if not stateful:
                 await criu.drop_state(svc, name)  # (the volume's state dir is the snapshot's now)
             await svc.store.save(rec)

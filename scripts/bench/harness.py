@@ -3,7 +3,7 @@
 Run through scripts/bench/run.sh (it installs Debian's lxd and cleans up even after a crash).
 Suites: api (issue 2), images (issue 3), containers (issue 4), storage (issue 9, storage.py),
 networks (issue 10, networks.py), remote (issue 11, remote.py), projects (issue 12, projects.py),
-migration (issue 13, migration.py);
+migration (issue 13, migration.py), guest (issue 14, guest.py);
 `--only files` runs only the file transfer rows of containers. A suite a daemon cannot serve yet (its endpoint answers 404) is
 skipped for that daemon with a line saying so; LXD still runs, which validates the harness.
 """
@@ -34,10 +34,10 @@ from daemons import DEBIAN_LXD, LXC, OUR_LXD, REPO, Daemon, cleanup  # noqa: E40
 
 HERE = Path(__file__).resolve().parent
 VENV_PY = REPO / ".venv" / "bin" / "python"
-SUITES = ("api", "images", "containers", "storage", "networks", "remote", "projects", "migration")  # what a run without --only runs
+SUITES = ("api", "images", "containers", "storage", "networks", "remote", "projects", "migration", "guest")  # what a run without --only runs
 EXTRA_SUITES = ("files",)  # only with --only: a subset of a suite above, for quicker iterations
 ALIASES = {"issue2": "api", "issue3": "images", "issue4": "containers", "issue9": "storage", "issue10": "networks",
-           "issue11": "remote", "issue12": "projects", "issue13": "migration"}
+           "issue11": "remote", "issue12": "projects", "issue13": "migration", "issue14": "guest"}
 POOL = "default"
 
 
@@ -513,6 +513,12 @@ class Bench:
 
         migration.MigrationSuite(self).run()
 
+    def suite_guest(self) -> None:
+        """Guest (issue 14): GET /1.0/instances?recursion=2 and GET /1.0/metrics with running containers."""
+        import guest
+
+        guest.GuestSuite(self).run()
+
     def suite_files(self) -> None:
         """Only the file transfer rows of the containers suite (a quicker loop for that work)."""
         self.with_containers("files", self.file_rows)
@@ -743,8 +749,8 @@ class Bench:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", default=[],
-                    help="run only this suite: api|images|containers|storage|networks|remote|projects|migration "
-                         "(or issue2|3|4|9|10|11|12|13), "
+                    help="run only this suite: api|images|containers|storage|networks|remote|projects|migration|guest "
+                         "(or issue2|3|4|9|10|11|12|13|14), "
                          "or files "
                          "(only the file push/pull rows of containers); repeatable")
     ap.add_argument("--quick", action="store_true", help="fewer rounds and shorter cells (a smoke run)")
