@@ -86,6 +86,12 @@ async def volume_snapshots_tick(request: Request) -> Response:
     return sync(await get_services(request).storage.custom.run_schedules(now=now))
 
 
+@router.post("/internal/storage/usage-check", access=Access.LOCAL)
+async def storage_usage_check(request: Request) -> Response:
+    """One pass of the storage pool usage check ("Storage pool nearly full"), as run every 5 minutes."""
+    return sync(await get_services(request).storage.usage_check.check())
+
+
 # -- image servers: one auto-update or cache-expiry pass now (images/updater.py) ---------------------
 
 @router.post("/internal/images/auto-update", access=Access.LOCAL)

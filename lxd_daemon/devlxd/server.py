@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -64,6 +65,19 @@ class Guest:
             return False
         self.tokens -= 1.0
         return True
+
+
+def _open_all(paths) -> list:
+    """Open every file or none."""
+    opened = []
+    try:
+        for p in paths:
+            opened.append(open(p, "rb"))  # noqa: SIM115 (closed by the caller)
+    except BaseException:
+        for f in opened:
+            f.close()
+        raise
+    return opened
 
 
 def _plain(status: int, reason: bytes, text: str) -> bytes:
@@ -378,38 +392,57 @@ class DevLxd:
         await self._raw(send, b"")
 
     async def _image(self, send, rec, ec: dict, fingerprint: str) -> None:
+        """As LXD: an exact fingerprint of an image the guest's project sees that is public or
+        cached; a unified image is its one file, a split one a multipart/form-data body with the
+        parts `metadata` and `rootfs` (given a Content-Length rather than chunked)."""
+        from lxd_daemon.api.images import image_url
         from lxd_daemon.errors import LXDError
 
         if not _true(ec.get("security.devlxd.images")):
             await self._text(send, 403, "not authorized")
             return
+        images = self.services.images
         try:
-            fp, public, files = await self.services.images.files(fingerprint, project=rec.project)
-        except LXDError:
-            await self._text(send, 404, "not found")
-            return
-        if len(files) != 1:  # a split image: LXD's devlxd clients fetch unified images
-            await self._text(send, 404, "not found")
-            return
-        path = files[0][1]
-        try:
-            f = await asyncio.to_thread(open, path, "rb")
-        except OSError:
+            img = await images.resolve(fingerprint, project=rec.project)
+            if img["fingerprint"] != fingerprint or not (img["public"] or img["cached"]):
+                raise LookupError
+            fp, _, files = await images.files(fingerprint, project=rec.project)
+            opened = await asyncio.to_thread(_open_all, [p for _, p in files])
+        except (LXDError, LookupError, OSError):
             await self._text(send, 404, "not found")
             return
         try:
-            size = os.fstat(f.fileno()).st_size
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"application/octet-stream"), (b"content-length", b"%d" % size),
-                (b"content-disposition", f"inline;filename={files[0][0]}".encode())]})
-            while True:
-                chunk = await asyncio.to_thread(f.read, 1 << 20)
-                if not chunk:
-                    break
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            sizes = [await asyncio.to_thread(os.fstat, f.fileno()) for f in opened]
+            if len(files) == 1:
+                pieces: list = [opened[0]]
+                headers = [(b"content-type", b"application/octet-stream"),
+                           (b"content-disposition", f"inline;filename={files[0][0]}".encode())]
+            else:
+                boundary = secrets.token_hex(16)
+                pieces = []
+                for i, ((name, _), f) in enumerate(zip(files, opened, strict=True)):
+                    part = "metadata" if i == 0 else ("rootfs.img" if img.get("type") == "virtual-machine" else "rootfs")
+                    pieces.append((b"\r\n" if i else b"") + (
+                        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{part}\"; filename=\"{name}\"\r\n"
+                        "Content-Type: application/octet-stream\r\n\r\n").encode())
+                    pieces.append(f)
+                pieces.append(f"\r\n--{boundary}--\r\n".encode())
+                headers = [(b"content-type", f"multipart/form-data; boundary={boundary}".encode())]
+            size = sum(len(p) if isinstance(p, bytes) else 0 for p in pieces) + sum(st.st_size for st in sizes)
+            headers.append((b"content-length", b"%d" % size))
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    await send({"type": "http.response.body", "body": piece, "more_body": True})
+                    continue
+                while chunk := await asyncio.to_thread(piece.read, 1 << 20):
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         finally:
-            f.close()
+            for f in opened:
+                f.close()
+        if len(files) == 1:  # (LXD reports no retrieval of a split image)
+            self.services.events.lifecycle("image-retrieved", image_url(fp, rec.project), project=rec.project)
 
     # -- events --------------------------------------------------------------------------------
     async def _events(self, scope, receive, send, key: str, *, websocket: bool) -> None:
@@ -490,8 +523,15 @@ class DevLxd:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def _on_lifecycle(self, kind: str, metadata: dict) -> None:
-        """The events hub's tap: an instance with guest listeners changed; send them the diff."""
-        if metadata.get("action") != "instance-updated" or not self.listeners:
+        """The events hub's tap: an instance with guest listeners changed, or a profile (which
+        any of them may use, from its own project or another's); send each the diff of its
+        expanded config and devices since what it was last sent."""
+        action = metadata.get("action")
+        if action not in ("instance-updated", "profile-updated") or not self.listeners:
+            return
+        if action == "profile-updated":
+            for key in list(self.listeners):
+                self._send_diff(key)
             return
         from lxd_daemon.projects.naming import storage_name
 
@@ -501,10 +541,16 @@ class DevLxd:
             return
         name = path[len("/1.0/instances/"):]
         project = (parse_qs(query).get("project") or ["default"])[0]
-        key = storage_name(project, name)
+        self._send_diff(storage_name(project, name))
+
+    def _send_diff(self, key: str) -> None:
         if key not in self.listeners or key not in self.services.instances.records:
             return
-        ec, ed = self.services.instances.expanded(key)
+        try:
+            ec, ed = self.services.instances.expanded(key)
+        except Exception:  # a tap must not raise
+            log.exception("cannot expand an instance's config", extra={"instance": key})
+            return
         old_ec, old_ed = self.snapshots.get(key, ({}, {}))
         self.snapshots[key] = (dict(ec), {n: dict(d) for n, d in ed.items()})
         out: list[tuple[str, dict]] = []

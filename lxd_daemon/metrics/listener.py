@@ -65,23 +65,8 @@ class OnlyMetrics:
 
 
 class MetricsListener(HttpsListener):
-    async def _prepare(self) -> None:
-        if self._config is not None:
-            return
-        from lxd_daemon.api.access import Gate
-        from lxd_daemon.daemon import uvicorn_config
-        from lxd_daemon.server.https import protocols
-        from lxd_daemon.server.tls import TLSUnavailable, server_context
-
-        app = self.services.app
-        if app is None:
-            raise TLSUnavailable("the API application is not built yet")
-        ctx = await asyncio.to_thread(server_context, self.services.lxd_dir)
-        http, ws = protocols(self)
-        config = uvicorn_config(Gate(OnlyMetrics(app), self.services, "tls"))
-        config.http, config.ws = http, ws
-        config.load()
-        self._ctx, self._config = ctx, config
+    def _wrap(self, app):
+        return OnlyMetrics(app)
 
     async def _publish(self) -> None:
         pass  # GET /1.0 shows the API's addresses (core.https_address) only

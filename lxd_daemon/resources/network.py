@@ -11,8 +11,7 @@ from lxd_daemon.resources.sysfs import (
     listdir,
     names_for,
     numa_node_of,
-    path,
-    pci_address,
+    pci_cards,
     read,
     read_int,
     usb_address,
@@ -55,38 +54,6 @@ def _card(root: str, device: str, pci: str) -> dict:
 
 
 def get_network(root: str = "/") -> dict:
-    cards: list[dict] = []
-    vfs: dict[str, list[dict]] = {}
-    known: set[str] = set()
-
-    def add(device: str, card: dict) -> None:
-        physfn = os.path.join(device, "physfn")
-        if exists(physfn):
-            vfs.setdefault(os.path.basename(os.path.realpath(physfn)), []).append(card)
-        else:
-            cards.append(card)
-
-    class_net = path(root, "sys/class/net")
-    for name in listdir(class_net):
-        device = os.path.join(class_net, name, "device")
-        if not exists(device):  # virtual interfaces (bridges, veths, lo) have no device
-            continue
-        pci = pci_address(device)
-        if pci:
-            if pci in known:
-                continue
-            known.add(pci)
-        add(device, _card(root, device, pci))
-    pci_base = path(root, "sys/bus/pci/devices")
-    for name in listdir(pci_base):  # network controllers without an interface (no driver bound)
-        device = os.path.join(pci_base, name)
-        if name in known or not read(os.path.join(device, "class")).startswith("0x02"):
-            continue
-        add(device, _card(root, device, name))
-    total = 0
-    for card in cards:
-        if "sriov" in card:
-            card["sriov"]["vfs"] = vfs.get(card.get("pci_address", ""), [])
-            total += len(card["sriov"]["vfs"])
-        total += 1
-    return {"cards": cards, "total": total}
+    # interfaces with a device (bridges, veths, lo have none), then network controllers (PCI
+    # class 0x02) with no interface
+    return pci_cards(root, "net", lambda name: True, "0x02", _card)

@@ -14,7 +14,7 @@ from lxd_daemon.resources.sysfs import (
     names_for,
     numa_node_of,
     path,
-    pci_address,
+    pci_cards,
     read,
     read_int,
     usb_address,
@@ -67,38 +67,6 @@ def _gpu(root: str, device: str, pci: str) -> dict:
 
 
 def get_gpu(root: str = "/") -> dict:
-    cards: list[dict] = []
-    vfs: dict[str, list[dict]] = {}
-    known: set[str] = set()
-
-    def add(device: str, card: dict) -> None:
-        physfn = os.path.join(device, "physfn")
-        if exists(physfn):
-            vfs.setdefault(os.path.basename(os.path.realpath(physfn)), []).append(card)
-        else:
-            cards.append(card)
-
-    drm_class = path(root, "sys/class/drm")
-    for name in listdir(drm_class):
-        device = os.path.join(drm_class, name, "device")
-        if not re.fullmatch(r"card\d+", name) or not exists(device):  # connectors are card0-HDMI-A-1
-            continue
-        pci = pci_address(device)
-        if pci:
-            if pci in known:
-                continue
-            known.add(pci)
-        add(device, _gpu(root, device, pci))
-    pci_base = path(root, "sys/bus/pci/devices")
-    for name in listdir(pci_base):  # display controllers without a DRM driver
-        device = os.path.join(pci_base, name)
-        if name in known or not read(os.path.join(device, "class")).startswith("0x03"):
-            continue
-        add(device, _gpu(root, device, name))
-    total = 0
-    for card in cards:
-        if "sriov" in card:
-            card["sriov"]["vfs"] = vfs.get(card.get("pci_address", ""), [])
-            total += len(card["sriov"]["vfs"])
-        total += 1
-    return {"cards": cards, "total": total}
+    # DRM cards (connectors are card0-HDMI-A-1: not cards), then display controllers (PCI class
+    # 0x03) with no DRM driver
+    return pci_cards(root, "drm", lambda name: re.fullmatch(r"card\d+", name) is not None, "0x03", _gpu)

@@ -173,3 +173,46 @@ def names_for(root: str, filename: str, vendor_id: str, product_id: str) -> tupl
     if vendor is None:
         return "", ""
     return vendor[0], vendor[1].get(product_id.lower(), "")
+
+
+def pci_cards(root: str, class_dir: str, wanted, pci_class: str, make) -> dict:
+    """The cards of one kind (network cards, GPUs): the devices behind /sys/class/`class_dir`
+    entries whose name passes `wanted(name)`, then the PCI devices of class `pci_class` (a hex
+    prefix such as "0x02") that no entry stood for (no driver bound); SR-IOV virtual functions
+    under their physical function's `sriov.vfs`. `make(root, device_dir, pci_address)` builds a
+    card. Returns {"cards", "total"} (virtual functions counted)."""
+    cards: list[dict] = []
+    vfs: dict[str, list[dict]] = {}
+    known: set[str] = set()
+
+    def add(device: str, card: dict) -> None:
+        physfn = os.path.join(device, "physfn")
+        if exists(physfn):
+            vfs.setdefault(os.path.basename(os.path.realpath(physfn)), []).append(card)
+        else:
+            cards.append(card)
+
+    base = path(root, "sys/class", class_dir)
+    for name in listdir(base):
+        device = os.path.join(base, name, "device")
+        if not wanted(name) or not exists(device):  # (virtual interfaces, DRM connectors: no device)
+            continue
+        pci = pci_address(device)
+        if pci:
+            if pci in known:
+                continue
+            known.add(pci)
+        add(device, make(root, device, pci))
+    pci_base = path(root, "sys/bus/pci/devices")
+    for name in listdir(pci_base):
+        device = os.path.join(pci_base, name)
+        if name in known or not read(os.path.join(device, "class")).startswith(pci_class):
+            continue
+        add(device, make(root, device, name))
+    total = 0
+    for card in cards:
+        if "sriov" in card:
+            card["sriov"]["vfs"] = vfs.get(card.get("pci_address", ""), [])
+            total += len(card["sriov"]["vfs"])
+        total += 1
+    return {"cards": cards, "total": total}

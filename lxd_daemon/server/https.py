@@ -319,6 +319,7 @@ class HttpsListener:
             raise TLSUnavailable("the API application is not built yet")
         ctx = await asyncio.to_thread(server_context, self.services.lxd_dir)
         http, ws = protocols(self)
+        app = self._wrap(app)
         if self.services.debug:  # as the unix socket's, with --debug
             from lxd_daemon.api.accesslog import AccessLog
             app = AccessLog(app)  # inside the Gate: it logs who the Gate says the caller is
@@ -326,6 +327,10 @@ class HttpsListener:
         config.http, config.ws = http, ws
         config.load()
         self._ctx, self._config = ctx, config
+
+    def _wrap(self, app):
+        """The application this listener serves, inside the Gate (a subclass narrows it)."""
+        return app
 
     async def _serve(self, sock: socket.socket):
         """(asyncio server, uvicorn ServerState) serving on sock."""

@@ -44,6 +44,7 @@ class StorageService:
         self._lock = asyncio.Lock()
         self.volumes = VolumeService(self)
         self.custom = CustomVolumeService(self)  # custom volumes and their snapshots
+        self.usage_check = None  # usage_check.PoolUsageChecker (set by the subsystem)
         # name -> (usable here, version or why not), asked once at start-up.
         self.drivers_available: dict[str, tuple[bool, str]] = {}
 
@@ -71,6 +72,11 @@ class StorageService:
             # a zpool imported, a VG activated); a pool that can't be mounted stays listed,
             # with a warning (`lxc warning list`) until a start-up finds it usable again.
             try:
+                # A driver that can't run here (lvm without device-mapper, zfs without its
+                # module: a pool made on another host or before the host changed) says why.
+                usable, reason = self.drivers_available.get(pool.driver_name, (True, ""))
+                if not usable:
+                    raise OSError(f"Storage driver {pool.driver_name!r} isn't usable on this host: {reason}")
                 await pool.driver.mount_pool()
                 await asyncio.to_thread(self._check_usable, pool)
             except Exception as e:

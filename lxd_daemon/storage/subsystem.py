@@ -5,6 +5,7 @@ from __future__ import annotations
 from lxd_daemon.api import storage_pools, storage_volumes
 from lxd_daemon.storage.daemon_storage import DaemonStorage
 from lxd_daemon.storage.service import StorageService
+from lxd_daemon.storage.usage_check import PoolUsageChecker
 
 
 async def setup(services) -> list:
@@ -15,6 +16,9 @@ async def setup(services) -> list:
     await storage.custom.load()  # finish or undo custom volume changes a crash interrupted
     services.startup_hooks.append(storage.custom.startup)  # snapshots.schedule / snapshots.expiry
     services.exit_hooks.append(storage.custom.close)
+    storage.usage_check = PoolUsageChecker(services, storage)  # "Storage pool nearly full"
+    services.startup_hooks.append(storage.usage_check.startup)
+    services.exit_hooks.append(storage.usage_check.close)
     if getattr(services, "projects", None) is not None:  # a project's own custom volumes
         services.projects.providers.append(storage.custom.project_urls)
     daemon_storage = DaemonStorage(services, storage)

@@ -15,14 +15,16 @@ from lxd_daemon.warnings.service import (
     CRIU_UNUSABLE,
     INSTANCE_AUTOSTART_FAILURE,
     SCHEDULED_SNAPSHOT_FAILURE,
+    STORAGE_POOL_NEARLY_FULL,
     STORAGE_POOL_UNAVAILABLE,
+    SUBID_RANGE_MISSING,
     TYPES,
     WarningService,
 )
 
 __all__ = ["CRIU_UNUSABLE", "INSTANCE_AUTOSTART_FAILURE", "SCHEDULED_SNAPSHOT_FAILURE",
-           "STORAGE_POOL_UNAVAILABLE", "TYPES", "WarningService", "forget_warnings", "raise_warning",
-           "resolve_warning"]
+           "STORAGE_POOL_NEARLY_FULL", "STORAGE_POOL_UNAVAILABLE", "SUBID_RANGE_MISSING", "TYPES",
+           "WarningService", "forget_warnings", "raise_warning", "resolve_warning"]
 
 log = logging.getLogger("lxd.warnings")
 

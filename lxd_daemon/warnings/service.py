@@ -23,6 +23,8 @@ STORAGE_POOL_UNAVAILABLE = "Storage pool unavailable"  # LXD's
 INSTANCE_AUTOSTART_FAILURE = "Failed to autostart instance"  # LXD's
 CRIU_UNUSABLE = "CRIU unusable"  # ours: LXD has no type for it
 SCHEDULED_SNAPSHOT_FAILURE = "Failed to create scheduled snapshot"  # ours
+STORAGE_POOL_NEARLY_FULL = "Storage pool nearly full"  # ours
+SUBID_RANGE_MISSING = "Missing subordinate id range"  # ours
 
 # type name -> severity (LXD's severity for LXD's types).
 TYPES: dict[str, str] = {
@@ -34,6 +36,8 @@ TYPES: dict[str, str] = {
     "Missing virtiofsd": "low",
     CRIU_UNUSABLE: "low",
     SCHEDULED_SNAPSHOT_FAILURE: "moderate",
+    STORAGE_POOL_NEARLY_FULL: "moderate",
+    SUBID_RANGE_MISSING: "low",
 }
 
 STATUSES = ("new", "acknowledged", "resolved")

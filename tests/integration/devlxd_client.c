@@ -6,6 +6,12 @@
  *   devlxd bighead SIZE             GET /1.0 with a SIZE-byte header; prints the status code
  *   devlxd flood N SECONDS          N connections at once, each sends GET /1.0 and is held for
  *                                   SECONDS; prints "ok=A refused=B failed=C"
+ *   devlxd dump PATH                GET PATH on a connection of its own; writes the whole
+ *                                   response (head and body, as received) to stdout
+ *   devlxd burst N PATH             N requests of GET PATH one after another on one keep-alive
+ *                                   connection, each answer read before the next request; stops
+ *                                   at the first answer that is not 200 or at a closed connection;
+ *                                   prints "ok=A last=STATUS"
  *   devlxd bench N PATH             N round trips (a connection each, as curl makes them) of
  *                                   GET PATH; prints the median and the 90th percentile in µs
  *                                   (scripts/bench/guest.py runs it inside a container)
@@ -13,11 +19,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <signal.h>
 #include <time.h>
+#include <sys/resource.h>
 
 static const char *SOCK = "/dev/lxd/sock";
 
@@ -175,6 +183,11 @@ static int bighead(size_t size) {
 }
 
 static int flood(int n, int seconds) {
+    struct rlimit rl;  /* room for N descriptors, as far as the hard limit allows */
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)n + 64) {
+        rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > (rlim_t)n + 64 ? (rlim_t)n + 64 : rl.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
     int *fds = calloc((size_t)n, sizeof(int));
     const char *q = "GET /1.0 HTTP/1.1\r\nHost: lxd\r\n\r\n";
     int failed = 0;
@@ -198,6 +211,54 @@ static int flood(int n, int seconds) {
     return 0;
 }
 
+static int dump(const char *path) {
+    int fd = dial();
+    if (fd < 0) { perror("connect"); return 2; }
+    char head[1024];
+    int hl = snprintf(head, sizeof(head), "GET %s HTTP/1.1\r\nHost: lxd\r\nConnection: close\r\n\r\n", path);
+    put(fd, head, (size_t)hl);
+    char b[65536]; ssize_t r;
+    while ((r = read(fd, b, sizeof(b))) > 0) fwrite(b, 1, (size_t)r, stdout);
+    return 0;
+}
+
+/* Reads one response (head, then a Content-Length body) from a keep-alive connection. */
+static int one_response(int fd) {
+    char h[16384]; size_t n = 0;
+    while (n < sizeof(h) - 1) {
+        if (read(fd, h + n, 1) != 1) return 0;
+        n++;
+        if (n >= 4 && memcmp(h + n - 4, "\r\n\r\n", 4) == 0) break;
+    }
+    h[n] = 0;
+    long len = 0;
+    for (char *p = h; (p = strchr(p, '\n')) != NULL; p++)
+        if (!strncasecmp(p + 1, "content-length:", 15)) len = atol(p + 16);
+    char b[4096];
+    while (len > 0) {
+        ssize_t r = read(fd, b, len < (long)sizeof(b) ? (size_t)len : sizeof(b));
+        if (r <= 0) return 0;
+        len -= r;
+    }
+    return status_of(h);
+}
+
+static int burst(int n, const char *path) {
+    int fd = dial();
+    if (fd < 0) { perror("connect"); return 2; }
+    char head[1024];
+    int hl = snprintf(head, sizeof(head), "GET %s HTTP/1.1\r\nHost: lxd\r\n\r\n", path);
+    int ok = 0, last = 0;
+    for (int i = 0; i < n; i++) {
+        put(fd, head, (size_t)hl);
+        last = one_response(fd);
+        if (last != 200) break;
+        ok++;
+    }
+    printf("ok=%d last=%d\n", ok, last);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     if (argc >= 4 && !strcmp(argv[1], "req")) return req(argv[2], argv[3], argc > 4 ? argv[4] : NULL);
@@ -206,7 +267,9 @@ int main(int argc, char **argv) {
     if (argc >= 3 && !strcmp(argv[1], "raw")) return raw(argv[2]);
     if (argc >= 3 && !strcmp(argv[1], "bighead")) return bighead((size_t)atol(argv[2]));
     if (argc >= 4 && !strcmp(argv[1], "flood")) return flood(atoi(argv[2]), atoi(argv[3]));
+    if (argc >= 3 && !strcmp(argv[1], "dump")) return dump(argv[2]);
+    if (argc >= 4 && !strcmp(argv[1], "burst")) return burst(atoi(argv[2]), argv[3]);
     if (argc >= 4 && !strcmp(argv[1], "bench")) return bench(atoi(argv[2]), argv[3]);
-    fprintf(stderr, "usage: devlxd req|events|wsevents|raw|bighead|flood ...\n");
+    fprintf(stderr, "usage: devlxd req|events|wsevents|raw|bighead|flood|dump|burst|bench ...\n");
     return 2;
 }
