@@ -34,6 +34,7 @@ from lxd_daemon.images.store import AsyncSink, HashingWriter, ImageStore
 from lxd_daemon.projects.naming import query
 from lxd_daemon.projects.service import making
 from lxd_daemon.util.sizes import format_rate
+from lxd_daemon.util.tasks import to_the_end
 from lxd_daemon.util.timefmt import EPOCH_TIME, ZERO_TIME, parse_rfc3339, rfc3339
 
 log = logging.getLogger("lxd.images")
@@ -364,8 +365,14 @@ class ImageService:
         parts: list[bytes] = []  # a small upload, kept whole in memory
         size = 0
         temp: Path | None = None
+        made: list[Path] = []
         sink: AsyncSink | None = None
         scanning = UploadScan("unified")
+
+        def new_temp() -> Path:
+            made.append(self.store.new_tempfile())
+            return made[-1]
+
         try:
             async for chunk in chunks:
                 await scanning.feed(chunk)
@@ -375,7 +382,8 @@ class ImageService:
                 parts.append(chunk)
                 size += len(chunk)
                 if size > SMALL_UPLOAD:
-                    temp = await asyncio.to_thread(self.store.new_tempfile)
+                    # made to the end even if cancelled meanwhile, and kept in `made` for the undo
+                    temp = await to_the_end(asyncio.to_thread(new_temp))
                     sink = AsyncSink(HashingWriter(temp))
                     for part in parts:
                         await sink.write(part)
@@ -396,11 +404,16 @@ class ImageService:
                           compression=formats.detect_compression(writer.head), scans={"unified": scanning})
         except BaseException:
             scanning.abort()
-            if sink is not None:
-                await sink.abort()
-            if temp is not None:
-                await asyncio.to_thread(temp.unlink, True)
+            await to_the_end(self._drop_upload(sink, temp or (made[0] if made else None)))
             raise
+
+    @staticmethod
+    async def _drop_upload(sink: AsyncSink | None, temp: Path | None) -> None:
+        """A failed upload's temp file goes (once its writes in flight are over)."""
+        if sink is not None:
+            await sink.abort()
+        if temp is not None:
+            await asyncio.to_thread(temp.unlink, True)
 
     def _store_small(self, data: bytes) -> tuple[Path, str]:
         path = self.store.new_tempfile()
