@@ -40,6 +40,7 @@ from lxd_daemon.migration.source import (
 )
 from lxd_daemon.projects.naming import query
 from lxd_daemon.util.revert import Revert
+from lxd_daemon.util.tasks import cancel_and_wait
 from lxd_daemon.util.timefmt import rfc3339
 
 log = logging.getLogger("lxd.migration")
@@ -193,10 +194,7 @@ class MigrationSink(Side):
                 await self._receive_files(op, offer, resp, wanted, revert)
                 await memory
             finally:
-                if not memory.done():
-                    memory.cancel()
-                    with contextlib.suppress(BaseException):
-                        await memory
+                await cancel_and_wait(memory)
             await live.restore_received(self.services, self.key, state)
 
     async def _receive_files(self, op, offer, resp, wanted: list, revert: Revert) -> None:

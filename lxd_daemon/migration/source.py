@@ -24,7 +24,7 @@ from lxd_daemon.migration import migrate_pb2 as pb
 from lxd_daemon.migration.criu import PreCopy
 from lxd_daemon.migration.wire import Channel, MigrationError, accepted, dial
 from lxd_daemon.util.revert import Revert
-from lxd_daemon.util.tasks import to_the_end
+from lxd_daemon.util.tasks import cancel_and_wait, to_the_end
 
 log = logging.getLogger("lxd.migration")
 
@@ -255,10 +255,23 @@ class Side:
                 await to_the_end(revert.fail())
                 raise
         finally:
-            if not watcher.done():
-                watcher.cancel()
-                with contextlib.suppress(BaseException):
-                    await watcher
+            await cancel_and_wait(watcher)
+
+    async def send_watched(self, ctl: Channel, work) -> None:
+        """A source's transfer: `work` (a coroutine) sends the streams unless the sink's
+        MigrationControl arrives first (a failure ends it, and so does a success: the sink has
+        everything then); then the sink's verdict, which fails the migration unless a success."""
+        watcher = asyncio.ensure_future(watch_control(ctl))
+        try:
+            await while_watching(watcher, work, done_on_success=True)
+            try:
+                verdict = await asyncio.wait_for(asyncio.shield(watcher), FINAL_TIMEOUT)
+            except TimeoutError:
+                raise MigrationError("Timed out waiting for the sink to finish the migration") from None
+        finally:
+            await cancel_and_wait(watcher)
+        if not verdict.success:
+            raise MigrationError(verdict.message or "The sink reported a failure")
 
     async def on_connect(self, op, name: str, websocket) -> None:
         await self.ends.on_connect(op, name, websocket)
@@ -409,7 +422,6 @@ class MigrationSource(Side):
             raise MigrationError("The target didn't agree to a live migration (CRIU over rsync)")
         features = hdr.agreed_features(resp)
         to_send = hdr.snapshots_to_send(offer, resp)
-        watcher = asyncio.ensure_future(watch_control(ctl))
         state = None
         try:
             running = offer.HasField("criu") and self.snapshot is None
@@ -417,23 +429,12 @@ class MigrationSource(Side):
                 from lxd_daemon.migration import live
 
                 state = await asyncio.to_thread(live.work_dir, services)
-            await while_watching(watcher, self._send_all(op, rec, src_snap, to_send, resp, features, running,
-                                                         state), done_on_success=True)
-            try:
-                verdict = await asyncio.wait_for(asyncio.shield(watcher), FINAL_TIMEOUT)
-            except TimeoutError:
-                raise MigrationError("Timed out waiting for the sink to finish the migration") from None
-            if not verdict.success:
-                raise MigrationError(verdict.message or "The sink reported a failure")
+            await self.send_watched(ctl, self._send_all(op, rec, src_snap, to_send, resp, features, running, state))
         except BaseException:
             if state is not None:  # the container runs on here, from its dump if that had stopped it
                 await to_the_end(live.rollback(services, self.key, state))
             raise
         finally:
-            if not watcher.done():
-                watcher.cancel()
-                with contextlib.suppress(BaseException):
-                    await watcher
             if state is not None:
                 await to_the_end(asyncio.to_thread(live.remove, state))
 

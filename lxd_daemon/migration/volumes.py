@@ -22,8 +22,6 @@ ones are added, then the content is synced (rsync --delete).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from lxd_daemon.errors import BadRequest, Conflict, NotFound
@@ -31,15 +29,12 @@ from lxd_daemon.migration import header as hdr
 from lxd_daemon.migration import migrate_pb2 as pb
 from lxd_daemon.migration.source import (
     CONTROL_TIMEOUT,
-    FINAL_TIMEOUT,
     MigrationError,
     Progress,
     Side,
     check_target,
     source_peer,
     target_peer,
-    watch_control,
-    while_watching,
 )
 from lxd_daemon.util.revert import Revert
 from lxd_daemon.util.timefmt import ZERO_TIME, rfc3339
@@ -115,20 +110,7 @@ class VolumeSource(Side):
         if resp.fs != pb.RSYNC:
             raise MigrationError(f"The sink asked for a transfer type this source can't send ({resp.fs})")
         to_send = hdr.snapshots_to_send(offer, resp)
-        watcher = asyncio.ensure_future(watch_control(ctl))
-        try:
-            await while_watching(watcher, self._send_all(op, rec, snaps, to_send, resp), done_on_success=True)
-            try:
-                verdict = await asyncio.wait_for(asyncio.shield(watcher), FINAL_TIMEOUT)
-            except TimeoutError:
-                raise MigrationError("Timed out waiting for the sink to finish the migration") from None
-        finally:
-            if not watcher.done():
-                watcher.cancel()
-                with contextlib.suppress(BaseException):
-                    await watcher
-        if not verdict.success:
-            raise MigrationError(verdict.message or "The sink reported a failure")
+        await self.send_watched(ctl, self._send_all(op, rec, snaps, to_send, resp))
 
     async def _send_all(self, op, rec, snaps: list, to_send: list[str], resp) -> None:
         from lxd_daemon.migration import rsync

@@ -57,10 +57,7 @@ class GuestSuite:
     def prepare(self, d, small, fp: str) -> None:
         with d.http() as c:
             self.b.ensure_base(d, c, small, fp)
-            if c.request("GET", f"/1.0/profiles/{self.profile}").status == 404:
-                c.call("POST", "/1.0/profiles", {
-                    "name": self.profile, "description": "benchmark: root disk only", "config": {},
-                    "devices": {"root": {"type": "disk", "path": "/", "pool": "default"}}})
+            if self.b.ensure_root_profile(c, self.profile):
                 self.made_profile.add(d.key)
         t = time.perf_counter()
         self.b.mass(d, self.n, fp, launch=True)

@@ -352,9 +352,16 @@ class Bench:
             if c.request("GET", f"/1.0/images/{fp}").status == 404:
                 self.import_image(c, small, fp)
             c.call("POST", "/1.0/images/aliases", {"name": f"{self.prefix}-bb", "target": fp, "description": ""})
-            c.call("POST", "/1.0/profiles", {"name": f"{self.prefix}-p", "description": "benchmark: root disk only",
-                                             "config": {}, "devices": {"root": {"type": "disk", "path": "/",
-                                                                               "pool": POOL}}})
+            self.ensure_root_profile(c, f"{self.prefix}-p")
+
+    def ensure_root_profile(self, c: UnixHTTP, name: str) -> bool:
+        """The profile `name` with only a root disk on the dir pool (what the containers are
+        launched with); True when this call made it."""
+        if c.request("GET", f"/1.0/profiles/{name}").status != 404:
+            return False
+        c.call("POST", "/1.0/profiles", {"name": name, "description": "benchmark: root disk only", "config": {},
+                                         "devices": {"root": {"type": "disk", "path": "/", "pool": POOL}}})
+        return True
 
     def ensure_base(self, d: Daemon, c: UnixHTTP, small: Path, fp: str) -> None:
         """What a suite's own set-up starts from: the dir pool `default` with the default profile's

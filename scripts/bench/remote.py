@@ -260,10 +260,7 @@ class RemoteSuite:
     def prepare(self, d: Daemon, small: Path, fp: str) -> None:
         with d.http() as c:
             self.b.ensure_base(d, c, small, fp)
-            if c.request("GET", f"/1.0/profiles/{self.profile}").status == 404:
-                c.call("POST", "/1.0/profiles", {
-                    "name": self.profile, "description": "benchmark: root disk only", "config": {},
-                    "devices": {"root": {"type": "disk", "path": "/", "pool": "default"}}})
+            self.b.ensure_root_profile(c, self.profile)
         self.enable_tls(d)
 
     def create(self, c: UnixHTTP, name: str, fp: str) -> None:
